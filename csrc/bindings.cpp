@@ -1,0 +1,68 @@
+// The one extension module, ttscale._C. Tensors cross as addresses plus sizes checked in Python,
+// so the module does not link libtorch and one build serves any torch version.
+#include <pybind11/pybind11.h>
+
+#include "attention.h"
+
+namespace py = pybind11;
+using namespace ttscale;
+
+#define TTSCALE_FIELD(cls, name) .def_readwrite(#name, &cls::name)
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ttscale native kernels (C++ CPU, and CUDA when built with it)";
+#ifdef TTSCALE_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+#ifdef TTSCALE_WITH_OPENMP
+  m.attr("with_openmp") = true;
+#else
+  m.attr("with_openmp") = false;
+#endif
+
+  py::class_<AttentionParams>(m, "AttentionParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(AttentionParams, q) TTSCALE_FIELD(AttentionParams, out)
+      TTSCALE_FIELD(AttentionParams, lse) TTSCALE_FIELD(AttentionParams, k_cache)
+      TTSCALE_FIELD(AttentionParams, v_cache) TTSCALE_FIELD(AttentionParams, prompt_block_tables)
+      TTSCALE_FIELD(AttentionParams, prompt_lens) TTSCALE_FIELD(AttentionParams, problem_ids)
+      TTSCALE_FIELD(AttentionParams, suffix_block_tables) TTSCALE_FIELD(AttentionParams, suffix_lens)
+      TTSCALE_FIELD(AttentionParams, q_starts) TTSCALE_FIELD(AttentionParams, seq_order)
+      TTSCALE_FIELD(AttentionParams, problem_starts) TTSCALE_FIELD(AttentionParams, num_seqs)
+      TTSCALE_FIELD(AttentionParams, num_problems) TTSCALE_FIELD(AttentionParams, total_q)
+      TTSCALE_FIELD(AttentionParams, num_q_heads) TTSCALE_FIELD(AttentionParams, num_kv_heads)
+      TTSCALE_FIELD(AttentionParams, head_dim) TTSCALE_FIELD(AttentionParams, num_blocks)
+      TTSCALE_FIELD(AttentionParams, block_size) TTSCALE_FIELD(AttentionParams, max_prompt_blocks)
+      TTSCALE_FIELD(AttentionParams, max_suffix_blocks) TTSCALE_FIELD(AttentionParams, scale)
+      TTSCALE_FIELD(AttentionParams, dtype) TTSCALE_FIELD(AttentionParams, stream);
+
+  py::class_<MergeParams>(m, "MergeParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(MergeParams, o_a) TTSCALE_FIELD(MergeParams, lse_a)
+      TTSCALE_FIELD(MergeParams, o_b) TTSCALE_FIELD(MergeParams, lse_b)
+      TTSCALE_FIELD(MergeParams, out) TTSCALE_FIELD(MergeParams, lse)
+      TTSCALE_FIELD(MergeParams, rows) TTSCALE_FIELD(MergeParams, heads)
+      TTSCALE_FIELD(MergeParams, head_dim) TTSCALE_FIELD(MergeParams, dtype)
+      TTSCALE_FIELD(MergeParams, stream);
+
+  py::class_<WriteKVParams>(m, "WriteKVParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(WriteKVParams, k_cache) TTSCALE_FIELD(WriteKVParams, v_cache)
+      TTSCALE_FIELD(WriteKVParams, k) TTSCALE_FIELD(WriteKVParams, v)
+      TTSCALE_FIELD(WriteKVParams, slots) TTSCALE_FIELD(WriteKVParams, num_rows)
+      TTSCALE_FIELD(WriteKVParams, num_kv_heads) TTSCALE_FIELD(WriteKVParams, head_dim)
+      TTSCALE_FIELD(WriteKVParams, num_slots) TTSCALE_FIELD(WriteKVParams, dtype)
+      TTSCALE_FIELD(WriteKVParams, stream);
+
+  // The GIL is released: kernels touch only raw memory.
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("cascade_decode_attention_cpu", &cascade_decode_attention_cpu, nogil);
+  m.def("paged_prefill_attention_cpu", &paged_prefill_attention_cpu, nogil);
+  m.def("merge_attention_states_cpu", &merge_attention_states_cpu, nogil);
+  m.def("write_kv_cpu", &write_kv_cpu, nogil);
+#ifdef TTSCALE_WITH_CUDA
+  m.def("cascade_decode_attention_cuda", &cascade_decode_attention_cuda, nogil);
+#endif
+}

@@ -1,0 +1,73 @@
+"""Argument checks at the public boundary: every failure is a ValueError naming the argument."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+# Value checks read device memory. On CUDA tensors that synchronises with the host and breaks
+# CUDA-graph capture, so there they run only when asked for (read once, at import).
+DEBUG = os.environ.get("TTSCALE_DEBUG", "0") not in ("", "0")
+
+
+def check_values(*tensors: torch.Tensor) -> bool:
+    """Whether value checks (which read tensor contents) should run for these tensors."""
+    return DEBUG or all(t.device.type == "cpu" for t in tensors)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    dtype: torch.dtype | tuple[torch.dtype, ...] | None = None,
+    device: torch.device | None = None,
+    shape: tuple[int | None, ...] | None = None,
+) -> torch.Tensor:
+    """Check one tensor argument; ``None`` in ``shape`` means any size for that dimension."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtype is not None:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        if t.dtype not in allowed:
+            names = " or ".join(str(d).removeprefix("torch.") for d in allowed)
+            raise ValueError(f"{name}: expected dtype {names}, got {str(t.dtype).removeprefix('torch.')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    return t
+
+
+def check_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
+    """Every element of ``t`` in ``[low, high)``."""
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi >= high:
+        bad = lo if lo < low else hi
+        raise ValueError(f"{name}: value {bad} outside [{low}, {high})")
+
+
+def check_block_table(
+    name: str, block_table: torch.Tensor, lens: torch.Tensor, block_size: int, num_blocks: int
+) -> None:
+    """The entries a table uses for its lengths exist in the pool, and lengths fit the table."""
+    capacity = block_table.shape[1] * block_size
+    if lens.numel() and int(lens.max()) > capacity:
+        row = int(lens.argmax())
+        raise ValueError(
+            f"{name}: row {row} needs {int(lens[row])} tokens but the table holds "
+            f"{block_table.shape[1]} blocks of {block_size} ({capacity} tokens)"
+        )
+    used_blocks = (lens.long() + block_size - 1) // block_size
+    used = torch.arange(block_table.shape[1], device=lens.device)[None, :] < used_blocks[:, None]
+    check_range(name, block_table[used], 0, num_blocks)

@@ -1,0 +1,21 @@
+"""The ``torch`` backend: the reference itself, under the backends' internal signatures."""
+
+from ttscale import reference
+
+
+def cascade_decode_attention(q, k_cache, v_cache, pbt, prompt_lens, problem_ids, sbt, suffix_lens, scale, plan):
+    return reference.cascade_decode_attention(
+        q, k_cache, v_cache, pbt, prompt_lens, problem_ids, sbt, suffix_lens, scale
+    )
+
+
+def paged_prefill_attention(
+    q, k_cache, v_cache, pbt, prompt_lens, problem_ids, sbt, suffix_lens, q_lens, scale, plan
+):
+    return reference.paged_prefill_attention(
+        q, k_cache, v_cache, pbt, prompt_lens, problem_ids, sbt, suffix_lens, q_lens, scale
+    )
+
+
+merge_attention_states = reference.merge_attention_states
+write_kv = reference.write_kv

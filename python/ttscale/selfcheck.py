@@ -1,0 +1,107 @@
+"""``ttscale selfcheck``: every op on every available backend against the reference, as a table.
+
+Each op has a check here: it builds fresh random inputs on a device, runs one backend and the
+reference, and returns the largest error relative to the reference's magnitude.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ttscale import backends, ops, reference
+from ttscale.testing import make_case
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.float().cpu(), expected.float().cpu()
+    if torch.isnan(a).any():
+        return float("inf")
+    both_inf = torch.isinf(e) & (a == e)
+    diff = torch.where(both_inf, 0.0, (a - e).abs())
+    scale = 1 + torch.where(torch.isinf(e), 0.0, e.abs())
+    return float((diff / scale).max()) if diff.numel() else 0.0
+
+
+def _check_decode(device, backend, dtype, seed):
+    case = make_case([3, 1, 4], [40, 17, 64], dtype=dtype, device=device, seed=seed)
+    out, lse = ops.cascade_decode_attention(*case.args(), backend=backend)
+    ref_out, ref_lse = reference.cascade_decode_attention(*case.args())
+    return max(relative_error(out, ref_out), relative_error(lse, ref_lse))
+
+
+def _check_prefill(device, backend, dtype, seed):
+    q_lens = [30, 5, 1]
+    case = make_case([1, 2], [30, 21], [0, 9, 4], q_rows=sum(q_lens), dtype=dtype, device=device,
+                     seed=seed, interleave=False)
+    lens = torch.tensor(q_lens, dtype=torch.int32, device=device)
+    out, lse = ops.paged_prefill_attention(*case.args(), lens, backend=backend)
+    ref_out, ref_lse = reference.paged_prefill_attention(*case.args(), lens)
+    return max(relative_error(out, ref_out), relative_error(lse, ref_lse))
+
+
+def _check_merge(device, backend, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    o_a, o_b = (torch.randn(33, 4, 64, generator=gen).to(device, dtype) for _ in range(2))
+    lse_a, lse_b = (torch.randn(33, 4, generator=gen).to(device) for _ in range(2))
+    lse_b[::3] = float("-inf")
+    out, lse = ops.merge_attention_states(o_a, lse_a, o_b, lse_b, backend=backend)
+    ref_out, ref_lse = reference.merge_attention_states(o_a, lse_a, o_b, lse_b)
+    return max(relative_error(out, ref_out), relative_error(lse, ref_lse))
+
+
+def _check_write_kv(device, backend, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cache = torch.randn(5, 16, 2, 64, generator=gen).to(device, dtype)
+    k, v = (torch.randn(12, 2, 64, generator=gen).to(device, dtype) for _ in range(2))
+    slots = torch.randperm(80, generator=gen)[:12].to(device)
+    slots[0] = -1
+    got_k, got_v, ref_k, ref_v = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+    ops.write_kv(got_k, got_v, k, v, slots, backend=backend)
+    reference.write_kv(ref_k, ref_v, k, v, slots)
+    return max(relative_error(got_k, ref_k), relative_error(got_v, ref_v))
+
+
+# op -> check(device, backend, dtype, seed) -> relative error
+CHECKS: dict[str, Callable[[str, str, torch.dtype, int], float]] = {
+    "cascade_decode_attention": _check_decode,
+    "paged_prefill_attention": _check_prefill,
+    "merge_attention_states": _check_merge,
+    "write_kv": _check_write_kv,
+}
+
+
+def run_selfcheck(device: str | None = None, seed: int = 0) -> int:
+    """Print a table of every (op, backend, device, dtype) and return 0 when all pass."""
+    devices = [device] if device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    rows, failures = [], 0
+    for dev in devices:
+        dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if dev == "cuda" else [])
+        for op, check in CHECKS.items():
+            for backend in backends.available(op, dev):
+                if backend == "torch":
+                    continue  # the reference itself
+                for dtype in dtypes:
+                    start = time.perf_counter()
+                    try:
+                        err = check(dev, backend, dtype, seed)
+                        ok = err <= TOLERANCE[dtype]
+                        status = "ok" if ok else "MISMATCH"
+                    except Exception as exc:  # report, keep checking the rest
+                        err, ok, status = float("nan"), False, f"ERROR {type(exc).__name__}: {exc}"
+                    failures += not ok
+                    ms = (time.perf_counter() - start) * 1e3
+                    rows.append((op, backend, dev, str(dtype).removeprefix("torch."), err, ms, status))
+    header = ("op", "backend", "device", "dtype", "max rel err", "ms", "status")
+    cells = [header] + [(op, be, dev, dt, f"{err:.1e}", f"{ms:.0f}", st) for op, be, dev, dt, err, ms, st in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"\n{len(rows) - failures} of {len(rows)} checks passed")
+    return 1 if failures else 0
