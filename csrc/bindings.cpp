@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "attention.h"
+#include "select.h"
 
 namespace py = pybind11;
 using namespace ttscale;
@@ -65,4 +66,33 @@ PYBIND11_MODULE(_C, m) {
 #ifdef TTSCALE_WITH_CUDA
   m.def("cascade_decode_attention_cuda", &cascade_decode_attention_cuda, nogil);
 #endif
+
+  // select_and_fork and copy_blocks (csrc/select.h).
+  py::class_<SelectParams>(m, "SelectParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(SelectParams, scores) TTSCALE_FIELD(SelectParams, group_offsets)
+      TTSCALE_FIELD(SelectParams, keep) TTSCALE_FIELD(SelectParams, children)
+      TTSCALE_FIELD(SelectParams, block_tables) TTSCALE_FIELD(SelectParams, lens)
+      TTSCALE_FIELD(SelectParams, ref_counts) TTSCALE_FIELD(SelectParams, free_stack)
+      TTSCALE_FIELD(SelectParams, free_top) TTSCALE_FIELD(SelectParams, status)
+      TTSCALE_FIELD(SelectParams, kept) TTSCALE_FIELD(SelectParams, num_kept)
+      TTSCALE_FIELD(SelectParams, parents) TTSCALE_FIELD(SelectParams, child_offsets)
+      TTSCALE_FIELD(SelectParams, child_tables) TTSCALE_FIELD(SelectParams, child_lens)
+      TTSCALE_FIELD(SelectParams, copy_src) TTSCALE_FIELD(SelectParams, copy_dst)
+      TTSCALE_FIELD(SelectParams, num_candidates) TTSCALE_FIELD(SelectParams, num_groups)
+      TTSCALE_FIELD(SelectParams, max_blocks) TTSCALE_FIELD(SelectParams, block_size)
+      TTSCALE_FIELD(SelectParams, num_blocks) TTSCALE_FIELD(SelectParams, max_keep)
+      TTSCALE_FIELD(SelectParams, num_slots) TTSCALE_FIELD(SelectParams, num_copies)
+      TTSCALE_FIELD(SelectParams, stream);
+
+  py::class_<CopyBlocksParams>(m, "CopyBlocksParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(CopyBlocksParams, k_cache) TTSCALE_FIELD(CopyBlocksParams, v_cache)
+      TTSCALE_FIELD(CopyBlocksParams, src) TTSCALE_FIELD(CopyBlocksParams, dst)
+      TTSCALE_FIELD(CopyBlocksParams, num_pairs) TTSCALE_FIELD(CopyBlocksParams, num_layers)
+      TTSCALE_FIELD(CopyBlocksParams, num_blocks) TTSCALE_FIELD(CopyBlocksParams, block_bytes)
+      TTSCALE_FIELD(CopyBlocksParams, stream);
+
+  m.def("select_and_fork_cpu", &select_and_fork_cpu, nogil);
+  m.def("copy_blocks_cpu", &copy_blocks_cpu, nogil);
 }

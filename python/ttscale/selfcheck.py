@@ -75,6 +75,38 @@ CHECKS: dict[str, Callable[[str, str, torch.dtype, int], float]] = {
 }
 
 
+def _check_select_and_fork(device, backend, dtype, seed):
+    """Exact: 0.0 when every output and the pool's state equal the reference's, else inf."""
+    from ttscale.testing import make_fork_case
+
+    case = make_fork_case([5, 0, 1, 7, 3], seed=seed, device=device)
+    scores = case.scores.to(dtype)
+    scores[::4] = float("nan")
+    args = (scores, case.group_offsets, 3, 2, case.block_tables, case.lens)
+    pool, ref_pool = case.pool.clone(), case.pool.clone()
+    got = ops.select_and_fork(*args, pool, backend=backend)
+    expected = ops.select_and_fork(*args, ref_pool, backend="torch")
+    pairs = [(getattr(got, f), getattr(expected, f)) for f in got.__dataclass_fields__]
+    pairs += list(zip(pool.tensors(), ref_pool.tensors(), strict=True))
+    same = all(torch.equal(a.cpu(), e.cpu()) for a, e in pairs)
+    return 0.0 if same else float("inf")
+
+
+def _check_copy_blocks(device, backend, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(2, 9, 16, 2, 64, generator=gen).to(device, dtype) for _ in range(2))
+    src = torch.tensor([0, 3, -1, 5], dtype=torch.int32, device=device)
+    dst = torch.tensor([7, 1, 2, -1], dtype=torch.int32, device=device)
+    got_k, got_v, ref_k, ref_v = k.clone(), v.clone(), k.clone(), v.clone()
+    ops.copy_blocks(got_k, got_v, src, dst, backend=backend)
+    reference.copy_blocks(ref_k, ref_v, src, dst)
+    return max(relative_error(got_k, ref_k), relative_error(got_v, ref_v))
+
+
+CHECKS["select_and_fork"] = _check_select_and_fork
+CHECKS["copy_blocks"] = _check_copy_blocks
+
+
 def run_selfcheck(device: str | None = None, seed: int = 0) -> int:
     """Print a table of every (op, backend, device, dtype) and return 0 when all pass."""
     devices = [device] if device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])

@@ -19,3 +19,5 @@ def paged_prefill_attention(
 
 merge_attention_states = reference.merge_attention_states
 write_kv = reference.write_kv
+select_and_fork = reference.select_and_fork
+copy_blocks = reference.copy_blocks
