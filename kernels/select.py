@@ -34,7 +34,7 @@ import triton.language as tl
 from ttscale.backends import new_output
 
 MAX_KEEP = 4096  # the top-k vector of one program: keys of 8 bytes
-NO_KEY = -(2**63)  # below every candidate's key
+NO_KEY = tl.constexpr(-(2**63))  # below every candidate's key
 
 
 @triton.jit

@@ -187,3 +187,37 @@ def test_copy_blocks_with_no_pairs(backend, device):
     empty = torch.empty(0, dtype=torch.int32, device=device)
     ops.copy_blocks(k, v, empty, empty, backend=backend)
     assert torch.equal(k, before)
+
+
+@pytest.mark.gpu
+def test_select_and_fork_replays_in_a_cuda_graph():
+    case = make_fork_case([5, 3, 0, 4], device="cuda", seed=1)
+    args = (case.scores, case.group_offsets, 2, 3, case.block_tables, case.lens)
+    ops.select_and_fork(*args, case.pool.clone(), backend="triton")  # compiles the kernels
+    pool, start = case.pool.clone(), case.pool.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = ops.select_and_fork(*args, pool, backend="triton")
+    for _ in range(2):  # each replay starts again from the same pool state
+        for state, initial in zip(pool.tensors(), start.tensors(), strict=True):
+            state.copy_(initial)
+        graph.replay()
+        torch.cuda.synchronize()
+        _, _, expected, ref_pool = fork_both(case, "triton", 2, 3)
+        assert_same_fork(got, pool, expected, ref_pool)
+
+
+@pytest.mark.gpu
+def test_select_and_fork_never_synchronises_with_the_host():
+    case = make_fork_case([6, 2], device="cuda", seed=2)
+    ops.select_and_fork(case.scores, case.group_offsets, 2, 2, case.block_tables, case.lens,
+                        case.pool.clone(), backend="triton")
+    caches = [torch.zeros(4, case.pool.num_blocks, 8, 1, 4, device="cuda") for _ in range(2)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = ops.select_and_fork(case.scores, case.group_offsets, 2, 2, case.block_tables,
+                                  case.lens, case.pool, backend="triton")
+        ops.copy_blocks(*caches, got.copy_src, got.copy_dst, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -77,8 +77,17 @@ void select_and_fork_cpu(const SelectParams& p) {
       if (--counts[block] == 0) freed.push_back(block);
     }
   }
-  std::sort(freed.begin(), freed.end());
-  for (int32_t block : freed) stack[top++] = block;
+  // Pushed in ascending order: sorted when few, else by one pass over the pool.
+  if (freed.size() * 32 < static_cast<size_t>(p.num_blocks)) {
+    std::sort(freed.begin(), freed.end());
+    for (int32_t block : freed) stack[top++] = block;
+  } else {
+    std::vector<uint8_t> is_freed(p.num_blocks, 0);
+    for (int32_t block : freed) is_freed[block] = 1;
+    for (int64_t block = 0; block < p.num_blocks; ++block) {
+      if (is_freed[block]) stack[top++] = static_cast<int32_t>(block);
+    }
+  }
 
   // 3. The children's tables; each child but the first gets a fresh block for the partial last
   // block, popped in slot order, and a copy pair. Without one it keeps its full blocks only.

@@ -498,8 +498,9 @@ def _check_fork_values(group_offsets, block_tables, lens, pool, num_candidates: 
     check_range("pool.free_top", pool.free_top, 0, pool.num_blocks + 1)
     used = -(-lens.long() // pool.block_size)
     column = torch.arange(block_tables.shape[1], device=lens.device)
-    held = block_tables[column[None, :] < used[:, None]].long()
-    if held.numel() and int(pool.ref_counts[held].min()) < 1:
+    in_use = column[None, :] < used[:, None]
+    held = pool.ref_counts[torch.where(in_use, block_tables, 0).long()]
+    if bool((in_use & (held < 1)).any()):
         raise ValueError(
             "block_tables: a table holds a block whose reference count in pool.ref_counts is 0"
         )
@@ -543,7 +544,9 @@ def select_and_fork(
     :class:`ForkResult`). The candidates' tables are consumed: every child takes a reference to
     each of its parent's full blocks, then every candidate's table gives up its own references,
     so the blocks of candidates not kept (and of kept ones with no children) go back to the
-    pool when no child holds them; blocks that reach zero are pushed in ascending order. A
+    pool when no child holds them; blocks that reach zero are pushed in ascending order. So a
+    kept parent's references move to its children (a full block's count changes by
+    ``children[g] - 1``), and the input tables must not be used afterwards. A
     parent's partial last block passes to its first child (its reference moves, no copy); every
     other child gets a fresh block popped from the free stack (in slot order) and a
     ``copy_src -> copy_dst`` pair, so each child owns its partial last block and can write the
@@ -577,7 +580,15 @@ def select_and_fork(
     -------
     ForkResult
         With ``K = min(max_keep, C)``, ``S = min(C, G * K) * max_children`` child slots and
-        ``P = min(C, G * K) * (max_children - 1)`` copy pairs.
+        ``P = min(C, G * K) * max(max_children - 1, 0)`` copy pairs.
+
+    Notes
+    -----
+    An engine's step: ``r = select_and_fork(...)``, then ``copy_blocks(k, v, r.copy_src,
+    r.copy_dst)`` before the next write, and the children (rows ``r.parents >= 0``, tables
+    ``r.block_tables``, lengths ``r.lens``, groups ``r.child_offsets``) are the next batch; the
+    sampler and PRM states fork as ``state[r.parents]``. ``pool.status`` is read whenever the
+    host synchronises anyway.
     """
     check_tensor("scores", scores, ndim=1, dtype=FLOAT_DTYPES)
     device = scores.device
