@@ -121,7 +121,9 @@ def test_select_and_fork(benchmark, device, candidates, beams):
     keep = beams // 4
 
     def setup():
-        return (case.pool.clone(),), {}
+        pool = case.pool.clone()
+        _sync(device)
+        return (pool,), {}
 
     def run(pool):
         ops.select_and_fork(case.scores, case.group_offsets, keep, CHILDREN, case.block_tables,

@@ -91,6 +91,16 @@ def test_group_larger_than_one_sorting_chunk(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_pool_larger_than_one_push_chunk(backend, device):
+    # Blocks are shuffled over a pool of ~3,000, so the freed ones fall in several chunks of
+    # the Triton kernel's push (1,024 blocks each).
+    case = make_fork_case([8, 8], max_own_tokens=80, spare_blocks=3000, device=device, seed=8)
+    got = fork_both(case, backend, 1, 2)
+    assert_same_fork(*got)
+    assert int(got[1].free_top[0]) > int(case.pool.free_top[0])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_children_share_full_blocks_and_copy_the_partial_one(backend, device):
     case = make_fork_case([3, 2], block_size=4, device=device, seed=12)
     got, pool, *_ = fork_both(case, backend, 2, 3)
