@@ -91,6 +91,29 @@ def test_group_larger_than_one_sorting_chunk(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_partial_block_shared_by_lazy_forks(backend, device):
+    # Candidates 0 and 1 share their partial last block, as an engine that forks lazily leaves
+    # them; a third table (not a candidate) holds candidate 2's partial block too.
+    case = _allocated_case([6, 6, 5, 0], [2, 1, 1], num_blocks=12, block_size=4, device=device,
+                           scores=[1.0, 0.5, 2.0, 0.0])
+    tables, counts = case.block_tables, case.pool.ref_counts
+    case.pool.release_blocks(tables[1, 1:2].clone())
+    tables[1, 1] = tables[0, 1]
+    counts[tables[0, 1]] += 1
+    counts[tables[2, :2].long()] += 1
+    keep = torch.tensor([2, 1, 0], dtype=torch.int32, device=device)
+    got, pool, expected, ref_pool = fork_both(case, backend, keep, 3, max_keep=2)
+    assert_same_fork(got, pool, expected, ref_pool)
+    assert int(got.child_offsets[-1]) == 9 and int(pool.status[0]) == 0
+    child_tables = used_blocks(got.block_tables, got.lens, 4)[:9]
+    outside = [tables[2, :2].tolist()]  # the table outside the call still holds its blocks
+    assert_pool_invariants(pool, child_tables + outside, 4, got.lens.tolist()[:9] + [5],
+                           private_partials=False)
+    firsts = [child_tables[0][1], child_tables[3][1], child_tables[6][1]]
+    assert firsts == [int(tables[0, 1])] * 2 + [int(tables[2, 1])]  # shared on, not copied
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_pool_larger_than_one_push_chunk(backend, device):
     # Blocks are shuffled over a pool of ~3,000, so the freed ones fall in several chunks of
     # the Triton kernel's push (1,024 blocks each).

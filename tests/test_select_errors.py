@@ -120,16 +120,6 @@ def test_table_holds_a_free_block(case):
         fork(case, block_tables=tables, lens=lens)
 
 
-def test_shared_partial_block(case):
-    pool, lens = BlockPool.create(4, 4), torch.tensor([3, 3], dtype=torch.int32)
-    block = int(pool.allocate(1)[0])
-    pool.ref_counts[block] = 2
-    tables = torch.tensor([[block], [block]], dtype=torch.int32)
-    offsets = torch.tensor([0, 2], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"block_tables: row 0's partial last block .* count 2"):
-        ops.select_and_fork(torch.zeros(2), offsets, 1, 2, tables, lens, pool)
-
-
 def test_pool_not_a_block_pool(case):
     with pytest.raises(ValueError, match="pool: expected a BlockPool, got tuple"):
         fork(case, pool=tuple(case.pool.tensors()))

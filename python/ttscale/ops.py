@@ -504,16 +504,6 @@ def _check_fork_values(group_offsets, block_tables, lens, pool, num_candidates: 
         raise ValueError(
             "block_tables: a table holds a block whose reference count in pool.ref_counts is 0"
         )
-    partial = (lens % pool.block_size != 0).nonzero().flatten()
-    if partial.numel():
-        last = block_tables[partial, used[partial] - 1].long()
-        shared = (pool.ref_counts[last] != 1).nonzero().flatten()
-        if shared.numel():
-            row, block = int(partial[shared[0]]), int(last[shared[0]])
-            raise ValueError(
-                f"block_tables: row {row}'s partial last block {block} has reference count "
-                f"{int(pool.ref_counts[block])}; it must be held by that row alone"
-            )
 
 
 def select_and_fork(
@@ -565,8 +555,10 @@ def select_and_fork(
         Per group, an int for all groups or int32 ``[G]``; ``keep`` may exceed a group's size.
     block_tables : Tensor
         ``[C, max_blocks]`` int32, each candidate's blocks (its first ``ceil(lens / block_size)``
-        entries are used; the rest are ignored). A partial last block must be held by its table
-        alone (reference count 1), which every table this op returns satisfies.
+        entries are used; the rest are ignored). A partial last block is normally held by its
+        table alone, as in every table this op returns; one held by other tables too (from an
+        engine that forks lazily and copies on the first write) stays shared with the first
+        child, and the op never writes into it.
     lens : Tensor
         ``[C]`` int32, tokens in each candidate's table.
     pool : BlockPool
