@@ -499,6 +499,8 @@ def _check_fork_values(group_offsets, block_tables, lens, pool, num_candidates: 
     used = -(-lens.long() // pool.block_size)
     column = torch.arange(block_tables.shape[1], device=lens.device)
     in_use = column[None, :] < used[:, None]
+    if not pool.num_blocks:  # check_block_table saw to it that no table holds a block
+        return
     held = pool.ref_counts[torch.where(in_use, block_tables, 0).long()]
     if bool((in_use & (held < 1)).any()):
         raise ValueError(
