@@ -90,7 +90,12 @@ def _bytes(case, beams) -> int:
 
 @pytest.fixture(scope="module", autouse=True)
 def report():
+    # One torch thread: the C++ kernel is sequential, the peer is Python, and on a machine whose
+    # cores are busy torch's two-thread ops wait milliseconds for the second thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     if not RESULTS:
         return
     print("\n\nselect_and_fork: one beam-search step (keep beams/4 per problem, 4 children each)")

@@ -4,7 +4,7 @@ A block table names blocks of the pool; a table of length ``len`` uses its first
 ``ceil(len / block_size)`` entries, the last of them partial when ``len`` is not a multiple of
 ``block_size``. A block's reference count is the number of tables that hold it; a block with
 none is on the free stack. Every operation here and in :func:`ttscale.ops.select_and_fork`
-keeps that true, and keeps a table's partial last block held by that table alone, so the next
+keeps that true, and the tables they make hold their partial last block alone, so the next
 token can be written into it.
 
 Everything runs on the pool's device in a fixed number of launches, with no host
