@@ -15,7 +15,12 @@ from ttscale.backends import new_output
 from ttscale.kernels.cascade_decode import cascade_decode_attention
 from ttscale.kernels.paged_prefill import paged_prefill_attention
 
-__all__ = ["cascade_decode_attention", "paged_prefill_attention", "merge_attention_states", "write_kv"]
+__all__ = [
+    "cascade_decode_attention",
+    "paged_prefill_attention",
+    "merge_attention_states",
+    "write_kv",
+]
 
 
 @triton.jit

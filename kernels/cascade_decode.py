@@ -21,14 +21,22 @@ in device memory, so the op can be captured in a CUDA graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
 from ttscale.backends import new_output
-from ttscale.kernels.paged import LOG2E, block_d, dot_precision, finish, kv_rows, load_kv, softmax_step
+from ttscale.kernels.paged import (
+    LOG2E,
+    block_d,
+    dot_precision,
+    finish,
+    kv_rows,
+    load_kv,
+    softmax_step,
+)
 
 
 @triton.jit
@@ -156,7 +164,7 @@ class DecodeConfig:
     num_stages: int = 2
 
 
-@lru_cache(maxsize=None)
+@cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 1  # the interpreter: no parallel hardware to fill
@@ -203,7 +211,8 @@ def cascade_decode_attention(q, k_cache, v_cache, prompt_block_tables, prompt_le
     # by level 1 only there, so plain uninitialised memory.
     part_out = torch.empty((config.num_splits, batch, q_heads, head_dim), dtype=torch.float32,
                            device=q.device)
-    part_lse = torch.empty((config.num_splits, batch, q_heads), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((config.num_splits, batch, q_heads), dtype=torch.float32,
+                           device=q.device)
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_SIZE=block_size,
                   NUM_SPLITS=config.num_splits, DOT_PRECISION=dot_precision(q.dtype),
                   num_stages=config.num_stages)

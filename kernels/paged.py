@@ -27,7 +27,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def kv_rows(table_ptr, positions, mask, BLOCK_SIZE: tl.constexpr):
-    """Pool row (``block * BLOCK_SIZE + offset``) of each logical key position, via a block table."""
+    """Pool row (``block * BLOCK_SIZE + offset``) of each key position, through a block table."""
     block = tl.load(table_ptr + positions // BLOCK_SIZE, mask=mask, other=0)
     return block.to(tl.int64) * BLOCK_SIZE + positions % BLOCK_SIZE
 
@@ -39,7 +39,9 @@ def load_kv(k_ptr, v_ptr, rows, kv_head, mask, stride_kt, stride_kh, HEAD_DIM: t
     d = tl.arange(0, BLOCK_D)
     offsets = rows[:, None] * stride_kt + kv_head * stride_kh + d[None, :]
     full = mask[:, None] & (d[None, :] < HEAD_DIM)
-    return tl.load(k_ptr + offsets, mask=full, other=0.0), tl.load(v_ptr + offsets, mask=full, other=0.0)
+    k = tl.load(k_ptr + offsets, mask=full, other=0.0)
+    v = tl.load(v_ptr + offsets, mask=full, other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -63,7 +65,7 @@ def softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.co
 
 @triton.jit
 def finish(m_i, l_i, acc):
-    """Normalised output and natural-log lse of a running softmax; a row that saw nothing gets 0, -inf."""
+    """Normalised output and natural-log lse of a running softmax; 0, -inf where it saw nothing."""
     seen = l_i > 0
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))

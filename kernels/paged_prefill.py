@@ -1,4 +1,4 @@
-"""Triton paged prefill attention: each sequence's new tokens attend causally to its two-level context.
+"""Triton paged prefill attention: new tokens attend causally to their sequence's two-level context.
 
 The packed query tokens ``[total_q]`` times the ``G`` query heads sharing a kv head form one
 row space ``[total_q * G]`` per kv head, cut into tiles of ``BLOCK_M`` rows (flash attention's
@@ -15,7 +15,15 @@ import triton
 import triton.language as tl
 
 from ttscale.backends import new_output
-from ttscale.kernels.paged import LOG2E, block_d, dot_precision, finish, kv_rows, load_kv, softmax_step
+from ttscale.kernels.paged import (
+    LOG2E,
+    block_d,
+    dot_precision,
+    finish,
+    kv_rows,
+    load_kv,
+    softmax_step,
+)
 
 
 @triton.jit
@@ -74,13 +82,14 @@ def prefill_kernel(
                 n_ok = n < key_end
                 in_prompt = n < prompt_len
                 # A block of keys may straddle the two levels: gather each key from its table.
-                kv_row = tl.where(in_prompt,
-                                  kv_rows(prompt_table, n, n_ok & in_prompt, BLOCK_SIZE),
-                                  kv_rows(suffix_table, n - prompt_len, n_ok & ~in_prompt, BLOCK_SIZE))
+                prompt_rows = kv_rows(prompt_table, n, n_ok & in_prompt, BLOCK_SIZE)
+                suffix_rows = kv_rows(suffix_table, n - prompt_len, n_ok & ~in_prompt, BLOCK_SIZE)
+                kv_row = tl.where(in_prompt, prompt_rows, suffix_rows)
                 k, v = load_kv(k_ptr, v_ptr, kv_row, kv_head, n_ok, stride_kt, stride_kh, HEAD_DIM,
                                BLOCK_D)
                 visible = n_ok[None, :] & (n[None, :] <= position[:, None])
-                m_i, l_i, acc = softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+                m_i, l_i, acc = softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale,
+                                             DOT_PRECISION)
             out, lse = finish(m_i, l_i, acc)
             tl.store(out_ptr + row[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
                      mask=mine[:, None] & d_ok[None, :])
