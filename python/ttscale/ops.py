@@ -69,11 +69,11 @@ def plan_cascade_decode(problem_ids: Tensor, num_problems: int) -> CascadePlan:
         raise ValueError(f"num_problems: expected >= 0, got {num_problems}")
     if check_values(problem_ids):
         check_range("problem_ids", problem_ids, 0, max(num_problems, 1))
-    order = torch.argsort(problem_ids, stable=True).to(torch.int32)
-    counts = torch.bincount(problem_ids.long(), minlength=num_problems)[:num_problems]
-    starts = torch.zeros(num_problems + 1, dtype=torch.int32, device=problem_ids.device)
-    torch.cumsum(counts, 0, out=starts[1:])
-    return CascadePlan(order, starts)
+    order = torch.argsort(problem_ids, stable=True)
+    # searchsorted, not bincount: CUDA's bincount reads the input's max on the host (a sync).
+    problems = torch.arange(num_problems + 1, dtype=torch.int32, device=problem_ids.device)
+    starts = torch.searchsorted(problem_ids[order], problems, out_int32=True)
+    return CascadePlan(order.to(torch.int32), starts)
 
 
 # ---------------------------------------------------------------------------------------------
