@@ -549,7 +549,7 @@ Split choose_split(const AttentionParams& p) {
   s.scale_log2 = p.scale * kLog2e;
   if (!uses_tensor_cores(p)) return s;
   const int sms = num_sms(p.device);
-  const int64_t level0_tiles = p.num_problems + p.num_seqs * s.group / kPromptRows;  // first_tile
+  const int64_t level0_tiles = p.num_problems + p.num_seqs * s.group / kPromptRows;  // see first_tile()
   s.row_chunks = ceil_div(s.group, kWarpRows);
   // Level 0 is compute-bound: split the prompts until there are about two CTAs per SM, keeping
   // at least 256 keys per split.
