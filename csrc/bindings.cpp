@@ -36,7 +36,9 @@ PYBIND11_MODULE(_C, m) {
       TTSCALE_FIELD(AttentionParams, head_dim) TTSCALE_FIELD(AttentionParams, num_blocks)
       TTSCALE_FIELD(AttentionParams, block_size) TTSCALE_FIELD(AttentionParams, max_prompt_blocks)
       TTSCALE_FIELD(AttentionParams, max_suffix_blocks) TTSCALE_FIELD(AttentionParams, scale)
-      TTSCALE_FIELD(AttentionParams, dtype) TTSCALE_FIELD(AttentionParams, stream);
+      TTSCALE_FIELD(AttentionParams, dtype) TTSCALE_FIELD(AttentionParams, stream)
+      TTSCALE_FIELD(AttentionParams, device) TTSCALE_FIELD(AttentionParams, workspace)
+      TTSCALE_FIELD(AttentionParams, workspace_floats);
 
   py::class_<MergeParams>(m, "MergeParams")
       .def(py::init<>())
@@ -64,5 +66,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("write_kv_cpu", &write_kv_cpu, nogil);
 #ifdef TTSCALE_WITH_CUDA
   m.def("cascade_decode_attention_cuda", &cascade_decode_attention_cuda, nogil);
+  m.def("cascade_decode_workspace_floats_cuda", &cascade_decode_workspace_floats_cuda, nogil);
 #endif
 }
