@@ -153,6 +153,33 @@ def test_fused_path_never_allocates_logits_on_the_gpu():
     assert torch.cuda.max_memory_allocated() - before < steps * vocab * 2 / 100
 
 
+@pytest.mark.gpu
+def test_gpu_path_never_synchronises_with_the_host():
+    case = make_prm_case(300, 256, 40, dtype=torch.bfloat16, device="cuda", seed=11)
+    ops.prm_step_scores(*case.args(), "two_token", "min", case.state)  # compile outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.prm_step_scores(*case.args(), "two_token", "min", case.state)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_captures_in_a_cuda_graph_and_replays_on_new_inputs():
+    case = make_prm_case(300, 256, 40, dtype=torch.bfloat16, device="cuda", seed=12)
+    args = (*case.args(), "two_token", "mean", case.state)
+    ops.prm_step_scores(*args)  # compile before capturing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scores, state = ops.prm_step_scores(*args)
+    case.hidden.copy_(torch.randn_like(case.hidden))
+    case.state[:, 1] = 0.0
+    graph.replay()
+    ref_scores, ref_state = reference.prm_step_scores(*args)
+    _check(scores, ref_scores, "scores")
+    _check(state, ref_state, "state")
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("agg", AGGS)
 def test_new_sequences_start_empty(backend, device, agg):

@@ -19,7 +19,7 @@ namespace {
 
 // Below this many hidden elements the head pass runs on one thread: waking a thread pool costs
 // more than the work (and much more on a loaded machine).
-constexpr int64_t kParallelElements = int64_t{1} << 18;
+constexpr int64_t kParallelElements = int64_t{1} << 20;
 
 // The build targets baseline x86-64 (SSE2); the dot products, the whole cost of this op, also
 // get an AVX2+FMA version chosen at load time where the CPU has it.
