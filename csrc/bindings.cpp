@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "attention.h"
+#include "prm.h"
 
 namespace py = pybind11;
 using namespace ttscale;
@@ -68,4 +69,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("cascade_decode_attention_cuda", &cascade_decode_attention_cuda, nogil);
   m.def("cascade_decode_workspace_floats_cuda", &cascade_decode_workspace_floats_cuda, nogil);
 #endif
+
+  py::class_<PRMParams>(m, "PRMParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(PRMParams, hidden) TTSCALE_FIELD(PRMParams, weight)
+      TTSCALE_FIELD(PRMParams, bias) TTSCALE_FIELD(PRMParams, seq_ids)
+      TTSCALE_FIELD(PRMParams, state_in) TTSCALE_FIELD(PRMParams, state_out)
+      TTSCALE_FIELD(PRMParams, scores) TTSCALE_FIELD(PRMParams, num_steps)
+      TTSCALE_FIELD(PRMParams, hidden_size) TTSCALE_FIELD(PRMParams, num_seqs)
+      TTSCALE_FIELD(PRMParams, kind) TTSCALE_FIELD(PRMParams, agg)
+      TTSCALE_FIELD(PRMParams, dtype);
+  m.def("prm_step_scores_cpu", &prm_step_scores_cpu, nogil);
 }

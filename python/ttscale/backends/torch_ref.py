@@ -19,3 +19,7 @@ def paged_prefill_attention(
 
 merge_attention_states = reference.merge_attention_states
 write_kv = reference.write_kv
+
+
+def prm_step_scores(hidden, seq_ids, weight, bias, kind, agg, state):
+    return reference.prm_step_scores(hidden, seq_ids, weight, bias, kind, agg, state)
