@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "attention.h"
+#include "prm.h"
 #include "select.h"
 
 namespace py = pybind11;
@@ -37,7 +38,9 @@ PYBIND11_MODULE(_C, m) {
       TTSCALE_FIELD(AttentionParams, head_dim) TTSCALE_FIELD(AttentionParams, num_blocks)
       TTSCALE_FIELD(AttentionParams, block_size) TTSCALE_FIELD(AttentionParams, max_prompt_blocks)
       TTSCALE_FIELD(AttentionParams, max_suffix_blocks) TTSCALE_FIELD(AttentionParams, scale)
-      TTSCALE_FIELD(AttentionParams, dtype) TTSCALE_FIELD(AttentionParams, stream);
+      TTSCALE_FIELD(AttentionParams, dtype) TTSCALE_FIELD(AttentionParams, stream)
+      TTSCALE_FIELD(AttentionParams, device) TTSCALE_FIELD(AttentionParams, workspace)
+      TTSCALE_FIELD(AttentionParams, workspace_floats);
 
   py::class_<MergeParams>(m, "MergeParams")
       .def(py::init<>())
@@ -65,7 +68,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("write_kv_cpu", &write_kv_cpu, nogil);
 #ifdef TTSCALE_WITH_CUDA
   m.def("cascade_decode_attention_cuda", &cascade_decode_attention_cuda, nogil);
+  m.def("cascade_decode_workspace_floats_cuda", &cascade_decode_workspace_floats_cuda, nogil);
 #endif
+
+  py::class_<PRMParams>(m, "PRMParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(PRMParams, hidden) TTSCALE_FIELD(PRMParams, weight)
+      TTSCALE_FIELD(PRMParams, bias) TTSCALE_FIELD(PRMParams, seq_ids)
+      TTSCALE_FIELD(PRMParams, state_in) TTSCALE_FIELD(PRMParams, state_out)
+      TTSCALE_FIELD(PRMParams, scores) TTSCALE_FIELD(PRMParams, num_steps)
+      TTSCALE_FIELD(PRMParams, hidden_size) TTSCALE_FIELD(PRMParams, num_seqs)
+      TTSCALE_FIELD(PRMParams, kind) TTSCALE_FIELD(PRMParams, agg)
+      TTSCALE_FIELD(PRMParams, dtype);
+  m.def("prm_step_scores_cpu", &prm_step_scores_cpu, nogil);
 
   // select_and_fork and copy_blocks (csrc/select.h).
   py::class_<SelectParams>(m, "SelectParams")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ttscale import backends, ops, reference
-from ttscale.testing import make_case
+from ttscale.testing import make_case, make_prm_case
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
@@ -73,6 +73,20 @@ CHECKS: dict[str, Callable[[str, str, torch.dtype, int], float]] = {
     "merge_attention_states": _check_merge,
     "write_kv": _check_write_kv,
 }
+
+
+def _check_prm(device, backend, dtype, seed):
+    worst = 0.0
+    heads = (("two_token", "last"), ("two_class", "min"), ("value", "mean"), ("two_token", "prod"))
+    for kind, agg in heads:
+        case = make_prm_case(37, 200, 5, kind=kind, dtype=dtype, device=device, seed=seed)
+        scores, state = ops.prm_step_scores(*case.args(), kind, agg, case.state, backend=backend)
+        ref_scores, ref_state = reference.prm_step_scores(*case.args(), kind, agg, case.state)
+        worst = max(worst, relative_error(scores, ref_scores), relative_error(state, ref_state))
+    return worst
+
+
+CHECKS["prm_step_scores"] = _check_prm
 
 
 def _check_select_and_fork(device, backend, dtype, seed):

@@ -89,6 +89,54 @@ def make_case(
 
 
 @dataclass
+class PRMCase:
+    hidden: torch.Tensor
+    seq_ids: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    state: torch.Tensor
+
+    def args(self):
+        return (self.hidden, self.seq_ids, self.weight, self.bias)
+
+
+def make_prm_case(
+    steps: int,
+    hidden_size: int,
+    num_seqs: int,
+    *,
+    kind: str = "two_token",
+    with_bias: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+) -> PRMCase:
+    """Step rows dealt to sequences in a random order, a head of ``kind``, and a prior state.
+
+    The head is scaled so that logits are of order 1 (scores spread over (0, 1)). The prior
+    state has counts 0 to 3 and random aggregates, also in the rows of count 0 (which the op must
+    treat as empty). ``with_bias`` defaults to a bias for the two_class and value heads.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = 1 if kind == "value" else 2
+    if with_bias is None:
+        with_bias = kind != "two_token"
+    hidden = torch.randn(steps, hidden_size, generator=gen)
+    weight = torch.randn(rows, hidden_size, generator=gen) * (2 / max(hidden_size, 1) ** 0.5)
+    bias = torch.randn(rows, generator=gen) if with_bias else None
+    seq_ids = torch.randint(0, max(num_seqs, 1), (steps,), generator=gen)
+    state = torch.stack([torch.rand(num_seqs, generator=gen),
+                         torch.randint(0, 4, (num_seqs,), generator=gen).float()], dim=1)
+    return PRMCase(
+        hidden=hidden.to(device=device, dtype=dtype),
+        seq_ids=seq_ids.to(device),
+        weight=weight.to(device=device, dtype=dtype),
+        bias=None if bias is None else bias.to(device=device, dtype=dtype),
+        state=state.to(device),
+    )
+
+
+@dataclass
 class ForkCase:
     """Candidates of a search step in groups, with their block tables in a consistent pool."""
 

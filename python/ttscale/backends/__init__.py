@@ -59,6 +59,12 @@ MODULES: dict[str, dict[str, str]] = {
     },
 }
 
+MODULES["prm_step_scores"] = {
+    "torch": "ttscale.backends.torch_ref",
+    "cpu": "ttscale.backends.cpu_prm",
+    "triton": "ttscale.kernels.prm",
+}
+
 # Automatic choice by device, best first.
 PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 
