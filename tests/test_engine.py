@@ -137,7 +137,7 @@ def test_generate_returns_n_completions_per_prompt(model_dir):
 
 def test_generate_streams_through_a_small_pool(model_dir):
     """More samples than the pool holds at once: all complete, nothing leaks."""
-    llm = LLM(model_dir, kv_budget_bytes=1 << 20, block_size=8)
+    llm = LLM(model_dir, kv_budget_bytes=1 << 18, block_size=8)
     num_blocks = llm.engine.blocks.num_blocks
     params = SamplingParams(n=40, temperature=1.0, max_tokens=30, ignore_eos=True, seed=0)
     assert 40 * llm.engine.blocks.blocks_for(31) > num_blocks  # it cannot all fit at once
