@@ -1,4 +1,4 @@
-"""Shared benchmark machinery: timing with the L2 cache flushed, the machine's rates for the
+"""Shared benchmark machinery: timing with the caches flushed, the machine's rates for the
 floors, and the readable tables every benchmark prints at the end of the session.
 
 Run a benchmark file with ``pytest bench/bench_X.py --benchmark-enable -s``. Without
@@ -11,7 +11,7 @@ Environment:
 - ``TTSCALE_BENCH_TINY=1``: tiny shapes, to check the benchmark code itself (``bench/gpu.sh
   --dry-run``). Read by each benchmark file.
 - ``TTSCALE_BENCH_JSON=path``: write every table row, with the machine's rates and versions, to
-  this JSON file at the end of the session (``bench/gpu.sh`` collects them).
+  this JSON file after every row and at the end (``bench/gpu.sh`` collects them).
 
 Fixtures:
 - ``measure(fn, device)`` -> :class:`Timing`: the median time of ``fn()`` through pytest-benchmark,
@@ -38,10 +38,8 @@ import torch
 H100_COPY_BANDWIDTH = 3.0e12  # bytes/s, measured copy bandwidth of an H100 (read + write)
 HOPPER_BF16_PEAK = 989e12  # FLOP/s, dense bf16 tensor-core peak of an H100/H200 SXM
 
-FLUSH_BYTES = {
-    "cuda": 256 * 2**20,
-    "cpu": 64 * 2**20,
-}  # larger than an H100's L2 (50 MB), a CPU's L3
+# Written before every timed call: larger than an H100's L2 (50 MB) and than a CPU's L3.
+FLUSH_BYTES = {"cuda": 256 * 2**20, "cpu": 64 * 2**20}
 
 
 @dataclass
