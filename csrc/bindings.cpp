@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "attention.h"
+#include "sampling.h"
 
 namespace py = pybind11;
 using namespace ttscale;
@@ -65,4 +66,16 @@ PYBIND11_MODULE(_C, m) {
 #ifdef TTSCALE_WITH_CUDA
   m.def("cascade_decode_attention_cuda", &cascade_decode_attention_cuda, nogil);
 #endif
+
+  py::class_<SampleParams>(m, "SampleParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(SampleParams, logits) TTSCALE_FIELD(SampleParams, temperature)
+      TTSCALE_FIELD(SampleParams, top_k) TTSCALE_FIELD(SampleParams, top_p)
+      TTSCALE_FIELD(SampleParams, min_p) TTSCALE_FIELD(SampleParams, offsets)
+      TTSCALE_FIELD(SampleParams, tokens) TTSCALE_FIELD(SampleParams, logprobs)
+      TTSCALE_FIELD(SampleParams, top_ids) TTSCALE_FIELD(SampleParams, top_logprobs)
+      TTSCALE_FIELD(SampleParams, batch) TTSCALE_FIELD(SampleParams, vocab)
+      TTSCALE_FIELD(SampleParams, num_logprobs) TTSCALE_FIELD(SampleParams, seed)
+      TTSCALE_FIELD(SampleParams, dtype) TTSCALE_FIELD(SampleParams, stream);
+  m.def("sample_cpu", &sample_cpu, nogil);
 }

@@ -48,6 +48,12 @@ MODULES: dict[str, dict[str, str]] = {
     },
 }
 
+MODULES["sample"] = {
+    "torch": "ttscale.backends.torch_ref",
+    "cpu": "ttscale.backends.cpu_sampling",
+    "triton": "ttscale.kernels.sampling",
+}
+
 # Automatic choice by device, best first.
 PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 

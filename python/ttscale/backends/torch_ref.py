@@ -19,3 +19,12 @@ def paged_prefill_attention(
 
 merge_attention_states = reference.merge_attention_states
 write_kv = reference.write_kv
+
+
+def sample(logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs):
+    tokens, logprobs, top = reference.sample(
+        logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs)
+    if top is None:
+        empty = logits.new_empty((logits.shape[0], 0)).float()
+        top = (empty.long(), empty)
+    return tokens, logprobs, *top
