@@ -4,6 +4,7 @@
 
 #include "attention.h"
 #include "prm.h"
+#include "sampling.h"
 #include "select.h"
 
 namespace py = pybind11;
@@ -110,4 +111,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("select_and_fork_cpu", &select_and_fork_cpu, nogil);
   m.def("copy_blocks_cpu", &copy_blocks_cpu, nogil);
+
+  py::class_<SampleParams>(m, "SampleParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(SampleParams, logits) TTSCALE_FIELD(SampleParams, temperature)
+      TTSCALE_FIELD(SampleParams, top_k) TTSCALE_FIELD(SampleParams, top_p)
+      TTSCALE_FIELD(SampleParams, min_p) TTSCALE_FIELD(SampleParams, offsets)
+      TTSCALE_FIELD(SampleParams, tokens) TTSCALE_FIELD(SampleParams, logprobs)
+      TTSCALE_FIELD(SampleParams, top_ids) TTSCALE_FIELD(SampleParams, top_logprobs)
+      TTSCALE_FIELD(SampleParams, batch) TTSCALE_FIELD(SampleParams, vocab)
+      TTSCALE_FIELD(SampleParams, num_logprobs) TTSCALE_FIELD(SampleParams, seed)
+      TTSCALE_FIELD(SampleParams, dtype) TTSCALE_FIELD(SampleParams, stream);
+  m.def("sample_cpu", &sample_cpu, nogil);
 }

@@ -207,3 +207,69 @@ def make_fork_case(
         lens=torch.tensor(lens, **int32),
         pool=pool,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# sample
+
+# (temperature, top_k, top_p, min_p) of the rows of a sampling case, cycled over the batch so
+# that every path of the kernels runs: greedy, plain, each filter alone, and combinations. A
+# top_k of -1 stands for the vocabulary size (top-k on but keeping everything).
+SAMPLING_SETTINGS = [
+    (0.0, 0, 1.0, 0.0),
+    (1.0, 0, 1.0, 0.0),
+    (0.7, 20, 1.0, 0.0),
+    (1.0, 0, 0.9, 0.0),
+    (1.3, 0, 1.0, 0.1),
+    (0.8, 40, 0.8, 0.0),
+    (1.0, 5, 0.95, 0.05),
+    (1.0, -1, 0.5, 0.0),
+]
+
+
+@dataclass
+class SamplingCase:
+    logits: torch.Tensor  # [B, V]
+    temperature: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int32
+    top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
+    offsets: torch.Tensor  # [B] int64
+
+    def args(self, seed: int):
+        """The positional arguments of ``ops.sample`` up to ``offsets``."""
+        return (self.logits, self.temperature, self.top_k, self.top_p, self.min_p, seed,
+                self.offsets)
+
+
+def make_sampling_case(
+    batch: int,
+    vocab: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+    settings: list[tuple[float, int, float, float]] | None = None,
+) -> SamplingCase:
+    """Rows of random logits, from flat (scale 0.5) to peaked (scale 8), with row settings.
+
+    Offsets are random int64 (both 32-bit words vary) and distinct.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    scale = 0.5 + 7.5 * torch.rand(batch, 1, generator=gen)
+    logits = torch.randn(batch, vocab, generator=gen) * scale
+    settings = settings or SAMPLING_SETTINGS
+    rows = [settings[b % len(settings)] for b in range(batch)]
+    temperature = [row[0] for row in rows]
+    top_k = [vocab if row[1] == -1 else row[1] for row in rows]
+    top_p, min_p = [row[2] for row in rows], [row[3] for row in rows]
+    offsets = torch.randperm(2**20, generator=gen)[:batch] * 7919 + 2**35
+    f32 = dict(dtype=torch.float32, device=device)
+    return SamplingCase(
+        logits=logits.to(device=device, dtype=dtype),
+        temperature=torch.tensor(temperature, **f32),
+        top_k=torch.tensor(top_k, dtype=torch.int32, device=device),
+        top_p=torch.tensor(top_p, **f32),
+        min_p=torch.tensor(min_p, **f32),
+        offsets=offsets.to(device),
+    )

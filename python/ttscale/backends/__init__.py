@@ -65,6 +65,12 @@ MODULES["prm_step_scores"] = {
     "triton": "ttscale.kernels.prm",
 }
 
+MODULES["sample"] = {
+    "torch": "ttscale.backends.torch_ref",
+    "cpu": "ttscale.backends.cpu_sampling",
+    "triton": "ttscale.kernels.sampling",
+}
+
 # Automatic choice by device, best first.
 PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 

@@ -27,3 +27,12 @@ def prm_step_scores(hidden, seq_ids, weight, bias, kind, agg, state):
 
 select_and_fork = reference.select_and_fork
 copy_blocks = reference.copy_blocks
+
+
+def sample(logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs):
+    tokens, logprobs, top = reference.sample(
+        logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs)
+    if top is None:
+        empty = logits.new_empty((logits.shape[0], 0)).float()
+        top = (empty.long(), empty)
+    return tokens, logprobs, *top

@@ -1,0 +1,382 @@
+"""Triton kernels of the sample op: Gumbel-max over the filtered vocabulary, no sort.
+
+The token is the kept token with the largest key ``x + g`` (reference.py's sampling section
+defines ``x``, the filters and the noise ``g``). Every filter keeps the tokens at or above a
+threshold on ``x``, and the few largest keys of a row are known after one pass, so:
+
+1. ``_chunk_stats_kernel`` (one program per chunk of a row) reads the logits once: the chunk's
+   max, sum of ``exp(x - max)``, argmax, its ``CANDIDATES`` largest keys and, for top
+   log-probabilities, its ``n`` largest ``x``.
+2. ``_row_merge_kernel`` (one program per row) merges the chunks: the row's max ``m``, total
+   mass ``Z``, argmax, the candidates (the row's largest keys, in key order) and the top
+   log-probabilities.
+3. ``_probe_kernel`` (one program per chunk, only rows with top-k or top-p) reads the logits a
+   second time: for each candidate's ``x``, how many tokens lie strictly above it and their mass.
+   That decides whether each filter keeps the candidate (min-p needs only ``m``).
+4. ``_finish_kernel`` (one program per row) picks the first kept candidate in key order: every
+   token with a larger key is a candidate that was dropped, so it is the Gumbel-max of the kept
+   set. When no candidate is kept (top-k far smaller than the spread of the distribution, or
+   about ``(1 - top_p) ** CANDIDATES`` of top-p rows) or top-k and top-p are both on (top-p
+   needs the top-k set's mass), the program finds the exact threshold itself by a
+   ``SEARCH_PROBES``-way search over the float32 order, one pass over the row per step, then
+   takes the Gumbel-max over the tokens at or above it.
+
+Passes 1 and 3 are the only full reads in the common case; pass 3 runs its programs in reverse
+order so that it starts on the chunks pass 1 read last, which may still be in L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from ttscale.backends import new_output
+
+CANDIDATES = 4  # largest keys kept per row: a top-p row falls back with odds (1 - top_p) ** 4
+SEARCH_PROBES = 16  # thresholds tested per pass of the exact search: 8 passes cover float32
+SEARCH_BLOCK = 512
+TAKEN = tl.constexpr(2**30)  # the id of a used or empty slot, above any vocabulary
+
+
+@triton.jit
+def _fmix32(h):
+    """murmur3's 32-bit finaliser on uint32."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _row_rng(seed_lo, seed_hi, offset):
+    """The row's (key, step) from the seed's two words and the row's int64 offset."""
+    k = _fmix32(_fmix32(seed_lo.to(tl.uint32) ^ 0x6A09E667) ^ seed_hi.to(tl.uint32))
+    offset_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
+    offset_hi = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    key = _fmix32(_fmix32(offset_lo ^ k) ^ offset_hi)
+    step = _fmix32(key ^ 0xBB67AE85) | 1
+    return key, step
+
+
+@triton.jit
+def _gumbel(token, key, step):
+    """Gumbel noise of each token (int32 ids): -log(-log(u)), u exact in (0, 1)."""
+    bits = _fmix32(token.to(tl.uint32) * step + key)
+    u = (bits >> 9).to(tl.float32) * 1.1920928955078125e-07 + 5.960464477539063e-08  # 2^-23, 2^-24
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _scaled_logits(row_ptr, offs, vocab, inv_t):
+    """x = logits * (1 / temperature) in float32; -inf past the vocabulary."""
+    return tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+
+
+@triton.jit
+def _largest(values, ids):
+    """The largest value and the lowest id holding it."""
+    best = tl.max(values, 0)
+    return best, tl.min(tl.where(values == best, ids, TAKEN), 0)
+
+
+@triton.jit
+def _take(values, ids, out_value_ptr, out_id_ptr, shift, COUNT: tl.constexpr):
+    """Store the COUNT largest values (less shift) with their ids, largest first, equal values
+    by lowest id.
+
+    A taken slot's id becomes TAKEN, so it is not taken again even when its value ties
+    (``-inf`` logits); slots past the vocabulary carry TAKEN from the start.
+    """
+    for r in tl.static_range(COUNT):
+        best = tl.max(values, 0)
+        best_id = tl.min(tl.where(values == best, ids, TAKEN), 0)
+        tl.store(out_value_ptr + r, best - shift)
+        tl.store(out_id_ptr + r, best_id)
+        taken = ids == best_id
+        values = tl.where(taken, float("-inf"), values)
+        ids = tl.where(taken, TAKEN, ids)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _chunk_stats_kernel(
+    logits_ptr, inv_t_ptr, offsets_ptr, seed_lo, seed_hi,
+    chunk_max_ptr, chunk_sum_ptr, chunk_arg_ptr, cand_key_ptr, cand_id_ptr, top_x_ptr, top_id_ptr,
+    vocab, num_chunks,
+    BLOCK: tl.constexpr, NUM_CANDIDATES: tl.constexpr, NUM_LOGPROBS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row, chunk = pid // num_chunks, pid % num_chunks
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = _scaled_logits(logits_ptr + row.to(tl.int64) * vocab, offs, vocab, tl.load(inv_t_ptr + row))
+    ids = tl.where(offs < vocab, offs, TAKEN)
+    chunk_max, chunk_arg = _largest(x, ids)
+    mass = tl.where(x > float("-inf"), tl.exp(x - chunk_max), 0.0)
+    tl.store(chunk_max_ptr + pid, chunk_max)
+    tl.store(chunk_sum_ptr + pid, tl.sum(mass, 0))
+    tl.store(chunk_arg_ptr + pid, chunk_arg)
+
+    key, step = _row_rng(seed_lo, seed_hi, tl.load(offsets_ptr + row))
+    keys = x + _gumbel(offs, key, step)
+    slot = pid * NUM_CANDIDATES
+    _take(keys, ids, cand_key_ptr + slot, cand_id_ptr + slot, 0.0, NUM_CANDIDATES)
+    slot = pid * NUM_LOGPROBS
+    _take(x, ids, top_x_ptr + slot, top_id_ptr + slot, 0.0, NUM_LOGPROBS)
+
+
+@triton.jit
+def _row_merge_kernel(
+    logits_ptr, inv_t_ptr, chunk_max_ptr, chunk_sum_ptr, chunk_arg_ptr, cand_key_ptr, cand_id_ptr,
+    top_x_ptr, top_id_ptr,
+    row_max_ptr, row_sum_ptr, row_arg_ptr, row_key_ptr, row_id_ptr, row_x_ptr,
+    top_ids_ptr, top_logprobs_ptr,
+    vocab, num_chunks,
+    CHUNKS: tl.constexpr, NUM_CANDIDATES: tl.constexpr, NUM_LOGPROBS: tl.constexpr,
+    LOGPROB_SLOTS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    chunks = tl.arange(0, CHUNKS)
+    in_row = chunks < num_chunks
+    chunk_max = tl.load(chunk_max_ptr + row * num_chunks + chunks, mask=in_row, other=float("-inf"))
+    chunk_sum = tl.load(chunk_sum_ptr + row * num_chunks + chunks, mask=in_row, other=0.0)
+    chunk_arg = tl.load(chunk_arg_ptr + row * num_chunks + chunks, mask=in_row, other=TAKEN)
+    row_max = tl.max(chunk_max, 0)
+    rescaled = chunk_sum * tl.exp(chunk_max - row_max)
+    row_sum = tl.sum(tl.where(chunk_max > float("-inf"), rescaled, 0.0), 0)
+    tl.store(row_max_ptr + row, row_max)
+    tl.store(row_sum_ptr + row, row_sum)
+    # Chunks cover increasing ids, so the lowest argmax among maximal chunks is the row's first.
+    tl.store(row_arg_ptr + row, tl.min(tl.where(chunk_max == row_max, chunk_arg, TAKEN), 0))
+
+    inv_t = tl.load(inv_t_ptr + row)
+    slots = row * num_chunks * NUM_CANDIDATES + tl.arange(0, CHUNKS * NUM_CANDIDATES)
+    in_row = slots < (row + 1) * num_chunks * NUM_CANDIDATES
+    keys = tl.load(cand_key_ptr + slots, mask=in_row, other=float("-inf"))
+    ids = tl.load(cand_id_ptr + slots, mask=in_row, other=TAKEN)
+    slot = row * NUM_CANDIDATES
+    _take(keys, ids, row_key_ptr + slot, row_id_ptr + slot, 0.0, NUM_CANDIDATES)
+    # Each candidate's x, as pass 1 computed it; a row with fewer finite keys than candidates has
+    # TAKEN ids (keys -inf), read as the last token.
+    r = tl.arange(0, NUM_CANDIDATES)
+    cand_id = tl.minimum(tl.load(row_id_ptr + row * NUM_CANDIDATES + r), vocab - 1)
+    cand_x = tl.load(logits_ptr + row.to(tl.int64) * vocab + cand_id).to(tl.float32) * inv_t
+    tl.store(row_x_ptr + row * NUM_CANDIDATES + r, cand_x)
+
+    if NUM_LOGPROBS > 0:
+        slots = row * num_chunks * NUM_LOGPROBS + tl.arange(0, LOGPROB_SLOTS)
+        in_row = slots < (row + 1) * num_chunks * NUM_LOGPROBS
+        xs = tl.load(top_x_ptr + slots, mask=in_row, other=float("-inf"))
+        ids = tl.load(top_id_ptr + slots, mask=in_row, other=TAKEN)
+        slot = row * NUM_LOGPROBS
+        log_z = row_max + tl.log(row_sum)
+        _take(xs, ids, top_logprobs_ptr + slot, top_ids_ptr + slot, log_z, NUM_LOGPROBS)
+
+
+@triton.jit
+def _filters_on(temperature, top_k, top_p, vocab):
+    """Whether top-k and top-p constrain the row (never at temperature 0)."""
+    sampled = temperature > 0
+    return sampled & (top_k > 0) & (top_k < vocab), sampled & (top_p < 1.0)
+
+
+@triton.jit
+def _probe_kernel(
+    logits_ptr, inv_t_ptr, temperature_ptr, top_k_ptr, top_p_ptr, row_max_ptr, row_x_ptr,
+    probe_count_ptr, probe_mass_ptr,
+    vocab, num_chunks, num_programs,
+    BLOCK: tl.constexpr, NUM_CANDIDATES: tl.constexpr,
+):
+    pid = num_programs - 1 - tl.program_id(0)  # pass 1's last chunks first: they may be in L2
+    row, chunk = pid // num_chunks, pid % num_chunks
+    temperature, top_k = tl.load(temperature_ptr + row), tl.load(top_k_ptr + row)
+    k_on, p_on = _filters_on(temperature, top_k, tl.load(top_p_ptr + row), vocab)
+    if k_on | p_on:
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+        inv_t = tl.load(inv_t_ptr + row)
+        x = _scaled_logits(logits_ptr + row.to(tl.int64) * vocab, offs, vocab, inv_t)
+        mass = tl.exp(x - tl.load(row_max_ptr + row))
+        probes = tl.load(row_x_ptr + row * NUM_CANDIDATES + tl.arange(0, NUM_CANDIDATES))
+        above = x[:, None] > probes[None, :]
+        slots = pid * NUM_CANDIDATES + tl.arange(0, NUM_CANDIDATES)
+        tl.store(probe_count_ptr + slots, tl.sum(above.to(tl.int32), 0))
+        tl.store(probe_mass_ptr + slots, tl.sum(tl.where(above, mass[:, None], 0.0), 0))
+
+
+@triton.jit
+def _ordered(x):
+    """float32 -> int32 with the same order (negative floats' magnitude bits flipped)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _unordered(i):
+    """The inverse of _ordered."""
+    return tl.where(i < 0, i ^ 0x7FFFFFFF, i).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _count_above(row_ptr, vocab, inv_t, row_max, probes, PROBES: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """For each probe v: tokens with x > v, their mass, and the mass of tokens with x >= v."""
+    count = tl.zeros([PROBES], tl.int32)
+    mass_gt = tl.zeros([PROBES], tl.float32)
+    mass_ge = tl.zeros([PROBES], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        x = _scaled_logits(row_ptr, start + tl.arange(0, BLOCK), vocab, inv_t)
+        mass = tl.exp(x - row_max)[:, None]
+        gt = x[:, None] > probes[None, :]
+        count += tl.sum(gt.to(tl.int32), 0)
+        mass_gt += tl.sum(tl.where(gt, mass, 0.0), 0)
+        mass_ge += tl.sum(tl.where(x[:, None] >= probes[None, :], mass, 0.0), 0)
+    return count, mass_gt, mass_ge
+
+
+@triton.jit
+def _search_threshold(
+    row_ptr, vocab, inv_t, row_max, count_limit, mass_limit, min_p,
+    PROBES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The smallest x a token can have and be kept, and the mass of the tokens at or above it.
+
+    kept(v) = (fewer than count_limit tokens above v) and (their mass below mass_limit) and
+    exp(v - max) >= min_p. It holds for every value above a kept one and is constant between
+    neighbouring values of x, so the least float32 where it holds is a value of x. Each step
+    tests PROBES floats spread over (lo, hi] in float32 order; the last probe is hi itself, so
+    the mass at the final hi is always at hand.
+    """
+    lo = _ordered(tl.full([], float("-inf"), tl.float32)).to(tl.int64) - 1  # below every x
+    hi = _ordered(row_max).to(tl.int64)  # the max is always kept
+    hi_mass = tl.full([], 0.0, tl.float32)
+    steps = tl.arange(0, PROBES).to(tl.int64) + 1
+    while hi - lo > 1:
+        ranks = tl.minimum(tl.maximum(lo + (hi - lo) * steps // PROBES, lo + 1), hi)
+        probes = _unordered(ranks.to(tl.int32))
+        count, mass_gt, mass_ge = _count_above(
+            row_ptr, vocab, inv_t, row_max, probes, PROBES, BLOCK)
+        kept = (count < count_limit) & (mass_gt < mass_limit) & (tl.exp(probes - row_max) >= min_p)
+        hi = tl.min(tl.where(kept, ranks, hi), 0)
+        lo = tl.max(tl.where(kept, lo, ranks), 0)
+        hi_mass = tl.max(tl.where(ranks == hi, mass_ge, 0.0), 0)
+    return _unordered(hi.to(tl.int32)), hi_mass
+
+
+@triton.jit
+def _gumbel_max_above(row_ptr, vocab, inv_t, threshold, key, step, BLOCK: tl.constexpr):
+    """The token with the largest x + g among those with x >= threshold (lowest id on ties)."""
+    best_key = tl.full([], float("-inf"), tl.float32)
+    best_id = tl.full([], TAKEN, tl.int32)
+    for start in range(0, vocab, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = _scaled_logits(row_ptr, offs, vocab, inv_t)
+        keys = tl.where(x >= threshold, x + _gumbel(offs, key, step), float("-inf"))
+        tile_key, tile_id = _largest(keys, offs)
+        better = tile_key > best_key
+        best_id = tl.where(better, tile_id, best_id)
+        best_key = tl.where(better, tile_key, best_key)
+    return best_id
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _finish_kernel(
+    logits_ptr, inv_t_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, offsets_ptr,
+    seed_lo, seed_hi,
+    row_max_ptr, row_sum_ptr, row_arg_ptr, row_key_ptr, row_id_ptr, row_x_ptr,
+    probe_count_ptr, probe_mass_ptr, tokens_ptr, logprobs_ptr,
+    vocab, num_chunks,
+    CHUNKS: tl.constexpr, NUM_CANDIDATES: tl.constexpr, PROBES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * vocab
+    inv_t = tl.load(inv_t_ptr + row)
+    temperature, top_k = tl.load(temperature_ptr + row), tl.load(top_k_ptr + row)
+    top_p, min_p = tl.load(top_p_ptr + row), tl.load(min_p_ptr + row)
+    row_max, row_sum = tl.load(row_max_ptr + row), tl.load(row_sum_ptr + row)
+    token = tl.load(row_arg_ptr + row)
+    if temperature > 0:
+        k_on, p_on = _filters_on(temperature, top_k, top_p, vocab)
+        r = tl.arange(0, NUM_CANDIDATES)
+        cand_key = tl.load(row_key_ptr + row * NUM_CANDIDATES + r)
+        cand_id = tl.load(row_id_ptr + row * NUM_CANDIDATES + r)
+        cand_x = tl.load(row_x_ptr + row * NUM_CANDIDATES + r)
+        chunks = tl.arange(0, CHUNKS)
+        slots = (row * num_chunks + chunks)[:, None] * NUM_CANDIDATES + r[None, :]
+        probed = tl.where(k_on | p_on, (chunks < num_chunks)[:, None], False)
+        count = tl.sum(tl.load(probe_count_ptr + slots, mask=probed, other=0), 0)
+        mass = tl.sum(tl.load(probe_mass_ptr + slots, mask=probed, other=0.0), 0)
+        count_limit = tl.where(k_on, top_k, vocab + 1)
+        kept_mass = row_sum
+        if k_on & p_on:  # top-p is relative to the top-k set's mass: find the top-k threshold
+            _, kept_mass = _search_threshold(
+                row_ptr, vocab, inv_t, row_max, top_k, float("inf"), 0.0, PROBES, BLOCK)
+        mass_limit = tl.where(p_on, top_p * kept_mass, float("inf"))
+        kept = (cand_key > float("-inf")) & (tl.exp(cand_x - row_max) >= min_p)
+        kept &= (count < count_limit) & (mass < mass_limit)
+        first = tl.min(tl.where(kept, r, NUM_CANDIDATES), 0)
+        token = tl.sum(tl.where(r == first, cand_id, 0), 0)
+        if first == NUM_CANDIDATES:  # no candidate survives: the exact threshold, then Gumbel-max
+            threshold, _ = _search_threshold(
+                row_ptr, vocab, inv_t, row_max, count_limit, mass_limit, min_p, PROBES, BLOCK)
+            key, step = _row_rng(seed_lo, seed_hi, tl.load(offsets_ptr + row))
+            token = _gumbel_max_above(row_ptr, vocab, inv_t, threshold, key, step, BLOCK)
+    tl.store(tokens_ptr + row, token)
+    x = tl.load(row_ptr + token).to(tl.float32) * inv_t
+    tl.store(logprobs_ptr + row, x - (row_max + tl.log(row_sum)))
+
+
+def _chunk_size(vocab: int) -> int:
+    """Tokens per program of the two full passes: several chunks per row even for small
+    vocabularies, so that a small batch still fills the GPU."""
+    return 4096 if vocab >= 65536 else 1024
+
+
+def sample(logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs):
+    """Launch the four kernels; arguments validated by :func:`ttscale.ops.sample`."""
+    batch, vocab = logits.shape
+    device = logits.device
+    tokens = new_output((batch,), torch.int64, device)
+    logprobs = new_output((batch,), torch.float32, device)
+    top_ids = new_output((batch, num_logprobs), torch.int64, device)
+    top_logprobs = new_output((batch, num_logprobs), torch.float32, device)
+    if batch == 0:
+        return tokens, logprobs, top_ids, top_logprobs
+    seed %= 2**64
+    seed_lo, seed_hi = seed & 0xFFFFFFFF, seed >> 32
+    inv_t = torch.where(temperature == 0, 1.0, 1.0 / temperature)  # correctly rounded, as elsewhere
+
+    block = _chunk_size(vocab)
+    num_chunks = triton.cdiv(vocab, block)
+    programs = batch * num_chunks
+    n, c = num_logprobs, CANDIDATES
+
+    def scratch(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    i32 = torch.int32
+    chunk_max, chunk_sum = scratch(programs), scratch(programs)
+    chunk_arg = scratch(programs, dtype=i32)
+    cand_key, cand_id = scratch(programs, c), scratch(programs, c, dtype=i32)
+    top_x, top_id = scratch(programs, max(n, 1)), scratch(programs, max(n, 1), dtype=i32)
+    row_max, row_sum, row_arg = scratch(batch), scratch(batch), scratch(batch, dtype=i32)
+    row_key, row_id, row_x = scratch(batch, c), scratch(batch, c, dtype=i32), scratch(batch, c)
+    probe_count, probe_mass = scratch(programs, c, dtype=i32), scratch(programs, c)
+
+    _chunk_stats_kernel[(programs,)](
+        logits, inv_t, offsets, seed_lo, seed_hi, chunk_max, chunk_sum, chunk_arg,
+        cand_key, cand_id, top_x, top_id, vocab, num_chunks,
+        BLOCK=block, NUM_CANDIDATES=c, NUM_LOGPROBS=n, num_warps=8)
+    _row_merge_kernel[(batch,)](
+        logits, inv_t, chunk_max, chunk_sum, chunk_arg, cand_key, cand_id, top_x, top_id,
+        row_max, row_sum, row_arg, row_key, row_id, row_x, top_ids, top_logprobs,
+        vocab, num_chunks, CHUNKS=triton.next_power_of_2(num_chunks), NUM_CANDIDATES=c,
+        NUM_LOGPROBS=n, LOGPROB_SLOTS=triton.next_power_of_2(num_chunks * n), num_warps=4)
+    _probe_kernel[(programs,)](
+        logits, inv_t, temperature, top_k, top_p, row_max, row_x, probe_count, probe_mass,
+        vocab, num_chunks, programs, BLOCK=block, NUM_CANDIDATES=c, num_warps=8)
+    _finish_kernel[(batch,)](
+        logits, inv_t, temperature, top_k, top_p, min_p, offsets, seed_lo, seed_hi,
+        row_max, row_sum, row_arg, row_key, row_id, row_x, probe_count, probe_mass,
+        tokens, logprobs, vocab, num_chunks, CHUNKS=triton.next_power_of_2(num_chunks),
+        NUM_CANDIDATES=c, PROBES=SEARCH_PROBES, BLOCK=SEARCH_BLOCK, num_warps=4)
+    return tokens, logprobs, top_ids, top_logprobs
