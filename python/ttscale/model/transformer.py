@@ -77,7 +77,8 @@ class Attention(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, cos_sin: Tensor, batch: AttentionBatch, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, cos_sin: Tensor, batch: AttentionBatch, k_cache: Tensor, v_cache: Tensor,
+        validate: bool = True,
     ) -> Tensor:
         tokens = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -88,7 +89,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
-        ops.write_kv(k_cache, v_cache, k, v, batch.slots, backend=batch.backend)
+        ops.write_kv(k_cache, v_cache, k, v, batch.slots, backend=batch.backend, validate=validate)
         levels = (
             batch.prompt_block_tables,
             batch.prompt_lens,
@@ -98,11 +99,13 @@ class Attention(nn.Module):
         )
         if batch.mode == DECODE:
             out, _ = ops.cascade_decode_attention(
-                q, k_cache, v_cache, *levels, plan=batch.plan, backend=batch.backend
+                q, k_cache, v_cache, *levels, plan=batch.plan, backend=batch.backend,
+                validate=validate,
             )
         else:
             out, _ = ops.paged_prefill_attention(
-                q, k_cache, v_cache, *levels, batch.q_lens, backend=batch.backend
+                q, k_cache, v_cache, *levels, batch.q_lens, backend=batch.backend,
+                validate=validate,
             )
         return self.o_proj(out.reshape(tokens, q_size))
 
@@ -136,10 +139,26 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, dtype=dtype, device=device)
 
     def forward(
-        self, x: Tensor, cos_sin: Tensor, batch: AttentionBatch, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, cos_sin: Tensor, batch: AttentionBatch, k_cache: Tensor, v_cache: Tensor,
+        validate: bool = True,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch, k_cache, v_cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch, k_cache, v_cache, validate)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _check_uniform_layers(kv_cache: KVCache) -> None:
+    """Every layer's cache like layer 0's, so that the ops' checks at layer 0 cover them all."""
+    first = kv_cache.k[0]
+    for name, caches in (("k", kv_cache.k), ("v", kv_cache.v)):
+        for i, cache in enumerate(caches):
+            if (cache.shape != first.shape or cache.dtype != first.dtype
+                    or cache.device != first.device or not cache.is_contiguous()):
+                layout = "" if cache.is_contiguous() else " (not contiguous)"
+                raise ValueError(
+                    f"kv_cache: {name}[{i}] is {list(cache.shape)} {cache.dtype} on "
+                    f"{cache.device}{layout}, expected every layer like k[0]: "
+                    f"{list(first.shape)} {first.dtype} on {first.device}, contiguous"
+                )
 
 
 class Transformer(nn.Module):
@@ -232,12 +251,16 @@ class Transformer(nn.Module):
             )
         if len(kv_cache.k) != len(self.layers):
             raise ValueError(f"kv_cache: expected {len(self.layers)} layers, got {len(kv_cache.k)}")
+        _check_uniform_layers(kv_cache)
         if check_values(batch.positions):
             check_range("positions", batch.positions, 0, self.max_positions)
         cos_sin = self.rotary[batch.positions]  # [T, D], shared by every layer
         x = F.embedding(input_ids, self.embed_tokens)  # [T, H]
-        for layer, k_cache, v_cache in zip(self.layers, kv_cache.k, kv_cache.v, strict=True):
-            x = layer(x, cos_sin, batch, k_cache, v_cache)
+        # Every layer reads the same step metadata and a cache of the same shape: the ops check
+        # them at the first layer only (on the CPU the checks read the block tables).
+        layers = zip(self.layers, kv_cache.k, kv_cache.v, strict=True)
+        for i, (layer, k_cache, v_cache) in enumerate(layers):
+            x = layer(x, cos_sin, batch, k_cache, v_cache, validate=i == 0)
         if rows is not None:
             x = x[rows]
         return self.norm(x)
