@@ -7,7 +7,6 @@
 // continues each sequence's state over its own suffix. Prefill gives each row a causal limit.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -29,28 +28,6 @@ struct SoftmaxState {
   std::vector<float> m, l, acc;
   SoftmaxState(int64_t rows, int64_t dim) : m(rows, kNegInf), l(rows, 0.f), acc(rows * dim, 0.f) {}
 };
-
-// exp(x) for x <= 0 (a score minus its running max), in plain float arithmetic that the
-// compiler vectorises (std::exp is a scalar call): exp(x) = 2^k exp(r) with r = x - k ln 2 in
-// [-ln 2 / 2, ln 2 / 2] and Cephes' degree-6 polynomial for exp(r); within 2 ulp of std::exp.
-// Below -87.3 the result is clamped to about 2^-126 instead of underflowing: the row's maximum
-// contributes 1 to the same sum, so the difference is below float rounding.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.3f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // kLanes floats as one value (GCC/Clang vector extension): the compiler maps it onto the
 // target's registers (one with AVX-512, two with AVX2), where plain loops over fixed-size arrays
