@@ -247,6 +247,19 @@ class Engine:
 
     def _accept(self, seq: Sequence, tokens, logprobs, top, stopped, stops, limit) -> None:
         """Take a window's samples up to the first stop; the stopping token stays pending."""
+        n = len(tokens)
+        if not stops and not any(stopped) and seq.generated + n < limit:
+            # Nothing can stop inside this window (no stop strings, no flagged token, the limit
+            # beyond it): take it whole, without a Python step per token.
+            start = len(seq.tokens)
+            seq.tokens.extend(tokens)
+            seq.sampled_at.extend(range(start, start + n))
+            seq.logprobs.extend(logprobs)
+            if top is not None:
+                seq.top_logprobs.extend(top)
+            self.generated_tokens += n
+            seq.kv_len += n
+            return
         fed = 0
         for j, token in enumerate(tokens):
             seq.tokens.append(token)
