@@ -455,7 +455,7 @@ def test_repeated_sampling(device, workload, model_dirs, machine, tables):
     tables.note(table, "tokens/s: generated tokens over the wall time of the whole call (prefill "
                        "included), median of the rounds after a warm-up call; peak MB: memory "
                        "taken above the process before the implementation was built, over its "
-                       "build and warm-up call")
+                       "build, warm-up and first round")
     tables.note(table, f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY="
                        f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     tables.declare(table, ["workload", "params M", "floor s", "floor tok/s", "ttscale tok/s",

@@ -81,3 +81,15 @@ def test_without_onednn_the_model_runs_on_f_linear(qwen2_dir, monkeypatch):
     assert model.lm_head_packed is None
     logits = _prompt_then_decode(model)
     assert torch.isfinite(logits).all()
+
+
+@needs_onednn
+def test_moving_or_converting_the_model_drops_the_packs(qwen2_dir):
+    model = load_model(qwen2_dir, dtype="float32")
+    expected = _prompt_then_decode(model)
+    model.to(torch.float64).to(torch.float32)
+    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))
+    assert model.lm_head_packed is None
+    assert_close(_prompt_then_decode(model), expected, torch.float32, "logits")
+    model.pack_weights()
+    assert_close(_prompt_then_decode(model), expected, torch.float32, "logits")

@@ -52,6 +52,10 @@ class Linear(nn.Module):
     def pack(self) -> None:
         self.packed = cpu_linear.pack(self.weight)
 
+    def _apply(self, fn, recurse=True):
+        self.packed = None  # moved or converted: the pack is stale until pack() runs again
+        return super()._apply(fn, recurse)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is not None:
             return cpu_linear.linear(x, self.packed, self.bias)
@@ -234,6 +238,10 @@ class Transformer(nn.Module):
                 module.pack()
         if self.lm_head is not None:
             self.lm_head_packed = cpu_linear.pack(self.lm_head)
+
+    def _apply(self, fn, recurse=True):
+        self.lm_head_packed = None  # as Linear._apply
+        return super()._apply(fn, recurse)
 
     def allocate_kv_cache(self, budget_bytes: int, *, block_size: int = 16) -> KVCache:
         """A paged pool for this model holding as many blocks as ``budget_bytes`` allows."""
