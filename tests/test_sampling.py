@@ -179,6 +179,18 @@ def test_tight_filters_on_flat_rows(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_likely_tokens_packed_together(backend, device):
+    """The likeliest tokens sit side by side (one or two of the Triton kernel's groups)."""
+    settings = [(1.0, 0, 1.0, 0.0), (1.0, 3, 1.0, 0.0), (1.0, 0, 0.3, 0.0), (2.0, 0, 1.0, 0.9)]
+    case = make_sampling_case(4, 2100, device=device, seed=12, settings=settings)
+    logits = torch.full((4, 2100), -4.0)
+    logits[:, 1030:1062] = 2 + torch.rand(4, 32, generator=torch.Generator().manual_seed(12))
+    case.logits = logits.to(device)
+    tokens = _sample(case, backend, seed=4)[0]
+    assert torch.equal(tokens.cpu(), reference.sample(*case.args(4))[0])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_excluded_tokens_never_drawn(backend, device):
     logits = torch.randn(200, generator=torch.Generator().manual_seed(3)) * 2
     draws = 2000 if backend == "cpu" else 12

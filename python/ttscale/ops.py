@@ -437,10 +437,11 @@ def _check_sampling_values(logits, temperature, top_k, top_p, min_p) -> None:
         row = _first_bad_row(bad)
         if row is not None:
             raise ValueError(f"{name}: expected {want}, got {values[row].item()} at row {row}")
-    row = _first_bad_row((torch.isnan(logits) | torch.isposinf(logits)).any(dim=1))
+    row_max = logits.amax(dim=1)  # NaN propagates: one pass finds every bad row
+    row = _first_bad_row(torch.isnan(row_max) | torch.isposinf(row_max))
     if row is not None:
         raise ValueError(f"logits: row {row} contains NaN or +inf")
-    row = _first_bad_row(torch.isneginf(logits).all(dim=1))
+    row = _first_bad_row(torch.isneginf(row_max))
     if row is not None:
         raise ValueError(f"logits: row {row} is all -inf (no token can be drawn)")
 
