@@ -130,6 +130,75 @@ class Engine:
         problem.num_sequences += k
         return children
 
+    def select_and_fork(self, candidates: Seq[Sequence], scores: Seq[float], group_sizes: Seq[int],
+                        keep: int, children: int) -> tuple[list[Sequence], list[int], list[int]]:
+        """One search step's selection through the on-device ``ops.select_and_fork``.
+
+        Candidates come in consecutive groups (``group_sizes``, e.g. one per problem); each
+        group keeps its ``keep`` best by score (ties to the earlier candidate, NaN last) and
+        forks each kept one into ``children`` sequences. Every candidate is consumed: kept
+        candidates' blocks pass to their children, the others' are freed.
+
+        Returns the children, each child's parent (an index into ``candidates``), and the
+        children's group offsets (``[G + 1]``).
+        """
+        from ttscale.block_pool import BlockPool
+        from ttscale.engine.block_manager import CopyOnWrite
+
+        self._check_live(candidates)
+        if len(scores) != len(candidates) or sum(group_sizes) != len(candidates):
+            raise ValueError(
+                f"scores/group_sizes: expected {len(candidates)} scores and group sizes summing to it, "
+                f"got {len(scores)} scores and sizes summing to {sum(group_sizes)}"
+            )
+        device = self.model.device
+        int32 = dict(dtype=torch.int32, device=device)
+        bm = self.blocks
+        for seq in candidates:
+            bm.trim(seq.block_table, seq.kv_len)
+        width = max([len(s.block_table) for s in candidates] + [1])
+        tables = torch.full((len(candidates), width), -1, dtype=torch.int32)
+        for row, seq in enumerate(candidates):
+            tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        free = torch.zeros(bm.num_blocks, dtype=torch.int32)
+        free[: bm.num_free] = torch.tensor(bm.free_stack, dtype=torch.int32)
+        pool = BlockPool(torch.tensor(bm.ref_counts, **int32), free.to(device),
+                         torch.tensor([bm.num_free], **int32), torch.zeros(1, **int32), bm.block_size)
+        offsets = [0]
+        for size in group_sizes:
+            offsets.append(offsets[-1] + size)
+        result = ops.select_and_fork(
+            torch.tensor(list(scores), dtype=torch.float32, device=device), torch.tensor(offsets, **int32),
+            keep, children, tables.to(device), torch.tensor([s.kv_len for s in candidates], **int32), pool,
+        )
+        # The pool's new state becomes the host's (one read-back per search step).
+        top = int(pool.free_top)
+        bm.ref_counts = pool.ref_counts.tolist()
+        bm.free_stack = pool.free_stack[:top].tolist()
+        child_offsets = result.child_offsets.tolist()
+        num_children = child_offsets[-1]
+        parents = result.parents[:num_children].tolist()
+        lens = result.lens[:num_children].tolist()
+        child_tables = result.block_tables[:num_children].tolist()
+        pairs = [CopyOnWrite(src, dst) for src, dst in zip(result.copy_src.tolist(), result.copy_dst.tolist())
+                 if src >= 0]
+        self.runner.copy_blocks(pairs)
+        kids = []
+        for slot, p in enumerate(parents):
+            parent = candidates[p]
+            kv_len = lens[slot]  # shorter than the parent's only if the pool ran out: re-prefilled
+            kid = Sequence(self._next_seq_id, parent.problem, list(parent.tokens),
+                           child_tables[slot][: bm.blocks_for(kv_len)], kv_len, list(parent.logprobs),
+                           list(parent.top_logprobs), list(parent.sampled_at), parent.finish_reason)
+            self._next_seq_id += 1
+            kid.problem.num_sequences += 1
+            kids.append(kid)
+        for seq in candidates:
+            seq.block_table = []
+            seq.freed = True
+            seq.problem.num_sequences -= 1
+        return kids, parents, child_offsets
+
     def extend(self, seq: Sequence, token_ids: Seq[int]) -> None:
         """Append tokens to a sequence (text the caller inserts); they are prefilled at its next step."""
         self._check_live([seq])
