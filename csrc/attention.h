@@ -27,6 +27,11 @@ struct AttentionParams {
   float scale = 1.0f;
   int dtype = 0;
   uintptr_t stream = 0;  // cudaStream_t of the caller (CUDA ops only)
+  // CUDA decode only: the device of the tensors, and a float32 workspace for split-K partial
+  // results of workspace_floats elements (cascade_decode_workspace_floats_cuda says how many).
+  int device = 0;
+  uintptr_t workspace = 0;
+  int64_t workspace_floats = 0;
 };
 
 // o [rows, H, D] in dtype, lse [rows, H] float32.
@@ -52,6 +57,7 @@ void write_kv_cpu(const WriteKVParams& p);
 
 #ifdef TTSCALE_WITH_CUDA
 void cascade_decode_attention_cuda(const AttentionParams& p);
+int64_t cascade_decode_workspace_floats_cuda(const AttentionParams& p);
 #endif
 
 }  // namespace ttscale

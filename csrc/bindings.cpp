@@ -3,7 +3,9 @@
 #include <pybind11/pybind11.h>
 
 #include "attention.h"
+#include "prm.h"
 #include "sampling.h"
+#include "select.h"
 
 namespace py = pybind11;
 using namespace ttscale;
@@ -37,7 +39,9 @@ PYBIND11_MODULE(_C, m) {
       TTSCALE_FIELD(AttentionParams, head_dim) TTSCALE_FIELD(AttentionParams, num_blocks)
       TTSCALE_FIELD(AttentionParams, block_size) TTSCALE_FIELD(AttentionParams, max_prompt_blocks)
       TTSCALE_FIELD(AttentionParams, max_suffix_blocks) TTSCALE_FIELD(AttentionParams, scale)
-      TTSCALE_FIELD(AttentionParams, dtype) TTSCALE_FIELD(AttentionParams, stream);
+      TTSCALE_FIELD(AttentionParams, dtype) TTSCALE_FIELD(AttentionParams, stream)
+      TTSCALE_FIELD(AttentionParams, device) TTSCALE_FIELD(AttentionParams, workspace)
+      TTSCALE_FIELD(AttentionParams, workspace_floats);
 
   py::class_<MergeParams>(m, "MergeParams")
       .def(py::init<>())
@@ -65,7 +69,48 @@ PYBIND11_MODULE(_C, m) {
   m.def("write_kv_cpu", &write_kv_cpu, nogil);
 #ifdef TTSCALE_WITH_CUDA
   m.def("cascade_decode_attention_cuda", &cascade_decode_attention_cuda, nogil);
+  m.def("cascade_decode_workspace_floats_cuda", &cascade_decode_workspace_floats_cuda, nogil);
 #endif
+
+  py::class_<PRMParams>(m, "PRMParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(PRMParams, hidden) TTSCALE_FIELD(PRMParams, weight)
+      TTSCALE_FIELD(PRMParams, bias) TTSCALE_FIELD(PRMParams, seq_ids)
+      TTSCALE_FIELD(PRMParams, state_in) TTSCALE_FIELD(PRMParams, state_out)
+      TTSCALE_FIELD(PRMParams, scores) TTSCALE_FIELD(PRMParams, num_steps)
+      TTSCALE_FIELD(PRMParams, hidden_size) TTSCALE_FIELD(PRMParams, num_seqs)
+      TTSCALE_FIELD(PRMParams, kind) TTSCALE_FIELD(PRMParams, agg)
+      TTSCALE_FIELD(PRMParams, dtype);
+  m.def("prm_step_scores_cpu", &prm_step_scores_cpu, nogil);
+
+  // select_and_fork and copy_blocks (csrc/select.h).
+  py::class_<SelectParams>(m, "SelectParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(SelectParams, scores) TTSCALE_FIELD(SelectParams, group_offsets)
+      TTSCALE_FIELD(SelectParams, keep) TTSCALE_FIELD(SelectParams, children)
+      TTSCALE_FIELD(SelectParams, block_tables) TTSCALE_FIELD(SelectParams, lens)
+      TTSCALE_FIELD(SelectParams, ref_counts) TTSCALE_FIELD(SelectParams, free_stack)
+      TTSCALE_FIELD(SelectParams, free_top) TTSCALE_FIELD(SelectParams, status)
+      TTSCALE_FIELD(SelectParams, kept) TTSCALE_FIELD(SelectParams, num_kept)
+      TTSCALE_FIELD(SelectParams, parents) TTSCALE_FIELD(SelectParams, child_offsets)
+      TTSCALE_FIELD(SelectParams, child_tables) TTSCALE_FIELD(SelectParams, child_lens)
+      TTSCALE_FIELD(SelectParams, copy_src) TTSCALE_FIELD(SelectParams, copy_dst)
+      TTSCALE_FIELD(SelectParams, num_candidates) TTSCALE_FIELD(SelectParams, num_groups)
+      TTSCALE_FIELD(SelectParams, max_blocks) TTSCALE_FIELD(SelectParams, block_size)
+      TTSCALE_FIELD(SelectParams, num_blocks) TTSCALE_FIELD(SelectParams, max_keep)
+      TTSCALE_FIELD(SelectParams, num_slots) TTSCALE_FIELD(SelectParams, num_copies)
+      TTSCALE_FIELD(SelectParams, stream);
+
+  py::class_<CopyBlocksParams>(m, "CopyBlocksParams")
+      .def(py::init<>())
+      TTSCALE_FIELD(CopyBlocksParams, k_cache) TTSCALE_FIELD(CopyBlocksParams, v_cache)
+      TTSCALE_FIELD(CopyBlocksParams, src) TTSCALE_FIELD(CopyBlocksParams, dst)
+      TTSCALE_FIELD(CopyBlocksParams, num_pairs) TTSCALE_FIELD(CopyBlocksParams, num_layers)
+      TTSCALE_FIELD(CopyBlocksParams, num_blocks) TTSCALE_FIELD(CopyBlocksParams, block_bytes)
+      TTSCALE_FIELD(CopyBlocksParams, stream);
+
+  m.def("select_and_fork_cpu", &select_and_fork_cpu, nogil);
+  m.def("copy_blocks_cpu", &copy_blocks_cpu, nogil);
 
   py::class_<SampleParams>(m, "SampleParams")
       .def(py::init<>())

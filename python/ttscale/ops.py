@@ -69,11 +69,11 @@ def plan_cascade_decode(problem_ids: Tensor, num_problems: int) -> CascadePlan:
         raise ValueError(f"num_problems: expected >= 0, got {num_problems}")
     if check_values(problem_ids):
         check_range("problem_ids", problem_ids, 0, max(num_problems, 1))
-    order = torch.argsort(problem_ids, stable=True).to(torch.int32)
-    counts = torch.bincount(problem_ids.long(), minlength=num_problems)[:num_problems]
-    starts = torch.zeros(num_problems + 1, dtype=torch.int32, device=problem_ids.device)
-    torch.cumsum(counts, 0, out=starts[1:])
-    return CascadePlan(order, starts)
+    order = torch.argsort(problem_ids, stable=True)
+    # searchsorted, not bincount: CUDA's bincount reads the input's max on the host (a sync).
+    problems = torch.arange(num_problems + 1, dtype=torch.int32, device=problem_ids.device)
+    starts = torch.searchsorted(problem_ids[order], problems, out_int32=True)
+    return CascadePlan(order.to(torch.int32), starts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +391,418 @@ def write_kv(
     chosen = backends.resolve("write_kv", k_cache.device, backend)
     k, v = _contiguous(k, v)
     _write_kv(k_cache, v_cache, k, v, slots.to(torch.int64).contiguous(), chosen)
+
+
+# ---------------------------------------------------------------------------------------------
+# prm_step_scores
+
+from ttscale.reference import PRM_AGGS, PRM_KINDS, prm_empty_state  # noqa: E402
+
+__all__ += ["prm_step_scores", "prm_empty_state"]
+
+
+@torch.library.custom_op("ttscale::prm_step_scores", mutates_args=())
+def _prm_step_scores(
+    hidden: Tensor, seq_ids: Tensor, weight: Tensor, bias: Tensor | None, kind: str, agg: str,
+    state: Tensor, backend: str,
+) -> tuple[Tensor, Tensor]:
+    fn = backends.implementation("prm_step_scores", backend)
+    return fn(hidden, seq_ids, weight, bias, kind, agg, state)
+
+
+@_prm_step_scores.register_fake
+def _(hidden, seq_ids, weight, bias, kind, agg, state, backend):
+    return hidden.new_empty(hidden.shape[:1], dtype=torch.float32), torch.empty_like(state)
+
+
+def prm_step_scores(
+    hidden: Tensor,
+    seq_ids: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    kind: str = "two_token",
+    agg: str = "last",
+    state: Tensor | None = None,
+    *,
+    num_seqs: int | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Score the steps of a PRM from its hidden states and fold them into per-sequence aggregates.
+
+    Only the head's one or two rows are read, never the full vocabulary: for a two-token PRM the
+    softmax over the ``+``/``-`` logits equals the full-vocabulary softmax restricted to those
+    two tokens and renormalised.
+
+    Parameters
+    ----------
+    hidden : Tensor
+        ``[T, H]`` float32, float16 or bfloat16: the hidden states at the positions that end a
+        step (the step-tag positions), after the model's final norm.
+    seq_ids : Tensor
+        ``[T]`` any integer dtype, the sequence of each step: a row of ``state``. Rows of one
+        sequence are in step order (earlier rows are earlier steps).
+    weight : Tensor
+        The head, hidden's dtype and device. ``kind="two_token"``: ``[2, H]``, the lm_head rows
+        of the ``+`` token then the ``-`` token; score P(+). ``"two_class"``: ``[2, H]``; score
+        P(class 1). (Qwen2.5-Math-PRM's head is Linear(H, H) -> ReLU -> Linear(H, 2), stored as
+        ``score.0``/``score.2``: run the first layer and the ReLU before this op and pass
+        ``score.2``.) ``"value"``: ``[1, H]``; score sigmoid of the single logit.
+    bias : Tensor, optional
+        ``[2]`` or ``[1]`` (weight's rows), hidden's dtype, added to the logits.
+    kind : str
+        ``"two_token"``, ``"two_class"`` or ``"value"``.
+    agg : str
+        How a sequence's step scores combine: ``"last"``, ``"min"``, ``"prod"`` or ``"mean"``.
+    state : Tensor, optional
+        ``[S, 2]`` float32, (aggregate, step count) per sequence, as returned by the previous
+        call; a beam fork forks it as ``state[parents]``. A row with count 0 is a sequence with
+        no steps, whatever its aggregate. None starts every sequence empty (see
+        :func:`prm_empty_state`), with ``S = num_seqs``.
+    num_seqs : int, optional
+        ``S`` when ``state`` is None. If both are None, ``S = max(seq_ids) + 1``, which reads
+        ``seq_ids`` on the host (a synchronisation on CUDA; pass ``num_seqs`` or a state there).
+    backend : str, optional
+        Force ``"torch"``, ``"cpu"`` or ``"triton"``.
+
+    Returns
+    -------
+    scores : Tensor
+        ``[T]`` float32, each step's score.
+    state : Tensor
+        ``[S, 2]`` float32, a new tensor (the input state is not modified): each sequence's
+        aggregate over all its steps so far and its step count. The aggregate of a sequence with
+        no steps is 0 for last and mean, +inf for min and 1 for prod; a row without steps in this
+        call is returned exactly as it came. Aggregating over several calls equals aggregating
+        over one call with the steps concatenated in order (up to float32 rounding for mean and
+        prod, whose kernels may group the additions or products differently).
+    """
+    if kind not in PRM_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(PRM_KINDS)}, got {kind!r}")
+    if agg not in PRM_AGGS:
+        raise ValueError(f"agg: expected one of {', '.join(PRM_AGGS)}, got {agg!r}")
+    check_tensor("hidden", hidden, ndim=2, dtype=FLOAT_DTYPES)
+    device, (steps, hidden_size) = hidden.device, hidden.shape
+    check_tensor("weight", weight, ndim=2, dtype=hidden.dtype, device=device)
+    rows = 1 if kind == "value" else 2
+    if tuple(weight.shape) != (rows, hidden_size):
+        raise ValueError(
+            f"weight: expected shape [{rows}, {hidden_size}] for kind {kind!r} (hidden size "
+            f"{hidden_size}), got {list(weight.shape)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, dtype=hidden.dtype, device=device, shape=(rows,))
+    check_tensor("seq_ids", seq_ids, ndim=1, dtype=INDEX_DTYPES, device=device)
+    if seq_ids.shape[0] != steps:
+        raise ValueError(
+            f"seq_ids: expected {steps} entries (one per row of hidden), got {seq_ids.shape[0]}"
+        )
+    if num_seqs is not None and (type(num_seqs) is not int or num_seqs < 0):
+        raise ValueError(f"num_seqs: expected an int >= 0, got {num_seqs!r}")
+    if state is not None:
+        check_tensor("state", state, ndim=2, dtype=torch.float32, device=device, shape=(None, 2))
+        if num_seqs is not None and num_seqs != state.shape[0]:
+            raise ValueError(f"num_seqs: {num_seqs} disagrees with state's {state.shape[0]} rows")
+    if state is None and num_seqs is None:
+        if steps and int(seq_ids.min()) < 0:
+            raise ValueError(f"seq_ids: value {int(seq_ids.min())} is negative")
+        num_seqs = int(seq_ids.max()) + 1 if steps else 0
+    seqs = state.shape[0] if state is not None else num_seqs
+    if check_values(seq_ids):
+        check_range("seq_ids", seq_ids, 0, seqs)
+    if state is None:
+        state = prm_empty_state(seqs, agg, device)
+    chosen = backends.resolve("prm_step_scores", device, backend)
+    if bias is not None:
+        bias = bias.contiguous()
+    hidden, weight, state = _contiguous(hidden, weight, state)
+    return _prm_step_scores(hidden, seq_ids.to(torch.int64).contiguous(), weight, bias, kind, agg,
+                            state, chosen)
+
+
+# ---------------------------------------------------------------------------------------------
+# select_and_fork and copy_blocks: beam selection and the block pool's bookkeeping on device.
+
+from ttscale.block_pool import BlockPool  # noqa: E402  (kept with its section for easy merges)
+
+__all__ += ["BlockPool", "ForkResult", "select_and_fork", "copy_blocks"]
+
+
+@dataclass(frozen=True)
+class ForkResult:
+    """What :func:`select_and_fork` returns. ``G`` groups, ``K`` kept per group at most,
+    ``S`` child slots and ``P`` copy pairs at most, all known on the host.
+
+    Attributes
+    ----------
+    kept : Tensor
+        ``[G, K]`` int32, each group's kept candidates, best first; -1 after ``num_kept[g]``.
+    num_kept : Tensor
+        ``[G]`` int32, ``min(keep[g], group size)``.
+    parents : Tensor
+        ``[S]`` int32, the candidate each child slot was forked from; -1 on padding slots.
+    child_offsets : Tensor
+        ``[G + 1]`` int32; group ``g``'s children are slots ``child_offsets[g]`` up to
+        ``child_offsets[g + 1]``, kept candidate ``r``'s ``children[g]`` children together in
+        rank order. It is the ``group_offsets`` of the next step; slots from
+        ``child_offsets[G]`` on are padding.
+    block_tables : Tensor
+        ``[S, max_blocks]`` int32, each child's blocks; -1 past its used entries.
+    lens : Tensor
+        ``[S]`` int32, each child's length: its parent's, unless the pool ran out of blocks
+        for its copy (then rounded down to a whole block); 0 on padding slots.
+    copy_src, copy_dst : Tensor
+        ``[P]`` int32, the copy-on-write copies :func:`copy_blocks` must make before the children
+        write to their last blocks; -1 pairs (at the end) are unused.
+    """
+
+    kept: Tensor
+    num_kept: Tensor
+    parents: Tensor
+    child_offsets: Tensor
+    block_tables: Tensor
+    lens: Tensor
+    copy_src: Tensor
+    copy_dst: Tensor
+
+
+@torch.library.custom_op(
+    "ttscale::select_and_fork", mutates_args=("ref_counts", "free_stack", "free_top", "status")
+)
+def _select_and_fork(
+    scores: Tensor, group_offsets: Tensor, keep: Tensor, children: Tensor, block_tables: Tensor,
+    lens: Tensor, ref_counts: Tensor, free_stack: Tensor, free_top: Tensor, status: Tensor,
+    block_size: int, max_keep: int, num_slots: int, num_copies: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    fn = backends.implementation("select_and_fork", backend)
+    return fn(scores, group_offsets, keep, children, block_tables, lens, ref_counts, free_stack,
+              free_top, status, block_size, max_keep, num_slots, num_copies)
+
+
+@_select_and_fork.register_fake
+def _(scores, group_offsets, keep, children, block_tables, lens, ref_counts, free_stack, free_top,
+      status, block_size, max_keep, num_slots, num_copies, backend):
+    groups = group_offsets.shape[0] - 1
+    new = lambda *shape: group_offsets.new_empty(shape)
+    return (new(groups, max_keep), new(groups), new(num_slots), new(groups + 1),
+            new(num_slots, block_tables.shape[1]), new(num_slots), new(num_copies), new(num_copies))
+
+
+def _per_group(name: str, value, bound, bound_name: str, groups: int, device) -> tuple[Tensor, int]:
+    """``keep`` or ``children`` as int32 ``[G]`` on the device, and its host-known maximum."""
+    if isinstance(value, bool) or not isinstance(value, (int, Tensor)):
+        raise ValueError(f"{name}: expected an int or an int32 tensor, got {type(value).__name__}")
+    if bound is not None and (not isinstance(bound, int) or bound < 0):
+        raise ValueError(f"{bound_name}: expected an int >= 0, got {bound!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name}: expected >= 0, got {value}")
+        if bound is not None and value > bound:
+            raise ValueError(f"{name}: {value} exceeds {bound_name} ({bound})")
+        return torch.full((groups,), value, dtype=torch.int32, device=device), value
+    check_tensor(name, value, dtype=torch.int32, device=device, shape=(groups,))
+    if bound is None:
+        raise ValueError(
+            f"{bound_name}: required when {name} is a tensor (a host-known bound sizes the outputs)"
+        )
+    if check_values(value):
+        check_range(name, value, 0, bound + 1)
+    return value.contiguous(), bound
+
+
+def _check_fork_values(group_offsets, block_tables, lens, pool, num_candidates: int) -> None:
+    """Value checks of select_and_fork's inputs (they read memory: CPU, or TTSCALE_DEBUG=1)."""
+    offsets = group_offsets.tolist()
+    if offsets[0] != 0 or offsets[-1] != num_candidates:
+        raise ValueError(
+            f"group_offsets: expected to run from 0 to {num_candidates} (the candidates), "
+            f"got {offsets[0]} to {offsets[-1]}"
+        )
+    if any(b < a for a, b in zip(offsets, offsets[1:], strict=False)):
+        raise ValueError("group_offsets: expected non-decreasing offsets")
+    check_range("lens", lens, 0, 2**31 - 1)
+    check_block_table("block_tables", block_tables, lens, pool.block_size, pool.num_blocks)
+    check_range("pool.free_top", pool.free_top, 0, pool.num_blocks + 1)
+    used = -(-lens.long() // pool.block_size)
+    column = torch.arange(block_tables.shape[1], device=lens.device)
+    in_use = column[None, :] < used[:, None]
+    if not pool.num_blocks:  # check_block_table saw to it that no table holds a block
+        return
+    held = pool.ref_counts[torch.where(in_use, block_tables, 0).long()]
+    if bool((in_use & (held < 1)).any()):
+        raise ValueError(
+            "block_tables: a table holds a block whose reference count in pool.ref_counts is 0"
+        )
+
+
+def select_and_fork(
+    scores: Tensor,
+    group_offsets: Tensor,
+    keep: int | Tensor,
+    children: int | Tensor,
+    block_tables: Tensor,
+    lens: Tensor,
+    pool: BlockPool,
+    *,
+    max_keep: int | None = None,
+    max_children: int | None = None,
+    backend: str | None = None,
+) -> ForkResult:
+    """Keep the best candidates of each group, fork each into children, free the rest's blocks.
+
+    One search step's selection, on the device, with no host synchronisation and outputs sized
+    by host-known bounds, so it can be captured in a CUDA graph (the Triton backend runs a fixed
+    handful of launches).
+
+    Selection: group ``g`` is candidates ``group_offsets[g]`` up to ``group_offsets[g + 1]``
+    (a problem, or a DVTS subtree; empty groups allowed). Its ``min(keep[g], size)`` best are
+    kept, sorted by score descending, ties to the lower index; NaN ranks below every number
+    (-inf included), so a NaN is kept only when nothing else is left.
+
+    Forking: kept candidate ``p`` gets ``children[g]`` child slots (layout in
+    :class:`ForkResult`). The candidates' tables are consumed: every child takes a reference to
+    each of its parent's full blocks, then every candidate's table gives up its own references,
+    so the blocks of candidates not kept (and of kept ones with no children) go back to the
+    pool when no child holds them; blocks that reach zero are pushed in ascending order. So a
+    kept parent's references move to its children (a full block's count changes by
+    ``children[g] - 1``), and the input tables must not be used afterwards. A
+    parent's partial last block passes to its first child (its reference moves, no copy); every
+    other child gets a fresh block popped from the free stack (in slot order) and a
+    ``copy_src -> copy_dst`` pair, so each child owns its partial last block and can write the
+    next token into it once :func:`copy_blocks` has run. A child that finds the free stack empty
+    keeps only its shared full blocks (``lens`` rounded down, no pair) and
+    :data:`ttscale.block_pool.POOL_EXHAUSTED` is set in ``pool.status``; the pool stays
+    consistent and nothing raises.
+
+    Parameters
+    ----------
+    scores : Tensor
+        ``[C]`` float32, float16 or bfloat16, one per candidate.
+    group_offsets : Tensor
+        ``[G + 1]`` int32, non-decreasing from 0 to ``C``.
+    keep, children : int or Tensor
+        Per group, an int for all groups or int32 ``[G]``; ``keep`` may exceed a group's size.
+    block_tables : Tensor
+        ``[C, max_blocks]`` int32, each candidate's blocks (its first ``ceil(lens / block_size)``
+        entries are used; the rest are ignored). A partial last block is normally held by its
+        table alone, as in every table this op returns; one held by other tables too (from an
+        engine that forks lazily and copies on the first write) stays shared with the first
+        child, and the op never writes into it.
+    lens : Tensor
+        ``[C]`` int32, tokens in each candidate's table.
+    pool : BlockPool
+        The pool's state, updated in place.
+    max_keep, max_children : int, optional
+        Host-known bounds on ``keep`` and ``children``; required when those are tensors.
+    backend : str, optional
+        Force ``"torch"``, ``"cpu"`` or ``"triton"``.
+
+    Returns
+    -------
+    ForkResult
+        With ``K = min(max_keep, C)``, ``S = min(C, G * K) * max_children`` child slots and
+        ``P = min(C, G * K) * max(max_children - 1, 0)`` copy pairs.
+
+    Notes
+    -----
+    An engine's step: ``r = select_and_fork(...)``, then ``copy_blocks(k, v, r.copy_src,
+    r.copy_dst)`` before the next write, and the children (rows ``r.parents >= 0``, tables
+    ``r.block_tables``, lengths ``r.lens``, groups ``r.child_offsets``) are the next batch; the
+    sampler and PRM states fork as ``state[r.parents]``. ``pool.status`` is read whenever the
+    host synchronises anyway.
+    """
+    check_tensor("scores", scores, ndim=1, dtype=FLOAT_DTYPES)
+    device = scores.device
+    num_candidates = scores.shape[0]
+    check_tensor("group_offsets", group_offsets, ndim=1, dtype=torch.int32, device=device)
+    if group_offsets.shape[0] == 0:
+        raise ValueError("group_offsets: expected at least one entry ([G + 1]), got shape [0]")
+    groups = group_offsets.shape[0] - 1
+    keep, max_keep = _per_group("keep", keep, max_keep, "max_keep", groups, device)
+    children, max_children = _per_group("children", children, max_children, "max_children",
+                                        groups, device)
+    check_tensor("block_tables", block_tables, ndim=2, dtype=torch.int32, device=device)
+    if block_tables.shape[0] != num_candidates:
+        raise ValueError(
+            f"block_tables: expected {num_candidates} rows (one per score), "
+            f"got {block_tables.shape[0]}"
+        )
+    check_tensor("lens", lens, dtype=torch.int32, device=device, shape=(num_candidates,))
+    if not isinstance(pool, BlockPool):
+        raise ValueError(f"pool: expected a BlockPool, got {type(pool).__name__}")
+    if pool.device != device:
+        raise ValueError(f"pool: expected device {device} (the scores'), got {pool.device}")
+    if check_values(group_offsets, lens, keep, children, *pool.tensors()):
+        _check_fork_values(group_offsets, block_tables, lens, pool, num_candidates)
+    max_keep = min(max_keep, num_candidates)
+    forked = min(num_candidates, groups * max_keep)
+    num_slots, num_copies = forked * max_children, forked * max(max_children - 1, 0)
+    if num_slots >= 2**31:
+        raise ValueError(
+            f"max_children: {max_children} children of {forked} candidates overflow int32 slots"
+        )
+    chosen = backends.resolve("select_and_fork", device, backend)
+    outputs = _select_and_fork(
+        scores.float().contiguous(), group_offsets.contiguous(), keep, children,
+        block_tables.contiguous(), lens.contiguous(), *pool.tensors(), pool.block_size, max_keep,
+        num_slots, num_copies, chosen,
+    )
+    return ForkResult(*outputs)
+
+
+@torch.library.custom_op("ttscale::copy_blocks", mutates_args=("k_cache", "v_cache"))
+def _copy_blocks(k_cache: Tensor, v_cache: Tensor, src: Tensor, dst: Tensor, backend: str) -> None:
+    backends.implementation("copy_blocks", backend)(k_cache, v_cache, src, dst)
+
+
+@_copy_blocks.register_fake
+def _(k_cache, v_cache, src, dst, backend):
+    return None
+
+
+def copy_blocks(
+    k_cache: Tensor, v_cache: Tensor, src: Tensor, dst: Tensor, *, backend: str | None = None
+) -> None:
+    """Copy whole blocks ``src[i] -> dst[i]`` of the K and V caches, in place: copy-on-write.
+
+    One call copies every layer when the caches carry a leading layer dimension (a pool kept
+    as one tensor for K and one for V); a pool with a tensor per layer calls once per layer.
+    Pairs with a -1 on either side are skipped, so a fixed-size buffer (such as
+    :class:`ForkResult`'s ``copy_src``/``copy_dst``) works inside a CUDA graph.
+
+    Parameters
+    ----------
+    k_cache, v_cache : Tensor
+        ``[num_blocks, block_size, Hkv, D]`` or ``[L, num_blocks, block_size, Hkv, D]``,
+        contiguous, same shape and dtype.
+    src, dst : Tensor
+        ``[P]`` integer block ids, or -1. The destinations must be distinct and none of them a
+        source (the copies run in parallel).
+    """
+    check_tensor("k_cache", k_cache)
+    if k_cache.dim() not in (4, 5):
+        raise ValueError(
+            "k_cache: expected 4 dimensions (one layer) or 5 (layers first), "
+            f"got shape {tuple(k_cache.shape)}"
+        )
+    shape = tuple(k_cache.shape)
+    check_tensor("v_cache", v_cache, dtype=k_cache.dtype, device=k_cache.device, shape=shape)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache/v_cache: the pool must be contiguous")
+    num_blocks = k_cache.shape[k_cache.dim() - 4]
+    check_tensor("src", src, ndim=1, dtype=INDEX_DTYPES, device=k_cache.device)
+    check_tensor("dst", dst, dtype=INDEX_DTYPES, device=k_cache.device, shape=tuple(src.shape))
+    if check_values(src, dst):
+        check_range("src", src, -1, num_blocks)
+        check_range("dst", dst, -1, num_blocks)
+        active = (src >= 0) & (dst >= 0)
+        targets = dst[active]
+        if targets.unique().numel() != targets.numel():
+            raise ValueError("dst: a block is the destination of two copies")
+        if bool(torch.isin(targets, src[active]).any()):
+            raise ValueError("dst: a destination block is also the source of a copy")
+    chosen = backends.resolve("copy_blocks", k_cache.device, backend)
+    src, dst = src.to(torch.int32).contiguous(), dst.to(torch.int32).contiguous()
+    _copy_blocks(k_cache, v_cache, src, dst, chosen)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -128,6 +128,223 @@ def write_kv(k_cache, v_cache, k, v, slots):
 
 
 # ---------------------------------------------------------------------------------------------
+# PRM step scoring
+
+PRM_KINDS = ("two_token", "two_class", "value")
+PRM_AGGS = ("last", "min", "prod", "mean")
+
+# The aggregate of a sequence with no steps yet (its count is 0).
+PRM_EMPTY_AGGREGATE = {"last": 0.0, "min": float("inf"), "prod": 1.0, "mean": 0.0}
+
+
+def prm_empty_state(num_seqs: int, agg: str, device=None) -> torch.Tensor:
+    """The state ``[num_seqs, 2]`` float32 (aggregate, step count) of sequences with no steps."""
+    state = torch.zeros(num_seqs, 2, dtype=torch.float32, device=device)
+    state[:, 0] = PRM_EMPTY_AGGREGATE[agg]
+    return state
+
+
+def prm_head_scores(hidden, weight, bias=None, kind="two_token"):
+    """Step scores ``[T]`` float32 from hidden states ``[T, H]`` and a head ``weight [2 or 1, H]``.
+
+    two_token: P(+) of the softmax over the ``+``/``-`` logits; two_class: P(class 1);
+    value: sigmoid of the single logit.
+    """
+    logits = hidden.float() @ weight.float().T
+    if bias is not None:
+        logits = logits + bias.float()
+    if kind == "two_token":
+        return torch.softmax(logits, dim=-1)[:, 0]
+    if kind == "two_class":
+        return torch.softmax(logits, dim=-1)[:, 1]
+    return torch.sigmoid(logits[:, 0])
+
+
+def two_token_from_full_vocab(hidden, lm_head, plus_id: int, minus_id: int):
+    """P(+) the unfused way: all ``[T, V]`` logits, softmax, take ``+`` and ``-``, renormalise."""
+    probs = torch.softmax(hidden.float() @ lm_head.float().T, dim=-1)
+    plus, minus = probs[:, plus_id], probs[:, minus_id]
+    return plus / (plus + minus)
+
+
+def prm_step_scores(hidden, seq_ids, weight, bias=None, kind="two_token", agg="last", state=None):
+    """Score each step and fold it into its sequence's running aggregate, one step at a time.
+
+    hidden ``[T, H]``, seq_ids ``[T]`` (earlier rows of a sequence are earlier steps), state
+    ``[S, 2]`` float32 (aggregate, count) or None for ``S = max(seq_ids) + 1`` empty sequences.
+    A row with count 0 is empty whatever its aggregate. Returns scores ``[T]`` float32 and a new
+    state; the input state is not modified.
+    """
+    scores = prm_head_scores(hidden, weight, bias, kind)
+    if state is None:
+        state = prm_empty_state(int(seq_ids.max()) + 1 if seq_ids.numel() else 0, agg, hidden.device)
+    state = state.clone()
+    for t in range(scores.shape[0]):
+        s, step = int(seq_ids[t]), float(scores[t])
+        count = float(state[s, 1])
+        before = float(state[s, 0]) if count > 0 else PRM_EMPTY_AGGREGATE[agg]
+        if agg == "last":
+            after = step
+        elif agg == "min":
+            after = min(before, step)
+        elif agg == "prod":
+            after = before * step
+        else:
+            after = before + (step - before) / (count + 1)
+        state[s, 0], state[s, 1] = after, count + 1
+    return scores, state
+
+
+# ---------------------------------------------------------------------------------------------
+# The KV block pool, in plain Python: the model the pool's kernels are tested against.
+#
+# State: ref_counts [num_blocks] (how many block tables hold each block), free_stack
+# [num_blocks] whose first free_top entries are the free blocks (a pop takes
+# free_stack[free_top - 1]), and status, whose bit POOL_EXHAUSTED records that a request found
+# the stack empty. A table's used blocks are its first ceil(len / block_size) entries; the last
+# is partial when len is not a multiple of block_size. Each function reads the tensors into
+# lists, acts on the lists and writes them back.
+
+POOL_EXHAUSTED = 1
+
+
+def _read_pool(ref_counts, free_stack, free_top, status):
+    return ref_counts.tolist(), free_stack.tolist(), int(free_top[0]), int(status[0])
+
+
+def _write_pool(ref_counts, free_stack, free_top, status, counts, stack, top, flags):
+    ref_counts.copy_(torch.tensor(counts, dtype=torch.int32))
+    free_stack.copy_(torch.tensor(stack, dtype=torch.int32))
+    free_top.fill_(top)
+    status.fill_(flags)
+
+
+def _release(counts: list[int], stack: list[int], top: int, blocks: list[int]) -> int:
+    """Drop one reference per entry; blocks left with none are pushed in ascending order."""
+    freed = set()
+    for block in blocks:
+        counts[block] -= 1
+        if counts[block] == 0:
+            freed.add(block)
+    for block in sorted(freed):
+        stack[top] = block
+        top += 1
+    return top
+
+
+def pool_allocate(ref_counts, free_stack, free_top, status, wanted):
+    """Pop one block for each True in ``wanted`` ``[B]``, in row order, with reference count 1.
+
+    Returns ``[B]`` int32 blocks, -1 where not wanted or where the stack had run out (which sets
+    ``POOL_EXHAUSTED`` in status).
+    """
+    counts, stack, top, flags = _read_pool(ref_counts, free_stack, free_top, status)
+    blocks = []
+    for want in wanted.tolist():
+        if want and top > 0:
+            top -= 1
+            blocks.append(stack[top])
+            counts[stack[top]] = 1
+        else:
+            flags |= POOL_EXHAUSTED if want else 0
+            blocks.append(-1)
+    _write_pool(ref_counts, free_stack, free_top, status, counts, stack, top, flags)
+    return torch.tensor(blocks, dtype=torch.int32, device=wanted.device)
+
+
+def pool_release(ref_counts, free_stack, free_top, status, blocks):
+    """Each entry of ``blocks`` (any shape, -1 skipped) gives up one reference."""
+    counts, stack, top, flags = _read_pool(ref_counts, free_stack, free_top, status)
+    top = _release(counts, stack, top, [b for b in blocks.reshape(-1).tolist() if b >= 0])
+    _write_pool(ref_counts, free_stack, free_top, status, counts, stack, top, flags)
+
+
+def select_and_fork(
+    scores, group_offsets, keep, children, block_tables, lens, ref_counts, free_stack, free_top,
+    status, block_size, max_keep, num_slots, num_copies,
+):
+    """Keep the best candidates of each group, fork each kept one into children, free the rest.
+
+    See :func:`ttscale.ops.select_and_fork` for the arguments and results.
+    """
+    score, nan, offsets = scores.tolist(), torch.isnan(scores).tolist(), group_offsets.tolist()
+    keep, children = keep.tolist(), children.tolist()
+    tables, lens = block_tables.tolist(), lens.tolist()
+    counts, stack, top, flags = _read_pool(ref_counts, free_stack, free_top, status)
+
+    def rank(i):  # sorts best first: numbers before NaN, higher scores first, then lower index
+        return (nan[i], 0.0 if nan[i] else -score[i], i)
+
+    def used(i):
+        return tables[i][: -(-lens[i] // block_size)]
+
+    kept, num_kept = [], []
+    parents, child_numbers, child_offsets = [], [], [0]
+    for g in range(len(offsets) - 1):
+        best = sorted(range(offsets[g], offsets[g + 1]), key=rank)[: keep[g]]
+        kept.append(best + [-1] * (max_keep - len(best)))
+        num_kept.append(len(best))
+        for parent in best:
+            parents += [parent] * children[g]
+            child_numbers += list(range(children[g]))
+        child_offsets.append(len(parents))
+
+    # Children take their references first, then every candidate's table gives its own up, so
+    # a block survives exactly when some child holds it. The first child inherits its parent's
+    # partial last block; the others get a copy below.
+    child_tables = []
+    for parent, number in zip(parents, child_numbers, strict=True):
+        table = used(parent) if number == 0 else tables[parent][: lens[parent] // block_size]
+        for block in table:
+            counts[block] += 1
+        child_tables.append(table)
+    top = _release(counts, stack, top, [b for i in range(len(tables)) for b in used(i)])
+
+    child_lens, copies = [], []
+    for table, parent, number in zip(child_tables, parents, child_numbers, strict=True):
+        length = lens[parent]
+        if number > 0 and length % block_size:
+            if top == 0:  # no block for the copy: the child keeps its shared full blocks only
+                flags |= POOL_EXHAUSTED
+                length -= length % block_size
+            else:
+                top -= 1
+                counts[stack[top]] = 1
+                copies.append((tables[parent][length // block_size], stack[top]))
+                table.append(stack[top])
+        child_lens.append(length)
+    _write_pool(ref_counts, free_stack, free_top, status, counts, stack, top, flags)
+
+    width = block_tables.shape[1]
+    slots = len(parents)
+    int32 = dict(dtype=torch.int32, device=scores.device)
+    copies += [(-1, -1)] * (num_copies - len(copies))
+    return (
+        torch.tensor(kept, **int32).reshape(len(kept), max_keep),
+        torch.tensor(num_kept, **int32),
+        torch.tensor(parents + [-1] * (num_slots - slots), **int32),
+        torch.tensor(child_offsets, **int32),
+        torch.tensor([t + [-1] * (width - len(t)) for t in child_tables]
+                     + [[-1] * width] * (num_slots - slots), **int32).reshape(num_slots, width),
+        torch.tensor(child_lens + [0] * (num_slots - slots), **int32),
+        torch.tensor([src for src, _ in copies], **int32),
+        torch.tensor([dst for _, dst in copies], **int32),
+    )
+
+
+def copy_blocks(k_cache, v_cache, src, dst):
+    """Copy whole blocks ``src[i] -> dst[i]`` in every layer; a pair with a -1 is skipped.
+
+    Caches ``[num_blocks, ...]`` (one layer) or ``[L, num_blocks, ...]``; modified in place.
+    """
+    for cache in (k_cache, v_cache):
+        layers = cache if cache.dim() == 5 else cache.unsqueeze(0)
+        for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+            if s >= 0 and d >= 0:
+                layers[:, d] = layers[:, s]
+
+
+# ---------------------------------------------------------------------------------------------
 # sample
 #
 # Randomness is one counter-based generator that every backend implements bit for bit: token i

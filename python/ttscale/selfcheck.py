@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ttscale import backends, ops, reference
-from ttscale.testing import make_case
+from ttscale.testing import make_case, make_prm_case
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
@@ -73,6 +73,52 @@ CHECKS: dict[str, Callable[[str, str, torch.dtype, int], float]] = {
     "merge_attention_states": _check_merge,
     "write_kv": _check_write_kv,
 }
+
+
+def _check_prm(device, backend, dtype, seed):
+    worst = 0.0
+    heads = (("two_token", "last"), ("two_class", "min"), ("value", "mean"), ("two_token", "prod"))
+    for kind, agg in heads:
+        case = make_prm_case(37, 200, 5, kind=kind, dtype=dtype, device=device, seed=seed)
+        scores, state = ops.prm_step_scores(*case.args(), kind, agg, case.state, backend=backend)
+        ref_scores, ref_state = reference.prm_step_scores(*case.args(), kind, agg, case.state)
+        worst = max(worst, relative_error(scores, ref_scores), relative_error(state, ref_state))
+    return worst
+
+
+CHECKS["prm_step_scores"] = _check_prm
+
+
+def _check_select_and_fork(device, backend, dtype, seed):
+    """Exact: 0.0 when every output and the pool's state equal the reference's, else inf."""
+    from ttscale.testing import make_fork_case
+
+    case = make_fork_case([5, 0, 1, 7, 3], seed=seed, device=device)
+    scores = case.scores.to(dtype)
+    scores[::4] = float("nan")
+    args = (scores, case.group_offsets, 3, 2, case.block_tables, case.lens)
+    pool, ref_pool = case.pool.clone(), case.pool.clone()
+    got = ops.select_and_fork(*args, pool, backend=backend)
+    expected = ops.select_and_fork(*args, ref_pool, backend="torch")
+    pairs = [(getattr(got, f), getattr(expected, f)) for f in got.__dataclass_fields__]
+    pairs += list(zip(pool.tensors(), ref_pool.tensors(), strict=True))
+    same = all(torch.equal(a.cpu(), e.cpu()) for a, e in pairs)
+    return 0.0 if same else float("inf")
+
+
+def _check_copy_blocks(device, backend, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(2, 9, 16, 2, 64, generator=gen).to(device, dtype) for _ in range(2))
+    src = torch.tensor([0, 3, -1, 5], dtype=torch.int32, device=device)
+    dst = torch.tensor([7, 1, 2, -1], dtype=torch.int32, device=device)
+    got_k, got_v, ref_k, ref_v = k.clone(), v.clone(), k.clone(), v.clone()
+    ops.copy_blocks(got_k, got_v, src, dst, backend=backend)
+    reference.copy_blocks(ref_k, ref_v, src, dst)
+    return max(relative_error(got_k, ref_k), relative_error(got_v, ref_v))
+
+
+CHECKS["select_and_fork"] = _check_select_and_fork
+CHECKS["copy_blocks"] = _check_copy_blocks
 
 
 def _check_sample(device, backend, dtype, seed):

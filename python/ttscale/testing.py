@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ttscale.block_pool import BlockPool
+
 
 @dataclass
 class PagedCase:
@@ -83,6 +85,127 @@ def make_case(
         problem_ids=problem_ids.to(**i32),
         suffix_block_tables=sbt.to(device),
         suffix_lens=torch.tensor(suffix_lens, **i32),
+    )
+
+
+@dataclass
+class PRMCase:
+    hidden: torch.Tensor
+    seq_ids: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    state: torch.Tensor
+
+    def args(self):
+        return (self.hidden, self.seq_ids, self.weight, self.bias)
+
+
+def make_prm_case(
+    steps: int,
+    hidden_size: int,
+    num_seqs: int,
+    *,
+    kind: str = "two_token",
+    with_bias: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+) -> PRMCase:
+    """Step rows dealt to sequences in a random order, a head of ``kind``, and a prior state.
+
+    The head is scaled so that logits are of order 1 (scores spread over (0, 1)). The prior
+    state has counts 0 to 3 and random aggregates, also in the rows of count 0 (which the op must
+    treat as empty). ``with_bias`` defaults to a bias for the two_class and value heads.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = 1 if kind == "value" else 2
+    if with_bias is None:
+        with_bias = kind != "two_token"
+    hidden = torch.randn(steps, hidden_size, generator=gen)
+    weight = torch.randn(rows, hidden_size, generator=gen) * (2 / max(hidden_size, 1) ** 0.5)
+    bias = torch.randn(rows, generator=gen) if with_bias else None
+    seq_ids = torch.randint(0, max(num_seqs, 1), (steps,), generator=gen)
+    state = torch.stack([torch.rand(num_seqs, generator=gen),
+                         torch.randint(0, 4, (num_seqs,), generator=gen).float()], dim=1)
+    return PRMCase(
+        hidden=hidden.to(device=device, dtype=dtype),
+        seq_ids=seq_ids.to(device),
+        weight=weight.to(device=device, dtype=dtype),
+        bias=None if bias is None else bias.to(device=device, dtype=dtype),
+        state=state.to(device),
+    )
+
+
+@dataclass
+class ForkCase:
+    """Candidates of a search step in groups, with their block tables in a consistent pool."""
+
+    scores: torch.Tensor
+    group_offsets: torch.Tensor
+    block_tables: torch.Tensor
+    lens: torch.Tensor
+    pool: BlockPool
+
+
+def make_fork_case(
+    group_sizes: list[int],
+    *,
+    block_size: int = 8,
+    max_own_tokens: int = 40,
+    spare_blocks: int = 6,
+    seed: int = 0,
+    device: str = "cpu",
+    scores: list[float] | None = None,
+) -> ForkCase:
+    """Groups of candidates as a beam search leaves them.
+
+    A group's candidates share a few full blocks (their common past), then hold blocks of their
+    own, the last often partial. Reference counts are exact, block ids shuffled, the unused
+    table entries garbage (-7), and ``spare_blocks`` blocks free in a shuffled stack.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=gen))
+
+    shared = [draw(3) if size else 0 for size in group_sizes]
+    own = [draw(max_own_tokens + 1) for _ in range(sum(group_sizes))]
+    own_blocks = [-(-n // block_size) for n in own]
+    num_blocks = sum(shared) + sum(own_blocks) + spare_blocks
+    ids = torch.randperm(num_blocks, generator=gen).tolist()
+    row_shared = [p for p, size in zip(shared, group_sizes, strict=True) for _ in range(size)]
+    row_blocks = [s + o for s, o in zip(row_shared, own_blocks, strict=True)]
+    width = max(row_blocks, default=0) + 1  # a spare column
+    tables = torch.full((len(own), width), -7, dtype=torch.int32)
+    counts = [0] * num_blocks
+    lens, row = [], 0
+    for size, prefix in zip(group_sizes, shared, strict=True):
+        common = [ids.pop() for _ in range(prefix)]
+        for _ in range(size):
+            blocks = common + [ids.pop() for _ in range(own_blocks[row])]
+            for block in blocks:
+                counts[block] += 1
+            tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            lens.append(prefix * block_size + own[row])
+            row += 1
+    stack = ids + [0] * (num_blocks - len(ids))
+    int32 = dict(dtype=torch.int32, device=device)
+    pool = BlockPool(
+        ref_counts=torch.tensor(counts, **int32),
+        free_stack=torch.tensor(stack, **int32),
+        free_top=torch.tensor([len(ids)], **int32),
+        status=torch.zeros(1, **int32),
+        block_size=block_size,
+    )
+    values = torch.randn(len(own), generator=gen) if scores is None else torch.tensor(scores)
+    offsets = torch.zeros(len(group_sizes) + 1, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(torch.tensor(group_sizes, dtype=torch.int32), 0)
+    return ForkCase(
+        scores=values.to(device=device, dtype=torch.float32),
+        group_offsets=offsets.to(device),
+        block_tables=tables.to(device),
+        lens=torch.tensor(lens, **int32),
+        pool=pool,
     )
 
 

@@ -46,6 +46,23 @@ MODULES: dict[str, dict[str, str]] = {
         "cpu": "ttscale.backends.cpu_attention",
         "triton": "ttscale.kernels.attention",
     },
+    # No CUDA kernels for these two: see kernels/select.py for why Triton serves the GPU.
+    "select_and_fork": {
+        "torch": "ttscale.backends.torch_ref",
+        "cpu": "ttscale.backends.cpu_select",
+        "triton": "ttscale.kernels.select",
+    },
+    "copy_blocks": {
+        "torch": "ttscale.backends.torch_ref",
+        "cpu": "ttscale.backends.cpu_select",
+        "triton": "ttscale.kernels.select",
+    },
+}
+
+MODULES["prm_step_scores"] = {
+    "torch": "ttscale.backends.torch_ref",
+    "cpu": "ttscale.backends.cpu_prm",
+    "triton": "ttscale.kernels.prm",
 }
 
 MODULES["sample"] = {

@@ -21,6 +21,14 @@ merge_attention_states = reference.merge_attention_states
 write_kv = reference.write_kv
 
 
+def prm_step_scores(hidden, seq_ids, weight, bias, kind, agg, state):
+    return reference.prm_step_scores(hidden, seq_ids, weight, bias, kind, agg, state)
+
+
+select_and_fork = reference.select_and_fork
+copy_blocks = reference.copy_blocks
+
+
 def sample(logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs):
     tokens, logprobs, top = reference.sample(
         logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs)

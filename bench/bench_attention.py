@@ -1,0 +1,352 @@
+"""cascade_decode_attention against its peers, one layer, with the floor of every row.
+
+Workload: N samples of one problem decode one token each; every sample has read the problem's
+prompt (level 0) and has its own suffix (level 1). Peers:
+
+- ``sdpa_replicated``: what an engine without prefix sharing does. Each sequence owns a
+  contiguous copy of its whole KV, ``[N, Hkv, prompt + suffix, D]`` (built outside the timing),
+  and torch's ``scaled_dot_product_attention`` reads it with ``enable_gqa``.
+- ``torch_two_level``: the same two-level split as ours in plain torch: the prompt gathered once
+  from the paged pool and attended by all N queries as one matrix per KV head, the suffixes
+  gathered and attended per sequence, the two merged by log-sum-exp (the reference's pieces).
+
+Floor: bytes that must move (the prompt's KV once, each sequence's suffix KV, q, out and lse)
+over the memory bandwidth, or FLOPs over the peak rate where that is larger (see conftest.py for
+where each rate comes from). The plan (sequences grouped by problem) is computed once per decode
+step and reused by every layer, so it is built outside the timing.
+
+Run: ``pytest bench/bench_attention.py --benchmark-enable -s``. GPU rows are bf16 with the L2
+flushed before every call; CPU rows are fp32 and only the shapes that take seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ttscale import backends, ops, reference
+
+OP = "cascade_decode_attention"
+TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
+DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
+    "cpu,cuda" if torch.cuda.is_available() else "cpu"
+)
+
+# (query heads, KV heads, head dim) of one attention layer.
+HEADS = {"Llama-3.2-1B": (32, 8, 64), "Llama-3.1-8B": (32, 8, 128)}
+SAMPLES = [4] if TINY else [16, 64, 256, 1024]
+PROMPT_LENS = [40] if TINY else [512, 2048, 8192]
+SUFFIX_LENS = [16] if TINY else [64, 512]
+BLOCK_SIZE = 16
+DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
+OURS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}  # never the Triton interpreter: not a speed
+PEERS = ("sdpa_replicated", "torch_two_level")
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+# Larger CPU rows take minutes each on 2 cores.
+CPU_MAX_SAMPLES, CPU_MAX_PROMPT = 64, 2048
+CPU_SKIP_REASON = (
+    f"cpu rows limited to N <= {CPU_MAX_SAMPLES} and prompt <= {CPU_MAX_PROMPT} "
+    "(minutes each on 2 cores)"
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str
+    samples: int
+    prompt_len: int
+    suffix_len: int
+
+    @property
+    def label(self) -> str:
+        size = self.model.split("-")[-1]
+        return f"{size} N={self.samples} P={self.prompt_len} S={self.suffix_len}"
+
+    def bytes_floor(self, dtype: torch.dtype) -> int:
+        q_heads, kv_heads, head_dim = HEADS[self.model]
+        item = dtype.itemsize
+        prompt_kv = 2 * self.prompt_len * kv_heads * head_dim * item
+        suffix_kv = 2 * self.samples * self.suffix_len * kv_heads * head_dim * item
+        q_and_out = 2 * self.samples * q_heads * head_dim * item
+        lse = self.samples * q_heads * 4
+        return prompt_kv + suffix_kv + q_and_out + lse
+
+    def flops(self) -> int:
+        q_heads, _, head_dim = HEADS[self.model]
+        return 4 * self.samples * q_heads * (self.prompt_len + self.suffix_len) * head_dim
+
+    def fits_cpu(self) -> bool:
+        return self.samples <= CPU_MAX_SAMPLES and self.prompt_len <= CPU_MAX_PROMPT
+
+
+WORKLOADS = [
+    Workload(m, n, p, s) for m in HEADS for n in SAMPLES for p in PROMPT_LENS for s in SUFFIX_LENS
+]
+PARAMS = [
+    pytest.param(device, w, impl, id=f"{device}-{w.label.replace(' ', '-')}-{impl}")
+    for device in DEVICES.split(",")
+    for w in WORKLOADS
+    for impl in OURS[device] + PEERS
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: one problem's prompt and N suffixes in a paged pool with shuffled blocks.
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor  # [N, Hq, D]
+    k_cache: torch.Tensor  # [num_blocks, BLOCK_SIZE, Hkv, D]
+    v_cache: torch.Tensor
+    prompt_block_tables: torch.Tensor  # [1, prompt blocks]
+    prompt_lens: torch.Tensor  # [1]
+    problem_ids: torch.Tensor  # [N], all 0
+    suffix_block_tables: torch.Tensor  # [N, suffix blocks]
+    suffix_lens: torch.Tensor  # [N]
+    scale: float
+    prompt_len: int  # the lengths on the host too: the peers must not read them from the device
+    suffix_len: int
+    expected: torch.Tensor | None = None  # out of the torch two-level version, for the check
+
+    def args(self):
+        return (
+            self.q,
+            self.k_cache,
+            self.v_cache,
+            self.prompt_block_tables,
+            self.prompt_lens,
+            self.problem_ids,
+            self.suffix_block_tables,
+            self.suffix_lens,
+            self.scale,
+        )
+
+
+_current: dict[tuple, Inputs] = {}  # one workload at a time: the largest pools take GBs
+
+
+def inputs_for(w: Workload, device: str) -> Inputs:
+    key = (w, device)
+    if key not in _current:
+        _current.clear()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        _current[key] = _build(w, torch.device(device), DTYPES[device])
+    return _current[key]
+
+
+def _build(w: Workload, device: torch.device, dtype: torch.dtype) -> Inputs:
+    q_heads, kv_heads, head_dim = HEADS[w.model]
+    gen = torch.Generator(device=device).manual_seed(0)
+    prompt_blocks = -(-w.prompt_len // BLOCK_SIZE)
+    suffix_blocks = -(-w.suffix_len // BLOCK_SIZE)
+    num_blocks = prompt_blocks + w.samples * suffix_blocks
+    order = torch.randperm(num_blocks, generator=gen, device=device).to(torch.int32)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
+    i32 = dict(dtype=torch.int32, device=device)
+    return Inputs(
+        q=randn(w.samples, q_heads, head_dim),
+        k_cache=randn(num_blocks, BLOCK_SIZE, kv_heads, head_dim),
+        v_cache=randn(num_blocks, BLOCK_SIZE, kv_heads, head_dim),
+        prompt_block_tables=order[:prompt_blocks].view(1, prompt_blocks),
+        prompt_lens=torch.tensor([w.prompt_len], **i32),
+        problem_ids=torch.zeros(w.samples, **i32),
+        suffix_block_tables=order[prompt_blocks:].view(w.samples, suffix_blocks),
+        suffix_lens=torch.full((w.samples,), w.suffix_len, **i32),
+        scale=head_dim**-0.5,
+        prompt_len=w.prompt_len,
+        suffix_len=w.suffix_len,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The peers.
+
+
+def _suffix_kv(cache: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+    """Each sequence's suffix rows from the pool: ``[N, suffix_len, Hkv, D]`` (equal lengths)."""
+    return cache[inputs.suffix_block_tables.long()].flatten(1, 2)[:, : inputs.suffix_len]
+
+
+def replicate_kv(cache: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+    """Each sequence's context as its own contiguous copy: ``[N, Hkv, prompt + suffix, D]``."""
+    prompt = reference.gather_blocks(cache, inputs.prompt_block_tables[0], inputs.prompt_len)
+    suffix = _suffix_kv(cache, inputs)
+    n, kv_heads = suffix.shape[0], cache.shape[2]
+    out = cache.new_empty(n, kv_heads, prompt.shape[0] + suffix.shape[1], cache.shape[3])
+    out[:, :, : prompt.shape[0]] = prompt.transpose(0, 1)
+    out[:, :, prompt.shape[0] :] = suffix.transpose(1, 2)
+    return out
+
+
+def sdpa_replicated(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def _attend(q, k, v, scale):
+    """Batched softmax attention and its log-sum-exp: q ``[..., T, D]``, k/v ``[..., L, D]``."""
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype) @ v, lse
+
+
+def torch_two_level(inputs: Inputs) -> torch.Tensor:
+    """Plain-torch cascade for one problem: prompt once for all queries, suffixes per sequence."""
+    q, k_cache, v_cache = inputs.q, inputs.k_cache, inputs.v_cache
+    n, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = q_heads // kv_heads
+    table, prompt_len = inputs.prompt_block_tables[0], inputs.prompt_len
+    k0 = reference.gather_blocks(k_cache, table, prompt_len).transpose(0, 1)  # [Hkv, P, D]
+    v0 = reference.gather_blocks(v_cache, table, prompt_len).transpose(0, 1)
+    # Level 0: all N queries of the problem as one [N * group, D] matrix per KV head.
+    q0 = q.view(n, kv_heads, group, head_dim).transpose(0, 1).reshape(kv_heads, n * group, head_dim)
+    o0, lse0 = _attend(q0, k0, v0, inputs.scale)  # [Hkv, N * group, D], [Hkv, N * group]
+    o0 = o0.view(kv_heads, n, group, head_dim).transpose(0, 1).reshape(n, q_heads, head_dim)
+    lse0 = lse0.view(kv_heads, n, group).transpose(0, 1).reshape(n, q_heads)
+    # Level 1: each sequence's own suffix.
+    k1 = _suffix_kv(k_cache, inputs).permute(0, 2, 1, 3)  # [N, Hkv, S, D]
+    v1 = _suffix_kv(v_cache, inputs).permute(0, 2, 1, 3)
+    o1, lse1 = _attend(q.view(n, kv_heads, group, head_dim), k1, v1, inputs.scale)
+    out, _ = reference.merge_attention_states(
+        o0, lse0, o1.reshape(n, q_heads, head_dim), lse1.reshape(n, q_heads)
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark.
+
+
+def _table(device: str) -> str:
+    return f"{OP}, one layer ({device}, {str(DTYPES[device]).removeprefix('torch.')})"
+
+
+def _unit(device: str) -> tuple[str, float]:
+    return ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
+
+
+def _row_cells(w: Workload, device: str, machine) -> tuple[dict, dict]:
+    dtype = DTYPES[device]
+    unit, per_s = _unit(device)
+    nbytes, flops = w.bytes_floor(dtype), w.flops()
+    floor = machine.floor_seconds(nbytes, flops)
+    cells = {
+        "workload": w.label,
+        "MB": nbytes / 1e6,
+        "GFLOP": flops / 1e9,
+        f"floor {unit}": floor * per_s,
+    }
+    data = {
+        "model": w.model,
+        "samples": w.samples,
+        "prompt_len": w.prompt_len,
+        "suffix_len": w.suffix_len,
+        "dtype": str(dtype),
+        "bytes": nbytes,
+        "flops": flops,
+        "floor_s": floor,
+        "bandwidth": machine.bandwidth,
+        "peak_flops": machine.peak_flops,
+    }
+    return cells, data
+
+
+def _update_ratios(data: dict, device: str) -> dict:
+    """Derived cells from the times recorded so far: best of ours over the floor and vs SDPA."""
+    ours = {b: data[f"{b}_s"] for b in OURS[device] if f"{b}_s" in data}
+    if not ours:
+        return {}
+    best = min(ours, key=ours.get)
+    cells = {"ours ÷ floor": f"{ours[best] / data['floor_s']:.3g}x ({best})"}
+    if "sdpa_replicated_s" in data:
+        cells["SDPA ÷ ours"] = f"{data['sdpa_replicated_s'] / ours[best]:.1f}x"
+    return cells
+
+
+def _agrees(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    tol = TOLERANCE[expected.dtype]
+    a, e = actual.float(), expected.float()
+    return bool(((a - e).abs() <= tol * (1 + e.abs())).all())
+
+
+def _runner(impl: str, inputs: Inputs):
+    """A callable running ``impl`` on ``inputs`` and returning its output ``[N, Hq, D]``."""
+    if impl == "torch_two_level":
+        return lambda: torch_two_level(inputs)
+    if impl == "sdpa_replicated":
+        k, v = replicate_kv(inputs.k_cache, inputs), replicate_kv(inputs.v_cache, inputs)
+        return lambda: sdpa_replicated(inputs.q, k, v, inputs.scale)
+    plan = ops.plan_cascade_decode(inputs.problem_ids, 1)  # once per step, outside the timing
+    return lambda: ops.cascade_decode_attention(*inputs.args(), plan=plan, backend=impl)[0]
+
+
+def _notes(tables, table: str, device: str, rates) -> None:
+    timer = "CUDA-event device time" if device == "cuda" else "host time"
+    tables.note(
+        table,
+        f"floor = max(bytes / {rates.bandwidth / 1e9:.0f} GB/s, FLOPs / peak); "
+        f"bandwidth: {rates.bandwidth_note}; peak: {rates.peak_note}",
+    )
+    tables.note(
+        table,
+        f"bytes = prompt KV once + every suffix KV + q + out + lse; times: median {timer}, "
+        "caches flushed before every call",
+    )
+
+
+@pytest.mark.parametrize("device,workload,impl", PARAMS)
+def test_cascade_decode_attention(device, workload, impl, measure, machine, tables):
+    table, (unit, per_s), rates = _table(device), _unit(device), machine(device)
+    _notes(tables, table, device, rates)
+    cells, data = _row_cells(workload, device, rates)
+    column = f"{impl} {unit}"
+    ratios = ["ours ÷ floor", "SDPA ÷ ours"]
+    tables.declare(table, [*cells, *(f"{b} {unit}" for b in OURS[device] + PEERS), *ratios])
+    if device == "cpu" and not workload.fits_cpu():
+        tables.add(table, workload.label, {**cells, "note": "skipped: " + CPU_SKIP_REASON}, data)
+        pytest.skip(CPU_SKIP_REASON)
+    if impl in OURS[device] and impl not in backends.available(OP, device):
+        tables.add(table, workload.label, {**cells, column: "n/a"}, data)
+        pytest.skip(f"backend {impl} has no {OP} kernel on {device} in this build")
+
+    inputs = inputs_for(workload, device)
+    try:
+        if inputs.expected is None:
+            inputs.expected = torch_two_level(inputs)
+        run = _runner(impl, inputs)
+        agrees = _agrees(run(), inputs.expected)
+    except torch.cuda.OutOfMemoryError:
+        tables.add(table, workload.label, {**cells, column: "OOM"}, data)
+        pytest.skip(f"{impl}: out of memory")
+    if not agrees:
+        tables.add(table, workload.label, {**cells, column: "WRONG"}, data)
+        pytest.fail(f"{impl}: output differs from the torch two-level version")
+
+    timing = measure(run, device)
+    times = {f"{impl}_s": timing.seconds, f"{impl}_rounds": timing.rounds}
+    data = tables.add(
+        table,
+        workload.label,
+        {**cells, column: timing.seconds * per_s},
+        {**data, **times, "measured": timing.measured},
+    )
+    tables.add(table, workload.label, _update_ratios(data, device))
+    print(
+        f"\n{table} | {workload.label} | {impl}: {timing.seconds * per_s:.3g} {unit} "
+        f"({timing.rounds} rounds{'' if timing.measured else ', unmeasured'}) | "
+        f"floor {data['floor_s'] * per_s:.3g} {unit} "
+        f"({data['bytes'] / 1e6:.1f} MB, {data['flops'] / 1e9:.2f} GFLOP) | "
+        f"{data['floor_s'] / timing.seconds:.0%} of floor"
+    )

@@ -1,0 +1,235 @@
+"""Triton cascade decode attention: one query token per sequence over a shared prompt and a suffix.
+
+Two kernels per call:
+
+1. ``prompt_kernel`` (level 0). The query rows of all sequences, taken in the plan's
+   ``seq_order`` (grouped by problem) and times the ``G`` query heads that share a kv head, form
+   one row space ``[B * G]`` per kv head, cut into tiles of ``BLOCK_M`` rows. A tile loads its
+   rows once and, for each problem its rows belong to (usually one), streams that problem's
+   prompt keys through ``tl.dot``: every prompt block is read once per tile for up to
+   ``BLOCK_M`` rows, not once per sequence (Hydragen; FlashInfer's cascade). A third grid axis
+   splits each prompt into ``NUM_SPLITS`` equal key ranges, so that few problems with long
+   prompts still fill the GPU; each split writes a partial output and lse per row.
+2. ``suffix_merge_kernel`` (level 1). One program per (sequence, kv head), the ``G`` query
+   heads as the rows of the dot, streams the sequence's own paged suffix, then folds in the
+   prompt splits' partial states by their log-sum-exps and writes the final out and lse.
+
+The grid depends only on shapes known on the host (``B``, heads, table widths), never on values
+in device memory, so the op can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+from ttscale.backends import new_output
+from ttscale.kernels.paged import (
+    LOG2E,
+    block_d,
+    dot_precision,
+    finish,
+    kv_rows,
+    load_kv,
+    softmax_step,
+)
+
+
+@triton.jit
+def split_range(length, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``[start, end)`` of one split of a prompt: equal ranges, rounded up to whole blocks."""
+    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    return start, tl.minimum(start + chunk, length)
+
+
+@triton.jit
+def prompt_kernel(
+    q_ptr, k_ptr, v_ptr, prompt_tables_ptr, prompt_lens_ptr, problem_ids_ptr, seq_order_ptr,
+    part_out_ptr, part_lse_ptr,
+    num_rows, qk_scale,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_table,
+    stride_part_split, stride_part_seq,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of the problem-sorted space [B * G]
+    row_ok = rows < num_rows
+    seq = tl.load(seq_order_ptr + rows // GROUP, mask=row_ok, other=0).to(tl.int64)
+    head = kv_head * GROUP + rows % GROUP
+    row_problem = tl.load(problem_ids_ptr + seq, mask=row_ok, other=-1)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + seq[:, None] * stride_qb + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Rows are sorted by problem, so the tile's problems are the range between its first and
+    # last row's; a tile straddles a boundary only where a problem's rows end mid-tile.
+    last_row = tl.minimum(tile * BLOCK_M + BLOCK_M, num_rows) - 1
+    first_problem = tl.load(problem_ids_ptr + tl.load(seq_order_ptr + tile * BLOCK_M // GROUP))
+    last_problem = tl.load(problem_ids_ptr + tl.load(seq_order_ptr + last_row // GROUP))
+    for problem in range(first_problem, last_problem + 1):
+        mine = row_ok & (row_problem == problem)
+        prompt_len = tl.load(prompt_lens_ptr + problem)
+        start, end = split_range(prompt_len, split, NUM_SPLITS, BLOCK_N)
+        if (start < end) & (tl.sum(mine.to(tl.int32), 0) > 0):
+            table = prompt_tables_ptr + problem * stride_table
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for key in range(start, end, BLOCK_N):
+                n = key + tl.arange(0, BLOCK_N)
+                n_ok = n < end
+                k, v = load_kv(k_ptr, v_ptr, kv_rows(table, n, n_ok, BLOCK_SIZE), kv_head, n_ok,
+                               stride_kt, stride_kh, HEAD_DIM, BLOCK_D)
+                m_i, l_i, acc = softmax_step(q, k, v, n_ok[None, :], m_i, l_i, acc, qk_scale,
+                                             DOT_PRECISION)
+            # Every split that runs has at least one key, so l_i > 0. Partial lse in base 2.
+            part = split * stride_part_split + seq * stride_part_seq + head
+            tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=mine)
+            tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None],
+                     mask=mine[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def suffix_merge_kernel(
+    q_ptr, k_ptr, v_ptr, suffix_tables_ptr, suffix_lens_ptr, prompt_lens_ptr, problem_ids_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
+    qk_scale,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_table,
+    stride_part_split, stride_part_seq,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PROMPT_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq, kv_head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < GROUP
+    head = kv_head * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    row = seq * stride_qb + head * stride_qh  # q and out share the layout [B, Hq, D]
+    q = tl.load(q_ptr + row[:, None] + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    suffix_len = tl.load(suffix_lens_ptr + seq)
+    table = suffix_tables_ptr + seq * stride_table
+    for key in range(0, suffix_len, BLOCK_N):
+        n = key + tl.arange(0, BLOCK_N)
+        n_ok = n < suffix_len
+        k, v = load_kv(k_ptr, v_ptr, kv_rows(table, n, n_ok, BLOCK_SIZE), kv_head, n_ok,
+                       stride_kt, stride_kh, HEAD_DIM, BLOCK_D)
+        m_i, l_i, acc = softmax_step(q, k, v, n_ok[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+
+    # Fold in the prompt's splits; a split that covered no keys wrote nothing and is skipped.
+    prompt_len = tl.load(prompt_lens_ptr + tl.load(problem_ids_ptr + seq))
+    for split in tl.static_range(NUM_SPLITS):
+        start, end = split_range(prompt_len, split, NUM_SPLITS, PROMPT_BLOCK_N)
+        ok = g_ok & (start < end)
+        part = split * stride_part_split + seq * stride_part_seq + head
+        part_lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"))
+        part_out = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
+                           mask=ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_i, part_lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        beta = tl.exp2(part_lse - m_safe)  # the partial output is normalised: its sum is 1
+        acc = acc * alpha[:, None] + part_out * beta[:, None]
+        l_i = l_i * alpha + beta
+        m_i = m_new
+
+    out, lse = finish(m_i, l_i, acc)
+    tl.store(out_ptr + row[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + seq * (GROUP * tl.num_programs(1)) + head, lse, mask=g_ok)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape of the decode kernels (tests force small ones to cross tile/split edges)."""
+
+    block_m: int  # level-0 query rows (sequence x group head) per tile
+    block_n: int  # level-0 keys per step
+    num_splits: int  # level-0 key ranges per prompt
+    suffix_block_n: int  # level-1 keys per step
+    num_warps: int = 4  # of the level-0 kernel; level 1 is a small memory-bound tile
+    num_stages: int = 2
+
+
+@cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: no parallel hardware to fill
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_config(batch: int, q_heads: int, kv_heads: int, num_problems: int, max_prompt_len: int,
+                  max_suffix_len: int, device: torch.device) -> DecodeConfig:
+    """A launch shape from host-known sizes only (no device read: CUDA-graph safe)."""
+    rows = batch * (q_heads // kv_heads)
+    # Tiles as tall as the rows one problem has, up to 128: taller tiles read each prompt block
+    # for more rows, but rows of other problems in a tile only cost extra passes.
+    rows_per_problem = triton.cdiv(rows, max(num_problems, 1))
+    block_m = min(128, max(16, triton.next_power_of_2(rows_per_problem)))
+    programs = triton.cdiv(rows, block_m) * kv_heads
+    # Split the prompt until about two programs per multiprocessor run, keeping >= 256 keys a split.
+    want = triton.cdiv(2 * _multiprocessors(device), programs)
+    most = max(1, min(16, max_prompt_len // 256))
+    num_splits = 1
+    while num_splits * 2 <= min(want, most):
+        num_splits *= 2
+    suffix_block_n = min(64, max(16, triton.next_power_of_2(max_suffix_len)))
+    return DecodeConfig(block_m=block_m, block_n=64, num_splits=num_splits,
+                        suffix_block_n=suffix_block_n, num_warps=8 if block_m >= 128 else 4)
+
+
+def cascade_decode_attention(q, k_cache, v_cache, prompt_block_tables, prompt_lens, problem_ids,
+                             suffix_block_tables, suffix_lens, scale, plan,
+                             config: DecodeConfig | None = None):
+    """See :func:`ttscale.ops.cascade_decode_attention`; ``plan[0]`` is ``seq_order``."""
+    batch, q_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = q_heads // kv_heads
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((batch, q_heads), torch.float32, q.device)
+    if batch == 0:
+        return out, lse
+    if config is None:
+        config = decode_config(batch, q_heads, kv_heads, prompt_lens.shape[0],
+                               prompt_block_tables.shape[1] * block_size,
+                               suffix_block_tables.shape[1] * block_size, q.device)
+    seq_order = plan[0]
+    # Partial states of the prompt splits: written by level 0 wherever a split has keys, read
+    # by level 1 only there, so plain uninitialised memory.
+    part_out = torch.empty((config.num_splits, batch, q_heads, head_dim), dtype=torch.float32,
+                           device=q.device)
+    part_lse = torch.empty((config.num_splits, batch, q_heads), dtype=torch.float32,
+                           device=q.device)
+    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_SIZE=block_size,
+                  NUM_SPLITS=config.num_splits, DOT_PRECISION=dot_precision(q.dtype),
+                  num_stages=config.num_stages)
+    strides = (q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2))
+    part_strides = (part_lse.stride(0), part_lse.stride(1))
+    qk_scale = scale * LOG2E
+    rows = batch * group
+    grid = (triton.cdiv(rows, config.block_m), kv_heads, config.num_splits)
+    prompt_kernel[grid](
+        q, k_cache, v_cache, prompt_block_tables, prompt_lens, problem_ids, seq_order,
+        part_out, part_lse, rows, qk_scale, *strides, prompt_block_tables.stride(0), *part_strides,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, **common,
+    )
+    suffix_merge_kernel[(batch, kv_heads)](
+        q, k_cache, v_cache, suffix_block_tables, suffix_lens, prompt_lens, problem_ids,
+        part_out, part_lse, out, lse, qk_scale, *strides, suffix_block_tables.stride(0),
+        *part_strides, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=config.suffix_block_n, PROMPT_BLOCK_N=config.block_n, num_warps=4, **common,
+    )
+    return out, lse

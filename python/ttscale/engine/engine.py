@@ -1,0 +1,378 @@
+"""The engine: prefill each prompt once, fork sequences that share it, decode them together.
+
+What strategies use::
+
+    problem = engine.add(prompt_ids)             # prefilled once, into its own blocks
+    seqs = engine.fork(problem, 16)              # 16 sequences sharing the prompt's KV
+    engine.decode(seqs, sampling, stop=["\\n\\n"]) # each runs to a step delimiter, EOS or budget
+    kids = engine.fork(seqs[3], 4)               # beams: copy a block table, not a cache
+    engine.free(seqs)
+
+Decoding runs in windows of ``window`` steps: the sampled token of one step feeds the next on
+the device, stops are detected on the device from a per-token table, and the host reads the
+window's tokens once at its end (one synchronisation per window, not per token). Sequences past
+their stop inside a window keep computing until it ends; their extra tokens are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from ttscale import ops
+from ttscale.engine.block_manager import BlockManager, PoolExhausted
+from ttscale.engine.runner import ModelRunner
+from ttscale.engine.sequence import Problem, Sequence
+from ttscale.engine.stops import TokenTexts, find_stop
+from ttscale.sampling_params import SamplingParams
+
+# A draw's RNG offset is seq_id * DRAWS_PER_SEQUENCE + its index in the sequence, so a sequence's
+# draws depend neither on its batch nor on other sequences.
+DRAWS_PER_SEQUENCE = 1 << 24
+
+
+class Engine:
+    """Paged shared-prefix generation over one model and one KV pool.
+
+    Parameters
+    ----------
+    model : Transformer
+        From :func:`ttscale.model.load_model`.
+    tokenizer : Tokenizer, optional
+        Needed for stop strings and text; not for token ids alone.
+    kv_budget_bytes : int, optional
+        Bytes for the KV pool. Default: 0.9 of free GPU memory on a GPU, 2 GiB on the CPU.
+    block_size : int
+        Tokens per KV block.
+    seed : int
+        Default sampling seed.
+    window : int, optional
+        Decode steps per host synchronisation (default 1 on the CPU, 8 on a GPU).
+    max_batch_tokens : int
+        Most tokens in one prefill forward pass (longer work is chunked).
+    """
+
+    def __init__(self, model, tokenizer=None, *, kv_budget_bytes: int | None = None,
+                 block_size: int = 16, seed: int = 0, window: int | None = None,
+                 max_batch_tokens: int = 4096, backend: str | None = None):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens: expected >= 1, got {max_batch_tokens}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.seed = seed
+        device = model.device
+        self.window = window if window is not None else (1 if device.type == "cpu" else 8)
+        if self.window < 1:
+            raise ValueError(f"window: expected >= 1, got {self.window}")
+        if kv_budget_bytes is None:
+            kv_budget_bytes = default_kv_budget(device)
+        self.kv_cache = model.allocate_kv_cache(kv_budget_bytes, block_size=block_size)
+        self.blocks = BlockManager(self.kv_cache.num_blocks, block_size)
+        self.runner = ModelRunner(model, self.kv_cache, backend=backend, max_batch_tokens=max_batch_tokens)
+        self.eos_token_ids = frozenset(model.config.eos_token_ids)
+        self._texts = TokenTexts(lambda i: tokenizer.decode([i], skip_special_tokens=False),
+                                 model.config.vocab_size) if tokenizer is not None else None
+        self._next_problem_id = 0
+        self._next_seq_id = 0
+        # Counters, for cost accounting and benchmarks.
+        self.prefilled_tokens = 0
+        self.generated_tokens = 0
+        self.peak_sequences = 0
+
+    # ------------------------------------------------------------------------------------------
+    # Problems and sequences
+
+    def add(self, prompt_ids: Seq[int]) -> Problem:
+        """Prefill one prompt (all but its last token, which each sequence feeds itself)."""
+        return self.add_many([prompt_ids])[0]
+
+    def add_many(self, prompts: Seq[Seq[int]]) -> list[Problem]:
+        """Prefill several prompts together; each is stored once."""
+        problems = []
+        for i, prompt in enumerate(prompts):
+            ids = self._check_ids(f"prompts[{i}]", prompt)
+            if not ids:
+                raise ValueError(f"prompts[{i}]: empty prompt")
+            if len(ids) > self.model.max_positions:
+                raise ValueError(f"prompts[{i}]: {len(ids)} tokens, the model serves {self.model.max_positions}")
+            need = self.blocks.blocks_for(len(ids) - 1)
+            if need > self.blocks.num_blocks:
+                raise PoolExhausted(f"prompts[{i}]: needs {need} KV blocks, the pool has {self.blocks.num_blocks}")
+            problems.append(Problem(self._next_problem_id, ids))
+            self._next_problem_id += 1
+        for problem in problems:
+            problem.block_table = self.blocks.allocate(self.blocks.blocks_for(len(problem.prompt_ids) - 1))
+        self.runner.prefill_prompts(problems)
+        for problem in problems:
+            problem.kv_len = len(problem.prompt_ids) - 1
+            self.prefilled_tokens += problem.kv_len
+        return problems
+
+    def fork(self, parent: Problem | Sequence, k: int) -> list[Sequence]:
+        """``k`` new sequences sharing ``parent``'s KV (a problem's prompt, or a sequence's path)."""
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"k: expected an integer >= 0, got {k!r}")
+        if parent.freed:
+            raise ValueError("parent: already freed")
+        children = []
+        for _ in range(k):
+            if isinstance(parent, Problem):
+                child = Sequence(self._next_seq_id, parent, [parent.prompt_ids[-1]])
+            else:
+                child = Sequence(self._next_seq_id, parent.problem, list(parent.tokens),
+                                 self.blocks.fork(parent.block_table), parent.kv_len,
+                                 list(parent.logprobs), list(parent.top_logprobs),
+                                 list(parent.sampled_at), parent.finish_reason)
+            self._next_seq_id += 1
+            children.append(child)
+        problem = parent if isinstance(parent, Problem) else parent.problem
+        problem.num_sequences += k
+        return children
+
+    def select_and_fork(self, candidates: Seq[Sequence], scores: Seq[float], group_sizes: Seq[int],
+                        keep: int, children: int) -> tuple[list[Sequence], list[int], list[int]]:
+        """One search step's selection through the on-device ``ops.select_and_fork``.
+
+        Candidates come in consecutive groups (``group_sizes``, e.g. one per problem); each
+        group keeps its ``keep`` best by score (ties to the earlier candidate, NaN last) and
+        forks each kept one into ``children`` sequences. Every candidate is consumed: kept
+        candidates' blocks pass to their children, the others' are freed.
+
+        Returns the children, each child's parent (an index into ``candidates``), and the
+        children's group offsets (``[G + 1]``).
+        """
+        from ttscale.block_pool import BlockPool
+        from ttscale.engine.block_manager import CopyOnWrite
+
+        self._check_live(candidates)
+        if len(scores) != len(candidates) or sum(group_sizes) != len(candidates):
+            raise ValueError(
+                f"scores/group_sizes: expected {len(candidates)} scores and group sizes summing to it, "
+                f"got {len(scores)} scores and sizes summing to {sum(group_sizes)}"
+            )
+        device = self.model.device
+        int32 = dict(dtype=torch.int32, device=device)
+        bm = self.blocks
+        for seq in candidates:
+            bm.trim(seq.block_table, seq.kv_len)
+        width = max([len(s.block_table) for s in candidates] + [1])
+        tables = torch.full((len(candidates), width), -1, dtype=torch.int32)
+        for row, seq in enumerate(candidates):
+            tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        free = torch.zeros(bm.num_blocks, dtype=torch.int32)
+        free[: bm.num_free] = torch.tensor(bm.free_stack, dtype=torch.int32)
+        pool = BlockPool(torch.tensor(bm.ref_counts, **int32), free.to(device),
+                         torch.tensor([bm.num_free], **int32), torch.zeros(1, **int32), bm.block_size)
+        offsets = [0]
+        for size in group_sizes:
+            offsets.append(offsets[-1] + size)
+        result = ops.select_and_fork(
+            torch.tensor(list(scores), dtype=torch.float32, device=device), torch.tensor(offsets, **int32),
+            keep, children, tables.to(device), torch.tensor([s.kv_len for s in candidates], **int32), pool,
+        )
+        # The pool's new state becomes the host's (one read-back per search step).
+        top = int(pool.free_top)
+        bm.ref_counts = pool.ref_counts.tolist()
+        bm.free_stack = pool.free_stack[:top].tolist()
+        child_offsets = result.child_offsets.tolist()
+        num_children = child_offsets[-1]
+        parents = result.parents[:num_children].tolist()
+        lens = result.lens[:num_children].tolist()
+        child_tables = result.block_tables[:num_children].tolist()
+        pairs = [CopyOnWrite(src, dst) for src, dst in zip(result.copy_src.tolist(), result.copy_dst.tolist())
+                 if src >= 0]
+        self.runner.copy_blocks(pairs)
+        kids = []
+        for slot, p in enumerate(parents):
+            parent = candidates[p]
+            kv_len = lens[slot]  # shorter than the parent's only if the pool ran out: re-prefilled
+            kid = Sequence(self._next_seq_id, parent.problem, list(parent.tokens),
+                           child_tables[slot][: bm.blocks_for(kv_len)], kv_len, list(parent.logprobs),
+                           list(parent.top_logprobs), list(parent.sampled_at), parent.finish_reason)
+            self._next_seq_id += 1
+            kid.problem.num_sequences += 1
+            kids.append(kid)
+        for seq in candidates:
+            seq.block_table = []
+            seq.freed = True
+            seq.problem.num_sequences -= 1
+        return kids, parents, child_offsets
+
+    def extend(self, seq: Sequence, token_ids: Seq[int]) -> None:
+        """Append tokens to a sequence (text the caller inserts); they are prefilled at its next step."""
+        self._check_live([seq])
+        seq.tokens.extend(self._check_ids("token_ids", token_ids))
+        seq.finish_reason = None
+
+    def free(self, seqs: Seq[Sequence]) -> None:
+        """Release sequences' blocks; their tokens stay readable."""
+        for seq in seqs:
+            if not seq.freed:
+                self.blocks.free(seq.block_table)
+                seq.freed = True
+                seq.problem.num_sequences -= 1
+
+    def free_problem(self, problem: Problem) -> None:
+        """Release a prompt's blocks once none of its sequences is live."""
+        if problem.num_sequences:
+            raise ValueError(f"problem: {problem.num_sequences} of its sequences are still live")
+        if not problem.freed:
+            self.blocks.free(problem.block_table)
+            problem.freed = True
+
+    def text(self, seq: Sequence) -> str:
+        """The sequence's text after the prompt."""
+        if self.tokenizer is None:
+            raise ValueError("text: the engine has no tokenizer")
+        return self.tokenizer.decode(seq.output_ids)
+
+    # ------------------------------------------------------------------------------------------
+    # Running
+
+    def run_pending(self, seqs: Seq[Sequence], keep_last: bool = False) -> None:
+        """Put sequences' pending tokens into the KV cache without sampling (all but the last
+        one each when ``keep_last``)."""
+        self._check_live(seqs)
+        todo = [(s, s.pending - keep_last) for s in seqs if s.pending - keep_last > 0]
+        if not todo:
+            return
+        self._reserve([s for s, _ in todo], [n for _, n in todo])
+        self.runner.prefill_sequences(todo)
+        for seq, n in todo:
+            seq.kv_len += n
+            self.prefilled_tokens += n
+
+    def decode(self, seqs: Seq[Sequence], sampling: SamplingParams, *, stop: Seq[str] | None = None,
+               max_new_tokens: int | None = None) -> None:
+        """Sample each sequence until it stops; ``seq.finish_reason`` says why.
+
+        A sequence stops at a token whose text contains a stop string (``stop``, else
+        ``sampling.stop``; the token is kept), at an end-of-sequence token (unless
+        ``sampling.ignore_eos``), after ``max_new_tokens`` new tokens in this call, or at
+        ``sampling.max_tokens`` sampled tokens in its life.
+        """
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        stops = tuple(stop) if stop is not None else sampling.stop_strings
+        if stops and self._texts is None:
+            raise ValueError("stop: stop strings need a tokenizer")
+        self._check_live(seqs)
+        limits = {}
+        for seq in seqs:
+            limit = sampling.max_tokens
+            if max_new_tokens is not None:
+                limit = min(limit, seq.generated + max_new_tokens)
+            limits[seq] = limit
+            seq.finish_reason = "length" if seq.generated >= limit else None
+        active = [s for s in seqs if s.finish_reason is None]
+        while active:
+            active = self.step(active, sampling, stops, limits)
+
+    def step(self, active: list[Sequence], sampling: SamplingParams, stops: tuple[str, ...],
+             limits: dict[Sequence, int]) -> list[Sequence]:
+        """Advance the sequences that fit in the pool by one window; return those still running."""
+        self.run_pending(active, keep_last=True)
+        admitted = self._admit(active, [min(self.window, limits[s] - s.generated) for s in active])
+        self.peak_sequences = max(self.peak_sequences, len(admitted))
+        window = min(min(limits[s] - s.generated for s in admitted), self.window)
+        stop_table = self._texts.table(stops) if stops else None
+        seed = sampling.seed if sampling.seed is not None else self.seed
+        offsets = [s.seq_id * DRAWS_PER_SEQUENCE + s.generated for s in admitted]
+        tokens, logprobs, top, stopped = self.runner.decode_window(
+            admitted, window, sampling, seed, offsets, stop_table
+        )
+        for i, seq in enumerate(admitted):
+            self._accept(seq, tokens[i], logprobs[i], None if top is None else top[i], stopped[i],
+                         stops, limits[seq])
+        return [s for s in active if s.finish_reason is None]
+
+    # ------------------------------------------------------------------------------------------
+
+    def _accept(self, seq: Sequence, tokens, logprobs, top, stopped, stops, limit) -> None:
+        """Take a window's samples up to the first stop; the stopping token stays pending."""
+        fed = 0
+        for j, token in enumerate(tokens):
+            seq.tokens.append(token)
+            seq.sampled_at.append(len(seq.tokens) - 1)
+            seq.logprobs.append(logprobs[j])
+            if top is not None:
+                seq.top_logprobs.append(top[j])
+            self.generated_tokens += 1
+            fed = j + 1  # this window fed the pending token and the first j samples
+            reason = self._stop_reason(seq, token, stopped[j], stops, limit)
+            if reason is not None:
+                seq.finish_reason = reason
+                break
+        seq.kv_len += fed
+        self.blocks.trim(seq.block_table, seq.kv_len)
+
+    def _stop_reason(self, seq: Sequence, token: int, flagged: bool, stops, limit) -> str | None:
+        """Why the sequence stops at ``token`` (flagged on the device: a stop or EOS token)."""
+        if flagged:
+            return "eos" if token in self.eos_token_ids and not self._in_stop_table(token, stops) else "stop"
+        if stops:
+            # A stop string split across tokens: look for one ending inside this token's text.
+            tail = self.tokenizer.decode(seq.tokens[-8:], skip_special_tokens=False)
+            start = len(tail) - len(self._texts.all()[token]) - max(map(len, stops)) + 1
+            if find_stop(tail, stops, max(0, start)) is not None:
+                return "stop"
+        if seq.generated >= limit:
+            return "length"
+        return None
+
+    def _in_stop_table(self, token: int, stops) -> bool:
+        return bool(stops) and bool(self._texts.table(stops)[token])
+
+    def _admit(self, active: list[Sequence], steps: list[int]) -> list[Sequence]:
+        """Reserve KV slots for each sequence's next window, in order, while the pool lasts."""
+        admitted, copies = [], []
+        for seq, n in zip(active, steps):
+            try:
+                copies += self.blocks.reserve(seq.block_table, seq.kv_len, n)
+            except PoolExhausted:
+                break
+            admitted.append(seq)
+        if not admitted:
+            seq = active[0]
+            need = self.blocks.blocks_needed(seq.block_table, seq.kv_len, steps[0])
+            raise PoolExhausted(
+                f"no sequence fits: the next needs {need} free KV blocks, {self.blocks.num_free} of "
+                f"{self.blocks.num_blocks} are free ({seq.context_len} tokens so far); free finished "
+                f"sequences or give the engine a larger kv_budget_bytes"
+            )
+        self.runner.copy_blocks(copies)
+        return admitted
+
+    def _reserve(self, seqs: list[Sequence], counts: list[int]) -> None:
+        copies = []
+        for seq, n in zip(seqs, counts):
+            copies += self.blocks.reserve(seq.block_table, seq.kv_len, n)
+        self.runner.copy_blocks(copies)
+
+    def _check_ids(self, name: str, ids: Seq[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        vocab = self.model.config.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{name}: token id {bad} outside the vocabulary [0, {vocab})")
+        return ids
+
+    @staticmethod
+    def _check_live(seqs: Seq[Sequence]) -> None:
+        for seq in seqs:
+            if seq.freed:
+                raise ValueError(f"seqs: sequence {seq.seq_id} was freed")
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """0.9 of free GPU memory, or 2 GiB on the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return 2 << 30
+
+
+__all__ = ["Engine", "PoolExhausted", "default_kv_budget", "ops"]

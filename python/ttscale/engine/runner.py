@@ -1,0 +1,199 @@
+"""Turns the engine's problems and sequences into model steps: batch tensors, forward, sample.
+
+Every step is described to the model as an :class:`~ttscale.model.AttentionBatch` over the two
+KV levels: the problems touched by the step (their prompt blocks, read once per problem) and
+the step's sequences (their own suffix blocks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ttscale import ops
+from ttscale.engine.sequence import Problem, Sequence
+from ttscale.model import AttentionBatch
+from ttscale.sampling_params import SamplingParams
+
+
+def padded_tables(tables: list[list[int]], device) -> torch.Tensor:
+    """``int32 [R, max_len]`` block tables, padded with block 0 (never read past a length)."""
+    width = max([len(t) for t in tables] + [1])
+    out = torch.zeros(len(tables), width, dtype=torch.int32)
+    for row, table in enumerate(tables):
+        out[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    return out.to(device)
+
+
+def slot_of(table: list[int], position: int, block_size: int) -> int:
+    return table[position // block_size] * block_size + position % block_size
+
+
+class ModelRunner:
+    def __init__(self, model, kv_cache, *, backend: str | None, max_batch_tokens: int):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.backend = backend
+        self.max_batch_tokens = max_batch_tokens
+        self.block_size = kv_cache.block_size
+        self.device = model.device
+
+    def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device)
+
+    # ------------------------------------------------------------------------------------------
+    # Prefill: chunks of known tokens, no sampling.
+
+    def prefill_prompts(self, problems: list[Problem]) -> None:
+        """Write each problem's prompt (all but the last token) into its blocks, in chunks."""
+        done = {p: 0 for p in problems}
+        while True:
+            chunk, budget = [], self.max_batch_tokens
+            for p in problems:
+                left = len(p.prompt_ids) - 1 - done[p]
+                if left > 0 and budget > 0:
+                    take = min(left, budget)
+                    chunk.append((p, take))
+                    budget -= take
+            if not chunk:
+                return
+            ids, positions, slots = [], [], []
+            for p, n in chunk:
+                start = done[p]
+                ids += p.prompt_ids[start : start + n]
+                positions += range(start, start + n)
+                slots += [slot_of(p.block_table, i, self.block_size) for i in range(start, start + n)]
+            rows = len(chunk)
+            batch = AttentionBatch(
+                "prefill",
+                positions=self._tensor(positions),
+                slots=self._tensor(slots),
+                prompt_block_tables=padded_tables([p.block_table for p, _ in chunk], self.device),
+                prompt_lens=self._tensor([done[p] + n for p, n in chunk], torch.int32),
+                problem_ids=torch.arange(rows, dtype=torch.int32, device=self.device),
+                suffix_block_tables=torch.zeros(rows, 1, dtype=torch.int32, device=self.device),
+                suffix_lens=torch.zeros(rows, dtype=torch.int32, device=self.device),
+                q_lens=self._tensor([n for _, n in chunk], torch.int32),
+                backend=self.backend,
+            )
+            self.model(self._tensor(ids), batch, self.kv_cache, rows=torch.empty(0, dtype=torch.long))
+            for p, n in chunk:
+                done[p] += n
+
+    def _sequence_batch(self, mode: str, seqs: list[Sequence], q_lens: list[int],
+                        positions: list[int], slots: list[int], suffix_lens: list[int]) -> AttentionBatch:
+        problems: dict[Problem, int] = {}
+        for s in seqs:
+            problems.setdefault(s.problem, len(problems))
+        return AttentionBatch(
+            mode,
+            positions=self._tensor(positions),
+            slots=self._tensor(slots),
+            prompt_block_tables=padded_tables([p.block_table for p in problems], self.device),
+            prompt_lens=self._tensor([p.kv_len for p in problems], torch.int32),
+            problem_ids=self._tensor([problems[s.problem] for s in seqs], torch.int32),
+            suffix_block_tables=padded_tables([s.block_table for s in seqs], self.device),
+            suffix_lens=self._tensor(suffix_lens, torch.int32),
+            q_lens=self._tensor(q_lens, torch.int32) if mode == "prefill" else None,
+            backend=self.backend,
+        )
+
+    def prefill_sequences(self, todo: list[tuple[Sequence, int]], hidden_at=None):
+        """Feed ``n`` pending tokens of each sequence (slots already reserved).
+
+        ``hidden_at`` optionally maps a sequence to indices (into its ``tokens``) whose final
+        hidden states to return, as a dict sequence -> ``[k, H]`` tensor.
+        """
+        out = {}
+        start = 0
+        while start < len(todo):
+            # Chunk by token count; a single long sequence still runs whole (its own chunk).
+            stop, total = start, 0
+            while stop < len(todo) and (stop == start or total + todo[stop][1] <= self.max_batch_tokens):
+                total += todo[stop][1]
+                stop += 1
+            chunk = todo[start:stop]
+            ids, positions, slots, rows, owners = [], [], [], [], []
+            for seq, n in chunk:
+                first = seq.kv_len
+                for i in range(first, first + n):
+                    if hidden_at is not None and i in hidden_at.get(seq, ()):
+                        rows.append(len(ids))
+                        owners.append(seq)
+                    ids.append(seq.tokens[i])
+                    positions.append(seq.problem.kv_len + i)
+                    slots.append(slot_of(seq.block_table, i, self.block_size))
+            seqs = [s for s, _ in chunk]
+            batch = self._sequence_batch("prefill", seqs, [n for _, n in chunk], positions, slots,
+                                         [s.kv_len + n for s, n in chunk])
+            hidden = self.model(self._tensor(ids), batch, self.kv_cache, rows=self._tensor(rows))
+            for seq in dict.fromkeys(owners):
+                out[seq] = hidden[[k for k, o in enumerate(owners) if o is seq]]
+            start = stop
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # Decode: `window` steps on the device, one read-back.
+
+    def decode_window(self, seqs: list[Sequence], window: int, sampling: SamplingParams, seed: int,
+                      offsets: list[int], stop_table: torch.Tensor | None):
+        """Feed each sequence's one pending token, sample, and repeat ``window`` times.
+
+        Returns per sequence: its ``window`` sampled tokens, their log-probabilities, their top
+        log-probabilities (or None), and per token whether it is a stop or EOS token.
+        """
+        B = len(seqs)
+        bs = self.block_size
+        slots = [[slot_of(s.block_table, s.kv_len + j, bs) for s in seqs] for j in range(window)]
+        base = self._sequence_batch(
+            "decode", seqs, [1] * B, [s.context_len - 1 for s in seqs], slots[0], [s.kv_len + 1 for s in seqs]
+        )
+        full = lambda v, dt: torch.full((B,), v, dtype=dt, device=self.device)
+        temperature, top_p, min_p = (full(x, torch.float32) for x in (sampling.temperature, sampling.top_p, sampling.min_p))
+        top_k = full(sampling.top_k, torch.int32)
+        offsets_t = self._tensor(offsets)
+        stop_ids = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
+        if stop_table is not None:
+            stop_ids |= stop_table
+        if not sampling.ignore_eos:
+            stop_ids[list(self.model.config.eos_token_ids)] = True
+        stop_ids = stop_ids.to(self.device)
+        tokens_in = self._tensor([s.tokens[-1] for s in seqs])
+        all_slots = self._tensor(slots)
+        out_tokens, out_lp, out_stop, out_top = [], [], [], []
+        for j in range(window):
+            batch = AttentionBatch(
+                "decode", positions=base.positions + j, slots=all_slots[j],
+                prompt_block_tables=base.prompt_block_tables, prompt_lens=base.prompt_lens,
+                problem_ids=base.problem_ids, suffix_block_tables=base.suffix_block_tables,
+                suffix_lens=base.suffix_lens + j, plan=base.plan, backend=self.backend,
+            )
+            hidden = self.model(tokens_in, batch, self.kv_cache)
+            logits = self.model.compute_logits(hidden)
+            tokens, logprobs, top = ops.sample(
+                logits, temperature, top_k, top_p, min_p, seed, offsets_t + j, num_logprobs=sampling.logprobs
+            )
+            out_tokens.append(tokens)
+            out_lp.append(logprobs)
+            out_stop.append(stop_ids[tokens])
+            if top is not None:
+                out_top.append(top)
+            tokens_in = tokens
+        tokens = torch.stack(out_tokens, 1).tolist()  # the window's one host synchronisation
+        logprobs = torch.stack(out_lp, 1).tolist()
+        stopped = torch.stack(out_stop, 1).tolist()
+        top = None
+        if out_top:
+            ids = torch.stack([t[0] for t in out_top], 1).tolist()
+            values = torch.stack([t[1] for t in out_top], 1).tolist()
+            top = [[list(zip(ids[b][j], values[b][j])) for j in range(window)] for b in range(B)]
+        return tokens, logprobs, top, stopped
+
+    def copy_blocks(self, copies) -> None:
+        """Perform copy-on-write block copies in every layer."""
+        if not copies:
+            return
+        src = self._tensor([c.src for c in copies])
+        dst = self._tensor([c.dst for c in copies])
+        for k, v in zip(self.kv_cache.k, self.kv_cache.v, strict=True):
+            k[dst] = k[src]
+            v[dst] = v[src]

@@ -1,0 +1,107 @@
+"""Final selection, one vocabulary for every strategy: ``select`` and ``agg``.
+
+- ``agg`` reduces a candidate's step scores to one number: ``"last"``, ``"min"``, ``"prod"``,
+  ``"mean"``.
+- ``select`` chooses the answer: ``"best"`` (the candidate of highest aggregate),
+  ``"weighted"`` (the answer whose equivalent candidates' aggregates sum highest) or
+  ``"majority"`` (the answer most candidates give; needs no verifier).
+
+Equivalent answers are grouped with :func:`ttscale.grading.answers_equal` (math-verify).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from ttscale.search.result import Candidate
+
+AGGREGATIONS = ("last", "min", "prod", "mean")
+SELECTIONS = ("best", "weighted", "majority")
+
+
+def check_select(select: str | None, agg: str, has_verifier: bool, allowed=SELECTIONS) -> str:
+    """Validate ``select``/``agg`` and resolve ``select=None`` (majority without a verifier)."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg: expected one of {', '.join(AGGREGATIONS)}, got {agg!r}")
+    if select is None:
+        return "weighted" if has_verifier else "majority"
+    if select not in allowed:
+        raise ValueError(f"select: expected one of {', '.join(allowed)}, got {select!r}")
+    if select != "majority" and not has_verifier:
+        raise ValueError(f"select: {select!r} needs a verifier (without one use 'majority')")
+    return select
+
+
+def aggregate(step_scores: Sequence[float], agg: str) -> float | None:
+    """One number from a candidate's step scores; None when it has none."""
+    if not step_scores:
+        return None
+    if agg == "last":
+        return float(step_scores[-1])
+    if agg == "min":
+        return float(min(step_scores))
+    if agg == "prod":
+        return float(math.prod(step_scores))
+    if agg == "mean":
+        return float(sum(step_scores) / len(step_scores))
+    raise ValueError(f"agg: expected one of {', '.join(AGGREGATIONS)}, got {agg!r}")
+
+
+def group_answers(answers: Sequence[str | None], equal: Callable[[str, str], bool]) -> list[int | None]:
+    """A group id per answer: equivalent answers share one; None answers get None.
+
+    Identical strings are grouped without calling ``equal``; distinct strings are compared with
+    one representative per existing group.
+    """
+    groups: list[int | None] = []
+    representatives: list[str] = []
+    by_text: dict[str, int] = {}
+    for answer in answers:
+        if answer is None:
+            groups.append(None)
+            continue
+        key = answer.strip()
+        if key not in by_text:
+            match = next((g for g, rep in enumerate(representatives) if equal(answer, rep)), None)
+            if match is None:
+                match = len(representatives)
+                representatives.append(answer)
+            by_text[key] = match
+        groups.append(by_text[key])
+    return groups
+
+
+def choose(
+    candidates: Sequence[Candidate], select: str, equal: Callable[[str, str], bool] | None = None
+) -> int | None:
+    """Index of the chosen candidate under ``select``; None when no candidate has an answer.
+
+    Ties go to the earlier candidate (for votes: the group whose first member comes first), so
+    the choice is deterministic. A candidate without a score counts 0 in weighted votes and
+    ranks below every scored one for ``"best"``.
+    """
+    if equal is None:
+        from ttscale.grading import answers_equal as equal
+    answered = [i for i, c in enumerate(candidates) if c.answer is not None]
+    if not answered:
+        return None
+    if select == "best":
+        score = lambda i: candidates[i].score if candidates[i].score is not None else -math.inf
+        return max(answered, key=lambda i: (_finite(score(i)), -i))
+    groups = group_answers([candidates[i].answer for i in answered], equal)
+    totals: dict[int, float] = {}
+    first: dict[int, int] = {}
+    for i, g in zip(answered, groups):
+        weight = 1.0 if select == "majority" else _finite(candidates[i].score or 0.0)
+        totals[g] = totals.get(g, 0.0) + weight
+        first.setdefault(g, i)
+    winner = max(totals, key=lambda g: (totals[g], -first[g]))
+    members = [i for i, g in zip(answered, groups) if g == winner]
+    best_member = lambda i: (_finite(candidates[i].score if candidates[i].score is not None else -math.inf), -i)
+    return max(members, key=best_member)
+
+
+def _finite(x: float) -> float:
+    """NaN scores never win: they rank below everything."""
+    return -math.inf if x != x else x

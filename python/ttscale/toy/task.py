@@ -1,0 +1,187 @@
+"""The embedded task: multi-step integer arithmetic, solved one operation per line.
+
+A problem chains 2 to 5 operations left to right, written with explicit parentheses so the
+order is unambiguous::
+
+    Q: ((37+48)*3)-12
+    37+48=85
+    85*3=255
+    255-12=243
+    answer: 243
+
+Operands have 1 or 2 digits; every intermediate result lies in [0, 9999]. A problem's
+difficulty is its number of operations and of two-digit operands; the demo reports accuracy by
+``level`` (1 to 4), see :func:`difficulty_level`. Train and held-out problems are disjoint: a
+problem's split is a hash of its text.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from dataclasses import dataclass
+
+OPS = ("+", "-", "*")
+MAX_VALUE = 9999
+STEP_DELIMITER = "\n"
+HELD_OUT_FRACTION = 0.2
+
+_STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
+_ANSWER = re.compile(r"^answer: (\d+)$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    first: int
+    ops: tuple[tuple[str, int], ...]  # (operator, operand) applied left to right
+
+    @property
+    def text(self) -> str:
+        expr = str(self.first)
+        for i, (op, operand) in enumerate(self.ops):
+            expr = f"{expr}{op}{operand}" if i == 0 else f"({expr}){op}{operand}"
+        return expr
+
+    @property
+    def prompt(self) -> str:
+        return f"Q: {self.text}\n"
+
+    def steps(self) -> list[str]:
+        lines, value = [], self.first
+        for op, operand in self.ops:
+            result = apply(value, op, operand)
+            lines.append(f"{value}{op}{operand}={result}")
+            value = result
+        return lines
+
+    @property
+    def answer(self) -> int:
+        value = self.first
+        for op, operand in self.ops:
+            value = apply(value, op, operand)
+        return value
+
+    def solution(self) -> str:
+        return "".join(s + STEP_DELIMITER for s in self.steps()) + f"answer: {self.answer}\n"
+
+    @property
+    def num_ops(self) -> int:
+        return len(self.ops)
+
+    @property
+    def two_digit_operands(self) -> int:
+        return sum(v >= 10 for v in [self.first, *(o for _, o in self.ops)])
+
+    @property
+    def level(self) -> int:
+        return difficulty_level(self)
+
+    @property
+    def split(self) -> str:
+        """``"heldout"`` or ``"train"``, fixed by the problem's text."""
+        bucket = zlib.crc32(self.text.encode()) % 1000
+        return "heldout" if bucket < HELD_OUT_FRACTION * 1000 else "train"
+
+
+def apply(a: int, op: str, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+
+
+def difficulty_level(problem: Problem) -> int:
+    """1 (two operations, mostly small numbers) to 4 (five operations, or four with large numbers)."""
+    score = problem.num_ops - 2 + (problem.two_digit_operands >= problem.num_ops)
+    return max(1, min(4, score + 1))
+
+
+def random_problem(rng: random.Random, num_ops: int | None = None) -> Problem:
+    """One problem whose intermediate results stay in [0, MAX_VALUE]."""
+    num_ops = num_ops if num_ops is not None else rng.randint(2, 5)
+    while True:
+        value = _operand(rng)
+        first, ops = value, []
+        for _ in range(num_ops):
+            choices = [
+                (op, b)
+                for op in OPS
+                for b in [_operand(rng)]
+                if 0 <= apply(value, op, b) <= MAX_VALUE and not (op == "*" and (b < 2 or value == 0))
+            ]
+            if not choices:
+                break
+            op, b = rng.choice(choices)
+            ops.append((op, b))
+            value = apply(value, op, b)
+        if len(ops) == num_ops:
+            return Problem(first, tuple(ops))
+
+
+def _operand(rng: random.Random) -> int:
+    return rng.randint(1, 9) if rng.random() < 0.5 else rng.randint(10, 99)
+
+
+def problems(split: str, count: int, seed: int = 0) -> list[Problem]:
+    """``count`` distinct problems of ``split`` (``"train"`` or ``"heldout"``), reproducible from ``seed``."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split: expected 'train' or 'heldout', got {split!r}")
+    if count < 0:
+        raise ValueError(f"count: expected >= 0, got {count}")
+    rng = random.Random(f"{split}:{seed}")
+    seen: set[str] = set()
+    out: list[Problem] = []
+    while len(out) < count:
+        problem = random_problem(rng)
+        if problem.split == split and problem.text not in seen:
+            seen.add(problem.text)
+            out.append(problem)
+    return out
+
+
+def parse_problem(text: str) -> Problem:
+    """Inverse of :attr:`Problem.text` (also accepts the ``Q: ...`` prompt)."""
+    expr = text.strip().removeprefix("Q:").strip().replace("(", "").replace(")", "")
+    tokens = re.findall(r"\d+|[+\-*]", expr)
+    if len(tokens) < 3 or len(tokens) % 2 == 0:
+        raise ValueError(f"text: not an arithmetic chain: {text!r}")
+    first = int(tokens[0])
+    ops = tuple((tokens[i], int(tokens[i + 1])) for i in range(1, len(tokens), 2))
+    return Problem(first, ops)
+
+
+def label_steps(problem: Problem, solution: str) -> list[bool]:
+    """Whether each step of a (possibly wrong) solution is right.
+
+    A step is right when its arithmetic is right and it follows from the previous ones: it
+    applies the problem's next operation to the previous correct result. Once a step is wrong,
+    every later step is wrong too (it builds on a wrong state). The final ``answer:`` line is a
+    step: right when it states the problem's answer after right steps.
+    """
+    lines = [line for line in solution.split(STEP_DELIMITER) if line.strip()]
+    labels: list[bool] = []
+    value, ok = problem.first, True
+    for i, line in enumerate(lines):
+        step = _STEP.match(line.strip())
+        answer = _ANSWER.match(line.strip())
+        if ok and step and i < problem.num_ops:
+            a, op, b, result = int(step[1]), step[2], int(step[3]), int(step[4])
+            want_op, want_b = problem.ops[i]
+            ok = a == value and op == want_op and b == want_b and result == apply(a, op, b)
+            value = result
+        elif ok and answer and i == problem.num_ops:
+            ok = int(answer[1]) == problem.answer
+        else:
+            ok = False
+        labels.append(ok)
+    return labels
+
+
+def final_answer(solution: str) -> str | None:
+    """The number after the last ``answer:``, or None."""
+    found = re.findall(r"answer:\s*(-?\d+)", solution)
+    return found[-1] if found else None

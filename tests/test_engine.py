@@ -1,0 +1,201 @@
+"""The engine and LLM.generate on a tiny random Llama, against transformers and its own contracts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttscale.engine.block_manager import PoolExhausted
+from ttscale.engine.engine import Engine
+from ttscale.llm import LLM
+from ttscale.model import load_model, load_tokenizer
+from ttscale.sampling_params import SamplingParams
+from ttscale.toy.tokenizer import build_tokenizer, save_tokenizer
+
+VOCAB = build_tokenizer().get_vocab_size()
+EOS = build_tokenizer().token_to_id("</s>")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import transformers
+
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, eos_token_id=EOS,
+        bos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else 0.3)
+    model.save_pretrained(directory)
+    save_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def engine(model_dir):
+    torch.set_num_threads(1)
+    return Engine(load_model(model_dir), load_tokenizer(model_dir), kv_budget_bytes=4 << 20, block_size=8)
+
+
+PROMPT = [1, 22, 23, 20, 18, 7, 14, 8, 19, 16, 6, 21, 7, 14, 8, 17, 11, 20, 3]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+def test_greedy_continuation_equals_transformers(engine, hf_model):
+    seq = engine.fork(engine.add(PROMPT), 1)[0]
+    engine.decode([seq], GREEDY)
+    expected = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert seq.output_ids == expected
+    assert seq.finish_reason == "length" and seq.generated == 32
+
+
+def test_greedy_logprobs_are_log_softmax_of_transformers_logits(engine, hf_model):
+    seq = engine.fork(engine.add(PROMPT), 1)[0]
+    engine.decode([seq], GREEDY, max_new_tokens=4)
+    ids = torch.tensor([PROMPT + seq.output_ids])
+    with torch.no_grad():
+        logits = hf_model(ids).logits[0].log_softmax(-1)
+    expected = [float(logits[len(PROMPT) - 1 + i, t]) for i, t in enumerate(seq.output_ids)]
+    assert seq.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_fork_continues_like_a_fresh_prefill(engine, hf_model):
+    """A child forked mid-sequence sees exactly the KV its parent wrote."""
+    parent = engine.fork(engine.add(PROMPT), 1)[0]
+    engine.decode([parent], GREEDY, max_new_tokens=5)
+    children = engine.fork(parent, 3)
+    engine.decode(children, GREEDY, max_new_tokens=7)
+    expected = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
+    for child in children:
+        assert child.output_ids == expected
+    engine.free([parent, *children])
+
+
+def test_seeded_sample_is_the_same_alone_or_in_a_batch(model_dir):
+    params = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True, seed=7)
+    alone = Engine(load_model(model_dir), kv_budget_bytes=4 << 20, block_size=8)
+    seq = alone.fork(alone.add(PROMPT), 1)[0]
+    alone.decode([seq], params)
+    crowd = Engine(load_model(model_dir), kv_budget_bytes=16 << 20, block_size=8)
+    others = crowd.add([1, 5, 6, 7, 8, 9])
+    seqs = crowd.fork(crowd.add(PROMPT), 64)
+    distractors = crowd.fork(others, 8)
+    crowd.decode(distractors[:3] + seqs + distractors[3:], params)
+    assert seqs[0].output_ids == seq.output_ids
+    assert len({tuple(s.output_ids) for s in seqs}) > 32  # the 64 samples differ from one another
+
+
+def test_prompt_kv_is_stored_once(engine):
+    problem = engine.add(PROMPT + PROMPT)
+    used_by_prompt = engine.blocks.num_blocks - engine.blocks.num_free
+    one = engine.fork(problem, 1)
+    engine.decode(one, GREEDY, max_new_tokens=10)
+    used_n1 = engine.blocks.num_blocks - engine.blocks.num_free
+    many = engine.fork(problem, 64)
+    engine.decode(many, GREEDY, max_new_tokens=10)
+    used_n65 = engine.blocks.num_blocks - engine.blocks.num_free
+    suffix_blocks = engine.blocks.blocks_for(10)  # the prompt's last token + 9 fed samples
+    assert used_n1 - used_by_prompt == suffix_blocks
+    assert used_n65 - used_n1 == 64 * suffix_blocks
+
+
+def test_stop_fires_on_the_delimiter_token(engine, model_dir):
+    tok = load_tokenizer(model_dir)
+    newline = tok.token_to_id("\n")
+    seqs = engine.fork(engine.add(PROMPT), 8)
+    engine.decode(seqs, SamplingParams(temperature=1.0, max_tokens=200, seed=1), stop=["\n"])
+    for seq in seqs:
+        assert seq.finish_reason in ("stop", "eos", "length")
+        if seq.finish_reason == "stop":
+            assert seq.tokens[-1] == newline and newline not in seq.output_ids[:-1]
+            assert seq.kv_len == len(seq.tokens) - 1  # the stop token is pending, not yet in KV
+
+
+def test_generate_returns_n_completions_per_prompt(model_dir):
+    llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
+    outs = llm.generate(["Q: 1+2\n", "Q: (3*4)-5\n"], SamplingParams(n=5, temperature=0.8, max_tokens=16, seed=3),
+                        use_tqdm=False)
+    assert len(outs) == 2 and all(len(o.outputs) == 5 for o in outs)
+    for o in outs:
+        for k, c in enumerate(o.outputs):
+            assert c.index == k and len(c.token_ids) <= 16 and c.text == llm.tokenizer.decode(c.token_ids)
+            assert c.cumulative_logprob <= 0
+
+
+def test_generate_streams_through_a_small_pool(model_dir):
+    """More samples than the pool holds at once: all complete, nothing leaks."""
+    llm = LLM(model_dir, kv_budget_bytes=1 << 18, block_size=8)
+    num_blocks = llm.engine.blocks.num_blocks
+    params = SamplingParams(n=40, temperature=1.0, max_tokens=30, ignore_eos=True, seed=0)
+    assert 40 * llm.engine.blocks.blocks_for(31) > num_blocks  # it cannot all fit at once
+    outs = llm.generate([PROMPT, PROMPT[:7]], params, use_tqdm=False)
+    assert all(len(c.token_ids) == 30 for o in outs for c in o.outputs)
+    assert llm.engine.blocks.num_free == num_blocks
+
+
+def test_a_sequence_that_can_never_fit_is_an_error_naming_numbers(model_dir):
+    llm = LLM(model_dir, kv_budget_bytes=1 << 16, block_size=8)
+    with pytest.raises(ValueError, match=r"max_tokens: one sequence of 400 tokens needs \d+ KV blocks, the pool has \d+"):
+        llm.generate([PROMPT], SamplingParams(max_tokens=400), use_tqdm=False)
+
+
+def test_decode_without_room_names_the_numbers(model_dir):
+    engine = Engine(load_model(model_dir), kv_budget_bytes=1 << 16, block_size=8)
+    seqs = engine.fork(engine.add(PROMPT), 2)
+    with pytest.raises(PoolExhausted, match="free KV blocks"):
+        engine.decode(seqs, SamplingParams(max_tokens=500, ignore_eos=True, temperature=0))
+
+
+def test_bad_prompt_tokens_are_named(engine):
+    with pytest.raises(ValueError, match=r"prompts\[0\]: token id 999 outside the vocabulary"):
+        engine.add([1, 999])
+    with pytest.raises(ValueError, match=r"prompts\[0\]: empty prompt"):
+        engine.add([])
+
+
+def test_extend_then_decode_prefills_the_appended_tokens(engine, hf_model):
+    seq = engine.fork(engine.add(PROMPT), 1)[0]
+    engine.decode([seq], GREEDY, max_new_tokens=3)
+    engine.extend(seq, [22, 23, 20])
+    engine.decode([seq], GREEDY, max_new_tokens=4)
+    context = PROMPT + seq.output_ids[:6]
+    expected = hf_model.generate(torch.tensor([context]), max_new_tokens=4, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(context):].tolist()
+    assert seq.output_ids[6:] == expected
+
+
+def test_select_and_fork_keeps_the_best_and_frees_the_rest(engine, hf_model):
+    problems = [engine.add(PROMPT), engine.add(PROMPT[:9])]
+    cands = engine.fork(problems[0], 3) + engine.fork(problems[1], 2)
+    engine.decode(cands, SamplingParams(temperature=1.0, max_tokens=6, seed=2, ignore_eos=True))
+    before = [list(c.tokens) for c in cands]
+    kids, parents, offsets = engine.select_and_fork(cands, [0.1, 0.9, 0.5, 0.3, 0.2], [3, 2], keep=1, children=2)
+    assert parents == [1, 1, 3, 3] and offsets == [0, 2, 4]
+    assert all(c.freed for c in cands)
+    engine.blocks.check([p.block_table for p in problems] + [k.block_table for k in kids])
+    for kid, p in zip(kids, parents):
+        assert kid.tokens == before[p]
+    # The children continue exactly as a fresh prefill of their context would.
+    engine.decode(kids[:1], GREEDY, max_new_tokens=5)
+    context = PROMPT + kids[0].output_ids[:6]
+    expected = hf_model.generate(torch.tensor([context]), max_new_tokens=5, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(context):].tolist()
+    assert kids[0].output_ids[6:] == expected
+    engine.free(kids)
+    for p in problems:
+        engine.free_problem(p)
+    assert engine.blocks.num_free == engine.blocks.num_blocks

@@ -1,0 +1,132 @@
+"""The Triton decode kernel's tiling edges, forced with small launch shapes, against the reference.
+
+tests/test_attention.py covers the Triton ops with the automatic launch shape; here level-0 tiles
+straddle problems, one problem spans several tiles, and prompts are split into key ranges
+whose edges fall inside, on and past the prompt's end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from paged import assert_close, make_case
+
+from ttscale import backends, ops, reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if "triton" not in backends.available("cascade_decode_attention", DEVICE):
+    pytest.skip(f"no Triton kernels on {DEVICE} here", allow_module_level=True)
+
+from ttscale.kernels.cascade_decode import DecodeConfig, cascade_decode_attention, decode_config  # noqa: E402
+
+
+def _run(case, config):
+    plan = ops.plan_cascade_decode(case.problem_ids, case.prompt_lens.shape[0])
+    return cascade_decode_attention(*case.args(), case.q.shape[-1] ** -0.5, plan.tensors(), config)
+
+
+def _assert_matches_reference(case, out, lse, dtype=torch.float32):
+    ref_out, ref_lse = reference.cascade_decode_attention(*case.args())
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(lse, ref_lse, dtype, "lse")
+
+
+def test_tiles_straddling_problem_boundaries():
+    # 4 query heads per kv head: 16-row tiles hold 4 sequences, and problems of 5, 3, 7 ... cut
+    # them mid-tile; problem 1 has no sequences and problem 4 no prompt.
+    case = make_case([5, 0, 3, 7, 1, 2], [20, 9, 33, 16, 0, 41], q_heads=8, kv_heads=2,
+                     device=DEVICE, seed=21)
+    out, lse = _run(case, DecodeConfig(block_m=16, block_n=16, num_splits=1, suffix_block_n=16))
+    _assert_matches_reference(case, out, lse)
+
+
+def test_problem_with_more_sequences_than_a_tile():
+    case = make_case([37, 2], [26, 5], q_heads=2, kv_heads=2, device=DEVICE, seed=22)
+    out, lse = _run(case, DecodeConfig(block_m=16, block_n=16, num_splits=1, suffix_block_n=16))
+    _assert_matches_reference(case, out, lse)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
+def test_prompt_split_edges(num_splits):
+    # Prompt lengths below, on and just past the 16-key block edges of the splits; with 8
+    # splits the short prompts leave most splits empty.
+    prompts = [0, 1, 16, 47, 48, 49, 130]
+    case = make_case([1, 2, 1, 1, 2, 1, 2], prompts, q_heads=4, kv_heads=2, device=DEVICE, seed=23)
+    config = DecodeConfig(block_m=16, block_n=16, num_splits=num_splits, suffix_block_n=16)
+    out, lse = _run(case, config)
+    _assert_matches_reference(case, out, lse)
+
+
+def test_split_prompt_with_fp16():
+    case = make_case([3, 2], [90, 33], dtype=torch.float16, device=DEVICE, seed=24)
+    out, lse = _run(case, DecodeConfig(block_m=16, block_n=16, num_splits=4, suffix_block_n=16))
+    _assert_matches_reference(case, out, lse, torch.float16)
+
+
+def test_decode_config_fills_an_h100_without_reading_the_device(monkeypatch):
+    # Llama-3.2-1B heads, 256 samples of one problem, prompt 2048: 128-row tiles of 32
+    # sequences, and the prompt split until there are about two programs per multiprocessor.
+    from ttscale.kernels import cascade_decode
+
+    monkeypatch.setattr(cascade_decode, "_multiprocessors", lambda device: 132)
+    config = decode_config(256, 32, 8, 1, 2048, 64, torch.device("cuda"))
+    assert config.block_m == 128
+    programs = (256 * 4 // config.block_m) * 8 * config.num_splits
+    assert 132 <= programs <= 4 * 132
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 on the GPU (the interpreter's bf16 tl.dot is wrong, TOOLCHAIN.md)
+
+
+@pytest.mark.gpu
+def test_decode_bf16():
+    case = make_case([5, 1, 3], [300, 17, 64], q_heads=32, kv_heads=8, dtype=torch.bfloat16,
+                     device=DEVICE, seed=25)
+    out, lse = ops.cascade_decode_attention(*case.args(), backend="triton")
+    _assert_matches_reference(case, out, lse, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128, 40])
+def test_decode_bf16_split_prompt(head_dim):
+    case = make_case([40, 3], [700, 260], q_heads=8, kv_heads=2, head_dim=head_dim,
+                     dtype=torch.bfloat16, device=DEVICE, seed=head_dim)
+    out, lse = _run(case, DecodeConfig(block_m=64, block_n=64, num_splits=4, suffix_block_n=32))
+    _assert_matches_reference(case, out, lse, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_prefill_bf16():
+    q_lens = [37, 9, 1]
+    case = make_case([1, 2], [37, 20], [0, 9, 30], q_rows=sum(q_lens), q_heads=8, kv_heads=2,
+                     dtype=torch.bfloat16, device=DEVICE, seed=26, interleave=False)
+    lens = torch.tensor(q_lens, dtype=torch.int32, device=DEVICE)
+    out, lse = ops.paged_prefill_attention(*case.args(), lens, backend="triton")
+    ref_out, ref_lse = reference.paged_prefill_attention(*case.args(), lens)
+    assert_close(out, ref_out, torch.bfloat16, "out")
+    assert_close(lse, ref_lse, torch.bfloat16, "lse")
+
+
+@pytest.mark.gpu
+def test_merge_bf16():
+    gen = torch.Generator().manual_seed(27)
+    o_a, o_b = (torch.randn(21, 4, 64, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    lse_a, lse_b = (torch.randn(21, 4, generator=gen).to(DEVICE) for _ in range(2))
+    lse_b[::3] = float("-inf")
+    out, lse = ops.merge_attention_states(o_a, lse_a, o_b, lse_b, backend="triton")
+    ref_out, ref_lse = reference.merge_attention_states(o_a, lse_a, o_b, lse_b)
+    assert_close(out, ref_out, torch.bfloat16, "out")
+    assert_close(lse, ref_lse, torch.bfloat16, "lse")
+
+
+@pytest.mark.gpu
+def test_write_kv_bf16():
+    gen = torch.Generator().manual_seed(28)
+    cache = torch.randn(4, 16, 2, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    k, v = (torch.randn(9, 2, 64, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    slots = torch.tensor([5, -1, 63, 0, 17, 40, -1, 2, 33], device=DEVICE)
+    got_k, got_v, ref_k, ref_v = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+    ops.write_kv(got_k, got_v, k, v, slots, backend="triton")
+    reference.write_kv(ref_k, ref_v, k, v, slots)
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
