@@ -96,6 +96,32 @@ def test_large_vocabulary_gpu(backend, vocab, dtype):
     assert_close(logprobs, ref_logprobs, torch.float32, "logprobs")
 
 
+@pytest.mark.gpu
+def test_gpu_path_never_synchronises_with_the_host():
+    case = make_sampling_case(64, 32_000, dtype=torch.bfloat16, device="cuda", seed=13)
+    _sample(case, None, seed=1, num_logprobs=5)  # compile outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _sample(case, None, seed=1, num_logprobs=5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_captures_in_a_cuda_graph_and_replays_on_new_inputs():
+    case = make_sampling_case(64, 32_000, device="cuda", seed=14)
+    _sample(case, None, seed=3)  # compile before capturing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens, logprobs, _ = _sample(case, None, seed=3)
+    case.logits.copy_(torch.randn_like(case.logits) * 3)
+    case.offsets += 1  # the next step's draws
+    graph.replay()
+    ref_tokens, ref_logprobs, _ = reference.sample(*case.args(3))
+    assert (tokens != ref_tokens).sum() <= 1
+    assert_close(logprobs, ref_logprobs, torch.float32, "logprobs")
+
+
 # ---------------------------------------------------------------------------------------------
 # Reproducibility
 

@@ -883,13 +883,13 @@ def sample(
        set of most probable tokens whose mass reaches ``top_p``, with the ties at its edge;
     3. min-p keeps a token whose probability is at least ``min_p`` times the largest (0: off).
 
-    The draw is Gumbel-max: the kept token with the largest ``x + g`` wins, where ``g`` is
-    Gumbel noise from a counter-based hash of ``(seed, offsets[b], token)``
+    The draw is Gumbel-max: the kept token with the largest key ``(x - max x) + g`` wins, where
+    ``g`` is Gumbel noise from a counter-based hash of ``(seed, offsets[b], token)``
     (:func:`ttscale.reference.sampling_uniforms`; every backend computes the same bits). A
     row's token therefore depends only on its own logits, parameters, seed and offset, never on
-    its batch. Backends agree on the token except when two kept tokens' ``x + g`` lie within a
-    few float32 rounding errors, or a token's mass sits within rounding of a top-p threshold
-    (about one row in a million).
+    its batch. Backends agree on the token except when two kept tokens' keys ``(x - max x) + g``
+    lie within a few float32 rounding errors, or a token's mass sits within rounding of a top-p
+    threshold: an estimated one row in a million (none in 40,000 test rows of mixed settings).
 
     Parameters
     ----------
