@@ -377,6 +377,20 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _budgets(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ttscale", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ttscale {ttscale.__version__}")
@@ -385,7 +399,26 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, and cpu)")
     check.add_argument("--seed", type=int, default=0)
     run = _add_run_parser(commands)
+    demo = commands.add_parser("demo", help="test-time scaling of the embedded toy policy and PRM (CPU, no download)")
+    demo.add_argument("--n", type=_budgets, default=(1, 4, 16, 64), metavar="N[,N...]",
+                      help="budgets N (default 1,4,16,64)")
+    demo.add_argument("--strategies", type=_names, default=None, metavar="NAME[,NAME...]",
+                      help="greedy, majority, best_of_n, weighted, beam_search, dvts (default all)")
+    demo.add_argument("--problems", type=int, default=200, help="held-out problems (default 200)")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for results.json and the plot")
+    demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from ttscale.demo import STRATEGIES, run_demo
+
+        strategies = args.strategies or STRATEGIES
+        bad = [s for s in strategies if s not in STRATEGIES]
+        if bad or args.problems < 1:
+            demo.error(f"--strategies: unknown {bad}" if bad else f"--problems: expected >= 1, got {args.problems}")
+        run_demo(ns=args.n, strategies=strategies, num_problems=args.problems, device=args.device,
+                 out=args.out, seed=args.seed)
+        return 0
     if args.command == "selfcheck":
         from ttscale.selfcheck import run_selfcheck
 
