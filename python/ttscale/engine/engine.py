@@ -221,6 +221,15 @@ class Engine:
             self.blocks.free(problem.block_table)
             problem.freed = True
 
+    def restart_sequence_ids(self) -> None:
+        """Number the next sequences from 0 again.
+
+        A draw's random stream derives from its sequence's id, so a search that restarts the
+        numbering and uses the same seed draws the same samples on every run. Sequences still
+        live keep their ids (a new one may share a number, and so a stream, with one of them).
+        """
+        self._next_seq_id = 0
+
     def text(self, seq: Sequence) -> str:
         """The sequence's text after the prompt."""
         if self.tokenizer is None:
