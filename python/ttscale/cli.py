@@ -23,9 +23,9 @@ STRATEGIES: dict[str, Any] = {
 }
 # The keyword options each strategy takes beyond the common ones (command-line flags by name).
 STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
-    "beam_search": ("beam_width",),
-    "dvts": ("beam_width",),
-    "lookahead": ("beam_width",),
+    "beam_search": ("beam_width", "max_iterations"),
+    "dvts": ("beam_width", "max_iterations"),
+    "lookahead": ("beam_width", "max_iterations", "lookahead"),
     "rejection_best_of_n": ("check_every", "reject_fraction"),
 }
 PRM_CLASS = "ttscale.verifiers.prm:PRM"
@@ -156,6 +156,12 @@ def _add_run_parser(commands) -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--beam-width", type=_positive_int, metavar="M", help="beam_search, dvts, lookahead"
+    )
+    run.add_argument(
+        "--max-iterations", type=_positive_int, metavar="I", help="beam_search, dvts, lookahead: steps at most"
+    )
+    run.add_argument(
+        "--lookahead", type=_positive_int, metavar="K", help="lookahead: greedy steps scored ahead"
     )
     run.add_argument(
         "--check-every",
