@@ -185,7 +185,8 @@ def test_select_and_fork_keeps_the_best_and_frees_the_rest(engine, hf_model):
     before = [list(c.tokens) for c in cands]
     kids, parents, offsets = engine.select_and_fork(cands, [0.1, 0.9, 0.5, 0.3, 0.2], [3, 2], keep=1, children=2)
     assert parents == [1, 1, 3, 3] and offsets == [0, 2, 4]
-    assert all(c.freed for c in cands)
+    assert kids[0] is cands[1] and kids[2] is cands[3]  # a kept candidate carries on as its first child
+    assert [c.freed for c in cands] == [True, False, True, False, True]
     engine.blocks.check([p.block_table for p in problems] + [k.block_table for k in kids])
     for kid, p in zip(kids, parents):
         assert kid.tokens == before[p]

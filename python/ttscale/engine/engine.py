@@ -131,13 +131,15 @@ class Engine:
         return children
 
     def select_and_fork(self, candidates: Seq[Sequence], scores: Seq[float], group_sizes: Seq[int],
-                        keep: int, children: int) -> tuple[list[Sequence], list[int], list[int]]:
+                        keep: int | Seq[int], children: int | Seq[int]) -> tuple[list[Sequence], list[int], list[int]]:
         """One search step's selection through the on-device ``ops.select_and_fork``.
 
         Candidates come in consecutive groups (``group_sizes``, e.g. one per problem); each
         group keeps its ``keep`` best by score (ties to the earlier candidate, NaN last) and
-        forks each kept one into ``children`` sequences. Every candidate is consumed: kept
-        candidates' blocks pass to their children, the others' are freed.
+        forks each kept one into ``children`` sequences (an int, or one per group). Every
+        candidate is consumed: a kept candidate's first child is its own sequence (its id, and so
+        its future random draws, carry on), its other children are new sequences sharing its
+        blocks, and every other candidate is freed.
 
         Returns the children, each child's parent (an index into ``candidates``), and the
         children's group offsets (``[G + 1]``).
@@ -167,9 +169,17 @@ class Engine:
         offsets = [0]
         for size in group_sizes:
             offsets.append(offsets[-1] + size)
+        bounds = {}
+        if not isinstance(keep, int):
+            bounds["max_keep"] = max(list(keep) + [0])
+            keep = torch.tensor(list(keep), **int32)
+        if not isinstance(children, int):
+            bounds["max_children"] = max(list(children) + [0])
+            children = torch.tensor(list(children), **int32)
         result = ops.select_and_fork(
             torch.tensor(list(scores), dtype=torch.float32, device=device), torch.tensor(offsets, **int32),
             keep, children, tables.to(device), torch.tensor([s.kv_len for s in candidates], **int32), pool,
+            **bounds,
         )
         # The pool's new state becomes the host's (one read-back per search step).
         top = int(pool.free_top)
@@ -183,20 +193,27 @@ class Engine:
         pairs = [CopyOnWrite(src, dst) for src, dst in zip(result.copy_src.tolist(), result.copy_dst.tolist())
                  if src >= 0]
         self.runner.copy_blocks(pairs)
-        kids = []
+        kids, continuing = [], set()
         for slot, p in enumerate(parents):
             parent = candidates[p]
             kv_len = lens[slot]  # shorter than the parent's only if the pool ran out: re-prefilled
-            kid = Sequence(self._next_seq_id, parent.problem, list(parent.tokens),
-                           child_tables[slot][: bm.blocks_for(kv_len)], kv_len, list(parent.logprobs),
-                           list(parent.top_logprobs), list(parent.sampled_at), parent.finish_reason)
+            table = child_tables[slot][: bm.blocks_for(kv_len)]
+            if p not in continuing:  # the first child carries on as the candidate itself
+                continuing.add(p)
+                parent.block_table, parent.kv_len = table, kv_len
+                kids.append(parent)
+                continue
+            kid = Sequence(self._next_seq_id, parent.problem, list(parent.tokens), table, kv_len,
+                           list(parent.logprobs), list(parent.top_logprobs), list(parent.sampled_at),
+                           parent.finish_reason)
             self._next_seq_id += 1
             kid.problem.num_sequences += 1
             kids.append(kid)
-        for seq in candidates:
-            seq.block_table = []
-            seq.freed = True
-            seq.problem.num_sequences -= 1
+        for p, seq in enumerate(candidates):
+            if p not in continuing:
+                seq.block_table = []
+                seq.freed = True
+                seq.problem.num_sequences -= 1
         return kids, parents, child_offsets
 
     def extend(self, seq: Sequence, token_ids: Seq[int]) -> None:

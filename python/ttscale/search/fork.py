@@ -1,11 +1,9 @@
 """Selection between search steps: keep the best candidates of each group, fork them, free the rest.
 
 Every strategy that prunes (beam search, DVTS, lookahead, early rejection) goes through
-:func:`select_and_fork`, the host-side twin of the device op :func:`ttscale.ops.select_and_fork`
-with the same contract: the same ranking, the same child layout, and the candidates' sequences
-are consumed. It runs on the engine's host block manager with ``engine.fork`` and
-``engine.free``; when the engine's pool moves to the device, this one function becomes a call to
-the op.
+:func:`select_and_fork`, which runs the device op :func:`ttscale.ops.select_and_fork` through
+:meth:`Engine.select_and_fork`: ranking, forking and freeing happen in one op call, and the
+candidates' sequences are consumed.
 """
 
 from __future__ import annotations
@@ -99,17 +97,14 @@ def select_and_fork(
         raise ValueError(f"scores: expected {len(seqs)} (one per sequence), got {len(scores)}")
     keep = _per_group("keep", keep, len(group_sizes))
     children = _per_group("children", children, len(group_sizes))
-    kept = best_per_group(scores, group_sizes, keep)
-    out, parents, sizes = [], [], []
-    for best, k in zip(kept, children, strict=True):
-        for parent in best:
-            if k:
-                out.append(seqs[parent])
-                out += engine.fork(seqs[parent], k - 1)
-                parents += [parent] * k
-        sizes.append(len(best) * k)
-    continuing = {id(seqs[p]) for p in parents}
-    engine.free([s for s in seqs if id(s) not in continuing])
+    if sum(group_sizes) != len(scores):
+        raise ValueError(
+            f"group_sizes: expected them to sum to {len(scores)} candidates, got {sum(group_sizes)}"
+        )
+    # The op ranks NaN below every number, as a missing score should be.
+    numbers = [math.nan if score is None else float(score) for score in scores]
+    out, parents, offsets = engine.select_and_fork(list(seqs), numbers, list(group_sizes), keep, children)
+    sizes = [offsets[g + 1] - offsets[g] for g in range(len(group_sizes))]
     return Forked(out, parents, sizes)
 
 
