@@ -11,9 +11,9 @@ Layouts (``q`` the problem, ``s1 .. sn`` the steps, ``|`` a segment boundary, ``
 read for a step):
 
 - ``math-shepherd`` (:func:`math_shepherd_text`): ``q | " s1 ки"^ | "\\ns2 ки"^ | ...``; the
-  ``+``/``-`` token logits at each ``ки``, softmax over the two, P(+). As in Math-Shepherd's
-  model card and search-and-learn's ``MathShepherd`` PRM (``f"{question} {output}"`` with
-  ``" ки"`` closing each step); the tokenizer's own special tokens (a BOS) start the prefix.
+  ``+``/``-`` token logits at each ``ки``, softmax over the two, P(+). As in search-and-learn's
+  ``MathShepherd`` PRM (``f"{question} {output}"`` with ``" ки"`` closing each step, the
+  tokenizer's own special tokens, a BOS, in front).
 - ``rlhflow``: the model's chat template over user turns holding the steps (the first one
   ``q + " " + s1``), each answered by an assistant ``+``: ``head + q | " s1" + <to assistant>^ |
   "+" + <to user> + "s2" + <to assistant>^ | ...``. The read token is the last one before the
@@ -29,10 +29,13 @@ read for a step):
   without a generation prompt, then ``tokenizer.encode``).
 - ``skywork``: ``bos + q + "\\n" | s1 "\\n"^ | s2 "\\n"^ | ...``; the value head at the newline
   that ends each step, sigmoid. As in Skywork's ``skywork-o1-prm-inference`` ``prepare_input``
-  (read through openr's and search-and-learn's copies): the prompt is encoded as
+  (read through openr's copy of it): the prompt is encoded as
   ``bos_token + problem + "\\n"`` and each step is encoded *on its own* and followed by the
   newline's token id, so per-step tokenization is this format's definition, not an
   approximation. ``bos`` is the tokenizer's ``bos_token`` text, or nothing when it has none.
+  The reference splits a response at every newline; here a step is what the strategy passes, so
+  a step holding a newline is scored once, at its end (its tokens are the same either way for
+  tokenizers that do not merge a newline into its neighbours).
 
 Tokenization rule. A prefix is tokenized alone (with the tokenizer's special tokens where the
 format's reference adds them). A Skywork step is tokenized alone, by definition. Every other
@@ -43,6 +46,12 @@ newline, at special tokens), so the ids equal those of tokenizing the whole text
 continuation cancels start-of-text effects such as SentencePiece-style tokenizers' prepended
 ``▁``. A boundary a tokenizer does merge across is an error (:class:`FormatError`), never a
 silently different sequence.
+
+Steps are used as given (:func:`~ttscale.verifiers.base.split_steps` strips them). The ``+`` and
+``-`` of the two-token formats are the tokens their texts encode to alone, which must be one
+each: ``+`` for byte-level tokenizers (RLHFlow's reference takes ``encode("+")[-1]``), ``▁+`` for
+SentencePiece-style ones, whose prepended ``▁`` makes that the token Math-Shepherd's reference
+reads (``encode("+ -")[1:]`` on Mistral's tokenizer, by our reading).
 """
 
 from __future__ import annotations
