@@ -109,11 +109,14 @@ def reference_layout(fmt: str, directory, tokenizer: str, question: str, steps: 
         ids = hf.encode(hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=False))
         tag = hf.convert_tokens_to_ids("<extra_0>")
         return ids, [i for i, t in enumerate(ids) if t == tag]
-    # skywork: prompt, then each step encoded alone and closed by the newline's token id
+    # skywork: the prompt, then each line of the response encoded alone and closed by the
+    # newline's token id; a step's score is read at its last line's newline
     ids, positions = hf.encode((hf.bos_token or "") + question + "\n"), []
     newline = hf.encode("\n")[-1]
     for step in steps:
-        ids += hf.encode(step) + [newline]
+        for line in step.split("\n"):
+            if line:
+                ids += hf.encode(line) + [newline]
         positions.append(len(ids) - 1)
     return ids, positions
 

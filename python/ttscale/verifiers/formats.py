@@ -33,9 +33,9 @@ read for a step):
   ``bos_token + problem + "\\n"`` and each step is encoded *on its own* and followed by the
   newline's token id, so per-step tokenization is this format's definition, not an
   approximation. ``bos`` is the tokenizer's ``bos_token`` text, or nothing when it has none.
-  The reference splits a response at every newline; here a step is what the strategy passes, so
-  a step holding a newline is scored once, at its end (its tokens are the same either way for
-  tokenizers that do not merge a newline into its neighbours).
+  The reference makes every line a step; here a step is what the strategy passes, so a step
+  holding newlines is encoded line by line exactly as the reference encodes it (empty lines
+  skipped, as its later copies do) and scored once, at its last newline.
 
 Tokenization rule. A prefix is tokenized alone (with the tokenizer's special tokens where the
 format's reference adds them). A Skywork step is tokenized alone, by definition. Every other
@@ -265,7 +265,10 @@ class Skywork(PRMFormat):
         return Segment(text, tuple(self.tokenizer.encode(text)))
 
     def step(self, step, index, previous):
-        return Segment(step + SKYWORK_STEP_END, (*self.tokenizer.encode(step), self.step_end))
+        ids = []
+        for line in [line for line in step.split("\n") if line] or [""]:
+            ids += [*self.tokenizer.encode(line), self.step_end]
+        return Segment(step + SKYWORK_STEP_END, tuple(ids))
 
 
 FORMATS = {cls.name: cls for cls in (MathShepherd, RLHFlow, QwenMathPRM, Skywork)}
