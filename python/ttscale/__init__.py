@@ -26,6 +26,7 @@ _EXPORTS = {
     "SamplingParams": "ttscale.sampling_params",
     "SearchResult": "ttscale.search.result",
     "RuleVerifier": "ttscale.verifiers.rule",
+    "ORM": "ttscale.verifiers.orm",
     "PRM": "ttscale.verifiers.prm",
     "best_of_n": "ttscale.search.best_of_n",
     "beam_search": "ttscale.search.beam_search",

@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 import torch
-
 from ttscale import ops
 from ttscale.engine.block_manager import BlockManager, PoolExhausted
 from ttscale.engine.runner import ModelRunner
@@ -256,18 +255,26 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # Running
 
-    def run_pending(self, seqs: Seq[Sequence], keep_last: bool = False) -> None:
+    def run_pending(
+        self, seqs: Seq[Sequence], keep_last: bool = False,
+        hidden_at: dict[Sequence, Seq[int]] | None = None,
+    ) -> dict[Sequence, torch.Tensor]:
         """Put sequences' pending tokens into the KV cache without sampling (all but the last
-        one each when ``keep_last``)."""
+        one each when ``keep_last``).
+
+        ``hidden_at`` maps a sequence to indices (into its ``tokens``, among those run now) whose
+        final hidden states to return, as a dict sequence -> ``[k, H]`` (a PRM's step tags).
+        """
         self._check_live(seqs)
         todo = [(s, s.pending - keep_last) for s in seqs if s.pending - keep_last > 0]
         if not todo:
-            return
+            return {}
         self._reserve([s for s, _ in todo], [n for _, n in todo])
-        self.runner.prefill_sequences(todo)
+        hidden = self.runner.prefill_sequences(todo, hidden_at=hidden_at)
         for seq, n in todo:
             seq.kv_len += n
             self.prefilled_tokens += n
+        return hidden
 
     def decode(self, seqs: Seq[Sequence], sampling: SamplingParams, *, stop: Seq[str] | None = None,
                max_new_tokens: int | None = None) -> None:
