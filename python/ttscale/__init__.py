@@ -34,6 +34,7 @@ _EXPORTS = {
     "lookahead": "ttscale.search.lookahead",
     "rejection_best_of_n": "ttscale.search.rejection",
     "compute_optimal": "ttscale.search.compute_optimal",
+    "revisions": "ttscale.search.revisions",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -221,6 +221,21 @@ class Engine:
         seq.tokens.extend(self._check_ids("token_ids", token_ids))
         seq.finish_reason = None
 
+    def drop_last_sample(self, seq: Sequence) -> None:
+        """Take back a sequence's last sampled token while it is still pending (not yet in the KV
+        cache), as if it had never been sampled: a revision drops the end-of-sequence token that
+        closed an attempt before appending the text that introduces the next one. The next draw
+        takes its place in the sequence's random stream."""
+        self._check_live([seq])
+        if not seq.pending or not seq.sampled_at or seq.sampled_at[-1] != len(seq.tokens) - 1:
+            raise ValueError(f"seq: sequence {seq.seq_id}'s last token is not a pending sample")
+        seq.tokens.pop()
+        seq.sampled_at.pop()
+        seq.logprobs.pop()
+        if len(seq.top_logprobs) > len(seq.sampled_at):
+            seq.top_logprobs.pop()
+        seq.finish_reason = None
+
     def free(self, seqs: Seq[Sequence]) -> None:
         """Release sequences' blocks; their tokens stay readable."""
         for seq in seqs:

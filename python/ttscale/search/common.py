@@ -14,7 +14,7 @@ from ttscale.sampling_params import SamplingParams
 from ttscale.search.prompts import PromptFn, build_prompts
 from ttscale.search.result import SearchResult
 from ttscale.search.run import SearchRun
-from ttscale.search.select import check_select
+from ttscale.search.select import SELECTIONS, check_select
 from ttscale.verifiers.base import Verifier
 
 DEFAULT_SAMPLING = SamplingParams(temperature=0.8, max_tokens=2048)
@@ -110,8 +110,10 @@ def prepare(
     extract,
     equal,
     needs_verifier: bool,
+    selections: Sequence[str] = SELECTIONS,
 ) -> Inputs:
-    """Check a strategy's common arguments (ValueErrors name them) and build its prompts."""
+    """Check a strategy's common arguments (ValueErrors name them) and build its prompts;
+    ``selections`` are the ``select`` values the strategy knows."""
     if getattr(llm, "engine", None) is None:
         raise ValueError(f"llm: expected a ttscale.LLM, got {type(llm).__name__}")
     if llm.tokenizer is None:
@@ -130,7 +132,7 @@ def prepare(
         raise ValueError(f"verifier: expected a ttscale Verifier, got {type(verifier).__name__}")
     if needs_verifier and verifier is None:
         raise ValueError(f"verifier: {strategy} needs a verifier to score steps")
-    select = check_select(select, agg, verifier is not None)
+    select = check_select(select, agg, verifier is not None, selections)
     if not isinstance(step_delimiter, str) or not step_delimiter:
         raise ValueError(f"step_delimiter: expected a non-empty string, got {step_delimiter!r}")
     sampling = DEFAULT_SAMPLING if sampling is None else sampling

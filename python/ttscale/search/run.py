@@ -40,6 +40,8 @@ class Line:
 
     ``steps``/``scores`` are the steps scored so far; ``node`` the tree node of the last one
     (0, the root, before any); ``group`` the DVTS subtree; ``index`` the sample it began as.
+    ``start`` is where the solution begins in its sequence's output: 0, except for a revision
+    chain's later attempts, which follow the earlier ones on the same sequence.
     """
 
     problem: int
@@ -53,6 +55,7 @@ class Line:
     index: int = 0
     finished: bool = False
     in_tree: bool = True
+    start: int = 0
 
     def score(self, agg: str) -> float | None:
         """The aggregate of the step scores so far (None before any)."""
@@ -103,13 +106,17 @@ class SearchRun:
         self.costs = {p: Cost() for p in wave}
         self.trees = {p: [TreeNode(0, None, "", None, 0)] for p in wave} if tree else None
         self._engine_problems = []
+        self._roots: dict[int, object] = {}  # kept verifier roots, by problem (see start)
         self._started = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------
     # Lines
 
-    def start(self, n: int) -> list[Line]:
-        """``n`` lines per problem of the wave, sharing its prefilled prompt and verifier root."""
+    def start(self, n: int, *, keep_roots: bool = False) -> list[Line]:
+        """``n`` lines per problem of the wave, sharing its prefilled prompt and verifier root.
+
+        ``keep_roots`` keeps each problem's root path (the problem, no steps) until the run
+        closes, for :meth:`restart`."""
         engine_problems = self.engine.add_many([self.inputs.prompts[p] for p in self.wave])
         self._engine_problems += engine_problems
         for p, problem in zip(self.wave, engine_problems, strict=True):
@@ -133,7 +140,10 @@ class SearchRun:
                 Line(p, seq, path, index=i)
                 for i, (seq, path) in enumerate(zip(seqs, paths, strict=True))
             ]
-        self._free_paths(roots, self.wave)
+        if keep_roots:
+            self._roots.update(zip(self.wave, roots, strict=True))
+        else:
+            self._free_paths(roots, self.wave)
         return lines
 
     def advance(
@@ -143,24 +153,50 @@ class SearchRun:
         *,
         whole: bool = False,
         max_new_tokens: int | None = None,
+        budget: int | None = None,
     ) -> None:
         """Decode each line to its next step delimiter (``whole``: to its end), or for at most
-        ``max_new_tokens`` tokens, then score the steps its text completed."""
+        ``max_new_tokens`` tokens, then score the steps its text completed.
+
+        ``budget`` (with ``whole``, instead of ``max_new_tokens``) ends each solution after that
+        many new tokens: a revision's attempt, whose sequence has sampled earlier attempts too,
+        so that ``sampling.max_tokens`` bounds the whole chain and ``budget`` the attempt."""
         if not lines:
             return
         before = [line.seq.generated for line in lines]
+        # Text a strategy appended (a revision's context) is prefilled inside decode, all of a
+        # line's pending tokens but the one it feeds itself: measured, split by those counts.
+        prefilled = self.engine.prefilled_tokens
+        pending = [max(line.seq.pending - 1, 0) for line in lines]
         self.engine.decode(
             [line.seq for line in lines],
             sampling,
             stop=[] if whole else [self.delimiter],
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens if budget is None else budget,
         )
-        for line, generated in zip(lines, before, strict=True):
+        shares = split_tokens(self.engine.prefilled_tokens - prefilled, pending)
+        for line, generated, share in zip(lines, before, shares, strict=True):
             self.costs[line.problem].generated_tokens += line.seq.generated - generated
+            self.costs[line.problem].prefilled_tokens += share
             line.finished = (
-                line.seq.finish_reason == "eos" or line.seq.generated >= sampling.max_tokens
+                line.seq.finish_reason == "eos"
+                or line.seq.generated >= sampling.max_tokens
+                or (budget is not None and line.seq.generated - generated >= budget)
             )
         self._score_steps(lines)
+
+    def restart(self, lines: Seq[Line]) -> None:
+        """Begin a new solution on each line after the text its sequence holds now (a
+        revision's next attempt, after the chain's context): no steps yet, and a fresh verifier
+        path from the problem's root, so the new solution is scored alone. Needs
+        ``start(..., keep_roots=True)``."""
+        self._free_verifier(lines)
+        owners = [line.problem for line in lines]
+        paths = self._fork_paths([self._roots[p] for p in owners], owners)
+        for line, path in zip(lines, paths, strict=True):
+            line.path, line.steps, line.scores = path, [], []
+            line.node, line.finished = 0, False
+            line.start = len(line.seq.output_ids)
 
     def select(
         self,
@@ -206,12 +242,16 @@ class SearchRun:
     # ------------------------------------------------------------------------------------------
     # Results
 
+    def text(self, line: Line) -> str:
+        """The line's solution: its sequence's output from ``line.start``."""
+        return self.engine.tokenizer.decode(line.seq.output_ids[line.start :])
+
     def candidate(self, line: Line) -> Candidate:
         """The line as a finished (or budget-cut) candidate."""
-        text = self.engine.text(line.seq)
+        text = self.text(line)
         return Candidate(
             text=text,
-            token_ids=line.seq.output_ids,
+            token_ids=line.seq.output_ids[line.start :],
             steps=list(line.steps),
             step_scores=list(line.scores),
             score=line.score(self.agg),
@@ -237,7 +277,10 @@ class SearchRun:
         )
 
     def close(self) -> None:
-        """Free the wave's prompts (every line must be freed by now) and charge the wall time."""
+        """Free the wave's prompts and kept verifier roots (every line must be freed by now) and
+        charge the wall time."""
+        self._free_paths(list(self._roots.values()), list(self._roots))
+        self._roots = {}
         for problem in self._engine_problems:
             self.engine.free_problem(problem)
         seconds = time.perf_counter() - self._started
@@ -250,10 +293,7 @@ class SearchRun:
     def _score_steps(self, lines: Seq[Line]) -> None:
         """Score the steps each line's text completed since its last scoring, one verifier call
         per step position across the lines, and record them."""
-        new = [
-            completed_steps(self.engine.text(line.seq), self.delimiter, line.finished)
-            for line in lines
-        ]
+        new = [completed_steps(self.text(line), self.delimiter, line.finished) for line in lines]
         new = [steps[len(line.steps) :] for line, steps in zip(lines, new, strict=True)]
         for r in range(max(map(len, new), default=0)):
             batch = [
