@@ -380,3 +380,21 @@ def test_end_to_end_with_the_library_best_of_n(tiny_model, tmp_path, capsys):
     records = read_jsonl(tmp_path / "a.jsonl")
     assert [r["index"] for r in records] == [0, 1, 2]
     assert all(r["num_candidates"] == 3 and r["cost"]["generated_tokens"] > 0 for r in records)
+
+
+def test_revisions_needs_sequential(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", "--model", str(tmp_path), "--strategy", "revisions", "--n", "4",
+                  "--data", str(data), "--out", str(tmp_path / "o.jsonl")])
+    assert exit_info.value.code == 2
+
+
+def test_sequential_is_only_for_revisions(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--model", str(tmp_path), "--strategy", "best_of_n", "--n", "4", "--sequential", "2",
+                  "--data", str(data), "--out", str(tmp_path / "o.jsonl")])
+    assert "--sequential: not an option of best_of_n" in capsys.readouterr().err

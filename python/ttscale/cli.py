@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import ttscale
-from ttscale.search.select import AGGREGATIONS, SELECTIONS
+from ttscale.search.select import AGGREGATIONS, REVISION_SELECTIONS as SELECTIONS
 
 # What ``ttscale run --strategy`` can run: name -> "module:function", imported only when chosen
 # (or the function itself). Every function has the signature of ``ttscale.search.best_of_n``.
@@ -20,6 +20,7 @@ STRATEGIES: dict[str, Any] = {
     "dvts": "ttscale.search.dvts:dvts",
     "lookahead": "ttscale.search.lookahead:lookahead",
     "rejection_best_of_n": "ttscale.search.rejection:rejection_best_of_n",
+    "revisions": "ttscale.search.revisions:revisions",
 }
 # The keyword options each strategy takes beyond the common ones (command-line flags by name).
 STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -27,6 +28,7 @@ STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
     "dvts": ("beam_width", "max_iterations"),
     "lookahead": ("beam_width", "max_iterations", "lookahead"),
     "rejection_best_of_n": ("check_every", "reject_fraction"),
+    "revisions": ("sequential", "window"),
 }
 PRM_CLASS = "ttscale.verifiers.prm:PRM"
 PRM_FORMATS = ("math-shepherd", "rlhflow", "qwen2.5-math-prm", "skywork")
@@ -158,6 +160,11 @@ def _add_run_parser(commands) -> argparse.ArgumentParser:
         "--beam-width", type=_positive_int, metavar="M", help="beam_search, dvts, lookahead"
     )
     run.add_argument(
+        "--sequential", type=_positive_int, metavar="S",
+        help="revisions: attempts per chain (n // S parallel chains; required for revisions)",
+    )
+    run.add_argument("--window", type=_positive_int, metavar="W", help="revisions: earlier attempts in context")
+    run.add_argument(
         "--max-iterations", type=_positive_int, metavar="I", help="beam_search, dvts, lookahead: steps at most"
     )
     run.add_argument(
@@ -218,13 +225,16 @@ def _check_run_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if out.exists() and out.resolve() == data.resolve():
         parser.error("argument --out: is the data file; results would be appended to it")
     allowed = STRATEGY_OPTIONS.get(args.strategy, ())
-    for option in ("beam_width", "check_every", "reject_fraction"):
+    every_option = sorted({option for options in STRATEGY_OPTIONS.values() for option in options})
+    for option in every_option:
         if getattr(args, option) is not None and option not in allowed:
             users = [name for name, options in STRATEGY_OPTIONS.items() if option in options]
             parser.error(
                 f"argument --{option.replace('_', '-')}: not an option of {args.strategy} "
                 f"(only of {', '.join(users)})"
             )
+    if args.strategy == "revisions" and args.sequential is None:
+        parser.error("argument --sequential: required with --strategy revisions")
     has_verifier = args.prm is not None or args.oracle
     if args.select not in (None, "majority") and not has_verifier:
         parser.error(
