@@ -2,6 +2,7 @@
 // Kernels assume validated input: Python checks shapes, dtypes and values at the op boundary.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -112,6 +113,27 @@ inline void dispatch_dtype(int dtype, Fn&& fn) {
     case DType::kBFloat16: fn(BFloat16{}); break;
     default: throw std::invalid_argument("ttscale: unknown dtype code " + std::to_string(dtype));
   }
+}
+
+// exp(x) for x <= 0 (a value minus the maximum it was taken over), in plain float arithmetic
+// that the compiler vectorises, where std::exp is a scalar call: exp(x) = 2^k exp(r) with
+// r = x - k ln 2 in [-ln 2 / 2, ln 2 / 2] and Cephes' degree-6 polynomial for exp(r), within
+// 2 ulp of std::exp. Below -87.3 (exp under float's smallest normal, and -inf) it returns 0.
+inline float exp_nonpositive(float x) {
+  const float y = x < -87.3f ? -87.3f : x;
+  const float k = std::floor(y * 1.44269504088896341f + 0.5f);
+  const float r = y - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.3f ? 0.f : p * scale;
 }
 
 }  // namespace ttscale

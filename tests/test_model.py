@@ -339,6 +339,28 @@ def test_forward_errors_name_the_argument(llama_dir):
         model(torch.zeros(2, dtype=torch.long), batch, kv)
 
 
+def test_a_layer_cache_unlike_the_first_is_named(llama_dir):
+    """The ops check their arguments at layer 0 only, so every layer's cache must match it."""
+    model = load_model(llama_dir, dtype="float32")
+    kv = KVCache.allocate(model.config, 8, dtype=torch.float32, device="cpu")
+    batch = AttentionBatch("prefill", **_batch_args(2, 1), q_lens=torch.tensor([2]))
+    odd = KVCache(kv.k[:1] + [kv.k[1][:4]], kv.v)
+    with pytest.raises(ValueError, match=r"kv_cache: k\[1\] is \[4, 16, 2, 16\]"):
+        model(torch.zeros(2, dtype=torch.long), batch, odd)
+    odd = KVCache(kv.k, kv.v[:1] + [kv.v[1].double()])
+    with pytest.raises(ValueError, match=r"kv_cache: v\[1\] .* torch.float64"):
+        model(torch.zeros(2, dtype=torch.long), batch, odd)
+
+
+def test_bad_block_tables_are_caught_at_the_first_layer(llama_dir):
+    model = load_model(llama_dir, dtype="float32")
+    kv = KVCache.allocate(model.config, 8, dtype=torch.float32, device="cpu")
+    args = _batch_args(2, 1) | {"prompt_block_tables": torch.full((1, 4), 8)}
+    batch = AttentionBatch("prefill", **args, q_lens=torch.tensor([2]))
+    with pytest.raises(ValueError, match="prompt_block_tables: value 8"):
+        model(torch.zeros(2, dtype=torch.long), batch, kv)
+
+
 # ---------------------------------------------------------------------------------------------
 # AttentionBatch
 

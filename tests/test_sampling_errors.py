@@ -83,6 +83,15 @@ def test_bad_logits_value(case, value, message):
         sample(case, logits=logits)
 
 
+def test_banned_tokens_and_huge_logits_are_accepted(case):
+    """-inf marks a banned token, and finite logits whose sum overflows are still finite."""
+    logits = case.logits.clone()
+    logits[0, :10] = float("-inf")
+    logits[2, :40] = 1e37  # their sum, 4e38, is beyond float32
+    tokens, _, _ = sample(case, logits=logits, temperature=with_row(case.temperature, 2, 1.0))
+    assert tokens[0] >= 10 and tokens[2] < 40
+
+
 def test_row_of_banned_tokens(case):
     logits = case.logits.clone()
     logits[3] = float("-inf")

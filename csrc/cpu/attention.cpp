@@ -18,14 +18,92 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Copies and merges smaller than this run on the calling thread: a decode step writes a few KB
+// per layer, and an OpenMP fork and barrier costs more than that copy (much more when the cores
+// are shared and a spinning thread is descheduled).
+constexpr int64_t kParallelBytes = int64_t{1} << 20;
+
 // Running softmax state of `rows` query rows of dimension `dim`.
 struct SoftmaxState {
   std::vector<float> m, l, acc;
   SoftmaxState(int64_t rows, int64_t dim) : m(rows, kNegInf), l(rows, 0.f), acc(rows * dim, 0.f) {}
 };
 
+// kLanes floats as one value (GCC/Clang vector extension): the compiler maps it onto the
+// target's registers (one with AVX-512, two with AVX2), where plain loops over fixed-size arrays
+// were vectorised only 4 wide.
+constexpr int64_t kLanes = 16;
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof(v)); }
+
+int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// s[i * s_stride + t] = q_i . k_t for R rows q_i = q + i * D and the keys t < n of a block held
+// transposed, kt[d * k_stride + t] (both strides multiples of kLanes). A multiply-add waits for
+// the one before it in its chain, so each row keeps two partial sums (even and odd d) and R
+// rows run together: 2R independent chains, and each key vector loaded once for R rows.
+template <int64_t R>
+inline void block_scores(const float* q, int64_t D, const float* kt, int64_t k_stride, int64_t n,
+                         float* s, int64_t s_stride) {
+  for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+    Lanes even[R] = {}, odd[R] = {};
+    int64_t d = 0;
+    for (; d + 1 < D; d += 2) {
+      const Lanes k0 = load_lanes(kt + d * k_stride + t0);
+      const Lanes k1 = load_lanes(kt + (d + 1) * k_stride + t0);
+      for (int64_t i = 0; i < R; ++i) {
+        even[i] += q[i * D + d] * k0;
+        odd[i] += q[i * D + d + 1] * k1;
+      }
+    }
+    if (d < D) {
+      const Lanes k0 = load_lanes(kt + d * k_stride + t0);
+      for (int64_t i = 0; i < R; ++i) even[i] += q[i * D + d] * k0;
+    }
+    for (int64_t i = 0; i < R; ++i) store_lanes(s + i * s_stride + t0, even[i] + odd[i]);
+  }
+}
+
+// acc[d] = alpha acc[d] + sum over t < n of w[t] v[t * D + d]; four kLanes-wide slices of d at
+// a time, so that four chains of multiply-adds run together.
+inline void block_values(const float* w, const float* v, int64_t D, int64_t n, float alpha,
+                         float* acc) {
+  int64_t d0 = 0;
+  for (; d0 + 4 * kLanes <= D; d0 += 4 * kLanes) {
+    Lanes a[4];
+    for (int64_t c = 0; c < 4; ++c) a[c] = alpha * load_lanes(acc + d0 + c * kLanes);
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t c = 0; c < 4; ++c) a[c] += w[t] * load_lanes(v + t * D + d0 + c * kLanes);
+    }
+    for (int64_t c = 0; c < 4; ++c) store_lanes(acc + d0 + c * kLanes, a[c]);
+  }
+  for (; d0 + kLanes <= D; d0 += kLanes) {
+    Lanes a = alpha * load_lanes(acc + d0);
+    for (int64_t t = 0; t < n; ++t) a += w[t] * load_lanes(v + t * D + d0);
+    store_lanes(acc + d0, a);
+  }
+  for (; d0 < D; ++d0) {  // head dims that are not a multiple of kLanes
+    float a = acc[d0] * alpha;
+    for (int64_t t = 0; t < n; ++t) a += w[t] * v[t * D + d0];
+    acc[d0] = a;
+  }
+}
+
+// Rows scored together by block_scores.
+constexpr int64_t kRowGroup = 4;
+
 // Rows read the keys of one level: tokens [0, level_len) stored in `table`'s blocks, at context
-// positions level_pos0 + t. Row r sees a key only when its position is < limit[r].
+// positions level_pos0 + t. Row r sees a key only when its position is < limit[r]. A block's
+// keys are converted once for every row, into kbuf transposed ([D][block_size rounded up to
+// kLanes]), so that scores are vector multiply-adds across keys, not a dot product (and a
+// horizontal sum) per key. kbuf, vbuf and scores are sized by AttentionBuffers.
 template <typename E>
 void attend_level(const AttentionParams& p, const int32_t* table, int64_t level_len,
                   int64_t level_pos0, int64_t kv_head, const float* q_rows, const int64_t* limit,
@@ -33,47 +111,58 @@ void attend_level(const AttentionParams& p, const int32_t* table, int64_t level_
                   std::vector<float>& vbuf, std::vector<float>& scores) {
   using S = typename E::storage;
   const int64_t D = p.head_dim, BS = p.block_size, Hkv = p.num_kv_heads;
+  const int64_t stride = round_up_lanes(BS);
   const S* kc = as_ptr<const S>(p.k_cache);
   const S* vc = as_ptr<const S>(p.v_cache);
+  float* kt = kbuf.data();
   for (int64_t start = 0; start < level_len; start += BS) {
     const int64_t n = std::min(BS, level_len - start);
     const int64_t block = table[start / BS];
-    // Convert this block's K/V rows once for every query row.
     for (int64_t t = 0; t < n; ++t) {
       const int64_t base = ((block * BS + t) * Hkv + kv_head) * D;
       for (int64_t d = 0; d < D; ++d) {
-        kbuf[t * D + d] = E::load(kc[base + d]);
+        kt[d * stride + t] = E::load(kc[base + d]);
         vbuf[t * D + d] = E::load(vc[base + d]);
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t visible = std::min<int64_t>(n, limit[r] - (level_pos0 + start));
-      if (visible <= 0) continue;
-      const float* qr = q_rows + r * D;
-      float block_max = kNegInf;
-      for (int64_t t = 0; t < visible; ++t) {
-        float s = 0.f;
-        const float* kt = &kbuf[t * D];
-        for (int64_t d = 0; d < D; ++d) s += qr[d] * kt[d];
-        scores[t] = s;
-        block_max = std::max(block_max, s);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
+      const int64_t group = std::min(kRowGroup, rows - r0);
+      if (group == kRowGroup) {
+        block_scores<kRowGroup>(q_rows + r0 * D, D, kt, stride, n, scores.data(), stride);
+      } else {
+        for (int64_t i = 0; i < group; ++i)
+          block_scores<1>(q_rows + (r0 + i) * D, D, kt, stride, n, &scores[i * stride], stride);
       }
-      const float m_new = std::max(st.m[r], block_max);
-      const float alpha = st.m[r] == kNegInf ? 0.f : std::exp(st.m[r] - m_new);
-      float* acc = &st.acc[r * D];
-      float sum = 0.f;
-      for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
-      for (int64_t t = 0; t < visible; ++t) {
-        const float w = std::exp(scores[t] - m_new);
-        sum += w;
-        const float* vt = &vbuf[t * D];
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * vt[d];
+      for (int64_t i = 0; i < group; ++i) {
+        const int64_t r = r0 + i;
+        const int64_t visible = std::min<int64_t>(n, limit[r] - (level_pos0 + start));
+        if (visible <= 0) continue;
+        float* s = &scores[i * stride];
+        float block_max = kNegInf;
+        for (int64_t t = 0; t < visible; ++t) block_max = std::max(block_max, s[t]);
+        const float m_new = std::max(st.m[r], block_max);
+        const float alpha = st.m[r] == kNegInf ? 0.f : std::exp(st.m[r] - m_new);
+        float sum = 0.f;
+        for (int64_t t = 0; t < visible; ++t) {
+          s[t] = exp_nonpositive(s[t] - m_new);
+          sum += s[t];
+        }
+        block_values(s, vbuf.data(), D, visible, alpha, &st.acc[r * D]);
+        st.l[r] = st.l[r] * alpha + sum;
+        st.m[r] = m_new;
       }
-      st.l[r] = st.l[r] * alpha + sum;
-      st.m[r] = m_new;
     }
   }
 }
+
+// Per-thread scratch of attend_level: a block's keys (transposed, padded), values, scores.
+struct AttentionBuffers {
+  std::vector<float> kbuf, vbuf, scores;
+  AttentionBuffers(int64_t block_size, int64_t head_dim)
+      : kbuf(round_up_lanes(block_size) * head_dim, 0.f),
+        vbuf(block_size * head_dim, 0.f),
+        scores(kRowGroup * round_up_lanes(block_size), 0.f) {}
+};
 
 // out = acc / l and lse = m + log(l) (natural log, in units of the scaled scores); a row that saw
 // nothing gets 0 and -inf.
@@ -131,7 +220,9 @@ void decode_impl(const AttentionParams& p) {
 
 #pragma omp parallel
   {
-    std::vector<float> kbuf(BS * D), vbuf(BS * D), scores(BS), q_rows(kSeqsPerTile * G * D);
+    AttentionBuffers buf(BS, D);
+    auto& [kbuf, vbuf, scores] = buf;
+    std::vector<float> q_rows(kSeqsPerTile * G * D);
     std::vector<int64_t> limit(kSeqsPerTile * G, std::numeric_limits<int64_t>::max());
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
@@ -209,7 +300,9 @@ void prefill_impl(const AttentionParams& p) {
 
 #pragma omp parallel
   {
-    std::vector<float> kbuf(BS * D), vbuf(BS * D), scores(BS), q_rows(kQueriesPerTile * G * D);
+    AttentionBuffers buf(BS, D);
+    auto& [kbuf, vbuf, scores] = buf;
+    std::vector<float> q_rows(kQueriesPerTile * G * D);
     std::vector<int64_t> limit(kQueriesPerTile * G);
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
@@ -255,7 +348,7 @@ void merge_impl(const MergeParams& p) {
   S* out = as_ptr<S>(p.out);
   float* lse = as_ptr<float>(p.lse);
   const int64_t n = p.rows * p.heads, D = p.head_dim;
-#pragma omp parallel for
+#pragma omp parallel for if (n * D * static_cast<int64_t>(sizeof(S)) >= kParallelBytes)
   for (int64_t i = 0; i < n; ++i) {
     const float a = lse_a[i], b = lse_b[i];
     const float m = std::max(a, b);
@@ -302,7 +395,7 @@ void write_kv_cpu(const WriteKVParams& p) {
   char* vc = as_ptr<char>(p.v_cache);
   const char* k = as_ptr<const char>(p.k);
   const char* v = as_ptr<const char>(p.v);
-#pragma omp parallel for
+#pragma omp parallel for if (p.num_rows * row * elem >= kParallelBytes)
   for (int64_t i = 0; i < p.num_rows; ++i) {
     const int64_t slot = slots[i];
     if (slot < 0) continue;  // padded row

@@ -163,18 +163,16 @@ void sample_row(const SampleParams& p, int64_t b, RowScratch& s) {
   const bool greedy = temperature == 0.f;
   const float inv_t = greedy ? 1.f : 1.f / temperature;
 
+  // Branch-free passes the compiler vectorises: the maximum, then its first index.
   float m = kNegInf;
-  int64_t argmax = 0;
   for (int64_t i = 0; i < V; ++i) {
     s.x[i] = E::load(logits[i]) * inv_t;
-    if (s.x[i] > m) {
-      m = s.x[i];
-      argmax = i;
-    }
+    m = s.x[i] > m ? s.x[i] : m;
   }
+  const int64_t argmax = std::find(s.x.begin(), s.x.begin() + V, m) - s.x.begin();
   double total = 0.0;
   for (int64_t i = 0; i < V; ++i) {
-    s.e[i] = std::exp(s.x[i] - m);
+    s.e[i] = exp_nonpositive(s.x[i] - m);
     total += s.e[i];
   }
   const float log_total = static_cast<float>(std::log(total));

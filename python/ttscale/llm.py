@@ -58,16 +58,21 @@ class LLM:
     seed : int
         Sampling seed when ``SamplingParams.seed`` is None.
     kv_budget_bytes : int, optional
-        KV pool size (default 0.9 of free GPU memory, 2 GiB on the CPU).
+        KV pool size (default: on a GPU the process's KV budget for the device, 0.9 of its free
+        memory, or what other engines left of it; 2 GiB on the CPU).
+    memory_share : float, optional
+        The share of the device's KV budget to lease instead (see :mod:`ttscale.engine.memory`).
     """
 
     def __init__(self, model: str | Path, device=None, dtype=None, seed: int = 0, *,
-                 kv_budget_bytes: int | None = None, block_size: int = 16, window: int | None = None):
+                 kv_budget_bytes: int | None = None, memory_share: float | None = None,
+                 block_size: int = 16, window: int | None = None):
         model_dir = Path(model)
         self.model = load_model(model_dir, device=device, dtype=dtype)
         self.tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
         self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes,
-                             block_size=block_size, seed=seed, window=window)
+                             memory_share=memory_share, block_size=block_size, seed=seed,
+                             window=window)
 
     def encode(self, prompt: str | Seq[int], name: str = "prompts") -> list[int]:
         if isinstance(prompt, str):

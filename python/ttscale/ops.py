@@ -170,6 +170,7 @@ def cascade_decode_attention(
     *,
     plan: CascadePlan | None = None,
     backend: str | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Decode attention of one query token per sequence over a shared prompt and its own suffix.
 
@@ -197,6 +198,10 @@ def cascade_decode_attention(
         From :func:`plan_cascade_decode`, computed once per step and reused by every layer.
     backend : str, optional
         Force ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+    validate : bool
+        False skips the argument checks, for a caller that has just checked these same
+        arguments (a model's layers after the first read one step's tables and lengths, and
+        caches of one shape); checking reads the tables and lengths on the CPU.
 
     Returns
     -------
@@ -205,8 +210,10 @@ def cascade_decode_attention(
     lse : Tensor
         ``[B, Hq]`` float32, natural-log log-sum-exp of the scaled scores.
     """
-    _check_paged_attention(q, k_cache, v_cache, prompt_block_tables, prompt_lens, problem_ids,
-                           suffix_block_tables, suffix_lens, num_seqs=q.shape[0] if isinstance(q, Tensor) else None)
+    if validate:
+        _check_paged_attention(q, k_cache, v_cache, prompt_block_tables, prompt_lens, problem_ids,
+                               suffix_block_tables, suffix_lens,
+                               num_seqs=q.shape[0] if isinstance(q, Tensor) else None)
     scale = _scale(scale, q.shape[2])
     chosen = backends.resolve("cascade_decode_attention", q.device, backend)
     if plan is None:
@@ -252,6 +259,7 @@ def paged_prefill_attention(
     *,
     plan: CascadePlan | None = None,
     backend: str | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Attention of a chunk of new tokens per sequence over its two-level past, causally.
 
@@ -269,6 +277,8 @@ def paged_prefill_attention(
         ``[B]`` int32, new tokens per sequence (0 allowed); they sum to ``total_q``.
     scale : float, optional
         Softmax scale, default ``D ** -0.5``.
+    validate : bool
+        False skips the argument checks (see :func:`cascade_decode_attention`).
 
     Returns
     -------
@@ -277,6 +287,20 @@ def paged_prefill_attention(
     lse : Tensor
         ``[total_q, Hq]`` float32, natural log.
     """
+    if validate:
+        _check_paged_prefill(q, k_cache, v_cache, prompt_block_tables, prompt_lens, problem_ids,
+                             suffix_block_tables, suffix_lens, q_lens)
+    scale = _scale(scale, q.shape[2])
+    chosen = backends.resolve("paged_prefill_attention", q.device, backend)
+    plan_tensors = plan.tensors() if plan is not None else []
+    q, pbt, pl, pid, sbt, sl, ql = _contiguous(q, prompt_block_tables, prompt_lens, problem_ids,
+                                               suffix_block_tables, suffix_lens, q_lens)
+    return _paged_prefill_attention(q, k_cache, v_cache, pbt, pl, pid, sbt, sl, ql, scale,
+                                    plan_tensors, chosen)
+
+
+def _check_paged_prefill(q, k_cache, v_cache, prompt_block_tables, prompt_lens, problem_ids,
+                         suffix_block_tables, suffix_lens, q_lens) -> None:
     _check_paged_attention(q, k_cache, v_cache, prompt_block_tables, prompt_lens, problem_ids,
                            suffix_block_tables, suffix_lens, num_seqs=None)
     batch = problem_ids.shape[0]
@@ -294,13 +318,6 @@ def paged_prefill_attention(
                 f"q_lens: sequence {b} has {int(q_lens[b])} new tokens but its context holds "
                 f"only {int(context[b])} (prompt + suffix)"
             )
-    scale = _scale(scale, q.shape[2])
-    chosen = backends.resolve("paged_prefill_attention", q.device, backend)
-    plan_tensors = plan.tensors() if plan is not None else []
-    q, pbt, pl, pid, sbt, sl, ql = _contiguous(q, prompt_block_tables, prompt_lens, problem_ids,
-                                               suffix_block_tables, suffix_lens, q_lens)
-    return _paged_prefill_attention(q, k_cache, v_cache, pbt, pl, pid, sbt, sl, ql, scale,
-                                    plan_tensors, chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +381,8 @@ def _(k_cache, v_cache, k, v, slots, backend):
 
 
 def write_kv(
-    k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor, *, backend: str | None = None
+    k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor, *,
+    backend: str | None = None, validate: bool = True,
 ) -> None:
     """Scatter new K/V rows into the pool, in place.
 
@@ -377,7 +395,18 @@ def write_kv(
     slots : Tensor
         ``[N]`` integer, the flat slot ``block * block_size + offset`` of each row; -1 skips the
         row (the padded rows of a CUDA graph).
+    validate : bool
+        False skips the argument checks, for a caller that has just checked the same slots
+        against a cache of the same shape (a model's layers after the first).
     """
+    if validate:
+        _check_write_kv(k_cache, v_cache, k, v, slots)
+    chosen = backends.resolve("write_kv", k_cache.device, backend)
+    k, v = _contiguous(k, v)
+    _write_kv(k_cache, v_cache, k, v, slots.to(torch.int64).contiguous(), chosen)
+
+
+def _check_write_kv(k_cache, v_cache, k, v, slots) -> None:
     check_tensor("k_cache", k_cache, ndim=4, dtype=FLOAT_DTYPES)
     check_tensor("v_cache", v_cache, dtype=k_cache.dtype, device=k_cache.device, shape=tuple(k_cache.shape))
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -388,9 +417,6 @@ def write_kv(
     check_tensor("slots", slots, dtype=INDEX_DTYPES, device=k_cache.device, shape=(k.shape[0],))
     if check_values(slots):
         check_range("slots", slots, -1, num_blocks * block_size)
-    chosen = backends.resolve("write_kv", k_cache.device, backend)
-    k, v = _contiguous(k, v)
-    _write_kv(k_cache, v_cache, k, v, slots.to(torch.int64).contiguous(), chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,6 +875,8 @@ def _check_sampling_values(logits, temperature, top_k, top_p, min_p) -> None:
         row = _first_bad_row(bad)
         if row is not None:
             raise ValueError(f"{name}: expected {want}, got {values[row].item()} at row {row}")
+    if bool(torch.isfinite(logits.sum(dtype=torch.float32))):
+        return  # no NaN or infinity anywhere: one pass
     row_max = logits.amax(dim=1)  # NaN propagates: one pass finds every bad row
     row = _first_bad_row(torch.isnan(row_max) | torch.isposinf(row_max))
     if row is not None:

@@ -16,10 +16,12 @@ their stop inside a window keep computing until it ends; their extra tokens are 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence as Seq
 
 import torch
 from ttscale import ops
+from ttscale.engine import memory
 from ttscale.engine.block_manager import BlockManager, PoolExhausted
 from ttscale.engine.runner import ModelRunner
 from ttscale.engine.sequence import Problem, Sequence
@@ -41,7 +43,13 @@ class Engine:
     tokenizer : Tokenizer, optional
         Needed for stop strings and text; not for token ids alone.
     kv_budget_bytes : int, optional
-        Bytes for the KV pool. Default: 0.9 of free GPU memory on a GPU, 2 GiB on the CPU.
+        Bytes for the KV pool. Default: on a GPU, a share of the process's budget for the device
+        (``memory_share``); on the CPU 2 GiB.
+    memory_share : float, optional
+        The share of the device's KV budget (0.9 of its free memory, one budget per process and
+        device, see :mod:`ttscale.engine.memory`) this engine leases: e.g. ``POLICY_SHARE`` and
+        ``PRM_SHARE`` for a policy beside a PRM. Default: all that other engines left. On the
+        CPU a share is taken only when given.
     block_size : int
         Tokens per KV block.
     seed : int
@@ -53,8 +61,9 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, *, kv_budget_bytes: int | None = None,
-                 block_size: int = 16, seed: int = 0, window: int | None = None,
-                 max_batch_tokens: int = 4096, backend: str | None = None):
+                 memory_share: float | None = None, block_size: int = 16, seed: int = 0,
+                 window: int | None = None, max_batch_tokens: int = 4096,
+                 backend: str | None = None):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens: expected >= 1, got {max_batch_tokens}")
         self.model = model
@@ -64,9 +73,23 @@ class Engine:
         self.window = window if window is not None else (1 if device.type == "cpu" else 8)
         if self.window < 1:
             raise ValueError(f"window: expected >= 1, got {self.window}")
-        if kv_budget_bytes is None:
-            kv_budget_bytes = default_kv_budget(device)
-        self.kv_cache = model.allocate_kv_cache(kv_budget_bytes, block_size=block_size)
+        self.memory_lease: memory.Lease | None = None
+        if kv_budget_bytes is not None and memory_share is not None:
+            raise ValueError("memory_share: give kv_budget_bytes or memory_share, not both")
+        if kv_budget_bytes is None and (device.type != "cpu" or memory_share is not None):
+            owner = f"the engine of a {model.config.architecture}"
+            self.memory_lease = memory.lease(device, memory_share, owner)
+            kv_budget_bytes = self.memory_lease.bytes
+        elif kv_budget_bytes is None:
+            kv_budget_bytes = CPU_KV_BYTES
+        try:
+            self.kv_cache = model.allocate_kv_cache(kv_budget_bytes, block_size=block_size)
+        except BaseException:
+            if self.memory_lease is not None:
+                self.memory_lease.release()
+            raise
+        if self.memory_lease is not None:  # the share returns when the engine (and pool) goes
+            weakref.finalize(self, self.memory_lease.release)
         self.blocks = BlockManager(self.kv_cache.num_blocks, block_size)
         self.runner = ModelRunner(model, self.kv_cache, backend=backend, max_batch_tokens=max_batch_tokens)
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
@@ -341,6 +364,19 @@ class Engine:
 
     def _accept(self, seq: Sequence, tokens, logprobs, top, stopped, stops, limit) -> None:
         """Take a window's samples up to the first stop; the stopping token stays pending."""
+        n = len(tokens)
+        if not stops and not any(stopped) and seq.generated + n < limit:
+            # Nothing can stop inside this window (no stop strings, no flagged token, the limit
+            # beyond it): take it whole, without a Python step per token.
+            start = len(seq.tokens)
+            seq.tokens.extend(tokens)
+            seq.sampled_at.extend(range(start, start + n))
+            seq.logprobs.extend(logprobs)
+            if top is not None:
+                seq.top_logprobs.extend(top)
+            self.generated_tokens += n
+            seq.kv_len += n
+            return
         fed = 0
         for j, token in enumerate(tokens):
             seq.tokens.append(token)
@@ -415,12 +451,16 @@ class Engine:
                 raise ValueError(f"seqs: sequence {seq.seq_id} was freed")
 
 
+CPU_KV_BYTES = 2 << 30  # the CPU pool when no budget is given
+
+
 def default_kv_budget(device: torch.device) -> int:
-    """0.9 of free GPU memory, or 2 GiB on the CPU."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.9)
-    return 2 << 30
+    """What a lone engine's pool gets: the device's whole KV budget (see
+    :mod:`ttscale.engine.memory`) on a GPU, 2 GiB on the CPU. Takes no lease."""
+    if device.type == "cpu":
+        return CPU_KV_BYTES
+    budget = memory.device_budget(device)
+    return int(budget.fraction * memory.free_memory(budget.device))
 
 
 __all__ = ["Engine", "PoolExhausted", "default_kv_budget", "ops"]

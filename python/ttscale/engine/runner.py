@@ -18,10 +18,9 @@ from ttscale.sampling_params import SamplingParams
 def padded_tables(tables: list[list[int]], device) -> torch.Tensor:
     """``int32 [R, max_len]`` block tables, padded with block 0 (never read past a length)."""
     width = max([len(t) for t in tables] + [1])
-    out = torch.zeros(len(tables), width, dtype=torch.int32)
-    for row, table in enumerate(tables):
-        out[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    return out.to(device)
+    # One tensor from padded lists, not one per row (5 us each: 0.3 ms a step at 64 sequences).
+    rows = [table + [0] * (width - len(table)) for table in tables]
+    return torch.tensor(rows, dtype=torch.int32).reshape(len(tables), width).to(device)
 
 
 def slot_of(table: list[int], position: int, block_size: int) -> int:

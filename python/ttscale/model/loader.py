@@ -79,6 +79,7 @@ def load_model(
     files = weight_files(model_dir)  # name -> file, before allocating anything
     model = Transformer(config, max_positions, dtype=dtype, device=device)
     load_weights(model, files)
+    model.pack_weights()
     return model.eval()
 
 

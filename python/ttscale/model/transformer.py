@@ -10,7 +10,8 @@ or :func:`ttscale.ops.cascade_decode_attention` (one per sequence), as the step'
 only: :meth:`Transformer.compute_logits` (the LM head, or a few of its rows for a token-head
 PRM) and :meth:`Transformer.compute_scores` (a two-class or value head).
 
-Parameters are allocated uninitialised; :func:`ttscale.model.loader.load_model` fills them.
+Parameters are allocated uninitialised; :func:`ttscale.model.loader.load_model` fills them and,
+on the CPU, packs them for oneDNN (:meth:`Transformer.pack_weights`).
 Projections are fused (q/k/v into one matrix, gate/up into one) so a layer runs two matmuls
 where the checkpoint has five.
 """
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from ttscale import ops
 from ttscale._checks import check_range, check_values
+from ttscale.model import cpu_linear
 from ttscale.model.batch import DECODE, AttentionBatch
 from ttscale.model.config import ModelConfig
 from ttscale.model.kv_cache import KVCache
@@ -34,14 +36,25 @@ def _param(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """``y = x W^T (+ b)`` with ``W [out, in]``, as checkpoints store it."""
+    """``y = x W^T (+ b)`` with ``W [out, in]``, as checkpoints store it.
+
+    On the CPU, :meth:`pack` keeps oneDNN's reordered copy of ``W`` (see
+    :mod:`ttscale.model.cpu_linear`); ``weight`` stays the truth, and a pack is made again after
+    the weight changes.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, dtype, device):
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
+        self.packed: Tensor | None = None
+
+    def pack(self) -> None:
+        self.packed = cpu_linear.pack(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            return cpu_linear.linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -77,7 +90,8 @@ class Attention(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, cos_sin: Tensor, batch: AttentionBatch, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, cos_sin: Tensor, batch: AttentionBatch, k_cache: Tensor, v_cache: Tensor,
+        validate: bool = True,
     ) -> Tensor:
         tokens = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -88,7 +102,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
-        ops.write_kv(k_cache, v_cache, k, v, batch.slots, backend=batch.backend)
+        ops.write_kv(k_cache, v_cache, k, v, batch.slots, backend=batch.backend, validate=validate)
         levels = (
             batch.prompt_block_tables,
             batch.prompt_lens,
@@ -98,11 +112,13 @@ class Attention(nn.Module):
         )
         if batch.mode == DECODE:
             out, _ = ops.cascade_decode_attention(
-                q, k_cache, v_cache, *levels, plan=batch.plan, backend=batch.backend
+                q, k_cache, v_cache, *levels, plan=batch.plan, backend=batch.backend,
+                validate=validate,
             )
         else:
             out, _ = ops.paged_prefill_attention(
-                q, k_cache, v_cache, *levels, batch.q_lens, backend=batch.backend
+                q, k_cache, v_cache, *levels, batch.q_lens, backend=batch.backend,
+                validate=validate,
             )
         return self.o_proj(out.reshape(tokens, q_size))
 
@@ -136,10 +152,26 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, dtype=dtype, device=device)
 
     def forward(
-        self, x: Tensor, cos_sin: Tensor, batch: AttentionBatch, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, cos_sin: Tensor, batch: AttentionBatch, k_cache: Tensor, v_cache: Tensor,
+        validate: bool = True,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch, k_cache, v_cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch, k_cache, v_cache, validate)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _check_uniform_layers(kv_cache: KVCache) -> None:
+    """Every layer's cache like layer 0's, so that the ops' checks at layer 0 cover them all."""
+    first = kv_cache.k[0]
+    for name, caches in (("k", kv_cache.k), ("v", kv_cache.v)):
+        for i, cache in enumerate(caches):
+            if (cache.shape != first.shape or cache.dtype != first.dtype
+                    or cache.device != first.device or not cache.is_contiguous()):
+                layout = "" if cache.is_contiguous() else " (not contiguous)"
+                raise ValueError(
+                    f"kv_cache: {name}[{i}] is {list(cache.shape)} {cache.dtype} on "
+                    f"{cache.device}{layout}, expected every layer like k[0]: "
+                    f"{list(first.shape)} {first.dtype} on {first.device}, contiguous"
+                )
 
 
 class Transformer(nn.Module):
@@ -165,6 +197,7 @@ class Transformer(nn.Module):
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device)
         self.lm_head: Tensor | None = None
+        self.lm_head_packed: Tensor | None = None  # see pack_weights
         self.score_hidden: Linear | None = None
         self.score_out: Linear | None = None
         if c.head == "lm":
@@ -191,6 +224,16 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.device
+
+    def pack_weights(self) -> None:
+        """On the CPU, run every matrix product through oneDNN on reordered copies of the
+        weights (2-3x faster than ``F.linear``; twice their memory): see
+        :mod:`ttscale.model.cpu_linear`. Call again after changing weights. A no-op elsewhere."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        if self.lm_head is not None:
+            self.lm_head_packed = cpu_linear.pack(self.lm_head)
 
     def allocate_kv_cache(self, budget_bytes: int, *, block_size: int = 16) -> KVCache:
         """A paged pool for this model holding as many blocks as ``budget_bytes`` allows."""
@@ -232,12 +275,16 @@ class Transformer(nn.Module):
             )
         if len(kv_cache.k) != len(self.layers):
             raise ValueError(f"kv_cache: expected {len(self.layers)} layers, got {len(kv_cache.k)}")
+        _check_uniform_layers(kv_cache)
         if check_values(batch.positions):
             check_range("positions", batch.positions, 0, self.max_positions)
         cos_sin = self.rotary[batch.positions]  # [T, D], shared by every layer
         x = F.embedding(input_ids, self.embed_tokens)  # [T, H]
-        for layer, k_cache, v_cache in zip(self.layers, kv_cache.k, kv_cache.v, strict=True):
-            x = layer(x, cos_sin, batch, k_cache, v_cache)
+        # Every layer reads the same step metadata and a cache of the same shape: the ops check
+        # them at the first layer only (on the CPU the checks read the block tables).
+        layers = zip(self.layers, kv_cache.k, kv_cache.v, strict=True)
+        for i, (layer, k_cache, v_cache) in enumerate(layers):
+            x = layer(x, cos_sin, batch, k_cache, v_cache, validate=i == 0)
         if rows is not None:
             x = x[rows]
         return self.norm(x)
@@ -251,6 +298,8 @@ class Transformer(nn.Module):
         """
         if self.lm_head is None:
             raise ValueError(f"compute_logits: a {self.config.architecture} has no LM head")
+        if token_ids is None and self.lm_head_packed is not None:
+            return cpu_linear.linear(hidden, self.lm_head_packed, None)
         weight = self.lm_head if token_ids is None else self.lm_head[token_ids]
         return F.linear(hidden, weight)
 
