@@ -1,15 +1,18 @@
 """Triton kernels of the sample op: Gumbel-max over the filtered vocabulary, no sort.
 
-The token is the kept token with the largest key ``x + g`` (reference.py's sampling section
-defines ``x``, the filters and the noise ``g``). Every filter keeps the tokens at or above a
-threshold on ``x``, and the few largest keys of a row are known after one pass, so:
+The token is the kept token with the largest key ``(x - max x) + g`` (reference.py's sampling
+section defines ``x``, the filters and the noise ``g = -log(E)``, ``E = -log(u)``). Every
+filter keeps the tokens at or above a threshold on ``x``, and the few largest keys of a row are
+known after one pass, so:
 
 1. ``_chunk_stats_kernel`` (one program per chunk of a row) reads the logits once: the chunk's
-   max, sum of ``exp(x - max)``, argmax, its ``CANDIDATES`` largest keys and, for top
-   log-probabilities, its ``n`` largest ``x``.
+   max, sum of ``exp(x - max)`` and argmax, and for each group of ``GROUP`` consecutive tokens
+   an approximate key of its best token (ranked by the exponential race ``exp(x - max) / E``,
+   the key's order with one logarithm per token instead of two) and, for top log-probabilities,
+   its largest ``x``.
 2. ``_row_merge_kernel`` (one program per row) merges the chunks: the row's max ``m``, total
-   mass ``Z``, argmax, the candidates (the row's largest keys, in key order) and the top
-   log-probabilities.
+   mass ``Z`` and argmax; the ``CANDIDATES`` groups with the largest keys, whose tokens' exact
+   keys give the candidates (the row's largest keys, in key order); the top log-probabilities.
 3. ``_probe_kernel`` (one program per chunk, only rows with top-k or top-p) reads the logits a
    second time: for each candidate's ``x``, how many tokens lie strictly above it and their mass.
    That decides whether each filter keeps the candidate (min-p needs only ``m``).
@@ -22,7 +25,9 @@ threshold on ``x``, and the few largest keys of a row are known after one pass, 
    takes the Gumbel-max over the tokens at or above it.
 
 Passes 1 and 3 are the only full reads in the common case; pass 3 runs its programs in reverse
-order so that it starts on the chunks pass 1 read last, which may still be in L2.
+order so that it starts on the chunks pass 1 read last, which may still be in L2. Rounding can
+make the race and the key order two tokens differently only when their keys agree to about
+1e-7; backends differ from the reference in such near-ties only.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ttscale.backends import new_output
 CANDIDATES = 4  # largest keys kept per row: a top-p row falls back with odds (1 - top_p) ** 4
 SEARCH_PROBES = 16  # thresholds tested per pass of the exact search: 8 passes cover float32
 SEARCH_BLOCK = 512
+GROUP = tl.constexpr(32)  # consecutive tokens that pass 1 summarises by their best race
 TAKEN = tl.constexpr(2**30)  # the id of a used or empty slot, above any vocabulary
 
 
@@ -61,11 +67,11 @@ def _row_rng(seed_lo, seed_hi, offset):
 
 
 @triton.jit
-def _gumbel(token, key, step):
-    """Gumbel noise of each token (int32 ids): -log(-log(u)), u exact in (0, 1)."""
+def _exponential(token, key, step):
+    """E = -log(u) of each token (int32 ids), u exact in (0, 1); the Gumbel noise is -log(E)."""
     bits = _fmix32(token.to(tl.uint32) * step + key)
     u = (bits >> 9).to(tl.float32) * 1.1920928955078125e-07 + 5.960464477539063e-08  # 2^-23, 2^-24
-    return -tl.log(-tl.log(u))
+    return -tl.log(u)
 
 
 @triton.jit
@@ -75,72 +81,96 @@ def _scaled_logits(row_ptr, offs, vocab, inv_t):
 
 
 @triton.jit
-def _largest(values, ids):
-    """The largest value and the lowest id holding it."""
-    best = tl.max(values, 0)
-    return best, tl.min(tl.where(values == best, ids, TAKEN), 0)
+def _token_keys(row_ptr, ids, vocab, inv_t, row_max, key, step):
+    """x and the key (x - row_max) + g of the given token ids (TAKEN: -inf)."""
+    x = _scaled_logits(row_ptr, ids, vocab, inv_t)
+    return x, (x - row_max) - tl.log(_exponential(ids, key, step))
 
 
 @triton.jit
-def _take(values, ids, out_value_ptr, out_id_ptr, shift, COUNT: tl.constexpr):
-    """Store the COUNT largest values (less shift) with their ids, largest first, equal values
-    by lowest id.
+def _select(values, ids, COUNT: tl.constexpr):
+    """The ids of the COUNT largest values, largest first, equal values by lowest id.
 
-    A taken slot's id becomes TAKEN, so it is not taken again even when its value ties
-    (``-inf`` logits); slots past the vocabulary carry TAKEN from the start.
+    A chosen id becomes TAKEN, so it is not chosen again even when its value ties (``-inf``);
+    slots past the vocabulary carry TAKEN from the start.
     """
+    chosen = tl.full([COUNT], TAKEN, tl.int32)
+    slot = tl.arange(0, COUNT)
     for r in tl.static_range(COUNT):
         best = tl.max(values, 0)
         best_id = tl.min(tl.where(values == best, ids, TAKEN), 0)
-        tl.store(out_value_ptr + r, best - shift)
-        tl.store(out_id_ptr + r, best_id)
+        chosen = tl.where(slot == r, best_id, chosen)
         taken = ids == best_id
         values = tl.where(taken, float("-inf"), values)
         ids = tl.where(taken, TAKEN, ids)
+    return chosen
+
+
+@triton.jit
+def _top_group_tokens(values, COUNT: tl.constexpr):
+    """Token ids ``[COUNT * GROUP]`` of the COUNT groups with the largest values (equal values:
+    lowest group), given one value per group of GROUP consecutive tokens.
+
+    When a group's value is the largest ranking value among its tokens, these groups hold the
+    COUNT highest-ranked tokens: every group ranked above the one holding the r-th token holds a
+    token ranked above it, and there are fewer than r of those.
+    """
+    groups = _select(values, tl.arange(0, values.shape[0]), COUNT)
+    return tl.reshape(groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :], [COUNT * GROUP])
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _chunk_stats_kernel(
     logits_ptr, inv_t_ptr, offsets_ptr, seed_lo, seed_hi,
-    chunk_max_ptr, chunk_sum_ptr, chunk_arg_ptr, cand_key_ptr, cand_id_ptr, top_x_ptr, top_id_ptr,
+    chunk_max_ptr, chunk_sum_ptr, chunk_arg_ptr, group_key_ptr, group_max_ptr,
     vocab, num_chunks,
-    BLOCK: tl.constexpr, NUM_CANDIDATES: tl.constexpr, NUM_LOGPROBS: tl.constexpr,
+    BLOCK: tl.constexpr, NUM_LOGPROBS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row, chunk = pid // num_chunks, pid % num_chunks
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    x = _scaled_logits(logits_ptr + row.to(tl.int64) * vocab, offs, vocab, tl.load(inv_t_ptr + row))
-    ids = tl.where(offs < vocab, offs, TAKEN)
-    chunk_max, chunk_arg = _largest(x, ids)
-    mass = tl.where(x > float("-inf"), tl.exp(x - chunk_max), 0.0)
-    tl.store(chunk_max_ptr + pid, chunk_max)
-    tl.store(chunk_sum_ptr + pid, tl.sum(mass, 0))
-    tl.store(chunk_arg_ptr + pid, chunk_arg)
+    row_ptr = logits_ptr + row.to(tl.int64) * vocab
+    GROUPS: tl.constexpr = BLOCK // GROUP
+    groups = pid * GROUPS + tl.arange(0, GROUPS)
+    offs = chunk * BLOCK + tl.arange(0, GROUPS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    x = _scaled_logits(row_ptr, offs, vocab, tl.load(inv_t_ptr + row))  # [GROUPS, GROUP]
+    group_max = tl.max(x, 1)
+    finite_max = tl.where(group_max > float("-inf"), group_max, 0.0)  # a group of banned tokens
+    mass = tl.exp(x - finite_max[:, None])
+    group_sum = tl.sum(mass, 1)
+    if NUM_LOGPROBS > 0:
+        tl.store(group_max_ptr + groups, group_max)
 
+    # Rank the tokens by the exponential race mass / E, the order of their keys with one
+    # logarithm per token; each group keeps its best as a key relative to the chunk's max.
     key, step = _row_rng(seed_lo, seed_hi, tl.load(offsets_ptr + row))
-    keys = x + _gumbel(offs, key, step)
-    slot = pid * NUM_CANDIDATES
-    _take(keys, ids, cand_key_ptr + slot, cand_id_ptr + slot, 0.0, NUM_CANDIDATES)
-    slot = pid * NUM_LOGPROBS
-    _take(x, ids, top_x_ptr + slot, top_id_ptr + slot, 0.0, NUM_LOGPROBS)
+    race = tl.maximum(tl.max(mass / _exponential(offs, key, step), 1), 1e-30)  # > 0 if finite
+    chunk_max = tl.max(group_max, 0)
+    below = tl.where(group_max > float("-inf"), group_max - chunk_max, float("-inf"))
+    tl.store(group_key_ptr + groups, below + tl.log(race))
+    tl.store(chunk_max_ptr + pid, chunk_max)
+    tl.store(chunk_sum_ptr + pid, tl.sum(group_sum * tl.exp(below), 0))
+    ids = tl.where(offs < vocab, offs, TAKEN)
+    tl.store(chunk_arg_ptr + pid, tl.min(tl.min(tl.where(x == chunk_max, ids, TAKEN), 1), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _row_merge_kernel(
-    logits_ptr, inv_t_ptr, chunk_max_ptr, chunk_sum_ptr, chunk_arg_ptr, cand_key_ptr, cand_id_ptr,
-    top_x_ptr, top_id_ptr,
+    logits_ptr, inv_t_ptr, offsets_ptr, seed_lo, seed_hi,
+    chunk_max_ptr, chunk_sum_ptr, chunk_arg_ptr, group_key_ptr, group_max_ptr,
     row_max_ptr, row_sum_ptr, row_arg_ptr, row_key_ptr, row_id_ptr, row_x_ptr,
     top_ids_ptr, top_logprobs_ptr,
     vocab, num_chunks,
-    CHUNKS: tl.constexpr, NUM_CANDIDATES: tl.constexpr, NUM_LOGPROBS: tl.constexpr,
-    LOGPROB_SLOTS: tl.constexpr,
+    CHUNKS: tl.constexpr, ROW_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
+    NUM_CANDIDATES: tl.constexpr, NUM_LOGPROBS: tl.constexpr, LOGPROBS_POW2: tl.constexpr,
 ):
     row = tl.program_id(0)
-    chunks = tl.arange(0, CHUNKS)
-    in_row = chunks < num_chunks
-    chunk_max = tl.load(chunk_max_ptr + row * num_chunks + chunks, mask=in_row, other=float("-inf"))
-    chunk_sum = tl.load(chunk_sum_ptr + row * num_chunks + chunks, mask=in_row, other=0.0)
-    chunk_arg = tl.load(chunk_arg_ptr + row * num_chunks + chunks, mask=in_row, other=TAKEN)
+    row_ptr = logits_ptr + row.to(tl.int64) * vocab
+    inv_t = tl.load(inv_t_ptr + row)
+    chunks = row * num_chunks + tl.arange(0, CHUNKS)
+    in_row = chunks < (row + 1) * num_chunks
+    chunk_max = tl.load(chunk_max_ptr + chunks, mask=in_row, other=float("-inf"))
+    chunk_sum = tl.load(chunk_sum_ptr + chunks, mask=in_row, other=0.0)
+    chunk_arg = tl.load(chunk_arg_ptr + chunks, mask=in_row, other=TAKEN)
     row_max = tl.max(chunk_max, 0)
     rescaled = chunk_sum * tl.exp(chunk_max - row_max)
     row_sum = tl.sum(tl.where(chunk_max > float("-inf"), rescaled, 0.0), 0)
@@ -149,28 +179,34 @@ def _row_merge_kernel(
     # Chunks cover increasing ids, so the lowest argmax among maximal chunks is the row's first.
     tl.store(row_arg_ptr + row, tl.min(tl.where(chunk_max == row_max, chunk_arg, TAKEN), 0))
 
-    inv_t = tl.load(inv_t_ptr + row)
-    slots = row * num_chunks * NUM_CANDIDATES + tl.arange(0, CHUNKS * NUM_CANDIDATES)
-    in_row = slots < (row + 1) * num_chunks * NUM_CANDIDATES
-    keys = tl.load(cand_key_ptr + slots, mask=in_row, other=float("-inf"))
-    ids = tl.load(cand_id_ptr + slots, mask=in_row, other=TAKEN)
-    slot = row * NUM_CANDIDATES
-    _take(keys, ids, row_key_ptr + slot, row_id_ptr + slot, 0.0, NUM_CANDIDATES)
-    # Each candidate's x, as pass 1 computed it; a row with fewer finite keys than candidates has
-    # TAKEN ids (keys -inf), read as the last token.
-    r = tl.arange(0, NUM_CANDIDATES)
-    cand_id = tl.minimum(tl.load(row_id_ptr + row * NUM_CANDIDATES + r), vocab - 1)
-    cand_x = tl.load(logits_ptr + row.to(tl.int64) * vocab + cand_id).to(tl.float32) * inv_t
-    tl.store(row_x_ptr + row * NUM_CANDIDATES + r, cand_x)
+    # Candidates: the groups with the largest approximate keys, then exact keys of their tokens.
+    group = tl.arange(0, ROW_GROUPS)
+    in_row = group < num_chunks * (BLOCK // GROUP)
+    first_group = row * num_chunks * (BLOCK // GROUP)
+    group_key = tl.load(group_key_ptr + first_group + group, mask=in_row, other=float("-inf"))
+    group_chunk_max = tl.load(chunk_max_ptr + row * num_chunks + group // (BLOCK // GROUP),
+                              mask=in_row, other=float("-inf"))
+    group_key += tl.where(group_chunk_max > float("-inf"), group_chunk_max - row_max, 0.0)
+    ids = _top_group_tokens(group_key, NUM_CANDIDATES)
+    key, step = _row_rng(seed_lo, seed_hi, tl.load(offsets_ptr + row))
+    _, keys = _token_keys(row_ptr, ids, vocab, inv_t, row_max, key, step)
+    chosen = _select(keys, tl.where(ids < vocab, ids, TAKEN), NUM_CANDIDATES)
+    x, keys = _token_keys(row_ptr, chosen, vocab, inv_t, row_max, key, step)
+    r = row * NUM_CANDIDATES + tl.arange(0, NUM_CANDIDATES)
+    tl.store(row_id_ptr + r, tl.minimum(chosen, vocab - 1))  # a row with fewer tokens than slots
+    tl.store(row_key_ptr + r, keys)
+    tl.store(row_x_ptr + r, x)
 
     if NUM_LOGPROBS > 0:
-        slots = row * num_chunks * NUM_LOGPROBS + tl.arange(0, LOGPROB_SLOTS)
-        in_row = slots < (row + 1) * num_chunks * NUM_LOGPROBS
-        xs = tl.load(top_x_ptr + slots, mask=in_row, other=float("-inf"))
-        ids = tl.load(top_id_ptr + slots, mask=in_row, other=TAKEN)
-        slot = row * NUM_LOGPROBS
+        group_max = tl.load(group_max_ptr + first_group + group, mask=in_row, other=float("-inf"))
+        ids = _top_group_tokens(group_max, LOGPROBS_POW2)
+        ids = tl.where(ids < vocab, ids, TAKEN)
+        chosen = _select(_scaled_logits(row_ptr, ids, vocab, inv_t), ids, LOGPROBS_POW2)
+        r = tl.arange(0, LOGPROBS_POW2)
+        tl.store(top_ids_ptr + row * NUM_LOGPROBS + r, chosen, mask=r < NUM_LOGPROBS)
+        x = _scaled_logits(row_ptr, chosen, vocab, inv_t)
         log_z = row_max + tl.log(row_sum)
-        _take(xs, ids, top_logprobs_ptr + slot, top_ids_ptr + slot, log_z, NUM_LOGPROBS)
+        tl.store(top_logprobs_ptr + row * NUM_LOGPROBS + r, x - log_z, mask=r < NUM_LOGPROBS)
 
 
 @triton.jit
@@ -193,14 +229,16 @@ def _probe_kernel(
     k_on, p_on = _filters_on(temperature, top_k, tl.load(top_p_ptr + row), vocab)
     if k_on | p_on:
         offs = chunk * BLOCK + tl.arange(0, BLOCK)
-        inv_t = tl.load(inv_t_ptr + row)
-        x = _scaled_logits(logits_ptr + row.to(tl.int64) * vocab, offs, vocab, inv_t)
+        row_ptr = logits_ptr + row.to(tl.int64) * vocab
+        x = _scaled_logits(row_ptr, offs, vocab, tl.load(inv_t_ptr + row))
         mass = tl.exp(x - tl.load(row_max_ptr + row))
-        probes = tl.load(row_x_ptr + row * NUM_CANDIDATES + tl.arange(0, NUM_CANDIDATES))
-        above = x[:, None] > probes[None, :]
-        slots = pid * NUM_CANDIDATES + tl.arange(0, NUM_CANDIDATES)
-        tl.store(probe_count_ptr + slots, tl.sum(above.to(tl.int32), 0))
-        tl.store(probe_mass_ptr + slots, tl.sum(tl.where(above, mass[:, None], 0.0), 0))
+        for r in tl.static_range(NUM_CANDIDATES):
+            above = x > tl.load(row_x_ptr + row * NUM_CANDIDATES + r)
+            slot = pid * NUM_CANDIDATES + r
+            if k_on:
+                tl.store(probe_count_ptr + slot, tl.sum(above.to(tl.int32), 0))
+            if p_on:
+                tl.store(probe_mass_ptr + slot, tl.sum(tl.where(above, mass, 0.0), 0))
 
 
 @triton.jit
@@ -263,15 +301,16 @@ def _search_threshold(
 
 
 @triton.jit
-def _gumbel_max_above(row_ptr, vocab, inv_t, threshold, key, step, BLOCK: tl.constexpr):
-    """The token with the largest x + g among those with x >= threshold (lowest id on ties)."""
+def _gumbel_max_above(row_ptr, vocab, inv_t, row_max, threshold, key, step, BLOCK: tl.constexpr):
+    """The token with the largest key among those with x >= threshold (lowest id on ties)."""
     best_key = tl.full([], float("-inf"), tl.float32)
     best_id = tl.full([], TAKEN, tl.int32)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        x = _scaled_logits(row_ptr, offs, vocab, inv_t)
-        keys = tl.where(x >= threshold, x + _gumbel(offs, key, step), float("-inf"))
-        tile_key, tile_id = _largest(keys, offs)
+        x, keys = _token_keys(row_ptr, offs, vocab, inv_t, row_max, key, step)
+        keys = tl.where(x >= threshold, keys, float("-inf"))
+        tile_key = tl.max(keys, 0)
+        tile_id = tl.min(tl.where(keys == tile_key, offs, TAKEN), 0)
         better = tile_key > best_key
         best_id = tl.where(better, tile_id, best_id)
         best_key = tl.where(better, tile_key, best_key)
@@ -303,8 +342,11 @@ def _finish_kernel(
         chunks = tl.arange(0, CHUNKS)
         slots = (row * num_chunks + chunks)[:, None] * NUM_CANDIDATES + r[None, :]
         probed = tl.where(k_on | p_on, (chunks < num_chunks)[:, None], False)
+        # The probe pass wrote counts only for top-k rows and masses only for top-p rows.
         count = tl.sum(tl.load(probe_count_ptr + slots, mask=probed, other=0), 0)
+        count = tl.where(k_on, count, 0)
         mass = tl.sum(tl.load(probe_mass_ptr + slots, mask=probed, other=0.0), 0)
+        mass = tl.where(p_on, mass, 0.0)
         count_limit = tl.where(k_on, top_k, vocab + 1)
         kept_mass = row_sum
         if k_on & p_on:  # top-p is relative to the top-k set's mass: find the top-k threshold
@@ -319,7 +361,7 @@ def _finish_kernel(
             threshold, _ = _search_threshold(
                 row_ptr, vocab, inv_t, row_max, count_limit, mass_limit, min_p, PROBES, BLOCK)
             key, step = _row_rng(seed_lo, seed_hi, tl.load(offsets_ptr + row))
-            token = _gumbel_max_above(row_ptr, vocab, inv_t, threshold, key, step, BLOCK)
+            token = _gumbel_max_above(row_ptr, vocab, inv_t, row_max, threshold, key, step, BLOCK)
     tl.store(tokens_ptr + row, token)
     x = tl.load(row_ptr + token).to(tl.float32) * inv_t
     tl.store(logprobs_ptr + row, x - (row_max + tl.log(row_sum)))
@@ -353,24 +395,23 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs
     def scratch(*shape, dtype=torch.float32):
         return torch.empty(shape, dtype=dtype, device=device)
 
-    i32 = torch.int32
+    i32, groups = torch.int32, programs * (block // GROUP)
     chunk_max, chunk_sum = scratch(programs), scratch(programs)
     chunk_arg = scratch(programs, dtype=i32)
-    cand_key, cand_id = scratch(programs, c), scratch(programs, c, dtype=i32)
-    top_x, top_id = scratch(programs, max(n, 1)), scratch(programs, max(n, 1), dtype=i32)
+    group_key, group_max = scratch(groups), scratch(groups if n else 1)
     row_max, row_sum, row_arg = scratch(batch), scratch(batch), scratch(batch, dtype=i32)
     row_key, row_id, row_x = scratch(batch, c), scratch(batch, c, dtype=i32), scratch(batch, c)
     probe_count, probe_mass = scratch(programs, c, dtype=i32), scratch(programs, c)
 
     _chunk_stats_kernel[(programs,)](
-        logits, inv_t, offsets, seed_lo, seed_hi, chunk_max, chunk_sum, chunk_arg,
-        cand_key, cand_id, top_x, top_id, vocab, num_chunks,
-        BLOCK=block, NUM_CANDIDATES=c, NUM_LOGPROBS=n, num_warps=8)
+        logits, inv_t, offsets, seed_lo, seed_hi, chunk_max, chunk_sum, chunk_arg, group_key,
+        group_max, vocab, num_chunks, BLOCK=block, NUM_LOGPROBS=n, num_warps=8)
     _row_merge_kernel[(batch,)](
-        logits, inv_t, chunk_max, chunk_sum, chunk_arg, cand_key, cand_id, top_x, top_id,
-        row_max, row_sum, row_arg, row_key, row_id, row_x, top_ids, top_logprobs,
-        vocab, num_chunks, CHUNKS=triton.next_power_of_2(num_chunks), NUM_CANDIDATES=c,
-        NUM_LOGPROBS=n, LOGPROB_SLOTS=triton.next_power_of_2(num_chunks * n), num_warps=4)
+        logits, inv_t, offsets, seed_lo, seed_hi, chunk_max, chunk_sum, chunk_arg, group_key,
+        group_max, row_max, row_sum, row_arg, row_key, row_id, row_x, top_ids, top_logprobs,
+        vocab, num_chunks, CHUNKS=triton.next_power_of_2(num_chunks),
+        ROW_GROUPS=triton.next_power_of_2(num_chunks * (block // GROUP)), BLOCK=block,
+        NUM_CANDIDATES=c, NUM_LOGPROBS=n, LOGPROBS_POW2=triton.next_power_of_2(n), num_warps=8)
     _probe_kernel[(programs,)](
         logits, inv_t, temperature, top_k, top_p, row_max, row_x, probe_count, probe_mass,
         vocab, num_chunks, programs, BLOCK=block, NUM_CANDIDATES=c, num_warps=8)

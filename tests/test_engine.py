@@ -176,3 +176,27 @@ def test_extend_then_decode_prefills_the_appended_tokens(engine, hf_model):
     expected = hf_model.generate(torch.tensor([context]), max_new_tokens=4, do_sample=False,
                                  eos_token_id=None, pad_token_id=0)[0, len(context):].tolist()
     assert seq.output_ids[6:] == expected
+
+
+def test_select_and_fork_keeps_the_best_and_frees_the_rest(engine, hf_model):
+    problems = [engine.add(PROMPT), engine.add(PROMPT[:9])]
+    cands = engine.fork(problems[0], 3) + engine.fork(problems[1], 2)
+    engine.decode(cands, SamplingParams(temperature=1.0, max_tokens=6, seed=2, ignore_eos=True))
+    before = [list(c.tokens) for c in cands]
+    kids, parents, offsets = engine.select_and_fork(cands, [0.1, 0.9, 0.5, 0.3, 0.2], [3, 2], keep=1, children=2)
+    assert parents == [1, 1, 3, 3] and offsets == [0, 2, 4]
+    assert kids[0] is cands[1] and kids[2] is cands[3]  # a kept candidate carries on as its first child
+    assert [c.freed for c in cands] == [True, False, True, False, True]
+    engine.blocks.check([p.block_table for p in problems] + [k.block_table for k in kids])
+    for kid, p in zip(kids, parents):
+        assert kid.tokens == before[p]
+    # The children continue exactly as a fresh prefill of their context would.
+    engine.decode(kids[:1], GREEDY, max_new_tokens=5)
+    context = PROMPT + kids[0].output_ids[:6]
+    expected = hf_model.generate(torch.tensor([context]), max_new_tokens=5, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(context):].tolist()
+    assert kids[0].output_ids[6:] == expected
+    engine.free(kids)
+    for p in problems:
+        engine.free_problem(p)
+    assert engine.blocks.num_free == engine.blocks.num_blocks

@@ -96,6 +96,32 @@ def test_large_vocabulary_gpu(backend, vocab, dtype):
     assert_close(logprobs, ref_logprobs, torch.float32, "logprobs")
 
 
+@pytest.mark.gpu
+def test_gpu_path_never_synchronises_with_the_host():
+    case = make_sampling_case(64, 32_000, dtype=torch.bfloat16, device="cuda", seed=13)
+    _sample(case, None, seed=1, num_logprobs=5)  # compile outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _sample(case, None, seed=1, num_logprobs=5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_captures_in_a_cuda_graph_and_replays_on_new_inputs():
+    case = make_sampling_case(64, 32_000, device="cuda", seed=14)
+    _sample(case, None, seed=3)  # compile before capturing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens, logprobs, _ = _sample(case, None, seed=3)
+    case.logits.copy_(torch.randn_like(case.logits) * 3)
+    case.offsets += 1  # the next step's draws
+    graph.replay()
+    ref_tokens, ref_logprobs, _ = reference.sample(*case.args(3))
+    assert (tokens != ref_tokens).sum() <= 1
+    assert_close(logprobs, ref_logprobs, torch.float32, "logprobs")
+
+
 # ---------------------------------------------------------------------------------------------
 # Reproducibility
 
@@ -176,6 +202,18 @@ def test_tight_filters_on_flat_rows(backend, device):
     ref_tokens, ref_logprobs, _ = reference.sample(*case.args(2))
     assert torch.equal(tokens.cpu(), ref_tokens.cpu())
     assert_close(logprobs, ref_logprobs, torch.float32, "logprobs")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_likely_tokens_packed_together(backend, device):
+    """The likeliest tokens sit side by side (one or two of the Triton kernel's groups)."""
+    settings = [(1.0, 0, 1.0, 0.0), (1.0, 3, 1.0, 0.0), (1.0, 0, 0.3, 0.0), (2.0, 0, 1.0, 0.9)]
+    case = make_sampling_case(4, 2100, device=device, seed=12, settings=settings)
+    logits = torch.full((4, 2100), -4.0)
+    logits[:, 1030:1062] = 2 + torch.rand(4, 32, generator=torch.Generator().manual_seed(12))
+    case.logits = logits.to(device)
+    tokens = _sample(case, backend, seed=4)[0]
+    assert torch.equal(tokens.cpu(), reference.sample(*case.args(4))[0])
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

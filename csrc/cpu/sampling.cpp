@@ -1,9 +1,12 @@
 // C++ CPU kernel of the sample op: one row per OpenMP iteration.
 //
 // Every filter keeps the tokens whose scaled logit x reaches a threshold, so a row finds the
-// thresholds first, exactly and without sorting the vocabulary (nth_element for top-k, a
-// quickselect on mass for top-p), then takes the Gumbel-max over the kept tokens with the
-// random numbers of sampling.h.
+// thresholds first, exactly and without sorting the vocabulary, then takes the Gumbel-max over
+// the kept tokens with the random numbers of sampling.h. To find a threshold, the pass that
+// computes the probabilities also buckets the tokens by x (bins of 1/16 below the max, with
+// their counts and masses); the bins locate the one bucket the threshold falls in, and only
+// that bucket's tokens go through a selection (nth_element for top-k, a quickselect on mass
+// for top-p).
 #include "sampling.h"
 
 #include <algorithm>
@@ -20,6 +23,8 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int kBins = 1024;            // the last bin holds everything 64 or more below the max
+constexpr float kBinsPerUnit = 16.0f;  // of x
 
 struct Token {
   float x, e;  // scaled logit and unnormalised probability exp(x - max)
@@ -28,16 +33,34 @@ struct Token {
 // Per-thread buffers, reused across rows.
 struct RowScratch {
   std::vector<float> x, e, values;
+  std::vector<uint16_t> bin;
+  std::vector<int64_t> bin_count, order;
+  std::vector<double> bin_mass;
   std::vector<Token> tokens;
-  std::vector<int64_t> order;
 };
 
-// The smallest value v among `tokens` for which the tokens with a larger value hold less than
-// `target` mass. That condition holds for every value above the answer, so a quickselect can
-// test it at a pivot and keep one side: expected O(n), no sort.
-float top_p_threshold(std::vector<Token>& tokens, double target) {
-  auto lo = tokens.begin(), hi = tokens.end();  // undecided tokens
-  double above = 0.0;                           // mass of the tokens larger than every undecided one
+// Bins are monotone in x: a larger x never lands in a later bin, equal x in the same one.
+inline int bin_of(float x, float max) {
+  const float d = (max - x) * kBinsPerUnit;
+  return d < static_cast<float>(kBins - 1) ? static_cast<int>(d) : kBins - 1;
+}
+
+void bucket(RowScratch& s, int64_t V, float max) {
+  std::fill(s.bin_count.begin(), s.bin_count.end(), 0);
+  std::fill(s.bin_mass.begin(), s.bin_mass.end(), 0.0);
+  for (int64_t i = 0; i < V; ++i) {
+    const int bin = bin_of(s.x[i], max);
+    s.bin[i] = static_cast<uint16_t>(bin);
+    s.bin_count[bin] += 1;
+    s.bin_mass[bin] += s.e[i];
+  }
+}
+
+// The smallest value v among `tokens` for which the tokens with a larger value, plus `above`,
+// hold less than `target` mass (kInf when none). That condition holds for every value above
+// the answer, so a quickselect can test it at a pivot and keep one side: expected O(n).
+float top_p_threshold(std::vector<Token>& tokens, double above, double target) {
+  auto lo = tokens.begin(), hi = tokens.end();  // undecided: every value above them is counted
   float answer = kInf;
   while (lo < hi) {
     const float pivot = lo[(hi - lo) / 2].x;
@@ -57,43 +80,71 @@ float top_p_threshold(std::vector<Token>& tokens, double target) {
   return answer;
 }
 
-// x >= threshold and e >= min_p: the kept set after top-k, top-p and min-p.
-float kept_threshold(RowScratch& s, int64_t V, int32_t top_k, float top_p, double total) {
+// The tokens of one bin with x >= floor.
+void bin_tokens(RowScratch& s, int64_t V, int bin, float floor) {
+  s.tokens.clear();
+  for (int64_t i = 0; i < V; ++i)
+    if (s.bin[i] == bin && s.x[i] >= floor) s.tokens.push_back({s.x[i], s.e[i]});
+}
+
+// The least x a token may have to survive top-k and top-p (min-p is applied on e directly).
+float kept_threshold(RowScratch& s, int64_t V, int32_t top_k, float top_p) {
   float threshold = kNegInf;
-  double kept_mass = total;
+  int k_bin = kBins;  // the bins after it hold no token of the top-k set
+  double k_bin_mass = 0.0;
+  double kept_mass = 0.0;
+  for (int b = 0; b < kBins; ++b) kept_mass += s.bin_mass[b];
   if (top_k > 0 && top_k < V) {
-    s.values.assign(s.x.begin(), s.x.begin() + V);
-    std::nth_element(s.values.begin(), s.values.begin() + (top_k - 1), s.values.end(), std::greater<float>());
-    threshold = s.values[top_k - 1];  // the k-th largest: fewer than k tokens lie strictly above it
+    int64_t before = 0;
+    k_bin = 0;
+    while (before + s.bin_count[k_bin] < top_k) before += s.bin_count[k_bin++];
+    s.values.clear();
+    for (int64_t i = 0; i < V; ++i)
+      if (s.bin[i] == k_bin) s.values.push_back(s.x[i]);
+    auto kth = s.values.begin() + (top_k - before - 1);
+    std::nth_element(s.values.begin(), kth, s.values.end(), std::greater<float>());
+    threshold = *kth;  // the k-th largest: fewer than k tokens lie strictly above it
     kept_mass = 0.0;
-    for (int64_t i = 0; i < V; ++i) kept_mass += s.x[i] >= threshold ? s.e[i] : 0.f;
+    for (int b = 0; b < k_bin; ++b) kept_mass += s.bin_mass[b];
+    for (int64_t i = 0; i < V; ++i)
+      if (s.bin[i] == k_bin && s.x[i] >= threshold) k_bin_mass += s.e[i];
+    kept_mass += k_bin_mass;
   }
   if (top_p < 1.f) {
-    s.tokens.clear();
-    for (int64_t i = 0; i < V; ++i)
-      if (s.x[i] >= threshold) s.tokens.push_back({s.x[i], s.e[i]});
-    threshold = std::max(threshold, top_p_threshold(s.tokens, static_cast<double>(top_p) * kept_mass));
+    const double target = static_cast<double>(top_p) * kept_mass;
+    double above = 0.0;
+    for (int b = 0; b < kBins && b <= k_bin; ++b) {
+      const double mass = b == k_bin ? k_bin_mass : s.bin_mass[b];
+      if (above + mass < target) {  // the whole bin is kept
+        above += mass;
+        continue;
+      }
+      bin_tokens(s, V, b, threshold);
+      threshold = std::max(threshold, top_p_threshold(s.tokens, above, target));
+      break;
+    }
   }
   return threshold;
 }
 
 float gumbel(const SampleRng& rng, uint32_t token) { return -std::log(-std::log(rng.uniform(token))); }
 
-// Gumbel-max over the kept tokens; equal keys go to the lower index. The most likely token is
-// always kept and starts as the best. Most tokens cannot win, and since -log(u) >= 1 - u a
-// token's key is at most x - log(1 - u): when 1 - u > exp(x - best + margin) it is skipped
-// without its two logarithms. The margin covers the float32 rounding of the keys.
+// Gumbel-max over the kept tokens, keys (x - max) + g; equal keys go to the lower index. The
+// most likely token is always kept and starts as the best. Most tokens cannot win: since
+// -log(u) >= 1 - u, a token's key is at most (x - max) - log(1 - u), so when
+// 1 - u > exp(x - max - best + margin) it is skipped without its two logarithms. The margin
+// covers the float32 rounding of the keys.
 int64_t gumbel_max(const RowScratch& s, int64_t V, const SampleRng& rng, int64_t argmax, float m,
                    float threshold, float min_p) {
   int64_t best = argmax;
-  float best_key = m + gumbel(rng, static_cast<uint32_t>(argmax));
-  auto skip_scale = [&] { return std::exp(m - best_key + 1e-4f + std::fabs(best_key) * 0x1p-20f); };
-  float scale = skip_scale();  // exp(x - best + margin) = e * scale
+  float best_key = gumbel(rng, static_cast<uint32_t>(argmax));
+  auto skip_scale = [&] { return std::exp(-best_key + 1e-4f + std::fabs(best_key) * 0x1p-20f); };
+  float scale = skip_scale();  // exp(x - max - best + margin) = e * scale
   for (int64_t i = 0; i < V; ++i) {
     if (s.x[i] < threshold || s.e[i] < min_p || i == argmax) continue;
     const float u = rng.uniform(static_cast<uint32_t>(i));
     if (1.f - u > s.e[i] * scale) continue;
-    const float key = s.x[i] - std::log(-std::log(u));
+    const float key = (s.x[i] - m) - std::log(-std::log(u));
     if (key > best_key || (key == best_key && i < best)) {
       best = i;
       best_key = key;
@@ -128,14 +179,18 @@ void sample_row(const SampleParams& p, int64_t b, RowScratch& s) {
 
   int64_t token = argmax;
   if (!greedy) {
-    const float min_p = as_ptr<const float>(p.min_p)[b];
-    const float threshold =
-        kept_threshold(s, V, as_ptr<const int32_t>(p.top_k)[b], as_ptr<const float>(p.top_p)[b], total);
+    const int32_t top_k = as_ptr<const int32_t>(p.top_k)[b];
+    const float top_p = as_ptr<const float>(p.top_p)[b];
+    float threshold = kNegInf;
+    if ((top_k > 0 && top_k < V) || top_p < 1.f) {
+      bucket(s, V, m);
+      threshold = kept_threshold(s, V, top_k, top_p);
+    }
     const SampleRng rng(p.seed, as_ptr<const int64_t>(p.offsets)[b]);
-    token = gumbel_max(s, V, rng, argmax, m, threshold, min_p);
+    token = gumbel_max(s, V, rng, argmax, m, threshold, as_ptr<const float>(p.min_p)[b]);
   }
   as_ptr<int64_t>(p.tokens)[b] = token;
-  as_ptr<float>(p.logprobs)[b] = (s.x[token] - m) - log_total;  // as torch's log_softmax rounds
+  as_ptr<float>(p.logprobs)[b] = (s.x[token] - m) - log_total;
 
   const int64_t n = p.num_logprobs;
   if (n > 0) {
@@ -158,6 +213,9 @@ void sample_impl(const SampleParams& p) {
     RowScratch s;
     s.x.resize(p.vocab);
     s.e.resize(p.vocab);
+    s.bin.resize(p.vocab);
+    s.bin_count.resize(kBins);
+    s.bin_mass.resize(kBins);
 #pragma omp for schedule(dynamic)
     for (int64_t b = 0; b < p.batch; ++b) sample_row<E>(p, b, s);
   }

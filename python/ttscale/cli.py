@@ -3,9 +3,408 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import re
 import sys
+from pathlib import Path
+from typing import Any
 
 import ttscale
+from ttscale.search.select import AGGREGATIONS, REVISION_SELECTIONS as SELECTIONS
+
+# What ``ttscale run --strategy`` can run: name -> "module:function", imported only when chosen
+# (or the function itself). Every function has the signature of ``ttscale.search.best_of_n``.
+STRATEGIES: dict[str, Any] = {
+    "best_of_n": "ttscale.search.best_of_n:best_of_n",
+    "beam_search": "ttscale.search.beam_search:beam_search",
+    "dvts": "ttscale.search.dvts:dvts",
+    "lookahead": "ttscale.search.lookahead:lookahead",
+    "rejection_best_of_n": "ttscale.search.rejection:rejection_best_of_n",
+    "revisions": "ttscale.search.revisions:revisions",
+}
+# The keyword options each strategy takes beyond the common ones (command-line flags by name).
+STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "beam_search": ("beam_width", "max_iterations"),
+    "dvts": ("beam_width", "max_iterations"),
+    "lookahead": ("beam_width", "max_iterations", "lookahead"),
+    "rejection_best_of_n": ("check_every", "reject_fraction"),
+    "revisions": ("sequential", "window"),
+}
+PRM_CLASS = "ttscale.verifiers.prm:PRM"
+PRM_FORMATS = ("math-shepherd", "rlhflow", "qwen2.5-math-prm", "skywork")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (a model that does not load, ...): exit code 2."""
+
+
+def resolve(target: Any) -> Any:
+    """The object a ``"module:name"`` string names; anything else is returned as it is."""
+    if not isinstance(target, str):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _float_in(low: float, high: float, low_open: bool, high_open: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"expected a value in {interval}, got {text}")
+        return value
+
+    return parse
+
+
+def _escaped(text: str) -> str:
+    """Backslash escapes decoded (``'\\n\\n'`` typed in a shell is two newlines)."""
+    try:
+        value = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as error:
+        raise argparse.ArgumentTypeError(f"bad escape in {text!r} ({error.reason})") from None
+    if not value:
+        raise argparse.ArgumentTypeError("expected a non-empty string")
+    return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _add_run_parser(commands) -> argparse.ArgumentParser:
+    run = commands.add_parser(
+        "run",
+        help="search a benchmark's problems with one strategy and grade the answers",
+        description="Search every problem of a JSONL file (MATH-500 or GSM8K schema), append one "
+        "graded result line per problem to --out as each batch finishes, and print accuracy and "
+        "cost. Rerun the same command to continue a stopped run.",
+    )
+    run.add_argument(
+        "--model", required=True, metavar="DIR", help="policy: a local Hugging Face model directory"
+    )
+    verifier = run.add_mutually_exclusive_group()
+    verifier.add_argument(
+        "--prm", metavar="DIR", help="process reward model directory (with --prm-format)"
+    )
+    verifier.add_argument(
+        "--oracle",
+        action="store_true",
+        help="verify with the known answers (rule verifier): an upper bound, not a result",
+    )
+    run.add_argument("--prm-format", choices=PRM_FORMATS, help="how the PRM reads steps")
+    run.add_argument("--strategy", required=True, choices=sorted(STRATEGIES))
+    run.add_argument(
+        "--n", required=True, type=_positive_int, help="samples (or beams) per problem"
+    )
+    run.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE.jsonl",
+        help="problems: 'problem' or 'question', and 'answer'",
+    )
+    run.add_argument(
+        "--out", required=True, metavar="FILE.jsonl", help="result lines are appended here"
+    )
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--limit", type=_positive_int, metavar="K", help="only the first K problems")
+    run.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=16,
+        metavar="B",
+        help="problems searched together, and written together (default 16)",
+    )
+    run.add_argument(
+        "--temperature", type=_float_in(0, float("inf"), False, True), default=0.8, metavar="T"
+    )
+    run.add_argument("--top-p", type=_float_in(0, 1, True, False), default=1.0, metavar="P")
+    run.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=2048,
+        metavar="M",
+        help="new tokens per solution at most (default 2048)",
+    )
+    run.add_argument(
+        "--select",
+        choices=SELECTIONS,
+        help="final answer: best candidate, weighted vote, majority vote "
+        "(default: weighted with a verifier, else majority)",
+    )
+    run.add_argument(
+        "--agg",
+        choices=AGGREGATIONS,
+        default="last",
+        help="step scores -> a candidate's score (default last)",
+    )
+    run.add_argument(
+        "--beam-width", type=_positive_int, metavar="M", help="beam_search, dvts, lookahead"
+    )
+    run.add_argument(
+        "--sequential", type=_positive_int, metavar="S",
+        help="revisions: attempts per chain (n // S parallel chains; required for revisions)",
+    )
+    run.add_argument("--window", type=_positive_int, metavar="W", help="revisions: earlier attempts in context")
+    run.add_argument(
+        "--max-iterations", type=_positive_int, metavar="I", help="beam_search, dvts, lookahead: steps at most"
+    )
+    run.add_argument(
+        "--lookahead", type=_positive_int, metavar="K", help="lookahead: greedy steps scored ahead"
+    )
+    run.add_argument(
+        "--check-every",
+        type=_positive_int,
+        metavar="R",
+        help="rejection_best_of_n: tokens between checks",
+    )
+    run.add_argument(
+        "--reject-fraction",
+        type=_float_in(0, 1, False, True),
+        metavar="A",
+        help="rejection_best_of_n: fraction dropped at each check",
+    )
+    run.add_argument("--system-prompt", metavar="TEXT")
+    run.add_argument(
+        "--step-delimiter",
+        type=_escaped,
+        metavar="TEXT",
+        default="\n\n",
+        help="text between solution steps, backslash escapes allowed (default '\\n\\n')",
+    )
+    run.add_argument(
+        "--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when available)"
+    )
+    run.add_argument("--dtype", choices=DTYPES, help="default: bf16 on a GPU, fp32 on the CPU")
+    run.add_argument(
+        "--kv-budget",
+        type=_float_in(0, float("inf"), True, True),
+        metavar="GIB",
+        help="the policy's KV cache in GiB (default: 0.9 of free GPU memory, 2 on the CPU)",
+    )
+    run.add_argument(
+        "--save-candidates",
+        action="store_true",
+        help="also write each problem's whole search result (every candidate)",
+    )
+    return run
+
+
+def _check_run_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Argument errors argparse cannot see; each names its argument and exits with code 2."""
+    data, out = Path(args.data), Path(args.out)
+    if not data.is_file():
+        parser.error(f"argument --data: no such file: {data}")
+    for flag, directory in (("--model", args.model), ("--prm", args.prm)):
+        if directory is not None and not Path(directory).is_dir():
+            parser.error(f"argument {flag}: no such directory: {directory}")
+    if args.prm is not None and args.prm_format is None:
+        parser.error("argument --prm-format: required with --prm")
+    if args.prm_format is not None and args.prm is None:
+        parser.error("argument --prm-format: only with --prm")
+    if out.is_dir() or not out.parent.is_dir():
+        parser.error(f"argument --out: not a file in an existing directory: {out}")
+    if out.exists() and out.resolve() == data.resolve():
+        parser.error("argument --out: is the data file; results would be appended to it")
+    allowed = STRATEGY_OPTIONS.get(args.strategy, ())
+    every_option = sorted({option for options in STRATEGY_OPTIONS.values() for option in options})
+    for option in every_option:
+        if getattr(args, option) is not None and option not in allowed:
+            users = [name for name, options in STRATEGY_OPTIONS.items() if option in options]
+            parser.error(
+                f"argument --{option.replace('_', '-')}: not an option of {args.strategy} "
+                f"(only of {', '.join(users)})"
+            )
+    if args.strategy == "revisions" and args.sequential is None:
+        parser.error("argument --sequential: required with --strategy revisions")
+    has_verifier = args.prm is not None or args.oracle
+    if args.select not in (None, "majority") and not has_verifier:
+        parser.error(
+            f"argument --select: {args.select!r} needs a verifier (--prm or --oracle); "
+            "without one use 'majority'"
+        )
+    if args.device is not None and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"argument --device: {args.device} is not available on this machine")
+
+
+def _strategy_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        name: getattr(args, name)
+        for name in STRATEGY_OPTIONS.get(args.strategy, ())
+        if getattr(args, name) is not None
+    }
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a result line records of its run: everything that changes the answers."""
+    return {
+        "model": Path(args.model).resolve().name,
+        "verifier": "oracle" if args.oracle else (args.prm_format if args.prm else None),
+        "prm": Path(args.prm).resolve().name if args.prm else None,
+        "strategy": args.strategy,
+        "n": args.n,
+        "seed": args.seed,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_tokens": args.max_tokens,
+        "select": args.select,
+        "agg": args.agg,
+        "system_prompt": args.system_prompt,
+        "step_delimiter": args.step_delimiter,
+        **_strategy_options(args),
+    }
+
+
+def _load(flag: str, build):
+    """``build()``, with a load failure (missing or malformed files) reported against ``flag``."""
+    try:
+        return build()
+    except (ValueError, OSError) as error:
+        raise UsageError(f"argument {flag}: {error}") from None
+
+
+class _Search:
+    """problems -> SearchResults for ``ttscale run``, once :meth:`load_models` has run."""
+
+    def __init__(self, args: argparse.Namespace, strategy):
+        from ttscale.sampling_params import SamplingParams
+
+        self.args, self.strategy, self.options = args, strategy, _strategy_options(args)
+        self.sampling = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens
+        )
+        self.llm = self.verifier = None
+        self.searched = False
+
+    def load_models(self) -> None:
+        from ttscale.llm import LLM
+
+        args = self.args
+        kv_budget_bytes = None if args.kv_budget is None else int(args.kv_budget * 2**30)
+        self.llm = _load(
+            "--model",
+            lambda: LLM(
+                args.model,
+                device=args.device,
+                dtype=args.dtype,
+                seed=args.seed,
+                kv_budget_bytes=kv_budget_bytes,
+            ),
+        )
+        if self.llm.tokenizer is None:
+            raise UsageError(
+                f"argument --model: {args.model} has no tokenizer.json (problems are text)"
+            )
+        if args.oracle:
+            from ttscale.verifiers.rule import RuleVerifier
+
+            self.verifier = RuleVerifier()
+        elif args.prm is not None:
+            prm = resolve(PRM_CLASS)
+            placement = {
+                k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None
+            }
+            self.verifier = _load(
+                "--prm", lambda: prm(args.prm, format=args.prm_format, **placement)
+            )
+
+    def __call__(self, batch):
+        args = self.args
+        call = lambda: self.strategy(
+            self.llm,
+            [p.text for p in batch],
+            args.n,
+            verifier=self.verifier,
+            sampling=self.sampling,
+            select=args.select,
+            agg=args.agg,
+            seed=args.seed,
+            references=[p.reference for p in batch] if args.oracle else None,
+            system_prompt=args.system_prompt,
+            step_delimiter=args.step_delimiter,
+            progress=False,
+            **self.options,
+        )
+        if self.searched:
+            return call()
+        # A strategy checks its arguments when first called: a ValueError then is a usage error.
+        results = _load(f"--strategy {args.strategy}", call)
+        self.searched = True
+        return results
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ttscale.evaluate import DataError, format_summary, read_problems, run_evaluation
+
+    _check_run_args(args, parser)
+    try:
+        strategy = resolve(STRATEGIES[args.strategy])
+    except (ImportError, AttributeError) as error:
+        parser.error(
+            f"argument --strategy: {args.strategy} is not available in this installation ({error})"
+        )
+    try:
+        every_problem = read_problems(args.data)
+        problems = every_problem[: args.limit]
+        search = _Search(args, strategy)
+        summary = run_evaluation(
+            search,
+            problems,
+            args.out,
+            all_problems=every_problem,
+            batch_size=args.batch_size,
+            settings=_settings(args),
+            save_candidates=args.save_candidates,
+            setup=search.load_models,  # not at all when a rerun finds every problem answered
+        )
+    except (DataError, UsageError) as error:
+        print(f"ttscale run: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"ttscale run: interrupted; finished batches are in {args.out}: rerun the same command "
+            "to continue",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"{args.strategy}, n={args.n}, on {summary.problems} problems of {args.data}")
+    print(format_summary(summary))
+    return 0
+
+
+def _budgets(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,11 +414,33 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("selfcheck", help="run every op on every available backend against the reference")
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, and cpu)")
     check.add_argument("--seed", type=int, default=0)
+    run = _add_run_parser(commands)
+    demo = commands.add_parser("demo", help="test-time scaling of the embedded toy policy and PRM (CPU, no download)")
+    demo.add_argument("--n", type=_budgets, default=(1, 4, 16, 64), metavar="N[,N...]",
+                      help="budgets N (default 1,4,16,64)")
+    demo.add_argument("--strategies", type=_names, default=None, metavar="NAME[,NAME...]",
+                      help="greedy, majority, best_of_n, weighted, beam_search, dvts (default all)")
+    demo.add_argument("--problems", type=int, default=200, help="held-out problems (default 200)")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for results.json and the plot")
+    demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from ttscale.demo import STRATEGIES, run_demo
+
+        strategies = args.strategies or STRATEGIES
+        bad = [s for s in strategies if s not in STRATEGIES]
+        if bad or args.problems < 1:
+            demo.error(f"--strategies: unknown {bad}" if bad else f"--problems: expected >= 1, got {args.problems}")
+        run_demo(ns=args.n, strategies=strategies, num_problems=args.problems, device=args.device,
+                 out=args.out, seed=args.seed)
+        return 0
     if args.command == "selfcheck":
         from ttscale.selfcheck import run_selfcheck
 
         return run_selfcheck(device=args.device, seed=args.seed)
+    if args.command == "run":
+        return _run(args, run)
     parser.print_help()
     return 0
 

@@ -351,7 +351,9 @@ def copy_blocks(k_cache, v_cache, src, dst):
 # of a row draws the 32 bits fmix32(i * step + key) (murmur3's finaliser; arithmetic mod 2**32),
 # where the row's key and odd step come from (seed, offset) by chained fmix32. The bits become
 # u = (2 * (bits >> 9) + 1) / 2**24, exactly representable, in (0, 1), and the Gumbel noise
-# g = -log(-log(u)). Sampling is Gumbel-max: argmax of x + g over the kept tokens.
+# g = -log(-log(u)). Sampling is Gumbel-max: argmax of the key (x - max x) + g over the kept
+# tokens. Keys are taken relative to the row's max so that float32 resolves them finely at the
+# top whatever the logits' scale (x = logits / temperature can be huge at low temperature).
 
 MASK32 = 0xFFFFFFFF
 SEED_SALT = 0x6A09E667  # sqrt(2)'s fraction bits: seed 0 must not start from fmix32's fixed point 0
@@ -430,7 +432,8 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs
             tokens[b] = torch.argmax(x[b])  # the first of equal maxima
             continue
         kept = sampling_kept(x[b], int(top_k[b]), float(top_p[b]), float(min_p[b]))
-        tokens[b] = torch.argmax(torch.where(kept, x[b] + gumbel[b], NEG_INF))
+        keys = (x[b] - x[b].max()) + gumbel[b]
+        tokens[b] = torch.argmax(torch.where(kept, keys, NEG_INF))  # the first of equal keys
     logp = torch.log_softmax(x.double(), dim=-1)
     logprobs = logp.gather(1, tokens[:, None])[:, 0].float()
     if not num_logprobs:

@@ -121,6 +121,21 @@ CHECKS["select_and_fork"] = _check_select_and_fork
 CHECKS["copy_blocks"] = _check_copy_blocks
 
 
+def _check_sample(device, backend, dtype, seed):
+    """Tokens and top ids must equal the reference's (same random bits); logprobs are compared."""
+    from ttscale.testing import make_sampling_case  # kept beside its only use in this file
+
+    case = make_sampling_case(16, 3000, dtype=dtype, device=device, seed=seed)
+    tokens, logprobs, (ids, values) = ops.sample(*case.args(seed), 5, backend=backend)
+    ref_tokens, ref_logprobs, (ref_ids, ref_values) = reference.sample(*case.args(seed), 5)
+    if not (torch.equal(tokens.cpu(), ref_tokens.cpu()) and torch.equal(ids.cpu(), ref_ids.cpu())):
+        return float("inf")
+    return max(relative_error(logprobs, ref_logprobs), relative_error(values, ref_values))
+
+
+CHECKS["sample"] = _check_sample
+
+
 def run_selfcheck(device: str | None = None, seed: int = 0) -> int:
     """Print a table of every (op, backend, device, dtype) and return 0 when all pass."""
     devices = [device] if device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])

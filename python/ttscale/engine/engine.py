@@ -20,7 +20,6 @@ import weakref
 from collections.abc import Sequence as Seq
 
 import torch
-
 from ttscale import ops
 from ttscale.engine import memory
 from ttscale.engine.block_manager import BlockManager, PoolExhausted
@@ -153,10 +152,111 @@ class Engine:
         problem.num_sequences += k
         return children
 
+    def select_and_fork(self, candidates: Seq[Sequence], scores: Seq[float], group_sizes: Seq[int],
+                        keep: int | Seq[int], children: int | Seq[int]) -> tuple[list[Sequence], list[int], list[int]]:
+        """One search step's selection through the on-device ``ops.select_and_fork``.
+
+        Candidates come in consecutive groups (``group_sizes``, e.g. one per problem); each
+        group keeps its ``keep`` best by score (ties to the earlier candidate, NaN last) and
+        forks each kept one into ``children`` sequences (an int, or one per group). Every
+        candidate is consumed: a kept candidate's first child is its own sequence (its id, and so
+        its future random draws, carry on), its other children are new sequences sharing its
+        blocks, and every other candidate is freed.
+
+        Returns the children, each child's parent (an index into ``candidates``), and the
+        children's group offsets (``[G + 1]``).
+        """
+        from ttscale.block_pool import BlockPool
+        from ttscale.engine.block_manager import CopyOnWrite
+
+        self._check_live(candidates)
+        if len(scores) != len(candidates) or sum(group_sizes) != len(candidates):
+            raise ValueError(
+                f"scores/group_sizes: expected {len(candidates)} scores and group sizes summing to it, "
+                f"got {len(scores)} scores and sizes summing to {sum(group_sizes)}"
+            )
+        device = self.model.device
+        int32 = dict(dtype=torch.int32, device=device)
+        bm = self.blocks
+        for seq in candidates:
+            bm.trim(seq.block_table, seq.kv_len)
+        width = max([len(s.block_table) for s in candidates] + [1])
+        tables = torch.full((len(candidates), width), -1, dtype=torch.int32)
+        for row, seq in enumerate(candidates):
+            tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        free = torch.zeros(bm.num_blocks, dtype=torch.int32)
+        free[: bm.num_free] = torch.tensor(bm.free_stack, dtype=torch.int32)
+        pool = BlockPool(torch.tensor(bm.ref_counts, **int32), free.to(device),
+                         torch.tensor([bm.num_free], **int32), torch.zeros(1, **int32), bm.block_size)
+        offsets = [0]
+        for size in group_sizes:
+            offsets.append(offsets[-1] + size)
+        bounds = {}
+        if not isinstance(keep, int):
+            bounds["max_keep"] = max(list(keep) + [0])
+            keep = torch.tensor(list(keep), **int32)
+        if not isinstance(children, int):
+            bounds["max_children"] = max(list(children) + [0])
+            children = torch.tensor(list(children), **int32)
+        result = ops.select_and_fork(
+            torch.tensor(list(scores), dtype=torch.float32, device=device), torch.tensor(offsets, **int32),
+            keep, children, tables.to(device), torch.tensor([s.kv_len for s in candidates], **int32), pool,
+            **bounds,
+        )
+        # The pool's new state becomes the host's (one read-back per search step).
+        top = int(pool.free_top)
+        bm.ref_counts = pool.ref_counts.tolist()
+        bm.free_stack = pool.free_stack[:top].tolist()
+        child_offsets = result.child_offsets.tolist()
+        num_children = child_offsets[-1]
+        parents = result.parents[:num_children].tolist()
+        lens = result.lens[:num_children].tolist()
+        child_tables = result.block_tables[:num_children].tolist()
+        pairs = [CopyOnWrite(src, dst) for src, dst in zip(result.copy_src.tolist(), result.copy_dst.tolist())
+                 if src >= 0]
+        self.runner.copy_blocks(pairs)
+        kids, continuing = [], set()
+        for slot, p in enumerate(parents):
+            parent = candidates[p]
+            kv_len = lens[slot]  # shorter than the parent's only if the pool ran out: re-prefilled
+            table = child_tables[slot][: bm.blocks_for(kv_len)]
+            if p not in continuing:  # the first child carries on as the candidate itself
+                continuing.add(p)
+                parent.block_table, parent.kv_len = table, kv_len
+                kids.append(parent)
+                continue
+            kid = Sequence(self._next_seq_id, parent.problem, list(parent.tokens), table, kv_len,
+                           list(parent.logprobs), list(parent.top_logprobs), list(parent.sampled_at),
+                           parent.finish_reason)
+            self._next_seq_id += 1
+            kid.problem.num_sequences += 1
+            kids.append(kid)
+        for p, seq in enumerate(candidates):
+            if p not in continuing:
+                seq.block_table = []
+                seq.freed = True
+                seq.problem.num_sequences -= 1
+        return kids, parents, child_offsets
+
     def extend(self, seq: Sequence, token_ids: Seq[int]) -> None:
         """Append tokens to a sequence (text the caller inserts); they are prefilled at its next step."""
         self._check_live([seq])
         seq.tokens.extend(self._check_ids("token_ids", token_ids))
+        seq.finish_reason = None
+
+    def drop_last_sample(self, seq: Sequence) -> None:
+        """Take back a sequence's last sampled token while it is still pending (not yet in the KV
+        cache), as if it had never been sampled: a revision drops the end-of-sequence token that
+        closed an attempt before appending the text that introduces the next one. The next draw
+        takes its place in the sequence's random stream."""
+        self._check_live([seq])
+        if not seq.pending or not seq.sampled_at or seq.sampled_at[-1] != len(seq.tokens) - 1:
+            raise ValueError(f"seq: sequence {seq.seq_id}'s last token is not a pending sample")
+        seq.tokens.pop()
+        seq.sampled_at.pop()
+        seq.logprobs.pop()
+        if len(seq.top_logprobs) > len(seq.sampled_at):
+            seq.top_logprobs.pop()
         seq.finish_reason = None
 
     def free(self, seqs: Seq[Sequence]) -> None:
@@ -175,6 +275,15 @@ class Engine:
             self.blocks.free(problem.block_table)
             problem.freed = True
 
+    def restart_sequence_ids(self) -> None:
+        """Number the next sequences from 0 again.
+
+        A draw's random stream derives from its sequence's id, so a search that restarts the
+        numbering and uses the same seed draws the same samples on every run. Sequences still
+        live keep their ids (a new one may share a number, and so a stream, with one of them).
+        """
+        self._next_seq_id = 0
+
     def text(self, seq: Sequence) -> str:
         """The sequence's text after the prompt."""
         if self.tokenizer is None:
@@ -184,18 +293,26 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # Running
 
-    def run_pending(self, seqs: Seq[Sequence], keep_last: bool = False) -> None:
+    def run_pending(
+        self, seqs: Seq[Sequence], keep_last: bool = False,
+        hidden_at: dict[Sequence, Seq[int]] | None = None,
+    ) -> dict[Sequence, torch.Tensor]:
         """Put sequences' pending tokens into the KV cache without sampling (all but the last
-        one each when ``keep_last``)."""
+        one each when ``keep_last``).
+
+        ``hidden_at`` maps a sequence to indices (into its ``tokens``, among those run now) whose
+        final hidden states to return, as a dict sequence -> ``[k, H]`` (a PRM's step tags).
+        """
         self._check_live(seqs)
         todo = [(s, s.pending - keep_last) for s in seqs if s.pending - keep_last > 0]
         if not todo:
-            return
+            return {}
         self._reserve([s for s, _ in todo], [n for _, n in todo])
-        self.runner.prefill_sequences(todo)
+        hidden = self.runner.prefill_sequences(todo, hidden_at=hidden_at)
         for seq, n in todo:
             seq.kv_len += n
             self.prefilled_tokens += n
+        return hidden
 
     def decode(self, seqs: Seq[Sequence], sampling: SamplingParams, *, stop: Seq[str] | None = None,
                max_new_tokens: int | None = None) -> None:

@@ -11,19 +11,22 @@ class Candidate:
     """One complete (or budget-truncated) solution the search produced.
 
     ``steps`` are the solution's text between step delimiters; ``step_scores`` the verifier's
-    score of each (empty without a verifier); ``score`` their aggregate under the strategy's
-    ``agg``. ``chain`` and ``position`` place an attempt in a revision chain (0 otherwise).
+    score of each (empty without a verifier; None where the verifier says nothing, as an outcome
+    model before the last step); ``score`` their aggregate under the strategy's ``agg``.
+    ``chain`` and ``position`` place an attempt in a revision chain (0 otherwise). ``node`` is
+    the id of the candidate's last step in the result's search tree, when one is recorded.
     """
 
     text: str
     token_ids: list[int]
     steps: list[str]
-    step_scores: list[float] = field(default_factory=list)
+    step_scores: list[float | None] = field(default_factory=list)
     score: float | None = None
     answer: str | None = None
     finished: bool = True
     chain: int = 0
     position: int = 0
+    node: int | None = None
 
 
 @dataclass
@@ -44,7 +47,12 @@ class Cost:
 
 @dataclass
 class TreeNode:
-    """A node of a beam-search or DVTS tree: one step of one path."""
+    """A node of a beam-search or DVTS tree: one step of one path.
+
+    Node 0 is the root (the problem, no step); ``score`` is the verifier's score of the step.
+    A step first scored as not final and then again as a path's last gets a second node, a
+    sibling of the first, holding the final score.
+    """
 
     id: int
     parent: int | None
@@ -73,3 +81,13 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of everything, the search tree included."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchResult:
+        """The result :meth:`to_dict` described (e.g. after a JSON round trip)."""
+        fields = dict(data)
+        fields["candidates"] = [Candidate(**c) for c in data["candidates"]]
+        fields["cost"] = Cost(**data["cost"])
+        if data.get("tree") is not None:
+            fields["tree"] = [TreeNode(**node) for node in data["tree"]]
+        return cls(**fields)

@@ -4,7 +4,8 @@
   ``"mean"``.
 - ``select`` chooses the answer: ``"best"`` (the candidate of highest aggregate),
   ``"weighted"`` (the answer whose equivalent candidates' aggregates sum highest) or
-  ``"majority"`` (the answer most candidates give; needs no verifier).
+  ``"majority"`` (the answer most candidates give; needs no verifier). Revisions also take
+  ``"hierarchical"``: the best attempt of each chain, then a weighted vote across chains.
 
 Equivalent answers are grouped with :func:`ttscale.grading.answers_equal` (math-verify).
 """
@@ -18,6 +19,7 @@ from ttscale.search.result import Candidate
 
 AGGREGATIONS = ("last", "min", "prod", "mean")
 SELECTIONS = ("best", "weighted", "majority")
+REVISION_SELECTIONS = (*SELECTIONS, "hierarchical")
 
 
 def check_select(select: str | None, agg: str, has_verifier: bool, allowed=SELECTIONS) -> str:
@@ -86,6 +88,8 @@ def choose(
     answered = [i for i, c in enumerate(candidates) if c.answer is not None]
     if not answered:
         return None
+    if select == "hierarchical":
+        return _choose_hierarchical(candidates, equal)
     if select == "best":
         score = lambda i: candidates[i].score if candidates[i].score is not None else -math.inf
         return max(answered, key=lambda i: (_finite(score(i)), -i))
@@ -100,6 +104,23 @@ def choose(
     members = [i for i, g in zip(answered, groups) if g == winner]
     best_member = lambda i: (_finite(candidates[i].score if candidates[i].score is not None else -math.inf), -i)
     return max(members, key=best_member)
+
+
+def _choose_hierarchical(
+    candidates: Sequence[Candidate], equal: Callable[[str, str], bool]
+) -> int | None:
+    """The best attempt of each revision chain (``Candidate.chain``), then a weighted vote
+    among those winners."""
+    chains: dict[int, list[int]] = {}
+    for i, c in enumerate(candidates):
+        chains.setdefault(c.chain, []).append(i)
+    winners = []
+    for members in chains.values():
+        best = choose([candidates[i] for i in members], "best", equal)
+        if best is not None:
+            winners.append(members[best])
+    chosen = choose([candidates[i] for i in winners], "weighted", equal)
+    return None if chosen is None else winners[chosen]
 
 
 def _finite(x: float) -> float:

@@ -1,0 +1,194 @@
+"""``ttscale demo``: test-time scaling in miniature, on any CPU, with no download.
+
+The embedded toy policy (a ~1M-parameter Llama trained on multi-step arithmetic) and its
+Math-Shepherd PRM search 200 held-out problems with each strategy at several budgets N. The
+output shows what the test-time-compute literature found at scale: searching with a verifier buys
+accuracy the model alone does not have.
+
+Best-of-N and the votes draw one pool of ``max(N)`` samples per problem and take its first N for
+each N (so their curves share samples); beam search and DVTS run once per N with beam width
+``min(4, N)``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ttscale.sampling_params import SamplingParams
+from ttscale.search.select import aggregate, choose
+
+STRATEGIES = ("greedy", "majority", "best_of_n", "weighted", "beam_search", "dvts")
+AGG = "min"  # a solution is as good as its worst step: the toy PRM's errors compound
+MAX_TOKENS = 96
+
+
+@dataclass
+class Row:
+    strategy: str
+    n: int
+    accuracy: float
+    problems: int
+    tokens: int
+    seconds: float
+    by_difficulty: dict[str, float]
+
+
+def _accuracy(correct: Sequence[bool], levels: Sequence[int]) -> tuple[float, dict[str, float]]:
+    by: dict[str, list[bool]] = {}
+    for ok, level in zip(correct, levels):
+        by.setdefault(str(level), []).append(ok)
+    overall = sum(correct) / max(len(correct), 1)
+    return overall, {k: sum(v) / len(v) for k, v in sorted(by.items())}
+
+
+def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STRATEGIES,
+             num_problems: int = 200, device: str | None = None, out: Path = Path("demo_out"),
+             seed: int = 0, progress: bool = True) -> list[Row]:
+    """Run the demo; write ``results.json`` and ``scaling.png`` under ``out``; return the rows."""
+    import ttscale
+    from ttscale.toy import policy_dir, prm_dir, task
+
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
+    if not ns or any(n < 1 for n in ns):
+        raise ValueError(f"n: expected positive budgets, got {list(ns)}")
+    if num_problems < 1:
+        raise ValueError(f"problems: expected >= 1, got {num_problems}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = task.problems("heldout", num_problems, seed=seed)
+    texts = [f"Q: {p.text}" for p in problems]
+    references = [str(p.answer) for p in problems]
+    levels = [p.level for p in problems]
+    llm = ttscale.LLM(policy_dir(), device=device, seed=seed)
+    prm = ttscale.PRM(prm_dir(), format="math-shepherd", device=device)
+    common = dict(references=references, step_delimiter=task.STEP_DELIMITER,
+                  prompt_fn=lambda problem: problem + "\n", progress=False, seed=seed)
+    sampling = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS)
+    ns = sorted(set(ns))
+    rows: list[Row] = []
+    bar = tqdm(total=_work(ns, strategies), desc="demo", unit="run", disable=not progress)
+
+    def record(strategy, n, results, tokens, seconds):
+        correct = [r.answer is not None and _same(r.answer, ref) for r, ref in zip(results, references)]
+        acc, by = _accuracy(correct, levels)
+        rows.append(Row(strategy, n, acc, len(results), tokens, seconds, by))
+        bar.set_postfix(last=f"{strategy}@{n}={acc:.2f}")
+
+    if "greedy" in strategies:
+        start = time.perf_counter()
+        results = ttscale.best_of_n(llm, texts, 1, sampling=SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS),
+                                    **common)
+        record("greedy", 1, results, _tokens(results), time.perf_counter() - start)
+        bar.update(1)
+
+    pooled = [s for s in ("majority", "best_of_n", "weighted") if s in strategies]
+    if pooled:
+        start = time.perf_counter()
+        pool = ttscale.best_of_n(llm, texts, max(ns), verifier=prm, sampling=sampling, agg=AGG, **common)
+        seconds = time.perf_counter() - start
+        total_tokens = _tokens(pool)
+        for n in ns:
+            for strategy in pooled:
+                select = {"majority": "majority", "best_of_n": "best", "weighted": "weighted"}[strategy]
+                chosen = [_choose_first(r, n, select) for r in pool]
+                share = n / max(ns)  # the first n of the pool cost this share of it
+                record(strategy, n, chosen, int(total_tokens * share), seconds * share)
+            bar.update(len(pooled))
+
+    for strategy in ("beam_search", "dvts"):
+        if strategy not in strategies:
+            continue
+        fn = getattr(ttscale, strategy)
+        for n in ns:
+            start = time.perf_counter()
+            results = fn(llm, texts, n, verifier=prm, sampling=sampling, beam_width=min(4, n), agg=AGG, **common)
+            record(strategy, n, results, _tokens(results), time.perf_counter() - start)
+            bar.update(1)
+    bar.close()
+
+    (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+    plot = _plot(rows, out / "scaling.png")
+    print_table(rows)
+    print(f"\nBest-of-N, weighted and majority take the first N of one pool of {max(ns)} samples per problem.")
+    print(f"results: {out / 'results.json'}\nplot:    {plot}")
+    return rows
+
+
+class _Picked:
+    def __init__(self, answer):
+        self.answer = answer
+
+
+def _choose_first(result, n: int, select: str) -> _Picked:
+    """The answer ``select`` picks among a pooled result's first ``n`` candidates."""
+    candidates = result.candidates[:n]
+    for c in candidates:
+        c.score = aggregate(c.step_scores, AGG) if c.step_scores else c.score
+    index = choose(candidates, select)
+    return _Picked(None if index is None else candidates[index].answer)
+
+
+def _same(answer: str, reference: str) -> bool:
+    try:
+        return int(answer.strip()) == int(reference)
+    except ValueError:
+        return False
+
+
+def _tokens(results) -> int:
+    return sum(r.cost.generated_tokens for r in results)
+
+
+def _work(ns, strategies) -> int:
+    pooled = len([s for s in ("majority", "best_of_n", "weighted") if s in strategies])
+    searched = len([s for s in ("beam_search", "dvts") if s in strategies])
+    return ("greedy" in strategies) + pooled * len(ns) + searched * len(ns)
+
+
+def print_table(rows: list[Row]) -> None:
+    levels = sorted({k for r in rows for k in r.by_difficulty})
+    header = ["strategy", "N", "accuracy"] + [f"level {k}" for k in levels] + ["tokens", "tokens/s"]
+    cells = [header] + [
+        [r.strategy, str(r.n), f"{r.accuracy:.3f}"] + [f"{r.by_difficulty.get(k, float('nan')):.2f}" for k in levels]
+        + [str(r.tokens), f"{r.tokens / max(r.seconds, 1e-9):,.0f}"]
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _plot(rows: list[Row], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    greedy = [r for r in rows if r.strategy == "greedy"]
+    for strategy in STRATEGIES[1:]:
+        points = sorted((r.n, r.accuracy) for r in rows if r.strategy == strategy)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=strategy)
+    if greedy:
+        ax.axhline(greedy[0].accuracy, color="gray", linestyle="--", label="greedy (no search)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N (samples / beams per problem)")
+    ax.set_ylabel("accuracy on held-out problems")
+    ax.set_title("Test-time scaling of the toy policy with its PRM")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,399 @@
+"""Evaluation runs: benchmark problems in, one graded JSON line per problem out, and a summary.
+
+A run reads a JSONL file of problems (MATH-500's ``problem``/``answer``/``level`` or GSM8K's
+``question``/``answer``, whose reference is the text after ``####``), searches them a batch at a
+time, and appends each batch's result lines to the output file as soon as the batch finishes
+(flushed and fsynced), so a killed run loses at most the batch in flight. Run again on the same
+output file, it skips the problems already there. A line names its problem by index and by a
+hash of the problem's text and carries the run's settings, so a data file that changed in
+between, or a rerun with other settings, is reported instead of silently mixed in.
+
+One result line::
+
+    {"index": 3, "id": null, "problem_hash": "5f0c...", "problem": "...", "reference": "18",
+     "predicted": "18", "correct": true, "level": null, "num_candidates": 16,
+     "cost": {"generated_tokens": ..., "prefilled_tokens": ..., "scored_tokens": ...,
+              "seconds": ...},
+     "wall_seconds": 1.9, "settings": {...}, "search": {...}}
+
+``wall_seconds`` is the problem's share of its batch's wall time, so the lines of a file add up
+to the time that produced them; ``search`` (the whole :class:`SearchResult`) is there only when
+asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ttscale.grading import answers_equal
+from ttscale.search.result import SearchResult
+
+__all__ = [
+    "DataError",
+    "Problem",
+    "read_problems",
+    "read_results",
+    "result_record",
+    "Summary",
+    "summarize",
+    "format_summary",
+    "run_evaluation",
+]
+
+Level = int | str
+
+
+class DataError(ValueError):
+    """A malformed data or output file; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark problem: ``index`` is its position among the file's problems (from 0)."""
+
+    index: int
+    text: str
+    reference: str
+    level: Level | None = None
+    id: str | int | None = None
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()[:16]
+
+
+def _jsonl_rows(data: bytes, name: str):
+    """(line number, line text) for each non-blank line; undecodable bytes name their line."""
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{name}, line {lineno}: not UTF-8 text ({error.reason})") from None
+        if line.strip():
+            yield lineno, line
+
+
+def _reference(answer: Any, where: str) -> str:
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+        raise DataError(f"{where}: field 'answer' must be a string or a number, got {answer!r}")
+    reference = str(answer)
+    if "####" in reference:  # GSM8K: a worked solution whose last line is "#### <answer>"
+        reference = reference.rsplit("####", 1)[1]
+        if not reference.strip():
+            raise DataError(f"{where}: field 'answer' has nothing after '####'")
+    if not reference.strip():
+        raise DataError(f"{where}: field 'answer' is empty")
+    return reference.strip()
+
+
+def _problem(row: Any, index: int, where: str) -> Problem:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    name = "problem" if "problem" in row else "question"
+    if name not in row:
+        raise DataError(f"{where}: missing field 'problem' (or 'question')")
+    text = row[name]
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: field {name!r} must be a non-empty string, got {text!r}")
+    if "answer" not in row:
+        raise DataError(f"{where}: missing field 'answer'")
+    level = row.get("level")
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int | str)):
+        raise DataError(f"{where}: field 'level' must be an integer or a string, got {level!r}")
+    problem_id = row.get("id", row.get("unique_id"))
+    if problem_id is not None and (
+        isinstance(problem_id, bool) or not isinstance(problem_id, int | str)
+    ):
+        raise DataError(f"{where}: field 'id' must be an integer or a string, got {problem_id!r}")
+    return Problem(index, text, _reference(row["answer"], where), level, problem_id)
+
+
+def read_problems(path: str | Path) -> list[Problem]:
+    """Every problem of a JSONL file, in file order; blank lines are skipped.
+
+    Each line is a JSON object with ``problem`` (or ``question``) and ``answer``, and optionally
+    ``level`` and ``id`` (or ``unique_id``). An ``answer`` holding ``####`` (GSM8K) is reduced
+    to the text after it.
+
+    Raises
+    ------
+    DataError
+        Naming the file, the line and what is wrong with it, or if the file holds no problem.
+    """
+    path = Path(path)
+    problems = []
+    for lineno, line in _jsonl_rows(path.read_bytes(), f"data file {path}"):
+        where = f"data file {path}, line {lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{where}: not valid JSON ({error.msg}, column {error.colno})"
+            ) from None
+        problems.append(_problem(row, len(problems), where))
+    if not problems:
+        raise DataError(f"data file {path}: no problems in it")
+    return problems
+
+
+def result_record(
+    problem: Problem,
+    result: SearchResult,
+    wall_seconds: float,
+    settings: dict[str, Any],
+    save_candidates: bool = False,
+) -> dict[str, Any]:
+    """The JSON-ready result line of one searched problem, its answer graded (module docstring)."""
+    record = {
+        "index": problem.index,
+        "id": problem.id,
+        "problem_hash": problem.digest,
+        "problem": problem.text,
+        "reference": problem.reference,
+        "predicted": result.answer,
+        "correct": answers_equal(result.answer, problem.reference),
+        "level": problem.level,
+        "num_candidates": len(result.candidates),
+        "cost": asdict(result.cost),
+        "wall_seconds": wall_seconds,
+        "settings": settings,
+    }
+    if save_candidates:
+        record["search"] = result.to_dict()
+    return record
+
+
+def _settings_changes(written: Any, now: dict[str, Any]) -> str:
+    if not isinstance(written, dict):
+        return f"settings: {written!r} written, {now!r} now"
+    keys = sorted(set(written) | set(now))
+    return "; ".join(
+        f"{k}: {written.get(k)!r} written, {now.get(k)!r} now"
+        for k in keys
+        if written.get(k) != now.get(k)
+    )
+
+
+def read_results(
+    path: str | Path, problems: Sequence[Problem], settings: dict[str, Any]
+) -> tuple[list[dict[str, Any]], int]:
+    """The result lines a previous run left in ``path``, checked against this run.
+
+    A last line without its newline (a run killed while writing it) is dropped with a warning so
+    that its problem is searched again.
+
+    Parameters
+    ----------
+    problems : every problem of the data file (not only those this run searches).
+    settings : this run's settings; every line must carry the same.
+
+    Returns
+    -------
+    records : the complete lines, in file order.
+    keep_bytes : the length of the file without the dropped line; the caller truncates to it.
+
+    Raises
+    ------
+    DataError
+        A line that is not a result line, a problem answered twice, a line whose problem is not
+        the data file's problem of that index (the data changed), or other settings.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [], 0
+    data = path.read_bytes()
+    keep_bytes = data.rfind(b"\n") + 1
+    if data[keep_bytes:].strip():
+        lineno = data.count(b"\n") + 1
+        print(
+            f"warning: output file {path}, line {lineno} is incomplete (a run stopped while "
+            "writing it); its problem will be searched again",
+            file=sys.stderr,
+        )
+    records, seen = [], {}
+    for lineno, line in _jsonl_rows(data[:keep_bytes], f"output file {path}"):
+        where = f"output file {path}, line {lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{where}: not valid JSON ({error.msg}); not a ttscale result file, or damaged"
+            ) from None
+        index = record.get("index") if isinstance(record, dict) else None
+        if not isinstance(index, int) or not isinstance(record.get("problem_hash"), str):
+            raise DataError(f"{where}: not a result line (needs 'index' and 'problem_hash')")
+        if index >= len(problems) or problems[index].digest != record["problem_hash"]:
+            raise DataError(
+                f"{where}: problem {index} is not the data file's problem {index}; the "
+                "data file changed since this output was written; use a new output file"
+            )
+        if index in seen:
+            raise DataError(f"{where}: problem {index} was already answered on line {seen[index]}")
+        if record.get("settings") != settings:
+            raise DataError(
+                f"{where}: written with other settings "
+                f"({_settings_changes(record.get('settings'), settings)}); rerun with "
+                "those settings or use a new output file"
+            )
+        seen[index] = lineno
+        records.append(record)
+    return records, keep_bytes
+
+
+@dataclass
+class Summary:
+    """Accuracy and cost over a set of result lines."""
+
+    problems: int = 0
+    correct: int = 0
+    by_level: dict[Level, list[int]] = field(default_factory=dict)  # level -> [correct, problems]
+    generated_tokens: int = 0
+    prefilled_tokens: int = 0
+    scored_tokens: int = 0
+    wall_seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.problems if self.problems else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Policy tokens generated per second of wall time."""
+        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.problems += 1
+        self.correct += bool(record["correct"])
+        if record.get("level") is not None:
+            counts = self.by_level.setdefault(record["level"], [0, 0])
+            counts[0] += bool(record["correct"])
+            counts[1] += 1
+        cost = record["cost"]
+        self.generated_tokens += cost["generated_tokens"]
+        self.prefilled_tokens += cost["prefilled_tokens"]
+        self.scored_tokens += cost["scored_tokens"]
+        self.wall_seconds += record["wall_seconds"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "accuracy": self.accuracy,
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> Summary:
+    """Accuracy overall and by level, tokens and wall time, over result lines."""
+    summary = Summary()
+    for record in records:
+        summary.add(record)
+    return summary
+
+
+def _level_order(level: Level) -> tuple:
+    return (0, level, "") if isinstance(level, int) else (1, 0, level)
+
+
+def format_summary(summary: Summary) -> str:
+    """A table a person can read: accuracy overall and per level, then tokens and time."""
+    rows = [("accuracy", f"{summary.accuracy:7.1%}", f"{summary.correct}/{summary.problems}")]
+    for level in sorted(summary.by_level, key=_level_order):
+        correct, total = summary.by_level[level]
+        rows.append((f"  level {level}", f"{correct / total:7.1%}", f"{correct}/{total}"))
+    rows += [
+        ("tokens generated", f"{summary.generated_tokens:,}", ""),
+        ("tokens prefilled", f"{summary.prefilled_tokens:,}", ""),
+        ("tokens scored", f"{summary.scored_tokens:,}", ""),
+        ("wall time", f"{summary.wall_seconds:.1f} s", ""),
+        ("tokens/s", f"{summary.tokens_per_second:,.1f}", "generated"),
+    ]
+    name_width = max(len(name) for name, _, _ in rows)
+    value_width = max(len(value) for _, value, _ in rows)
+    return "\n".join(
+        f"{name:<{name_width}}  {value:>{value_width}}  {note}".rstrip()
+        for name, value, note in rows
+    )
+
+
+def run_evaluation(
+    search: Callable[[list[Problem]], list[SearchResult]],
+    problems: Sequence[Problem],
+    out: str | Path,
+    *,
+    all_problems: Sequence[Problem] | None = None,
+    batch_size: int = 16,
+    settings: dict[str, Any] | None = None,
+    save_candidates: bool = False,
+    progress: bool = True,
+    setup: Callable[[], None] | None = None,
+) -> Summary:
+    """Search ``problems`` a batch at a time, appending graded result lines to ``out``.
+
+    Problems already answered in ``out`` are skipped (see :func:`read_results`). Batches are
+    fixed slices of ``problems``, so a resumed run searches the same batches as an unbroken one.
+
+    Parameters
+    ----------
+    search : problems -> one SearchResult each, in order.
+    problems : the problems to answer (e.g. the first ``--limit`` of ``all_problems``).
+    all_problems : every problem of the data file, to check ``out``'s lines against; default
+        ``problems``.
+    settings : what the result lines record of this run (strategy, n, seed, ...); JSON values.
+    setup : called once before the first search, outside the timed part (loading the models);
+        not at all when every problem is answered already.
+
+    Returns
+    -------
+    Summary
+        Over every problem of ``problems``, those answered by earlier runs included.
+    """
+    out = Path(out)
+    settings = json.loads(json.dumps(settings or {}))  # the form it has once read back
+    records, keep_bytes = read_results(out, all_problems or problems, settings)
+    if out.exists() and out.stat().st_size != keep_bytes:
+        os.truncate(out, keep_bytes)
+    wanted = {p.index for p in problems}
+    done = {r["index"]: r for r in records if r["index"] in wanted}
+    summary = summarize(list(done.values()))
+    if setup is not None and len(done) < len(problems):
+        setup()
+    bar = tqdm(total=len(problems), initial=len(done), unit="problem", disable=not progress)
+    start, generated = time.perf_counter(), 0
+    try:
+        with out.open("a", encoding="utf-8") as file:
+            for first in range(0, len(problems), batch_size):
+                batch = [p for p in problems[first : first + batch_size] if p.index not in done]
+                if not batch:
+                    continue
+                batch_start = time.perf_counter()
+                results = search(batch)
+                if len(results) != len(batch):
+                    raise RuntimeError(
+                        f"search returned {len(results)} results for {len(batch)} problems"
+                    )
+                share = (time.perf_counter() - batch_start) / len(batch)
+                lines = []
+                for problem, result in zip(batch, results, strict=True):
+                    record = result_record(problem, result, share, settings, save_candidates)
+                    summary.add(record)
+                    generated += record["cost"]["generated_tokens"]
+                    lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+                file.write("".join(lines))
+                file.flush()
+                os.fsync(file.fileno())
+                bar.update(len(batch))
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(acc=f"{summary.accuracy:.1%}", tok_s=f"{generated / elapsed:,.0f}")
+    finally:
+        bar.close()
+    return summary

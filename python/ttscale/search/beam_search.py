@@ -1,0 +1,148 @@
+"""Beam search over solution steps, guided by a verifier (lookahead search shares it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from ttscale.sampling_params import SamplingParams
+from ttscale.search.common import check_beams, prepare, run_waves, with_common_docs
+from ttscale.search.fork import best_per_group, consecutive_groups
+from ttscale.search.prompts import PromptFn
+from ttscale.search.result import SearchResult
+from ttscale.search.run import Line, SearchRun
+from ttscale.verifiers.base import Verifier
+
+
+@with_common_docs
+def beam_search(
+    llm,
+    problems: Sequence[str],
+    n: int,
+    verifier: Verifier | None = None,
+    sampling: SamplingParams | None = None,
+    *,
+    beam_width: int = 4,
+    max_iterations: int = 40,
+    select: str | None = None,
+    agg: str = "last",
+    seed: int | None = None,
+    references: Sequence[str | None] | None = None,
+    system_prompt: str | None = None,
+    prompt_fn: PromptFn | None = None,
+    step_delimiter: str = "\n\n",
+    extract=None,
+    equal=None,
+    progress: bool = True,
+) -> list[SearchResult]:
+    """Search step by step with ``n`` beams, keeping the ``n / beam_width`` best and expanding
+        each ``beam_width`` times.
+
+        Iteration 0 samples ``n`` first steps per problem. Every iteration extends each active beam
+        by one step (decoding to ``step_delimiter``), scores the new step, and sets finished beams
+        (end-of-sequence or ``max_tokens``) aside; of the unfinished beams of each problem the
+        ``n / beam_width`` with the highest aggregate score are kept and forked ``beam_width`` times
+        (their KV shared, not copied), the others freed. All problems search together in one batch.
+
+        A problem stops once ``n`` beams have finished. When ``max_iterations`` run out first, its
+        best unfinished beams, as many as it lacks, are decoded to their end (without further
+        selection). Either way it returns exactly ``n`` finished candidates: the ``n`` best by
+        aggregate if more finished in the last iteration, in the order they finished.
+
+        Parameters
+        ----------
+    {head}
+        n : int
+            Beams per problem (the number of candidates returned).
+    {tail}
+        beam_width : int
+            Children per kept beam; divides ``n``.
+        max_iterations : int
+            Steps searched at most.
+
+        Returns
+        -------
+    {returns}
+            ``tree`` holds the search tree: every scored step of every beam, with its parent.
+    """
+    inputs = prepare(
+        "beam_search",
+        llm,
+        problems,
+        n,
+        verifier,
+        sampling,
+        select=select,
+        agg=agg,
+        seed=seed,
+        references=references,
+        system_prompt=system_prompt,
+        prompt_fn=prompt_fn,
+        step_delimiter=step_delimiter,
+        extract=extract,
+        equal=equal,
+        needs_verifier=True,
+    )
+    check_beams(n, beam_width, max_iterations)
+    return run_waves(
+        inputs,
+        n,
+        lambda run: search_beams(run, n, beam_width, max_iterations),
+        tree=True,
+        progress=progress,
+    )
+
+
+def search_beams(
+    run: SearchRun, n: int, beam_width: int, max_iterations: int, lookahead: int = 0
+) -> list[SearchResult]:
+    """Beam search over one wave (see :func:`beam_search`); with ``lookahead`` > 0, beams are
+    ranked by :func:`lookahead_scores`."""
+    sampling = run.inputs.sampling
+    lines = run.start(n)
+    done: dict[int, list[Line]] = {p: [] for p in run.wave}
+    scores: list[float | None] = []
+    for iteration in range(max_iterations):
+        run.advance(lines, sampling)
+        if lookahead:
+            scores = lookahead_scores(run, lines, lookahead)
+        else:
+            scores = [line.score(run.agg) for line in lines]
+        finished = [line for line in lines if line.finished]
+        for line in finished:
+            done[line.problem].append(line)
+        run.free(finished)
+        going = [i for i, line in enumerate(lines) if not line.finished]
+        lines, scores = [lines[i] for i in going], [scores[i] for i in going]
+        if not lines or iteration == max_iterations - 1:
+            break
+        problems, sizes = consecutive_groups([line.problem for line in lines])
+        keep = [n // beam_width if len(done[p]) < n else 0 for p in problems]
+        lines = run.select(lines, scores, sizes, keep, beam_width)
+    if lines:  # out of iterations: finish the best beams each problem still lacks
+        problems, sizes = consecutive_groups([line.problem for line in lines])
+        lines = run.select(lines, scores, sizes, [max(n - len(done[p]), 0) for p in problems], 1)
+        run.advance(lines, sampling, whole=True)
+        for line in lines:
+            done[line.problem].append(line)
+        run.free(lines)
+    results = []
+    for p in run.wave:
+        best = best_per_group([line.score(run.agg) for line in done[p]], [len(done[p])], [n])[0]
+        results.append(run.result(p, [run.candidate(done[p][i]) for i in sorted(best)]))
+    return results
+
+
+def lookahead_scores(run: SearchRun, lines: list[Line], steps: int) -> list[float | None]:
+    """Each unfinished line's aggregate score after ``steps`` more greedy steps, scored on a
+    fork that is then freed (the line itself stays where it was); finished lines keep theirs."""
+    greedy = dataclasses.replace(run.inputs.sampling, temperature=0.0)
+    scores = [line.score(run.agg) for line in lines]
+    going = [i for i, line in enumerate(lines) if not line.finished]
+    probes = run.copy([lines[i] for i in going])
+    for _ in range(steps):
+        run.advance([probe for probe in probes if not probe.finished], greedy)
+    for i, probe in zip(going, probes, strict=True):
+        scores[i] = probe.score(run.agg)
+    run.free(probes)
+    return scores

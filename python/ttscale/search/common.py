@@ -1,0 +1,242 @@
+"""What every strategy does around its search: check the arguments, build the prompts, plan the
+waves of problems that fit the KV pool together, run them, and collect the results."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ttscale.sampling_params import SamplingParams
+from ttscale.search.prompts import PromptFn, build_prompts
+from ttscale.search.result import SearchResult
+from ttscale.search.run import SearchRun
+from ttscale.search.select import SELECTIONS, check_select
+from ttscale.verifiers.base import Verifier
+
+DEFAULT_SAMPLING = SamplingParams(temperature=0.8, max_tokens=2048)
+
+# Sequences decoded together at most: a step's logits are [sequences, vocabulary] floats, which
+# for a 150k-token vocabulary is 600 KB per sequence.
+MAX_WAVE_SEQUENCES = 1024
+
+# The parameters every strategy shares, spliced into each one's docstring: those before the
+# budget ``n`` and those after it.
+COMMON_HEAD = """\
+    llm : LLM
+        The policy (:class:`ttscale.LLM`); its engine and tokenizer are used.
+    problems : list of str
+        The problems' texts."""
+
+COMMON_TAIL = """\
+    verifier : Verifier, optional
+        Scores steps (a PRM, ``ttscale.RuleVerifier``, ...).
+    sampling : SamplingParams, optional
+        How the policy samples; default ``SamplingParams(temperature=0.8, max_tokens=2048)``.
+        ``max_tokens`` bounds each solution (capped so no sequence outgrows the model's
+        context); ``n`` is ignored (the strategy's budget decides) and ``stop`` must be unset
+        (steps end at ``step_delimiter``, solutions at end-of-sequence or ``max_tokens``).
+    select : {"best", "weighted", "majority"}, optional
+        Final choice of the answer (:mod:`ttscale.search.select`); default ``"weighted"`` with a
+        verifier, ``"majority"`` without.
+    agg : {"last", "min", "prod", "mean"}
+        How a candidate's step scores become its score, for ranking and for weighted votes.
+    seed : int, optional
+        Sampling seed (default ``sampling.seed``, else 0); the same seed gives the same result.
+    references : list of str, optional
+        Known answers, one per problem (None entries allowed): a rule verifier's ground truth.
+    system_prompt : str, optional
+        The system message of the chat template (or a preamble without one).
+    prompt_fn : callable, optional
+        ``problem -> str or token ids``, replacing the default prompt
+        (:mod:`ttscale.search.prompts`).
+    step_delimiter : str
+        The text between steps (default a blank line).
+    extract, equal : callable, optional
+        ``text -> answer or None`` and ``(a, b) -> bool``; default
+        :func:`ttscale.grading.extract_answer` and :func:`ttscale.grading.answers_equal`.
+    progress : bool
+        Show a progress bar over problems."""
+
+COMMON_RETURNS = """\
+    list of SearchResult
+        One per problem, in order; its ``cost`` is split as :mod:`ttscale.search.cost` says."""
+
+
+def with_common_docs(function):
+    """Fill ``{head}``, ``{tail}`` and ``{returns}`` in a strategy's docstring."""
+    function.__doc__ = function.__doc__.format(
+        head=COMMON_HEAD, tail=COMMON_TAIL, returns=COMMON_RETURNS
+    )
+    return function
+
+
+@dataclass
+class Inputs:
+    """A strategy's checked arguments, as :class:`~ttscale.search.run.SearchRun` uses them."""
+
+    strategy: str
+    llm: Any
+    problems: list[str]
+    references: list[str | None] | None
+    prompts: list[list[int]]
+    sampling: SamplingParams
+    verifier: Verifier | None
+    select: str
+    agg: str
+    delimiter: str
+    extract: Callable[[str], str | None]
+    equal: Callable[[str, str], bool] | None
+
+
+def prepare(
+    strategy: str,
+    llm,
+    problems: Sequence[str],
+    n: int,
+    verifier: Verifier | None,
+    sampling: SamplingParams | None,
+    *,
+    select: str | None,
+    agg: str,
+    seed: int | None,
+    references: Sequence[str | None] | None,
+    system_prompt: str | None,
+    prompt_fn: PromptFn | None,
+    step_delimiter: str,
+    extract,
+    equal,
+    needs_verifier: bool,
+    selections: Sequence[str] = SELECTIONS,
+) -> Inputs:
+    """Check a strategy's common arguments (ValueErrors name them) and build its prompts;
+    ``selections`` are the ``select`` values the strategy knows."""
+    if getattr(llm, "engine", None) is None:
+        raise ValueError(f"llm: expected a ttscale.LLM, got {type(llm).__name__}")
+    if llm.tokenizer is None:
+        raise ValueError("llm: the model directory has no tokenizer.json; strategies work on text")
+    if isinstance(problems, str) or not isinstance(problems, Sequence) or not problems:
+        raise ValueError("problems: expected a non-empty list of strings")
+    bad = next((i for i, p in enumerate(problems) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise ValueError(f"problems[{bad}]: expected a string, got {type(problems[bad]).__name__}")
+    check_count("n", n)
+    if references is not None and len(references) != len(problems):
+        raise ValueError(
+            f"references: expected one per problem ({len(problems)}), got {len(references)}"
+        )
+    if verifier is not None and not isinstance(verifier, Verifier):
+        raise ValueError(f"verifier: expected a ttscale Verifier, got {type(verifier).__name__}")
+    if needs_verifier and verifier is None:
+        raise ValueError(f"verifier: {strategy} needs a verifier to score steps")
+    select = check_select(select, agg, verifier is not None, selections)
+    if not isinstance(step_delimiter, str) or not step_delimiter:
+        raise ValueError(f"step_delimiter: expected a non-empty string, got {step_delimiter!r}")
+    sampling = DEFAULT_SAMPLING if sampling is None else sampling
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
+    if sampling.stop_strings:
+        raise ValueError(
+            f"sampling: stop strings are not supported in search (got {sampling.stop!r}); "
+            "steps end at step_delimiter, solutions at end-of-sequence or max_tokens"
+        )
+    if seed is not None and not isinstance(seed, int):
+        raise ValueError(f"seed: expected an integer, got {seed!r}")
+    seed = seed if seed is not None else (sampling.seed if sampling.seed is not None else 0)
+    prompts = build_prompts(llm.tokenizer, problems, system_prompt, prompt_fn)
+    room = llm.engine.model.max_positions - max(map(len, prompts))
+    if room < 1:
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        raise ValueError(
+            f"problems[{longest}]: its prompt of {len(prompts[longest])} tokens fills "
+            f"the model's context of {llm.engine.model.max_positions}"
+        )
+    sampling = dataclasses.replace(sampling, seed=seed, max_tokens=min(sampling.max_tokens, room))
+    if extract is None or equal is None:
+        from ttscale import grading
+
+        extract = extract or grading.extract_answer
+        equal = equal or grading.answers_equal
+    return Inputs(
+        strategy,
+        llm,
+        list(problems),
+        None if references is None else list(references),
+        prompts,
+        sampling,
+        verifier,
+        select,
+        agg,
+        step_delimiter,
+        extract,
+        equal,
+    )
+
+
+def check_count(name: str, value, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def plan_waves(
+    engine, prompts: Sequence[Sequence[int]], seqs_per_problem: int, max_tokens: int
+) -> list[list[int]]:
+    """Consecutive groups of problems whose prompts and sequences fit the free KV pool at once,
+    counting each sequence at ``max_tokens`` and one more block for a fork's partial block."""
+    blocks = engine.blocks
+    per_sequence = blocks.blocks_for(max_tokens + 1) + 1
+    free = blocks.num_free
+    waves: list[list[int]] = [[]]
+    used = 0
+    for p, prompt in enumerate(prompts):
+        need = blocks.blocks_for(len(prompt)) + seqs_per_problem * per_sequence
+        if need > free:
+            raise ValueError(
+                f"n: {seqs_per_problem} sequences of up to {max_tokens} tokens for problems[{p}] "
+                f"need {need} KV blocks, {free} are free; lower n or sampling.max_tokens, or give "
+                "the LLM a larger kv_budget_bytes"
+            )
+        full = (len(waves[-1]) + 1) * seqs_per_problem > MAX_WAVE_SEQUENCES
+        if waves[-1] and (used + need > free or full):
+            waves.append([])
+            used = 0
+        waves[-1].append(p)
+        used += need
+    return waves
+
+
+def run_waves(
+    inputs: Inputs,
+    seqs_per_problem: int,
+    body: Callable[[SearchRun], list[SearchResult]],
+    *,
+    tree: bool = False,
+    progress: bool = True,
+) -> list[SearchResult]:
+    """Run ``body`` (one search over a wave, returning its problems' results in order) on each
+    wave; sequence numbering restarts once per call, so a seed replays the same samples."""
+    engine = inputs.llm.engine
+    engine.restart_sequence_ids()
+    results: list[SearchResult] = []
+    waves = plan_waves(engine, inputs.prompts, seqs_per_problem, inputs.sampling.max_tokens)
+    with tqdm(
+        total=len(inputs.problems), desc=inputs.strategy, unit="problem", disable=not progress
+    ) as bar:
+        for wave in waves:
+            run = SearchRun(inputs, wave, tree=tree)
+            results += body(run)
+            run.close()
+            bar.update(len(wave))
+    return results
+
+
+def check_beams(n: int, beam_width: int, max_iterations: int) -> None:
+    """Beam search and DVTS: ``beam_width`` divides ``n``; at least one iteration."""
+    check_count("beam_width", beam_width)
+    if n % beam_width:
+        raise ValueError(f"beam_width: expected a divisor of n={n}, got {beam_width}")
+    check_count("max_iterations", max_iterations)

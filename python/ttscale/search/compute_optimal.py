@@ -1,0 +1,394 @@
+"""Compute-optimal scaling: each problem's strategy and budget chosen by its estimated difficulty.
+
+Following Snell et al. (2024): on a calibration set with known answers, measure the accuracy of
+each (strategy, N) with N up to the budget, per bin of difficulty, and keep the best of each
+bin. The options are the search strategies and, along the sequential axis, revisions at each
+sequential/parallel ratio asked for (``"revisions-4"``: chains of 4 attempts, N // 4 chains).
+Difficulty is the verifier's own estimate, so that it is available for new problems: the mean
+aggregate score of a small pilot of best-of-N samples (a low score means a hard problem).
+A new problem gets its pilot, falls into a bin, and is searched with that bin's choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ttscale.sampling_params import SamplingParams
+from ttscale.search.beam_search import beam_search
+from ttscale.search.best_of_n import best_of_n
+from ttscale.search.common import check_count
+from ttscale.search.dvts import dvts
+from ttscale.search.lookahead import lookahead
+from ttscale.search.result import Candidate, SearchResult
+from ttscale.search.revisions import revisions
+from ttscale.search.select import check_select, choose
+from ttscale.verifiers.base import Verifier
+
+STRATEGIES = {
+    "best_of_n": best_of_n,
+    "beam_search": beam_search,
+    "dvts": dvts,
+    "lookahead": lookahead,
+}
+REVISIONS_PREFIX = "revisions-"  # an option "revisions-<sequential>"
+
+
+@dataclass
+class ComputeOptimalTable:
+    """What :func:`fit_compute_optimal` measured and chose.
+
+    Attributes
+    ----------
+    edges : list of float
+        Ascending pilot scores separating the bins: bin ``b`` holds scores from ``edges[b - 1]``
+        (inclusive) up to ``edges[b]``; bin 0 is the hardest.
+    choices : list of (str, int)
+        The chosen (strategy, N) of each bin; a strategy ``"revisions-<sequential>"`` is
+        :func:`ttscale.revisions` with that many attempts per chain.
+    accuracy : dict
+        ``"strategy:N"`` -> accuracy per bin on the calibration set (None for an empty bin).
+    counts : list of int
+        Calibration problems per bin.
+    pilot_n, budget : int
+        Pilot samples per problem, and the largest N measured.
+    window : int
+        The revisions' window.
+    """
+
+    edges: list[float]
+    choices: list[tuple[str, int]]
+    accuracy: dict[str, list[float | None]] = field(default_factory=dict)
+    counts: list[int] = field(default_factory=list)
+    pilot_n: int = 4
+    budget: int = 16
+    window: int = 3
+
+    def bin_of(self, pilot_score: float) -> int:
+        """The bin of a problem whose pilot scored ``pilot_score``."""
+        return sum(pilot_score >= edge for edge in self.edges)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self) -> str:
+        """The table the choices were made from, for a person: accuracy of every option per
+        bin (the chosen one starred), and the bins' pilot-score ranges and sizes."""
+        bounds = ["-inf", *(f"{edge:.3g}" for edge in self.edges), "inf"]
+        bins = [
+            f"bin {b} [{bounds[b]}, {bounds[b + 1]}) n={count}"
+            for b, count in enumerate(self.counts)
+        ]
+        rows = [["option", *bins]]
+        for option, accuracy in self.accuracy.items():
+            name, n = option.rsplit(":", 1)
+            cells = [
+                ("-" if a is None else f"{a:.3f}")
+                + ("*" if self.choices[b] == (name, int(n)) else "")
+                for b, a in enumerate(accuracy)
+            ]
+            rows.append([option, *cells])
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(
+            f"* the bin's choice; pilot of {self.pilot_n} best-of-N samples, budget {self.budget}"
+        )
+        return "\n".join(lines)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ComputeOptimalTable:
+        return cls(**{**data, "choices": [tuple(c) for c in data["choices"]]})
+
+
+def pilot_score(candidates: Sequence[Candidate]) -> float:
+    """The mean aggregate score of pilot samples (0 for samples without one)."""
+    return sum(c.score or 0.0 for c in candidates) / max(len(candidates), 1)
+
+
+def check_revision_ratios(ratios: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    """Revision ratios are attempts per chain, each dividing some N measured."""
+    ratios = list(ratios)
+    for ratio in ratios:
+        check_count("revision_ratios", ratio)
+        if all(n % ratio for n in sizes):
+            raise ValueError(
+                f"revision_ratios: {ratio} divides no N measured ({', '.join(map(str, sizes))})"
+            )
+    return ratios
+
+
+def run_option(
+    name: str,
+    llm,
+    problems: Sequence[str],
+    n: int,
+    verifier: Verifier,
+    sampling: SamplingParams | None,
+    *,
+    beam_width: int,
+    max_iterations: int,
+    window: int,
+    **shared,
+) -> list[SearchResult]:
+    """Search ``problems`` with one option: a strategy by name, or ``"revisions-<sequential>"``."""
+    if name.startswith(REVISIONS_PREFIX):
+        sequential = int(name.removeprefix(REVISIONS_PREFIX))
+        return revisions(llm, problems, n, sequential, verifier, sampling, window=window, **shared)
+    options = (
+        {} if name == "best_of_n" else dict(beam_width=beam_width, max_iterations=max_iterations)
+    )
+    return STRATEGIES[name](llm, problems, n, verifier, sampling, **options, **shared)
+
+
+def fit_compute_optimal(
+    llm,
+    calibration_problems: Sequence[str],
+    calibration_references: Sequence[str],
+    budget: int,
+    verifier: Verifier | None,
+    sampling: SamplingParams | None = None,
+    *,
+    strategies: Sequence[str] = ("best_of_n", "beam_search"),
+    revision_ratios: Sequence[int] = (),
+    window: int = 3,
+    num_bins: int = 4,
+    pilot_n: int = 4,
+    beam_width: int = 4,
+    max_iterations: int = 40,
+    select: str | None = None,
+    agg: str = "last",
+    seed: int | None = None,
+    **common,
+) -> ComputeOptimalTable:
+    """Measure every (strategy, N) on the calibration set and choose the best per difficulty bin.
+
+    N runs over the powers of two up to ``budget``, and ``budget`` itself (for beam search,
+    DVTS and lookahead, the multiples of ``beam_width`` among them; for each revision ratio, the
+    multiples of it). Best-of-N is run once with ``budget`` samples and scored for each N on its
+    first N samples, whose first ``pilot_n`` also give each calibration problem its pilot score;
+    bins are its quantiles. A bin's choice is its most accurate option, ties going to the
+    smaller N, then to the earlier option (``strategies`` in order, then ``revision_ratios``);
+    an empty bin takes the choice that is best over the whole set.
+
+    Parameters are those of :func:`compute_optimal`; ``common`` takes the rest of the common
+    strategy arguments (``system_prompt``, ``prompt_fn``, ``step_delimiter``, ``extract``,
+    ``equal``, ``progress``).
+    """
+    if len(calibration_references) != len(calibration_problems) or not calibration_problems:
+        raise ValueError(
+            f"calibration_references: expected one per calibration problem "
+            f"({len(calibration_problems)}, at least one), got {len(calibration_references)}"
+        )
+    check_count("budget", budget)
+    check_count("num_bins", num_bins)
+    if not isinstance(pilot_n, int) or not 1 <= pilot_n <= budget:
+        raise ValueError(f"pilot_n: expected an integer in [1, budget={budget}], got {pilot_n!r}")
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ValueError(
+            f"strategies: expected names among {', '.join(STRATEGIES)}, got {list(strategies)}"
+        )
+    sizes = sorted({1 << k for k in range(budget.bit_length()) if 1 << k <= budget} | {budget})
+    ratios = check_revision_ratios(revision_ratios, sizes)
+    check_count("window", window)
+    if "best_of_n" not in strategies and not ratios and all(n % beam_width for n in sizes):
+        raise ValueError(f"budget: no N up to {budget} is a multiple of beam_width={beam_width}")
+    if verifier is None:
+        raise ValueError("verifier: compute_optimal needs a verifier to estimate difficulty")
+    chosen_rule = check_select(select, agg, True)
+    equal = common.get("equal")
+    if equal is None:
+        from ttscale.grading import answers_equal as equal
+    shared = dict(
+        select=select, agg=agg, seed=seed, references=list(calibration_references), **common
+    )
+    right = lambda answer, ref: answer is not None and equal(answer, ref)
+
+    # Best-of-N at the full budget serves every smaller N too; otherwise only the pilot is needed.
+    samples = budget if "best_of_n" in strategies else pilot_n
+    bon = best_of_n(llm, calibration_problems, samples, verifier, sampling, **shared)
+    scores = [pilot_score(r.candidates[:pilot_n]) for r in bon]
+    correct: dict[tuple[str, int], list[bool]] = {}
+    # Each option with the step its N must be a multiple of.
+    options = [(name, 1 if name == "best_of_n" else beam_width) for name in strategies]
+    options += [(f"{REVISIONS_PREFIX}{ratio}", ratio) for ratio in ratios]
+    for name, step in options:
+        for n in sizes:
+            if name == "best_of_n":
+                picks = [choose(r.candidates[:n], chosen_rule, equal) for r in bon]
+                answers = [
+                    None if i is None else r.candidates[i].answer
+                    for r, i in zip(bon, picks, strict=True)
+                ]
+            elif n % step == 0:
+                runs = run_option(
+                    name,
+                    llm,
+                    calibration_problems,
+                    n,
+                    verifier,
+                    sampling,
+                    beam_width=beam_width,
+                    max_iterations=max_iterations,
+                    window=window,
+                    **shared,
+                )
+                answers = [r.answer for r in runs]
+            else:
+                continue
+            correct[(name, n)] = [
+                right(a, ref) for a, ref in zip(answers, calibration_references, strict=True)
+            ]
+
+    ordered = sorted(scores)
+    edges = [ordered[len(ordered) * b // num_bins] for b in range(1, num_bins)]
+    table = ComputeOptimalTable(edges, [], pilot_n=pilot_n, budget=budget, window=window)
+    members = [[i for i, s in enumerate(scores) if table.bin_of(s) == b] for b in range(num_bins)]
+    table.counts = [len(m) for m in members]
+    rank = list(correct)  # measurement order: options as given, N ascending
+
+    def best(indices: list[int]) -> tuple[str, int]:
+        accuracy = {o: sum(correct[o][i] for i in indices) for o in rank}
+        return max(rank, key=lambda o: (accuracy[o], -o[1], -rank.index(o)))
+
+    overall = best(list(range(len(scores))))
+    table.choices = [best(m) if m else overall for m in members]
+    table.accuracy = {
+        f"{name}:{n}": [
+            sum(correct[(name, n)][i] for i in m) / len(m) if m else None for m in members
+        ]
+        for name, n in rank
+    }
+    return table
+
+
+def compute_optimal(
+    llm,
+    calibration_problems: Sequence[str],
+    calibration_references: Sequence[str],
+    problems: Sequence[str],
+    budget: int,
+    verifier: Verifier | None,
+    sampling: SamplingParams | None = None,
+    *,
+    table: ComputeOptimalTable | None = None,
+    strategies: Sequence[str] = ("best_of_n", "beam_search"),
+    revision_ratios: Sequence[int] = (),
+    window: int = 3,
+    num_bins: int = 4,
+    pilot_n: int = 4,
+    beam_width: int = 4,
+    max_iterations: int = 40,
+    select: str | None = None,
+    agg: str = "last",
+    seed: int | None = None,
+    references: Sequence[str | None] | None = None,
+    **common,
+) -> list[SearchResult]:
+    """Search each problem with the (strategy, N) fitted for its estimated difficulty.
+
+    Fits a :class:`ComputeOptimalTable` on the calibration set (:func:`fit_compute_optimal`;
+    pass ``table`` to reuse one, and the calibration arguments are then ignored), runs a pilot
+    of ``table.pilot_n`` best-of-N samples on each problem, bins its pilot score, and searches
+    the problems of each bin together with the bin's choice.
+
+    Parameters
+    ----------
+    llm : LLM
+        The policy.
+    calibration_problems, calibration_references : list of str
+        Problems with known answers to fit on.
+    problems : list of str
+        The problems to solve.
+    budget : int
+        The largest N: samples for best-of-N, beams for beam search, DVTS and lookahead.
+    verifier : Verifier
+        Scores steps, estimates difficulty and guides the searches.
+    sampling : SamplingParams, optional
+        As for every strategy.
+    table : ComputeOptimalTable, optional
+        A fitted table to use instead of fitting one.
+    strategies : list of str
+        Options among ``"best_of_n"``, ``"beam_search"``, ``"dvts"``, ``"lookahead"``.
+    revision_ratios : list of int
+        Attempts per chain of the :func:`ttscale.revisions` options (``"revisions-<r>"``, with
+        N // r chains), e.g. ``(2, 4, 8)``; none by default.
+    window : int
+        The revisions' window (a given ``table``'s own window is used with it).
+    num_bins : int
+        Difficulty bins (quantiles of the calibration pilot scores).
+    pilot_n : int
+        Pilot samples per problem, at most ``budget``.
+    beam_width, max_iterations : int
+        For the tree searches.
+    select, agg, seed, references
+        As for every strategy (``references`` belong to ``problems``).
+    **common
+        ``system_prompt``, ``prompt_fn``, ``step_delimiter``, ``extract``, ``equal``,
+        ``progress``, as for every strategy.
+
+    Returns
+    -------
+    list of SearchResult
+        One per problem, in order, from its chosen strategy; ``cost`` includes the pilot's, and
+        ``extra["compute_optimal"]`` holds the ``pilot_score``, the ``bin``, the chosen
+        ``strategy`` and ``n``, and the ``table`` (as a dict).
+    """
+    if table is None:
+        table = fit_compute_optimal(
+            llm,
+            calibration_problems,
+            calibration_references,
+            budget,
+            verifier,
+            sampling,
+            strategies=strategies,
+            revision_ratios=revision_ratios,
+            window=window,
+            num_bins=num_bins,
+            pilot_n=pilot_n,
+            beam_width=beam_width,
+            max_iterations=max_iterations,
+            select=select,
+            agg=agg,
+            seed=seed,
+            **common,
+        )
+    shared = dict(select=select, agg=agg, seed=seed, **common)
+    refs = None if references is None else list(references)
+    pilot = best_of_n(llm, problems, table.pilot_n, verifier, sampling, references=refs, **shared)
+    scores = [pilot_score(r.candidates) for r in pilot]
+    bins = [table.bin_of(s) for s in scores]
+    results: list[SearchResult | None] = [None] * len(problems)
+    for strategy, n in dict.fromkeys(table.choices[b] for b in bins):
+        chosen = [i for i, b in enumerate(bins) if table.choices[b] == (strategy, n)]
+        runs = run_option(
+            strategy,
+            llm,
+            [problems[i] for i in chosen],
+            n,
+            verifier,
+            sampling,
+            beam_width=beam_width,
+            max_iterations=max_iterations,
+            window=table.window,
+            references=None if refs is None else [refs[i] for i in chosen],
+            **shared,
+        )
+        for i, result in zip(chosen, runs, strict=True):
+            result.cost.add(pilot[i].cost)
+            result.extra["compute_optimal"] = {
+                "pilot_score": scores[i],
+                "bin": bins[i],
+                "strategy": strategy,
+                "n": n,
+                "table": table.to_dict(),
+            }
+            result.strategy = "compute_optimal"
+            results[i] = result
+    return results

@@ -1,0 +1,112 @@
+"""Diverse verifier tree search: independent greedy subtrees, one candidate from each."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ttscale.sampling_params import SamplingParams
+from ttscale.search.common import check_beams, prepare, run_waves, with_common_docs
+from ttscale.search.fork import best_per_group, consecutive_groups
+from ttscale.search.prompts import PromptFn
+from ttscale.search.result import Candidate, SearchResult
+from ttscale.search.run import SearchRun
+from ttscale.verifiers.base import Verifier
+
+
+@with_common_docs
+def dvts(
+    llm,
+    problems: Sequence[str],
+    n: int,
+    verifier: Verifier | None = None,
+    sampling: SamplingParams | None = None,
+    *,
+    beam_width: int = 4,
+    max_iterations: int = 40,
+    select: str | None = None,
+    agg: str = "last",
+    seed: int | None = None,
+    references: Sequence[str | None] | None = None,
+    system_prompt: str | None = None,
+    prompt_fn: PromptFn | None = None,
+    step_delimiter: str = "\n\n",
+    extract=None,
+    equal=None,
+    progress: bool = True,
+) -> list[SearchResult]:
+    """Split ``n`` beams into ``n / beam_width`` independent subtrees and grow each greedily.
+
+        Iteration 0 samples ``n`` first steps per problem, ``beam_width`` per subtree. Every
+        iteration, each subtree's ``beam_width`` beams are extended by one step and scored, and its
+        best by aggregate score is kept: if that beam has finished (end-of-sequence or
+        ``max_tokens``) it is the subtree's candidate and the subtree stops; otherwise it is forked
+        ``beam_width`` times and the others are freed. A subtree still going after
+        ``max_iterations`` decodes its kept beam to the end. Subtrees never compete with one
+        another, which keeps their candidates diverse (Beeching et al., 2024).
+
+        Parameters
+        ----------
+    {head}
+        n : int
+            Beams per problem; ``n / beam_width`` candidates are returned.
+    {tail}
+        beam_width : int
+            Beams per subtree; divides ``n``.
+        max_iterations : int
+            Steps searched at most.
+
+        Returns
+        -------
+    {returns}
+            Each has one finished candidate per subtree, in subtree order; ``tree`` holds every
+            subtree under the problem's root.
+    """
+    inputs = prepare(
+        "dvts",
+        llm,
+        problems,
+        n,
+        verifier,
+        sampling,
+        select=select,
+        agg=agg,
+        seed=seed,
+        references=references,
+        system_prompt=system_prompt,
+        prompt_fn=prompt_fn,
+        step_delimiter=step_delimiter,
+        extract=extract,
+        equal=equal,
+        needs_verifier=True,
+    )
+    check_beams(n, beam_width, max_iterations)
+
+    def search(run: SearchRun) -> list[SearchResult]:
+        sampling = run.inputs.sampling
+        lines = run.start(n)
+        for line in lines:
+            line.group = line.index // beam_width
+        chosen: dict[tuple[int, int], Candidate] = {}
+        for iteration in range(max_iterations):
+            run.advance(lines, sampling)
+            scores = [line.score(run.agg) for line in lines]
+            subtrees, sizes = consecutive_groups([(line.problem, line.group) for line in lines])
+            children = []
+            for subtree, (best,) in zip(
+                subtrees, best_per_group(scores, sizes, [1] * len(sizes)), strict=True
+            ):
+                if lines[best].finished:
+                    chosen[subtree] = run.candidate(lines[best])
+                    children.append(0)
+                else:
+                    children.append(1 if iteration == max_iterations - 1 else beam_width)
+            lines = run.select(lines, scores, sizes, 1, children)
+            if not lines:
+                break
+        run.advance(lines, sampling, whole=True)
+        for line in lines:
+            chosen[(line.problem, line.group)] = run.candidate(line)
+        run.free(lines)
+        return [run.result(p, [chosen[(p, g)] for g in range(n // beam_width)]) for p in run.wave]
+
+    return run_waves(inputs, n, search, tree=True, progress=progress)

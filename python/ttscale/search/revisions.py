@@ -1,0 +1,256 @@
+"""Sequential revisions: chains of attempts, each written with the chain's earlier ones in view.
+
+Test-time compute has two axes (Snell et al., 2024, "Scaling LLM Test-Time Compute Optimally"):
+parallel, N independent answers searched or voted on, and sequential, a model revising its own
+attempts. ``revisions`` spends ``n`` attempts per problem as ``n // sequential`` parallel chains
+of ``sequential`` attempts each, so ``sequential=1`` is best-of-N and ``sequential=n`` one chain.
+
+The revision format, in one place (a model trained to revise is trained on exactly this)::
+
+    <prompt><attempt 1><separator 1><attempt 2><separator 2>...<attempt k><separator k>
+
+then the new attempt, where each attempt is its text as the policy wrote it without its
+end-of-sequence token, at most ``window`` earlier attempts are shown (the chain's latest), and
+every separator is :data:`REVISION_SEPARATOR`, ``"\\n# another try:\\n"``: it closes an attempt
+and introduces the next. :func:`revision_context` builds the text; the strategy works on tokens
+(each attempt's own sampled tokens, each separator tokenized alone, :func:`revision_context_ids`),
+which is the same thing for a character tokenizer such as the toy model's. A chain's first
+attempt sees the bare prompt, as a best-of-N sample does.
+
+Why revisions are cheap here: a chain's context grows in place. An attempt ends on its chain's
+sequence, whose KV holds the prompt (shared by the problem's chains) and the chain so far; the
+separator is appended (:meth:`Engine.extend`) and the next attempt decodes on the same sequence,
+so only the separator is prefilled and nothing is ever recomputed. Once the chain is longer than
+``window``, dropping its oldest attempt shifts every position after it: the context is rebuilt
+on a fresh fork of the prompt from the last ``window`` attempts' tokens, and that prefill is
+counted (``extra["rebuilt_tokens"]``).
+
+Each attempt is scored alone: the verifier sees the problem and that attempt only, on a fresh
+path forked from the problem's root and scored step by step like any other solution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from ttscale.sampling_params import SamplingParams
+from ttscale.search.common import check_count, prepare, run_waves, with_common_docs
+from ttscale.search.prompts import PromptFn
+from ttscale.search.result import Candidate, SearchResult
+from ttscale.search.run import Line, SearchRun
+from ttscale.search.select import REVISION_SELECTIONS
+from ttscale.verifiers.base import Verifier
+
+#: What follows each earlier attempt in a revision context: it closes that attempt and
+#: introduces the next. Written in the toy tokenizer's alphabet, so the toy policy can learn it.
+REVISION_SEPARATOR = "\n# another try:\n"
+
+RevisionFn = Callable[[int], "str | list[int]"]
+
+
+def revision_context(prompt: str, attempts: Sequence[str]) -> str:
+    """The text a revision is written after: the prompt, then each earlier attempt (oldest
+    first, without end-of-sequence tokens) followed by :data:`REVISION_SEPARATOR`.
+
+    With no attempts it is the prompt itself: a chain's first attempt is a plain sample.
+    """
+    return prompt + "".join(attempt + REVISION_SEPARATOR for attempt in attempts)
+
+
+def revision_context_ids(
+    prompt_ids: Sequence[int],
+    attempts_ids: Sequence[Sequence[int]],
+    separators_ids: Sequence[Sequence[int]],
+) -> list[int]:
+    """:func:`revision_context` in tokens: the prompt, then each attempt's tokens followed by its
+    separator's (``separators_ids[i]`` follows ``attempts_ids[i]``)."""
+    ids = list(prompt_ids)
+    for attempt, separator in zip(attempts_ids, separators_ids, strict=True):
+        ids += list(attempt) + list(separator)
+    return ids
+
+
+def separator_ids(tokenizer, revision_fn: RevisionFn | None, count: int) -> list[list[int]]:
+    """The tokens that follow a chain's attempts at positions ``0 .. count - 1``: the default
+    separator, or what ``revision_fn(position)`` returns (a string is tokenized alone, without
+    special tokens); each must be at least one token."""
+    separators = []
+    for position in range(count):
+        text = REVISION_SEPARATOR if revision_fn is None else revision_fn(position)
+        ids = (
+            tokenizer.encode(text, add_special_tokens=False)
+            if isinstance(text, str)
+            else [int(t) for t in text]
+        )
+        if not ids:
+            raise ValueError(
+                f"revision_fn: gave no tokens after the attempt at position {position}"
+            )
+        separators.append(ids)
+    return separators
+
+
+@with_common_docs
+def revisions(
+    llm,
+    problems: Sequence[str],
+    n: int,
+    sequential: int,
+    verifier: Verifier | None = None,
+    sampling: SamplingParams | None = None,
+    *,
+    window: int = 3,
+    select: str | None = None,
+    agg: str = "last",
+    seed: int | None = None,
+    references: Sequence[str | None] | None = None,
+    system_prompt: str | None = None,
+    prompt_fn: PromptFn | None = None,
+    revision_fn: RevisionFn | None = None,
+    step_delimiter: str = "\n\n",
+    extract=None,
+    equal=None,
+    progress: bool = True,
+) -> list[SearchResult]:
+    """Spend ``n`` attempts per problem as ``n // sequential`` chains of ``sequential``
+        revisions, each attempt written after the chain's earlier ones, then choose an answer.
+
+        The format of a revision's context, and why it costs only its new tokens, are in the
+        module docstring (:mod:`ttscale.search.revisions`). Every attempt is a candidate, scored
+        alone by the verifier; ``select`` chooses among all of them as in best-of-N, or with
+        ``"hierarchical"`` takes each chain's best attempt, then a weighted vote across chains.
+        ``sequential=1`` gives exactly :func:`ttscale.best_of_n` with the same seed.
+
+        Parameters
+        ----------
+    {head}
+        n : int
+            Attempts per problem, all chains together.
+        sequential : int
+            Attempts per chain; divides ``n``.
+    {tail}
+        window : int
+            Earlier attempts a revision sees at most (the chain's latest).
+        revision_fn : callable, optional
+            ``position -> str or token ids``: what follows the chain's attempt at ``position``
+            (0-based) and introduces the next, instead of :data:`REVISION_SEPARATOR`.
+
+        ``select`` also takes ``"hierarchical"``. ``sampling.max_tokens`` bounds each attempt,
+        capped so that a chain's context (the prompt, ``window`` attempts with their separators
+        and the new attempt) fits the model's context.
+
+        Returns
+        -------
+    {returns}
+            Each has ``n`` candidates, chain by chain, each chain's attempts in order, with their
+            ``chain`` and ``position``. ``extra`` holds ``sequential``, ``chains``, ``window`` and
+            ``rebuilt_tokens``, the tokens prefilled again to drop attempts out of the window
+            (included in ``cost.prefilled_tokens``).
+    """
+    check_count("n", n)
+    check_count("sequential", sequential)
+    if n % sequential:
+        raise ValueError(f"sequential: expected a divisor of n={n}, got {sequential}")
+    check_count("window", window)
+    inputs = prepare(
+        "revisions",
+        llm,
+        problems,
+        n,
+        verifier,
+        sampling,
+        select=select,
+        agg=agg,
+        seed=seed,
+        references=references,
+        system_prompt=system_prompt,
+        prompt_fn=prompt_fn,
+        step_delimiter=step_delimiter,
+        extract=extract,
+        equal=equal,
+        needs_verifier=False,
+        selections=REVISION_SELECTIONS,
+    )
+    chains = n // sequential
+    separators = separator_ids(llm.tokenizer, revision_fn, sequential - 1)
+    # A chain's own tokens at most: `held` earlier attempts with their separators, then one more.
+    held = min(window, sequential - 1)
+    longest_separator = max(map(len, separators), default=0)
+    room = llm.engine.model.max_positions - max(map(len, inputs.prompts))
+    attempt_tokens = min(
+        inputs.sampling.max_tokens, (room - held * longest_separator) // (held + 1)
+    )
+    if attempt_tokens < 1:
+        raise ValueError(
+            f"window: {held} earlier attempts with their separators leave no room for a new one "
+            f"in the model's context of {llm.engine.model.max_positions}; lower window"
+        )
+    # The engine bounds what a sequence samples in its life; a chain's sequence hosts several
+    # attempts, so it gets the chain's bound and each attempt its own through advance's budget.
+    # Waves are planned for a whole chain's context.
+    chain_tokens = held * (attempt_tokens + longest_separator) + attempt_tokens
+    chain_sampling = dataclasses.replace(inputs.sampling, max_tokens=chain_tokens)
+
+    def search(run: SearchRun) -> list[SearchResult]:
+        lines = run.start(chains, keep_roots=True)
+        attempts: dict[Line, list[list[int]]] = {line: [] for line in lines}
+        candidates: dict[int, list[Candidate]] = {p: [] for p in run.wave}
+        rebuilt = {p: 0 for p in run.wave}
+        for position in range(sequential):
+            if position:
+                for line in lines:
+                    rebuilt[line.problem] += _next_context(
+                        run, line, attempts[line], separators, window
+                    )
+                run.restart(lines)
+            run.advance(lines, chain_sampling, whole=True, budget=attempt_tokens)
+            for line in lines:
+                candidate = run.candidate(line)
+                candidate.chain, candidate.position = line.index, position
+                candidates[line.problem].append(candidate)
+                eos = line.seq.finish_reason == "eos"
+                attempts[line].append(candidate.token_ids[:-1] if eos else candidate.token_ids)
+        run.free(lines)
+        extra = dict(sequential=sequential, chains=chains, window=window)
+        return [
+            run.result(
+                p,
+                sorted(candidates[p], key=lambda c: (c.chain, c.position)),
+                {**extra, "rebuilt_tokens": rebuilt[p]},
+            )
+            for p in run.wave
+        ]
+
+    return run_waves(
+        dataclasses.replace(inputs, sampling=chain_sampling), chains, search, progress=progress
+    )
+
+
+def _next_context(
+    run: SearchRun,
+    line: Line,
+    attempts: list[list[int]],
+    separators: list[list[int]],
+    window: int,
+) -> int:
+    """Put the context of the chain's next revision on ``line.seq``; return the tokens rebuilt.
+
+    While the chain holds at most ``window`` attempts, the latest one's separator is appended in
+    place (its end-of-sequence token, still pending, is dropped first). After that, the context
+    is rebuilt on a fresh fork of the prompt from the last ``window`` attempts.
+    """
+    engine = run.engine
+    done = len(attempts)
+    if done <= window:
+        if line.seq.finish_reason == "eos":
+            engine.drop_last_sample(line.seq)
+        engine.extend(line.seq, separators[done - 1])
+        return 0
+    shown = range(done - window, done)
+    context = revision_context_ids([], [attempts[i] for i in shown], [separators[i] for i in shown])
+    problem = line.seq.problem
+    engine.free([line.seq])
+    line.seq = engine.fork(problem, 1)[0]
+    engine.extend(line.seq, context)
+    return len(context)

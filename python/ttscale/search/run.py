@@ -1,0 +1,419 @@
+"""One search over a wave of problems: growing solutions ("lines"), their scoring, forks, costs.
+
+A :class:`Line` pairs a policy sequence with its verifier path and the steps scored so far.
+Strategies move lines with :meth:`SearchRun.advance` (decode to the next step delimiter, or to
+the end, then score every step the text completed), prune and branch them with
+:meth:`SearchRun.select`, and turn them into candidates and results at the end.
+
+Why a line can hold two verifier paths: a step is scored when its delimiter appears, before
+anyone knows whether the model will stop right after it. When it does (the next token is
+end-of-sequence, with no new text), that step was the solution's last after all, and a verifier
+that judges final answers (a rule, an outcome model) must see it as such. So while a line goes
+on, it also keeps ``retract``, a fork of its path taken before the last step; if the line ends
+without a new step, the last step is scored again on ``retract`` as final. A fork of a PRM path
+copies a block table, and the second scoring costs one step's tokens, only when it happens.
+
+Costs are charged to problems exactly where the work is per problem (prompt prefill, each
+sequence's sampled tokens) and shared where a batched call is not: see :mod:`ttscale.search.cost`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from ttscale.engine.sequence import Sequence
+from ttscale.sampling_params import SamplingParams
+from ttscale.search import fork as forking
+from ttscale.search.cost import split_seconds, split_tokens
+from ttscale.search.result import Candidate, Cost, SearchResult, TreeNode
+from ttscale.search.select import aggregate, choose
+from ttscale.verifiers.base import split_steps
+
+
+@dataclass(eq=False)
+class Line:
+    """One growing solution of problem ``problem`` (an index into the strategy's problems).
+
+    ``steps``/``scores`` are the steps scored so far; ``node`` the tree node of the last one
+    (0, the root, before any); ``group`` the DVTS subtree; ``index`` the sample it began as.
+    ``start`` is where the solution begins in its sequence's output: 0, except for a revision
+    chain's later attempts, which follow the earlier ones on the same sequence.
+    """
+
+    problem: int
+    seq: Sequence
+    path: object | None = None
+    retract: object | None = None
+    steps: list[str] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)
+    node: int = 0
+    group: int = 0
+    index: int = 0
+    finished: bool = False
+    in_tree: bool = True
+    start: int = 0
+
+    def score(self, agg: str) -> float | None:
+        """The aggregate of the step scores so far (None before any)."""
+        return aggregate([s for s in self.scores if s is not None], agg)
+
+    def child(self, seq: Sequence, path: object, retract: object, **changes) -> Line:
+        """A line that continues this one's steps on ``seq``, with its own verifier paths."""
+        return dataclasses.replace(
+            self,
+            seq=seq,
+            path=path,
+            retract=retract,
+            steps=list(self.steps),
+            scores=list(self.scores),
+            **changes,
+        )
+
+
+def completed_steps(text: str, delimiter: str, finished: bool) -> list[str]:
+    """The steps a text has completed: all of them once it is finished, else those that a
+    delimiter has closed (the text after the last delimiter is a step still being written)."""
+    if finished:
+        return split_steps(text, delimiter)
+    cut = text.rfind(delimiter)
+    return split_steps(text[:cut], delimiter) if cut >= 0 else []
+
+
+class SearchRun:
+    """The state of one strategy over one wave of problems (see the module docstring).
+
+    Parameters
+    ----------
+    inputs : Inputs
+        The validated arguments of the strategy (:func:`ttscale.search.common.prepare`).
+    wave : list of int
+        The problems (indices into ``inputs.problems``) searched together.
+    tree : bool
+        Record each problem's search tree.
+    """
+
+    def __init__(self, inputs, wave: list[int], *, tree: bool = False):
+        self.inputs = inputs
+        self.engine = inputs.llm.engine
+        self.verifier = inputs.verifier
+        self.delimiter = inputs.delimiter
+        self.agg = inputs.agg
+        self.wave = wave
+        self.costs = {p: Cost() for p in wave}
+        self.trees = {p: [TreeNode(0, None, "", None, 0)] for p in wave} if tree else None
+        self._engine_problems = []
+        self._roots: dict[int, object] = {}  # kept verifier roots, by problem (see start)
+        self._started = time.perf_counter()
+
+    # ------------------------------------------------------------------------------------------
+    # Lines
+
+    def start(self, n: int, *, keep_roots: bool = False) -> list[Line]:
+        """``n`` lines per problem of the wave, sharing its prefilled prompt and verifier root.
+
+        ``keep_roots`` keeps each problem's root path (the problem, no steps) until the run
+        closes, for :meth:`restart`."""
+        engine_problems = self.engine.add_many([self.inputs.prompts[p] for p in self.wave])
+        self._engine_problems += engine_problems
+        for p, problem in zip(self.wave, engine_problems, strict=True):
+            self.costs[p].prefilled_tokens += problem.kv_len
+        roots = [None] * len(self.wave)
+        if self.verifier is not None:
+            texts = [self.inputs.problems[p] for p in self.wave]
+            refs = (
+                None
+                if self.inputs.references is None
+                else [self.inputs.references[p] for p in self.wave]
+            )
+            roots = self._verify(
+                self.wave, [len(t) + 1 for t in texts], self.verifier.start, texts, refs
+            )
+        lines = []
+        for p, problem, root in zip(self.wave, engine_problems, roots, strict=True):
+            seqs = self.engine.fork(problem, n)
+            paths = self._fork_paths([root] * n, [p] * n) if root is not None else [None] * n
+            lines += [
+                Line(p, seq, path, index=i)
+                for i, (seq, path) in enumerate(zip(seqs, paths, strict=True))
+            ]
+        if keep_roots:
+            self._roots.update(zip(self.wave, roots, strict=True))
+        else:
+            self._free_paths(roots, self.wave)
+        return lines
+
+    def advance(
+        self,
+        lines: Seq[Line],
+        sampling: SamplingParams,
+        *,
+        whole: bool = False,
+        max_new_tokens: int | None = None,
+        budget: int | None = None,
+    ) -> None:
+        """Decode each line to its next step delimiter (``whole``: to its end), or for at most
+        ``max_new_tokens`` tokens, then score the steps its text completed.
+
+        ``budget`` (with ``whole``, instead of ``max_new_tokens``) ends each solution after that
+        many new tokens: a revision's attempt, whose sequence has sampled earlier attempts too,
+        so that ``sampling.max_tokens`` bounds the whole chain and ``budget`` the attempt."""
+        if not lines:
+            return
+        before = [line.seq.generated for line in lines]
+        # Text a strategy appended (a revision's context) is prefilled inside decode, all of a
+        # line's pending tokens but the one it feeds itself: measured, split by those counts.
+        prefilled = self.engine.prefilled_tokens
+        pending = [max(line.seq.pending - 1, 0) for line in lines]
+        self.engine.decode(
+            [line.seq for line in lines],
+            sampling,
+            stop=[] if whole else [self.delimiter],
+            max_new_tokens=max_new_tokens if budget is None else budget,
+        )
+        shares = split_tokens(self.engine.prefilled_tokens - prefilled, pending)
+        for line, generated, share in zip(lines, before, shares, strict=True):
+            self.costs[line.problem].generated_tokens += line.seq.generated - generated
+            self.costs[line.problem].prefilled_tokens += share
+            line.finished = (
+                line.seq.finish_reason == "eos"
+                or line.seq.generated >= sampling.max_tokens
+                or (budget is not None and line.seq.generated - generated >= budget)
+            )
+        self._score_steps(lines)
+
+    def restart(self, lines: Seq[Line]) -> None:
+        """Begin a new solution on each line after the text its sequence holds now (a
+        revision's next attempt, after the chain's context): no steps yet, and a fresh verifier
+        path from the problem's root, so the new solution is scored alone. Needs
+        ``start(..., keep_roots=True)``."""
+        self._free_verifier(lines)
+        owners = [line.problem for line in lines]
+        paths = self._fork_paths([self._roots[p] for p in owners], owners)
+        for line, path in zip(lines, paths, strict=True):
+            line.path, line.steps, line.scores = path, [], []
+            line.node, line.finished = 0, False
+            line.start = len(line.seq.output_ids)
+
+    def select(
+        self,
+        lines: Seq[Line],
+        scores: Seq[float | None],
+        group_sizes: Seq[int],
+        keep: int | Seq[int],
+        children: int | Seq[int],
+    ) -> list[Line]:
+        """:func:`ttscale.search.fork.select_and_fork` over lines: the kept ones' children, the
+        rest freed. ``lines`` are consumed; children carry their parent's steps and paths."""
+        forked = forking.select_and_fork(
+            self.engine, [line.seq for line in lines], scores, group_sizes, keep, children
+        )
+        # A parent's first child continues its verifier paths, as it continues its sequence.
+        first: dict[int, int] = {}
+        for slot, parent in enumerate(forked.parents):
+            first.setdefault(parent, slot)
+        forks = [slot for slot, parent in enumerate(forked.parents) if first[parent] != slot]
+        paths = self._fork_verifier([lines[forked.parents[slot]] for slot in forks])
+        new_paths = dict(zip(forks, paths, strict=True))
+        self._free_verifier([line for i, line in enumerate(lines) if i not in first])
+        children_lines = []
+        for slot, (seq, parent) in enumerate(zip(forked.children, forked.parents, strict=True)):
+            line = lines[parent]
+            children_lines.append(line.child(seq, *new_paths.get(slot, (line.path, line.retract))))
+        return children_lines
+
+    def copy(self, lines: Seq[Line]) -> list[Line]:
+        """A fork of each line, outside the tree (for lookahead probes); the lines stay live."""
+        seqs = [self.engine.fork(line.seq, 1)[0] for line in lines]
+        paths = self._fork_verifier(lines)
+        return [
+            line.child(seq, path, retract, in_tree=False)
+            for line, seq, (path, retract) in zip(lines, seqs, paths, strict=True)
+        ]
+
+    def free(self, lines: Seq[Line]) -> None:
+        """Release lines' KV blocks and verifier paths (their text stays readable)."""
+        self.engine.free([line.seq for line in lines])
+        self._free_verifier(lines)
+
+    # ------------------------------------------------------------------------------------------
+    # Results
+
+    def text(self, line: Line) -> str:
+        """The line's solution: its sequence's output from ``line.start``."""
+        return self.engine.tokenizer.decode(line.seq.output_ids[line.start :])
+
+    def candidate(self, line: Line) -> Candidate:
+        """The line as a finished (or budget-cut) candidate."""
+        text = self.text(line)
+        return Candidate(
+            text=text,
+            token_ids=line.seq.output_ids[line.start :],
+            steps=list(line.steps),
+            step_scores=list(line.scores),
+            score=line.score(self.agg),
+            answer=self.inputs.extract(text),
+            finished=line.finished,
+            node=line.node if self.trees is not None else None,
+        )
+
+    def result(
+        self, p: int, candidates: list[Candidate], extra: dict | None = None
+    ) -> SearchResult:
+        """Problem ``p``'s result: the answer chosen among ``candidates`` by the strategy's rule."""
+        chosen = choose(candidates, self.inputs.select, self.inputs.equal)
+        return SearchResult(
+            problem=self.inputs.problems[p],
+            answer=None if chosen is None else candidates[chosen].answer,
+            chosen=chosen,
+            candidates=candidates,
+            cost=self.costs[p],
+            strategy=self.inputs.strategy,
+            tree=None if self.trees is None else self.trees[p],
+            extra=dict(extra or {}),
+        )
+
+    def close(self) -> None:
+        """Free the wave's prompts and kept verifier roots (every line must be freed by now) and
+        charge the wall time."""
+        self._free_paths(list(self._roots.values()), list(self._roots))
+        self._roots = {}
+        for problem in self._engine_problems:
+            self.engine.free_problem(problem)
+        seconds = time.perf_counter() - self._started
+        work = [self.costs[p].generated_tokens + self.costs[p].scored_tokens for p in self.wave]
+        for p, share in zip(self.wave, split_seconds(seconds, work), strict=True):
+            self.costs[p].seconds += share
+
+    # ------------------------------------------------------------------------------------------
+
+    def _score_steps(self, lines: Seq[Line]) -> None:
+        """Score the steps each line's text completed since its last scoring, one verifier call
+        per step position across the lines, and record them."""
+        new = [completed_steps(self.text(line), self.delimiter, line.finished) for line in lines]
+        new = [steps[len(line.steps) :] for line, steps in zip(lines, new, strict=True)]
+        for r in range(max(map(len, new), default=0)):
+            batch = [
+                (line, steps[r], r == len(steps) - 1)
+                for line, steps in zip(lines, new, strict=True)
+                if len(steps) > r
+            ]
+            if self.verifier is None:
+                for line, step, _ in batch:
+                    self._record(line, step, None)
+            else:
+                self._score_batch(batch)
+        ended = [
+            line
+            for line, steps in zip(lines, new, strict=True)
+            if line.finished and not steps and line.retract is not None
+        ]
+        if ended:
+            self._rescore_as_final(ended)
+
+    def _score_batch(self, batch: list[tuple[Line, str, bool]]) -> None:
+        """Append one step to each line's path: (line, step, whether it is the line's last
+        completed step). A line that goes on keeps a retract path from before its last step."""
+        held = [line for line, _, last in batch if last and not line.finished]
+        retracts = self._fork_paths([line.path for line in held], [line.problem for line in held])
+        stale = [line for line, _, _ in batch if line.retract is not None]
+        self._free_paths([line.retract for line in stale], [line.problem for line in stale])
+        for line in stale:
+            line.retract = None
+        scores = self._verify(
+            [line.problem for line, _, _ in batch],
+            [len(step) + 1 for _, step, _ in batch],
+            self.verifier.score,
+            [line.path for line, _, _ in batch],
+            [step for _, step, _ in batch],
+            [last and line.finished for line, _, last in batch],
+        )
+        for line, retract in zip(held, retracts, strict=True):
+            line.retract = retract
+        for (line, step, _), score in zip(batch, scores, strict=True):
+            self._record(line, step, score)
+
+    def _rescore_as_final(self, lines: list[Line]) -> None:
+        """Lines that ended right after a step scored as not final: score it again, as final, on
+        the retract path; the tree gets a sibling node for the final score."""
+        scores = self._verify(
+            [line.problem for line in lines],
+            [len(line.steps[-1]) + 1 for line in lines],
+            self.verifier.score,
+            [line.retract for line in lines],
+            [line.steps[-1] for line in lines],
+            [True] * len(lines),
+        )
+        self._free_paths([line.path for line in lines], [line.problem for line in lines])
+        for line, score in zip(lines, scores, strict=True):
+            line.path, line.retract = line.retract, None
+            line.scores[-1] = score
+            if self.trees is not None and line.in_tree:
+                tree = self.trees[line.problem]
+                parent = tree[line.node].parent
+                line.node = self._node(tree, parent, line.steps[-1], score, len(line.steps))
+
+    def _record(self, line: Line, step: str, score: float | None) -> None:
+        line.steps.append(step)
+        line.scores.append(score)
+        if self.trees is not None and line.in_tree:
+            line.node = self._node(
+                self.trees[line.problem], line.node, step, score, len(line.steps)
+            )
+
+    @staticmethod
+    def _node(
+        tree: list[TreeNode], parent: int | None, step: str, score: float | None, depth: int
+    ) -> int:
+        tree.append(TreeNode(len(tree), parent, step, score, depth))
+        return len(tree) - 1
+
+    def _verify(self, owners: Seq[int], weights: Seq[int], call: Callable, *args):
+        """Run a verifier call and charge the tokens it scored to ``owners`` by ``weights``."""
+        before = self.verifier.scored_tokens
+        out = call(*args)
+        for p, share in zip(
+            owners, split_tokens(self.verifier.scored_tokens - before, weights), strict=True
+        ):
+            self.costs[p].scored_tokens += share
+        return out
+
+    def _fork_paths(self, paths: Seq[object], owners: Seq[int]) -> list[object]:
+        if self.verifier is None or not paths:
+            return [None] * len(paths)
+        return self._verify(
+            owners, [1] * len(paths), self.verifier.fork, list(paths), list(range(len(paths)))
+        )
+
+    def _fork_verifier(self, lines: Seq[Line]) -> list[tuple[object, object]]:
+        """A fork of each line's verifier path, and of its retract path where it has one."""
+        owners = [line.problem for line in lines]
+        paths = self._fork_paths([line.path for line in lines], owners)
+        back = [line for line in lines if line.retract is not None]
+        forked = iter(
+            self._fork_paths([line.retract for line in back], [line.problem for line in back])
+        )
+        retracts = [None if line.retract is None else next(forked) for line in lines]
+        return list(zip(paths, retracts, strict=True))
+
+    def _free_verifier(self, lines: Seq[Line]) -> None:
+        """Free lines' verifier paths (and retract paths)."""
+        self._free_paths(
+            [line.path for line in lines] + [line.retract for line in lines],
+            [line.problem for line in lines] * 2,
+        )
+        for line in lines:
+            line.path = line.retract = None
+
+    def _free_paths(self, paths: Seq[object | None], owners: Seq[int]) -> None:
+        live = [(path, p) for path, p in zip(paths, owners, strict=True) if path is not None]
+        if self.verifier is not None and live:
+            self._verify(
+                [p for _, p in live],
+                [1] * len(live),
+                self.verifier.free,
+                [path for path, _ in live],
+            )

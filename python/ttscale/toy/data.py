@@ -1,0 +1,105 @@
+"""Training examples for the toy models: token ids, which positions carry a loss, and batching.
+
+Policy example: ``<s>`` + prompt + solution + ``</s>``; the loss is on the solution and the
+``</s>`` (the model learns to write solutions, not problems).
+
+PRM example: the Math-Shepherd text of a (possibly wrong) solution,
+``math_shepherd_text("Q: <problem>", lines)``; the loss is at each step tag ``ки``, on the
+``+`` (step right) or ``-`` (step wrong) token, as the Math-Shepherd PRM is trained. The PRM
+also keeps language-modelling reference solutions in the same layout (:func:`prm_lm_example`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ttscale.toy import task
+from ttscale.toy.tokenizer import EOS, PAD, STEP_TAG, build_tokenizer
+from ttscale.verifiers.formats import math_shepherd_text
+
+GOOD, BAD = "+", "-"
+
+
+@dataclass(frozen=True)
+class Vocab:
+    pad: int
+    eos: int
+    step_tag: int
+    good: int
+    bad: int
+
+    @classmethod
+    def load(cls) -> Vocab:
+        tok = build_tokenizer()
+        return cls(*(tok.token_to_id(t) for t in (PAD, EOS, STEP_TAG, GOOD, BAD)))
+
+
+@dataclass
+class Example:
+    """``ids [T]`` and, per position, the target token predicted there (-100: no loss)."""
+
+    ids: list[int]
+    targets: list[int]
+
+
+def policy_examples(problems: list[task.Problem]) -> list[Example]:
+    tok, vocab = build_tokenizer(), Vocab.load()
+    prompts = tok.encode_batch([p.prompt for p in problems])
+    fulls = tok.encode_batch([p.prompt + p.solution() for p in problems])
+    examples = []
+    for prompt, full in zip(prompts, fulls, strict=True):
+        ids = full.ids + [vocab.eos]
+        # position j predicts ids[j + 1]; only solution tokens (and </s>) are targets
+        targets = [-100] * (len(prompt.ids) - 1) + ids[len(prompt.ids) :] + [-100]
+        examples.append(Example(ids, targets))
+    return examples
+
+
+def solution_steps(solution: str) -> list[str]:
+    """The lines of a solution that :func:`task.label_steps` labels, in order."""
+    return [line for line in solution.split(task.STEP_DELIMITER) if line.strip()]
+
+
+def prm_text(problem: task.Problem, steps: list[str]) -> str:
+    """What the PRM reads: the question is the prompt without its trailing newline."""
+    return math_shepherd_text(f"Q: {problem.text}", steps)
+
+
+def prm_example(problem: task.Problem, solution: str) -> Example | None:
+    """The solution's Math-Shepherd text with ``+``/``-`` targets at its step tags (None if no steps)."""
+    steps = solution_steps(solution)
+    if not steps:
+        return None
+    labels = task.label_steps(problem, solution)
+    vocab = Vocab.load()
+    ids = build_tokenizer().encode(prm_text(problem, steps)).ids
+    tags = [j for j, t in enumerate(ids) if t == vocab.step_tag]
+    targets = [-100] * len(ids)
+    for j, right in zip(tags, labels, strict=True):
+        targets[j] = vocab.good if right else vocab.bad
+    return Example(ids, targets)
+
+
+def prm_lm_example(problem: task.Problem) -> Example:
+    """The reference solution in the PRM's layout, as language modelling: every token after the
+    question is a target. Keeps the PRM computing the arithmetic it judges."""
+    text = prm_text(problem, problem.solution().splitlines())
+    tok = build_tokenizer()
+    ids = tok.encode(text).ids
+    question = len(tok.encode(f"Q: {problem.text} ").ids)
+    targets = [-100] * (question - 1) + ids[question:] + [-100]
+    return Example(ids, targets)
+
+
+def batch(examples: list[Example], pad: int) -> tuple[Tensor, Tensor]:
+    """Right-padded ``ids [B, T]`` and ``targets [B, T]`` (padding is no target)."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    targets = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        targets[i, : len(e.targets)] = torch.tensor(e.targets)
+    return ids, targets

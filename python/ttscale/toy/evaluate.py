@@ -1,0 +1,148 @@
+"""Measure the toy models: policy accuracy by level, PRM step-label quality, best-of-N with the PRM.
+
+Sampling goes through :class:`ttscale.llm.LLM` (the engine the demo uses); PRM scores come from
+one plain forward pass of the training model over each solution's Math-Shepherd text, reading
+P(+) = softmax over the ``+``/``-`` logits at each step tag.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from ttscale.llm import LLM
+from ttscale.sampling_params import SamplingParams
+from ttscale.toy import task
+from ttscale.toy.data import Example, Vocab, batch, prm_example
+from ttscale.toy.model import TinyLlama
+
+MAX_SOLUTION_TOKENS = 128
+
+
+def sample(
+    model_dir: Path, problems: list[task.Problem], n: int, temperature: float, seed: int
+) -> list[list[str]]:
+    """``n`` solutions per problem from the policy saved in ``model_dir``."""
+    llm = LLM(model_dir, device="cpu", seed=seed, kv_budget_bytes=256 << 20)
+    params = SamplingParams(n=n, temperature=temperature, max_tokens=MAX_SOLUTION_TOKENS, seed=seed)
+    outputs = llm.generate([p.prompt for p in problems], params, use_tqdm=False)
+    return [[c.text for c in out.outputs] for out in outputs]
+
+
+def is_correct(problem: task.Problem, solution: str) -> bool:
+    return task.final_answer(solution) == str(problem.answer)
+
+
+def accuracy_by_level(problems: list[task.Problem], solutions: list[str]) -> dict[str, float]:
+    """``{"all": ..., "1": ..., "4": ...}``: the fraction of correct final answers."""
+    right: dict[str, list[bool]] = defaultdict(list)
+    for problem, solution in zip(problems, solutions, strict=True):
+        ok = is_correct(problem, solution)
+        right["all"].append(ok)
+        right[str(problem.level)].append(ok)
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(right.items())}
+
+
+@torch.no_grad()
+def step_scores(prm: TinyLlama, examples: list[Example], batch_size: int = 256) -> list[list[float]]:
+    """P(+) at each step tag of each example."""
+    vocab = Vocab.load()
+    prm.eval()
+    scores = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        ids, targets = batch(chunk, vocab.pad)
+        logits = prm(ids)[..., [vocab.good, vocab.bad]]
+        p_good = logits.float().softmax(-1)[..., 0]
+        scores += [p_good[i][targets[i] != -100].tolist() for i in range(len(chunk))]
+    return scores
+
+
+def prm_quality(prm: TinyLlama, problems: list[task.Problem], samples: list[list[str]]) -> dict:
+    """Step-label accuracy (threshold 0.5), balanced accuracy and AUC over every labelled step."""
+    examples = [prm_example(p, s) for p, group in zip(problems, samples) for s in group]
+    examples = [e for e in examples if e is not None]
+    vocab = Vocab.load()
+    labels = [t == vocab.good for e in examples for t in e.targets if t != -100]
+    scores = [s for row in step_scores(prm, examples) for s in row]
+    predicted = [s > 0.5 for s in scores]
+    hits = Counter((label, guess) for label, guess in zip(labels, predicted))
+    positives, negatives = labels.count(True), labels.count(False)
+    return {
+        "steps": len(labels),
+        "positive_fraction": round(positives / len(labels), 4),
+        "accuracy": round((hits[True, True] + hits[False, False]) / len(labels), 4),
+        "balanced_accuracy": round(
+            0.5 * hits[True, True] / max(positives, 1) + 0.5 * hits[False, False] / max(negatives, 1), 4
+        ),
+        "auc": round(auc(scores, labels), 4),
+    }
+
+
+def auc(scores: list[float], labels: list[bool]) -> float:
+    """Probability that a random right step scores above a random wrong one (ties count half)."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):  # average ranks over ties
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    positives = sum(labels)
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    rank_sum = sum(r for r, label in zip(ranks, labels) if label)
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def search_preview(
+    prm: TinyLlama,
+    problems: list[task.Problem],
+    samples: list[list[str]],
+    greedy: list[str],
+    sizes: tuple[int, ...],
+) -> dict:
+    """Accuracy of greedy, majority vote and PRM best-of-N (min and last step score) for each N.
+
+    Every N takes the first N samples of one pool per problem, as the demo does.
+    """
+    pool_scores = [step_scores(prm, [prm_example(p, s) or _empty() for s in group])
+                   for p, group in zip(problems, samples)]
+    result: dict = {"greedy": accuracy_by_level(problems, greedy)["all"], "pass@n": {},
+                    "majority": {}, "prm_min": {}, "prm_last": {}}
+    for n in sizes:
+        picks: dict[str, list[str]] = defaultdict(list)
+        covered = []
+        for problem, group, scores in zip(problems, samples, pool_scores, strict=True):
+            group, scores = group[:n], scores[:n]
+            covered.append(any(is_correct(problem, s) for s in group))
+            picks["majority"].append(_majority(group))
+            picks["prm_min"].append(_best(group, [min(s, default=0.0) for s in scores]))
+            picks["prm_last"].append(_best(group, [s[-1] if s else 0.0 for s in scores]))
+        result["pass@n"][n] = round(sum(covered) / len(covered), 4)
+        for name, chosen in picks.items():
+            result[name][n] = accuracy_by_level(problems, chosen)["all"]
+    return result
+
+
+def _majority(group: list[str]) -> str:
+    answers = [task.final_answer(s) for s in group]
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return group[0]
+    top = counts.most_common(1)[0][0]
+    return group[answers.index(top)]
+
+
+def _best(group: list[str], scores: list[float]) -> str:
+    return group[max(range(len(group)), key=lambda i: scores[i])]
+
+
+def _empty() -> Example:
+    return Example([Vocab.load().pad], [-100])

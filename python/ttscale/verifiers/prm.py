@@ -1,0 +1,227 @@
+"""A process reward model scoring steps incrementally on its own paged, prefix-shared KV cache.
+
+    prm = PRM("path/to/Qwen2.5-Math-PRM-7B", format="qwen2.5-math-prm", kv_budget_bytes=8 << 30)
+    roots = prm.start(problems)                    # each problem's prefix prefilled once
+    paths = prm.fork(roots, [0] * 4)               # 4 paths of problem 0: block tables, no copies
+    scores = prm.score(paths, steps, final)        # runs only the new steps' tokens
+
+A path is an engine sequence of the PRM's own :class:`~ttscale.engine.engine.Engine`. Scoring a
+step appends the step's segment (:mod:`ttscale.verifiers.formats`) to its path, runs only those
+tokens through the model, and reads the head at the step's tag through the fused
+:func:`ttscale.ops.prm_step_scores`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ttscale import ops
+from ttscale.engine.engine import Engine
+from ttscale.engine.sequence import Problem, Sequence
+from ttscale.model import load_model, load_tokenizer, read_config
+from ttscale.verifiers.base import Verifier, split_steps
+from ttscale.verifiers.formats import FORMATS, PRMFormat, Segment, make_format
+
+# The model head each format's checkpoints carry (ttscale.model.config's head kinds).
+HEAD_OF_KIND = {"two_token": "lm", "two_class": "two_class", "value": "value"}
+# The format a reward-head checkpoint implies; causal-LM PRMs must say theirs.
+FORMAT_OF_HEAD = {"two_class": "qwen2.5-math-prm", "value": "skywork"}
+
+
+@dataclass(eq=False)
+class PRMPath:
+    """One candidate solution's state in the PRM: its engine sequence and its last segment.
+
+    ``tag_positions`` are the positions, in :attr:`token_ids`, of the tokens each step's score
+    was read at.
+    """
+
+    seq: Sequence
+    last: Segment  # the segment the next step's segment continues
+    num_steps: int = 0
+    tag_positions: list[int] = field(default_factory=list)
+
+    @property
+    def problem(self) -> Problem:
+        return self.seq.problem
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The whole sequence so far: the problem's prefix, then every step's segment."""
+        return self.problem.prompt_ids + self.seq.tokens[1:]
+
+    @property
+    def freed(self) -> bool:
+        return self.seq.freed
+
+
+class PRM(Verifier):
+    """A process reward model from a local Hugging Face directory, scoring every step.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        config.json, safetensors and tokenizer.json (plus tokenizer_config.json with a chat
+        template for the chat formats).
+    format : str, optional
+        ``"math-shepherd"``, ``"rlhflow"``, ``"qwen2.5-math-prm"`` or ``"skywork"`` (see
+        :mod:`ttscale.verifiers.formats`). Default: implied by a reward-head checkpoint
+        (``Qwen2ForProcessRewardModel`` -> qwen2.5-math-prm, ``Qwen2ForPrmModel`` -> skywork);
+        causal-LM PRMs must name theirs.
+    device, dtype : optional
+        As :func:`ttscale.model.load_model`.
+    kv_budget_bytes : int, optional
+        Bytes for this PRM's KV pool. Default: 0.9 of free GPU memory on a GPU, 2 GiB on the
+        CPU. On a GPU give both the policy (``LLM(..., kv_budget_bytes=...)``) and the PRM
+        explicit budgets: whichever is created first with the default takes 0.9 of what is free.
+    step_delimiter : str
+        What separates steps in a solution's text (:meth:`score_text`).
+    system_prompt, step_tag, good_token, bad_token : str, optional
+        Format options (qwen2.5-math-prm's system prompt; math-shepherd's tag; the ``+``/``-``
+        tokens of the two-token formats); None keeps the format's default.
+    block_size, max_batch_tokens, backend
+        Passed to the PRM's :class:`~ttscale.engine.engine.Engine`.
+    """
+
+    def __init__(self, model_dir: str | Path, format: str | None = None, *, device=None, dtype=None,
+                 kv_budget_bytes: int | None = None, step_delimiter: str = "\n\n",
+                 system_prompt: str | None = None, step_tag: str | None = None,
+                 good_token: str | None = None, bad_token: str | None = None,
+                 block_size: int = 16, max_batch_tokens: int = 4096, backend: str | None = None):
+        model_dir = Path(model_dir)
+        split_steps("", step_delimiter)  # validates the delimiter
+        self.step_delimiter = step_delimiter
+        config = read_config(model_dir)
+        if format is None:
+            if config.head not in FORMAT_OF_HEAD:
+                raise ValueError(f"format: a {config.architecture} PRM reads token logits; name "
+                                 "its format ('math-shepherd' or 'rlhflow')")
+            format = FORMAT_OF_HEAD[config.head]
+        if format not in FORMATS:
+            raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
+        kind = FORMATS[format].kind
+        if config.head != HEAD_OF_KIND[kind]:
+            raise ValueError(f"format: {format!r} reads a {HEAD_OF_KIND[kind]!r} head, but "
+                             f"{model_dir} holds a {config.architecture} ({config.head!r} head)")
+        if kind == "two_class" and config.num_labels != 2:
+            raise ValueError(f"format: {format!r} reads two classes, {model_dir} has "
+                             f"{config.num_labels}")
+        self.tokenizer = load_tokenizer(model_dir)
+        self.format: PRMFormat = make_format(format, self.tokenizer, system_prompt=system_prompt,
+                                             step_tag=step_tag, good_token=good_token,
+                                             bad_token=bad_token)
+        self.model = load_model(model_dir, device=device, dtype=dtype)
+        self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes,
+                             block_size=block_size, max_batch_tokens=max_batch_tokens,
+                             backend=backend)
+        self.backend = backend
+        self._weight, self._bias = self._head()
+        self.scored_tokens = 0
+
+    def _head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows :func:`ops.prm_step_scores` reads: ``+``/``-`` LM-head rows, ``score.2``, or
+        the value head."""
+        model = self.model
+        if self.format.kind == "two_token":
+            vocab, names = model.config.vocab_size, ("good_token", "bad_token")
+            for name, token in zip(names, self.format.head_tokens, strict=True):
+                if token >= vocab:
+                    raise ValueError(f"{name}: token id {token} is outside the model's "
+                                     f"vocabulary of {vocab}")
+            return model.lm_head[list(self.format.head_tokens)].contiguous(), None
+        return model.score_out.weight, model.score_out.bias
+
+    # ------------------------------------------------------------------------------------------
+    # The Verifier interface
+
+    def start(self, problems, references=None) -> list[PRMPath]:
+        """Prefill each problem's prefix once; one root path (no steps) per problem."""
+        if isinstance(problems, str):
+            raise ValueError("problems: expected a sequence of strings, got one string")
+        prefixes = [self.format.prefix(problem) for problem in problems]
+        before = self.engine.prefilled_tokens
+        engine_problems = self.engine.add_many([p.ids for p in prefixes])
+        self.scored_tokens += self.engine.prefilled_tokens - before
+        return [PRMPath(self.engine.fork(problem, 1)[0], prefix)
+                for problem, prefix in zip(engine_problems, prefixes, strict=True)]
+
+    def fork(self, paths, parents) -> list[PRMPath]:
+        """Children sharing their parents' KV blocks (a block table copy each)."""
+        children = []
+        for parent_index in parents:
+            parent = paths[parent_index]
+            if parent.freed:
+                raise ValueError(f"parents: path {parent_index} was freed")
+            (seq,) = self.engine.fork(parent.seq, 1)
+            children.append(PRMPath(seq, parent.last, parent.num_steps, list(parent.tag_positions)))
+        return children
+
+    def score(self, paths, steps, final) -> list[float | None]:
+        """Append each step to its path, run only the new tokens, return each step's score."""
+        self._append(paths, steps, final)
+        return self._read(list(paths))
+
+    def free(self, paths) -> None:
+        """Release paths; a problem's prefix is released with its last path."""
+        for path in paths:
+            if path.freed:
+                continue
+            self.engine.free([path.seq])
+            if path.problem.num_sequences == 0:
+                self.engine.free_problem(path.problem)
+
+    # ------------------------------------------------------------------------------------------
+
+    def score_text(self, problem: str, solution: str) -> list[float | None]:
+        """Score every step of a solution's text, split on ``step_delimiter``."""
+        return self.score_solution(problem, split_steps(solution, self.step_delimiter))
+
+    def _append(self, paths: Seq[PRMPath], steps: Seq[str], final: Seq[bool]) -> None:
+        """Extend each path by its step's segment (pending: not yet run through the model)."""
+        if not len(paths) == len(steps) == len(final):
+            raise ValueError(f"steps: expected one step and one final flag per path "
+                             f"({len(paths)} paths, {len(steps)} steps, {len(final)} flags)")
+        if len({id(p) for p in paths}) != len(paths):
+            raise ValueError("paths: a path appears twice; fork it to extend it two ways")
+        limit = self.model.max_positions
+        segments = []
+        for i, (path, step) in enumerate(zip(paths, steps, strict=True)):
+            if path.freed:
+                raise ValueError(f"paths: path {i} was freed")
+            if not isinstance(step, str):
+                raise ValueError(f"steps: expected strings, got {type(step).__name__} at {i}")
+            segment = self.format.step(step, path.num_steps, path.last)
+            if path.seq.context_len + len(segment.ids) > limit:
+                raise ValueError(f"steps: path {i} would reach "
+                                 f"{path.seq.context_len + len(segment.ids)} tokens, the PRM "
+                                 f"serves {limit}")
+            segments.append(segment)
+        for path, segment in zip(paths, segments, strict=True):
+            self.engine.extend(path.seq, segment.ids)
+            path.last = segment
+            path.num_steps += 1
+            # The segment's last token, in token_ids (the prefix, then seq.tokens after its first).
+            path.tag_positions.append(len(path.problem.prompt_ids) + len(path.seq.tokens) - 2)
+
+    def _read(self, paths: list[PRMPath]) -> list[float]:
+        """Run the paths' pending tokens and score each one's latest step."""
+        if not paths:
+            return []
+        seqs = [p.seq for p in paths]
+        before = self.engine.prefilled_tokens
+        hidden_at = {p.seq: [len(p.seq.tokens) - 1] for p in paths}
+        hidden = self.engine.run_pending(seqs, hidden_at=hidden_at)
+        self.scored_tokens += self.engine.prefilled_tokens - before
+        rows = torch.cat([hidden[s] for s in seqs])  # [P, H]
+        if self.format.kind == "two_class":
+            rows = F.relu(self.model.score_hidden(rows))
+        scores, _ = ops.prm_step_scores(
+            rows, torch.arange(len(paths), device=rows.device), self._weight, self._bias,
+            kind=self.format.kind, num_seqs=len(paths), backend=self.backend,
+        )
+        return scores.tolist()

@@ -1,0 +1,400 @@
+"""``ttscale run``: arguments, malformed input, resumable output, the summary, one real run.
+
+Most tests search with a fake strategy and a fake policy (registered through the command line's
+strategy table and ``ttscale.llm.LLM``), so they take milliseconds; the last ones run a tiny
+random model end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import time
+
+import pytest
+from jsonl_files import read_jsonl, rows, write_jsonl
+
+from ttscale import cli
+from ttscale.grading import extract_answer
+from ttscale.search.result import Candidate, Cost, SearchResult
+from ttscale.toy.tokenizer import build_tokenizer, save_tokenizer
+from ttscale.verifiers.base import split_steps
+
+RESULT_KEYS = {"index", "id", "problem_hash", "problem", "reference", "predicted", "correct",
+               "level", "num_candidates", "cost", "wall_seconds", "settings"}
+
+
+class FakeStrategy:
+    """Answers "What is K?" with K; can stop the run (as Ctrl-C would) past some problems."""
+
+    def __init__(self, kill_after: int | None = None):
+        self.kill_after = kill_after
+        self.searched: list[str] = []
+        self.calls: list[dict] = []
+
+    def __call__(self, llm, problems, n, verifier=None, sampling=None, *, select=None, agg="last",
+                 seed=0, references=None, system_prompt=None, step_delimiter="\n\n",
+                 progress=True, **options):
+        if self.kill_after is not None and len(self.searched) + len(problems) > self.kill_after:
+            raise KeyboardInterrupt
+        self.searched.extend(problems)
+        self.calls.append({"n": n, "verifier": verifier, "sampling": sampling, "seed": seed,
+                           "references": references, "system_prompt": system_prompt,
+                           "step_delimiter": step_delimiter, "options": options})
+        results = []
+        for problem in problems:
+            answer = re.search(r"What is (\w+)\?", problem).group(1)
+            text = f"It is {answer}."
+            candidates = [Candidate(text, [5, 6, 7], [text], answer=answer) for _ in range(n)]
+            cost = Cost(generated_tokens=3 * n, prefilled_tokens=4, scored_tokens=0, seconds=0.01)
+            results.append(SearchResult(problem, answer, 0, candidates, cost, "fake"))
+        return results
+
+
+class FakeLLM:
+    loaded: list[FakeLLM] = []
+
+    def __init__(self, model, device=None, dtype=None, seed=0, *, kv_budget_bytes=None):
+        self.tokenizer = object()
+        FakeLLM.loaded.append(self)
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """FakeStrategy() as strategy "fake", FakeLLM as the policy; returns the strategy."""
+    strategy = FakeStrategy()
+    monkeypatch.setitem(cli.STRATEGIES, "fake", strategy)
+    monkeypatch.setattr("ttscale.llm.LLM", FakeLLM)
+    FakeLLM.loaded = []
+    (tmp_path / "model").mkdir()
+    return strategy
+
+
+def run(tmp_path, capsys, *extra, n="2"):
+    """``ttscale run`` of the fake strategy on tmp_path/data.jsonl -> (exit code, out, err)."""
+    argv = ["run", "--model", str(tmp_path / "model"), "--strategy", "fake", "--n", n,
+            "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "out.jsonl"),
+            "--batch-size", "2", *extra]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# Arguments -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, named", [
+    (["--strategy", "no_such_strategy"], "--strategy"),
+    (["--n", "0"], "--n"),
+    (["--n", "two"], "--n"),
+    (["--prm", "{model}"], "--prm-format"),
+    (["--prm", "{tmp}/missing", "--prm-format", "skywork"], "--prm"),
+    (["--prm", "{model}", "--prm-format", "no-such-format"], "--prm-format"),
+    (["--prm-format", "skywork"], "--prm-format"),
+    (["--prm", "{model}", "--prm-format", "skywork", "--oracle"], "--oracle"),
+    (["--beam-width", "4"], "--beam-width"),
+    (["--select", "best"], "--select"),
+    (["--agg", "max"], "--agg"),
+    (["--top-p", "0"], "--top-p"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--limit", "0"], "--limit"),
+    (["--device", "gpu"], "--device"),
+    (["--kv-budget", "0"], "--kv-budget"),
+    (["--step-delimiter", ""], "--step-delimiter"),
+    (["--out", "{tmp}/no_dir/out.jsonl"], "--out"),
+    (["--out", "{tmp}/data.jsonl"], "--out"),
+    (["--data", "{tmp}/missing.jsonl"], "--data"),
+    (["--model", "{tmp}/missing"], "--model"),
+])
+def test_bad_argument_exits_2_naming_it(fake, tmp_path, capsys, extra, named):
+    write_jsonl(tmp_path / "data.jsonl", rows(2))
+    extra = [e.format(tmp=tmp_path, model=tmp_path / "model") for e in extra]
+    code, _, err = run(tmp_path, capsys, *extra)
+    assert code == 2 and f"argument {named}" in err and "Traceback" not in err
+    assert fake.searched == []
+
+
+def test_strategy_that_cannot_be_imported_is_named(fake, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(cli.STRATEGIES, "fake", "ttscale.search.no_such_module:fn")
+    write_jsonl(tmp_path / "data.jsonl", rows(2))
+    code, _, err = run(tmp_path, capsys)
+    assert code == 2 and "argument --strategy: fake is not available" in err
+
+
+FAKE_BY_PATH = FakeStrategy()
+
+
+def test_strategies_are_resolved_lazily_by_module_path(fake, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(cli.STRATEGIES, "fake", f"{__name__}:FAKE_BY_PATH")
+    write_jsonl(tmp_path / "data.jsonl", rows(3))
+    assert run(tmp_path, capsys)[0] == 0
+    assert FAKE_BY_PATH.searched == [f"What is {i}?" for i in range(3)]
+
+
+def test_model_that_does_not_load_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(cli.STRATEGIES, "fake", FakeStrategy())
+    (tmp_path / "model").mkdir()  # no config.json
+    write_jsonl(tmp_path / "data.jsonl", rows(2))
+    code, _, err = run(tmp_path, capsys)
+    assert code == 2 and "argument --model" in err and "config.json" in err
+    assert "Traceback" not in err
+
+
+def test_strategy_value_error_on_the_first_batch_is_a_usage_error(fake, monkeypatch, tmp_path,
+                                                                   capsys):
+    def picky(*args, **kwargs):
+        raise ValueError("beam_width: expected a divisor of n, got 3")
+
+    monkeypatch.setitem(cli.STRATEGIES, "fake", picky)
+    write_jsonl(tmp_path / "data.jsonl", rows(2))
+    code, _, err = run(tmp_path, capsys)
+    assert code == 2 and "--strategy fake: beam_width: expected a divisor of n" in err
+
+
+def test_strategy_receives_the_run_arguments(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(2))
+    code, _, _ = run(tmp_path, capsys, "--oracle", "--seed", "7", "--temperature", "0.5",
+                     "--max-tokens", "64", "--step-delimiter", "\\n",
+                     "--system-prompt", "Be \\brief")
+    assert code == 0
+    (call,) = fake.calls
+    assert call["references"] == ["0", "1"] and call["seed"] == 7 and call["n"] == 2
+    assert type(call["verifier"]).__name__ == "RuleVerifier"
+    assert call["sampling"].temperature == 0.5 and call["sampling"].max_tokens == 64
+    assert call["step_delimiter"] == "\n" and call["system_prompt"] == "Be \\brief"
+
+
+def test_strategy_options_reach_the_strategies_that_take_them(fake, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(cli.STRATEGY_OPTIONS, "fake", ("beam_width",))
+    write_jsonl(tmp_path / "data.jsonl", rows(2))
+    assert run(tmp_path, capsys, "--beam-width", "4")[0] == 0
+    assert fake.calls[0]["options"] == {"beam_width": 4}
+
+
+def test_references_are_withheld_without_oracle(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(2))
+    assert run(tmp_path, capsys)[0] == 0
+    assert fake.calls[0]["references"] is None and fake.calls[0]["verifier"] is None
+
+
+def test_malformed_data_exits_2_naming_the_line(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", [*rows(2), '{"problem": "What is 2?"'])
+    code, _, err = run(tmp_path, capsys)
+    assert code == 2 and "line 3: not valid JSON" in err and "Traceback" not in err
+
+
+# Output and resuming -------------------------------------------------------------------------
+
+def test_result_lines_follow_the_schema(fake, tmp_path, capsys):
+    data = [{**row, "id": f"p{i}"} for i, row in enumerate(rows(3, wrong={1}))]
+    write_jsonl(tmp_path / "data.jsonl", data)
+    assert run(tmp_path, capsys)[0] == 0
+    records = read_jsonl(tmp_path / "out.jsonl")
+    assert [set(r) for r in records] == [RESULT_KEYS] * 3
+    first, second = records[0], records[1]
+    assert (first["index"], first["id"], first["problem"]) == (0, "p0", "What is 0?")
+    assert (first["predicted"], first["reference"], first["correct"]) == ("0", "0", True)
+    assert (second["predicted"], second["reference"], second["correct"]) == ("1", "101", False)
+    assert first["level"] == 1 and first["num_candidates"] == 2
+    assert first["cost"] == {"generated_tokens": 6, "prefilled_tokens": 4, "scored_tokens": 0,
+                             "seconds": 0.01}
+    assert first["wall_seconds"] >= 0 and first["settings"]["strategy"] == "fake"
+    assert first["settings"]["n"] == 2 and first["settings"]["model"] == "model"
+
+
+def test_save_candidates_writes_the_whole_search_result(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(2))
+    assert run(tmp_path, capsys, "--save-candidates")[0] == 0
+    record = read_jsonl(tmp_path / "out.jsonl")[0]
+    assert set(record) == RESULT_KEYS | {"search"}
+    assert record["search"]["answer"] == "0" and len(record["search"]["candidates"]) == 2
+    assert record["search"]["candidates"][0]["text"] == "It is 0."
+
+
+def test_limit_searches_only_the_first_problems(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(5))
+    assert run(tmp_path, capsys, "--limit", "3")[0] == 0
+    assert [r["index"] for r in read_jsonl(tmp_path / "out.jsonl")] == [0, 1, 2]
+
+
+def test_killed_run_resumes_and_answers_each_problem_once_in_order(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(7))
+    fake.kill_after = 4  # batches of 2: the third batch (problems 4, 5) is in flight when stopped
+    code, _, err = run(tmp_path, capsys)
+    assert code == 130 and "rerun the same command" in err
+    assert [r["index"] for r in read_jsonl(tmp_path / "out.jsonl")] == [0, 1, 2, 3]
+    fake.kill_after = None
+    assert run(tmp_path, capsys)[0] == 0
+    assert fake.searched == [f"What is {i}?" for i in range(7)]  # 0-3 before, 4-6 after
+    assert [r["index"] for r in read_jsonl(tmp_path / "out.jsonl")] == list(range(7))
+
+
+def test_finished_run_searches_nothing_and_loads_no_model(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(3))
+    assert run(tmp_path, capsys)[0] == 0
+    before = (tmp_path / "out.jsonl").read_bytes()
+    FakeLLM.loaded, fake.searched = [], []
+    code, out, _ = run(tmp_path, capsys)
+    assert code == 0 and "3/3" in out
+    assert FakeLLM.loaded == [] and fake.searched == []
+    assert (tmp_path / "out.jsonl").read_bytes() == before
+
+
+def test_truncated_last_line_is_redone_with_a_warning(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(4))
+    assert run(tmp_path, capsys)[0] == 0
+    out = tmp_path / "out.jsonl"
+    text = out.read_text()
+    out.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 40])  # line 4 cut short
+    fake.searched = []
+    code, _, err = run(tmp_path, capsys)
+    assert code == 0 and "line 4 is incomplete" in err
+    assert fake.searched == ["What is 3?"]
+    assert [r["index"] for r in read_jsonl(out)] == [0, 1, 2, 3]
+
+
+def test_changed_data_is_reported_not_mixed(fake, tmp_path, capsys):
+    data = rows(4)
+    write_jsonl(tmp_path / "data.jsonl", data)
+    assert run(tmp_path, capsys, "--limit", "3")[0] == 0
+    data[1]["problem"] = "What is 11?"
+    write_jsonl(tmp_path / "data.jsonl", data)
+    before = (tmp_path / "out.jsonl").read_bytes()
+    code, _, err = run(tmp_path, capsys)
+    assert code == 2 and "line 2: problem 1 is not the data file's problem 1" in err
+    assert "data file changed" in err
+    assert (tmp_path / "out.jsonl").read_bytes() == before
+
+
+def test_rerun_with_other_settings_is_reported(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(4))
+    assert run(tmp_path, capsys, "--limit", "2")[0] == 0
+    code, _, err = run(tmp_path, capsys, n="4")
+    assert code == 2 and "other settings" in err and "n: 2 written, 4 now" in err
+
+
+def test_damaged_output_line_is_named(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(2))
+    write_jsonl(tmp_path / "out.jsonl", ["not json", "{}"])
+    code, _, err = run(tmp_path, capsys)
+    assert code == 2 and "line 1: not valid JSON" in err
+
+
+def test_run_prints_the_summary_of_every_answered_problem(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(6, wrong={0, 4}))  # levels 1, 2, 3, 1, 2, 3
+    fake.kill_after = 2
+    assert run(tmp_path, capsys)[0] == 130
+    fake.kill_after = None
+    code, out, _ = run(tmp_path, capsys)
+    assert code == 0
+    assert re.search(r"accuracy\s+66\.7%\s+4/6", out)
+    assert re.search(r"level 1\s+50\.0%\s+1/2", out) and re.search(r"level 2\s+50\.0%\s+1/2", out)
+    assert re.search(r"level 3\s+100\.0%\s+2/2", out)
+    assert re.search(r"tokens generated\s+36\n", out)  # 6 problems x n=2 x 3 tokens
+
+
+# End to end on a tiny random model -----------------------------------------------------------
+
+def tiny_best_of_n(llm, problems, n, verifier=None, sampling=None, *, select=None, agg="last",
+                   seed=0, references=None, system_prompt=None, step_delimiter="\n\n",
+                   progress=True, **options):
+    """Best-of-N at its plainest: sample n, score whole solutions, keep the best (first of ties)."""
+    start = time.perf_counter()
+    outputs = llm.generate(problems, dataclasses.replace(sampling, n=n, seed=seed), use_tqdm=False)
+    results = []
+    for i, (problem, output) in enumerate(zip(problems, outputs, strict=True)):
+        candidates = []
+        for completion in output.outputs:
+            steps = split_steps(completion.text, step_delimiter)
+            reference = references[i] if references else None
+            scores = verifier.score_solution(problem, steps, reference) if steps else []
+            candidates.append(Candidate(completion.text, completion.token_ids, steps, scores,
+                                        scores[-1] if scores else None,
+                                        extract_answer(completion.text)))
+        chosen = max(range(n), key=lambda k: candidates[k].score or 0.0)
+        cost = Cost(generated_tokens=sum(len(c.token_ids) for c in candidates),
+                    prefilled_tokens=len(output.prompt_token_ids),
+                    seconds=(time.perf_counter() - start) / len(problems))
+        answer = candidates[chosen].answer
+        results.append(SearchResult(problem, answer, chosen, candidates, cost, "tiny"))
+    return results
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+    import transformers
+
+    tokenizer = build_tokenizer()
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=256,
+        eos_token_id=tokenizer.token_to_id("</s>"), bos_token_id=tokenizer.token_to_id("<s>"),
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    save_tokenizer(directory)
+    return directory
+
+
+def run_tiny(tiny_model, tmp_path, strategy: str, out: str) -> int:
+    """``ttscale run --oracle`` on three toy problems, n=3, keeping every candidate."""
+    data = write_jsonl(tmp_path / "toy.jsonl", [
+        {"problem": "Q: 3+4\n", "answer": "7", "level": 1},
+        {"problem": "Q: (2*3)-1\n", "answer": "5", "level": 2},
+        {"problem": "Q: 9-2\n", "answer": "7", "level": 1},
+    ])
+    return cli.main([
+        "run", "--model", str(tiny_model), "--oracle", "--strategy", strategy, "--n", "3",
+        "--data", str(data), "--out", str(tmp_path / out), "--batch-size", "2",
+        "--max-tokens", "12", "--step-delimiter", "\\n", "--device", "cpu", "--kv-budget", "0.01",
+        "--save-candidates",
+    ])
+
+
+def test_end_to_end_on_a_tiny_model_with_the_oracle(tiny_model, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(cli.STRATEGIES, "tiny", f"{__name__}:tiny_best_of_n")
+    assert run_tiny(tiny_model, tmp_path, "tiny", "a.jsonl") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"accuracy\s+\S+%\s+\d/3", out) and "level 2" in out
+    records = read_jsonl(tmp_path / "a.jsonl")
+    assert [r["index"] for r in records] == [0, 1, 2]
+    for record in records:
+        assert record["num_candidates"] == 3 and len(record["search"]["candidates"]) == 3
+        assert 3 <= record["cost"]["generated_tokens"] <= 3 * 12
+        assert record["cost"]["prefilled_tokens"] == len(record["problem"]) + 1  # chars and <s>
+        assert record["correct"] == (record["predicted"] == record["reference"])
+    assert run_tiny(tiny_model, tmp_path, "tiny", "b.jsonl") == 0  # same seed, same search
+    again = [r["search"]["candidates"] for r in read_jsonl(tmp_path / "b.jsonl")]
+    assert again == [r["search"]["candidates"] for r in records]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ttscale.search.best_of_n") is None,
+                    reason="ttscale.search.best_of_n is not written yet")
+def test_end_to_end_with_the_library_best_of_n(tiny_model, tmp_path, capsys):
+    assert run_tiny(tiny_model, tmp_path, "best_of_n", "a.jsonl") == 0
+    records = read_jsonl(tmp_path / "a.jsonl")
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert all(r["num_candidates"] == 3 and r["cost"]["generated_tokens"] > 0 for r in records)
+
+
+def test_revisions_needs_sequential(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", "--model", str(tmp_path), "--strategy", "revisions", "--n", "4",
+                  "--data", str(data), "--out", str(tmp_path / "o.jsonl")])
+    assert exit_info.value.code == 2
+
+
+def test_sequential_is_only_for_revisions(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--model", str(tmp_path), "--strategy", "best_of_n", "--n", "4", "--sequential", "2",
+                  "--data", str(data), "--out", str(tmp_path / "o.jsonl")])
+    assert "--sequential: not an option of best_of_n" in capsys.readouterr().err
