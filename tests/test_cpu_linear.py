@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from paged import assert_close
 from tiny_models import PagedDriver, Sequence, build_hf_model
+
 from ttscale.model import cpu_linear, load_model
 from ttscale.model.transformer import Linear
 

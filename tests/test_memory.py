@@ -11,6 +11,7 @@ import gc
 import pytest
 import torch
 from tiny_models import build_hf_model
+
 from ttscale.engine import memory
 from ttscale.engine.engine import Engine
 from ttscale.model import block_bytes, load_model
