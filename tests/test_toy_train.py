@@ -22,4 +22,30 @@ def test_tiny_training_run_writes_loadable_models(tmp_path):
         assert model.config.vocab_size == build_tokenizer().get_vocab_size()
         assert load_tokenizer(tmp_path / name).decode(load_tokenizer(tmp_path / name).encode("Q: 1+2")) == "Q: 1+2"
     report = json.loads((tmp_path / "policy" / "training_report.json").read_text())
-    assert report  # the metrics the script printed are kept beside the weights
+    # the metrics the script printed are kept beside the weights
+    for key in ("policy_pass@1", "revisions", "revision_data", "prm_data", "prm_heldout", "preview"):
+        assert key in report, key
+    assert set(report["revisions"]) == {"1", "2"}  # first attempts against revised ones
+    assert all(0.0 <= v <= 1.0 for v in report["revisions"].values())
+    assert load_model(tmp_path / "policy").config.max_position_embeddings >= 512  # room for a chain
+
+
+def test_revision_example_trains_only_the_last_attempt():
+    from ttscale.search.revisions import REVISION_SEPARATOR, revision_context
+    from ttscale.toy import task
+    from ttscale.toy.data import Vocab, revision_example
+
+    problem = task.problems("train", 1, seed=3)[0]
+    attempts = ["1+1=3\nanswer: 3\n", "2*2=5\nanswer: 5\n"]
+    example = revision_example(problem, attempts)
+    tok = build_tokenizer()
+    context = revision_context(problem.prompt, attempts)
+    assert context.count(REVISION_SEPARATOR) == 2
+    assert tok.decode(example.ids, skip_special_tokens=False) == "<s>" + context + problem.solution() + "</s>"
+    trained = [t for t in example.targets if t != -100]
+    assert tok.decode(trained, skip_special_tokens=False) == problem.solution() + "</s>"
+    assert trained[-1] == Vocab.load().eos
+    # position j predicts ids[j + 1]: the first target sits on the context's last token
+    first = next(j for j, t in enumerate(example.targets) if t != -100)
+    assert example.ids[first + 1] == example.targets[first]
+    assert first + 1 == len(tok.encode(context).ids)

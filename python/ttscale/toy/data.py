@@ -7,6 +7,11 @@ PRM example: the Math-Shepherd text of a (possibly wrong) solution,
 ``math_shepherd_text("Q: <problem>", lines)``; the loss is at each step tag ``ки``, on the
 ``+`` (step right) or ``-`` (step wrong) token, as the Math-Shepherd PRM is trained. The PRM
 also keeps language-modelling reference solutions in the same layout (:func:`prm_lm_example`).
+
+Revision example: the layout :func:`ttscale.search.revisions.revision_context` builds, the prompt
+then one to three earlier attempts of the policy's own, each followed by the separator
+``"\n# another try:\n"``, then the reference solution and ``</s>``; the loss is on that last
+attempt only (the earlier ones are the policy's samples, right or wrong, as at test time).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ttscale.search.revisions import revision_context
 from ttscale.toy import task
 from ttscale.toy.tokenizer import EOS, PAD, STEP_TAG, build_tokenizer
 from ttscale.verifiers.formats import math_shepherd_text
@@ -56,6 +62,16 @@ def policy_examples(problems: list[task.Problem]) -> list[Example]:
         targets = [-100] * (len(prompt.ids) - 1) + ids[len(prompt.ids) :] + [-100]
         examples.append(Example(ids, targets))
     return examples
+
+
+def revision_example(problem: task.Problem, attempts: list[str]) -> Example:
+    """``attempts`` (earlier solutions, oldest first, without ``</s>``), then the reference."""
+    tok, vocab = build_tokenizer(), Vocab.load()
+    context = revision_context(problem.prompt, attempts)
+    start = len(tok.encode(context).ids)
+    ids = tok.encode(context + problem.solution()).ids + [vocab.eos]
+    targets = [-100] * (start - 1) + ids[start:] + [-100]
+    return Example(ids, targets)
 
 
 def solution_steps(solution: str) -> list[str]:

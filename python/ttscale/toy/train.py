@@ -2,14 +2,22 @@
 
 Phases, each timed:
 
-1. policy: a ~1M-parameter Llama learns to write solutions of train-split problems, stopped
-   early on purpose so that it still makes real mistakes (search has something to fix);
-2. samples: the policy writes many solutions per train problem at temperature 1 (through the
-   engine, :class:`ttscale.llm.LLM`), each step labelled exactly by :func:`task.label_steps`;
-3. PRM: a copy of the policy, fine-tuned as a Math-Shepherd PRM on those samples: at every step
-   tag, cross-entropy between the ``+`` and ``-`` logits, classes weighted to balance;
-4. evaluation on held-out problems: policy accuracy by level, PRM step-label accuracy and AUC,
-   and a preview of best-of-N with the PRM against majority vote and greedy.
+1. base: a ~1M-parameter Llama learns to write solutions of train-split problems, in the policy's
+   layout and in the PRM's (Math-Shepherd) layout. Its checkpoint at ``policy_step`` becomes the
+   policy: stopped early on purpose, so that it still makes real mistakes (search has something
+   to fix). The run goes on to ``base_steps``; that more trained model is where the PRM starts
+   (a verifier that knows more arithmetic than the policy, as a larger PRM does at scale);
+2. revisions: the policy samples solutions of train problems at a high temperature; chains of one
+   to three of its wrong ones, then the reference solution, teach the policy to revise in
+   the layout of :func:`ttscale.search.revisions.revision_context`; plain solutions are mixed in;
+3. samples: the final policy writes solutions of other train problems at temperature 1 (through
+   the engine, :class:`ttscale.llm.LLM`), each step labelled exactly by :func:`task.label_steps`;
+4. PRM: the base model fine-tuned as a Math-Shepherd PRM on those samples: at every step tag,
+   cross-entropy between the ``+`` and ``-`` logits, classes weighted to balance, plus language
+   modelling of reference solutions;
+5. evaluation on held-out problems: policy accuracy by level, first attempts against revised
+   ones (:func:`ttscale.revisions`), PRM step-label accuracy and AUC, and a preview of
+   best-of-N with the PRM against majority vote and greedy.
 
 Everything is drawn from ``--seed`` with fixed step counts, so a run is reproducible (on the same
 torch version and thread count). ``--minutes`` is a nominal budget on 2 cores that scales the
@@ -32,10 +40,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import ttscale
+from ttscale.llm import LLM
+from ttscale.sampling_params import SamplingParams
 from ttscale.toy import task
-from ttscale.toy.data import Example, Vocab, batch, policy_examples, prm_example, prm_lm_example
+from ttscale.toy.data import (
+    Example,
+    Vocab,
+    batch,
+    policy_examples,
+    prm_example,
+    prm_lm_example,
+    revision_example,
+)
 from ttscale.toy.evaluate import (
+    MAX_SOLUTION_TOKENS,
     accuracy_by_level,
+    is_correct,
     prm_quality,
     sample,
     search_preview,
@@ -55,36 +75,49 @@ class Recipe:
     intermediate_size: int = 384
     num_layers: int = 4
     num_heads: int = 4
+    max_positions: int = 512  # room for a revision chain: the prompt and four attempts
     batch_size: int = 64
-    policy_steps: int = 1600
-    policy_lr: float = 4e-3
-    prm_problems: int = 1500  # train problems the policy samples for the PRM's data
-    prm_samples: int = 8  # samples per problem
+    base_steps: int = 3200
+    policy_step: int = 1600  # the policy is the base run at this step
+    base_lr: float = 3e-3
+    revision_problems: int = 4000  # train problems whose samples make the revision chains
+    revision_samples: int = 3
+    revision_temperature: float = 1.3
+    revision_steps: int = 1000
+    revision_lr: float = 2e-3
+    prm_problems: int = 2500  # train problems the final policy samples for the PRM's data
+    prm_samples: int = 4  # samples per problem
     prm_temperature: float = 1.0
-    prm_steps: int = 1500
+    prm_steps: int = 800
     prm_lr: float = 1e-3
     prm_lm_weight: float = 0.5
     eval_problems: int = 400  # held-out problems for pass@1
+    revision_eval_problems: int = 200  # held-out problems for first against revised attempts
+    revision_eval_attempts: int = 4
     preview_problems: int = 100
     preview_n: int = 16
 
     def scaled(self, factor: float) -> Recipe:
         """The same recipe with work counts multiplied by ``factor`` (at least one of each)."""
-        counts = ("policy_steps", "prm_problems", "prm_steps", "eval_problems", "preview_problems")
+        counts = ("base_steps", "policy_step", "revision_problems", "revision_steps", "prm_problems",
+                  "prm_steps", "eval_problems", "revision_eval_problems", "preview_problems")
         return Recipe(**{**asdict(self), **{k: max(1, round(getattr(self, k) * factor)) for k in counts}})
 
 
 NOMINAL = Recipe()
-NOMINAL_MINUTES = 15.0
+NOMINAL_MINUTES = 25.0
 # A recipe whose every phase takes a second or two: the smoke test of the script.
 TINY = Recipe(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, batch_size=8,
-              policy_steps=5, prm_problems=4, prm_samples=2, prm_steps=5, eval_problems=8,
-              preview_problems=4, preview_n=2)
+              base_steps=6, policy_step=4, revision_problems=4, revision_samples=2, revision_steps=3,
+              prm_problems=4, prm_samples=2, prm_steps=5, eval_problems=8, revision_eval_problems=4,
+              revision_eval_attempts=2, preview_problems=4, preview_n=2)
 
 
 def fit(model: TinyLlama, examples: list[Example], *, steps: int, batch_size: int, lr: float,
-        seed: int, loss_fn, name: str) -> list[float]:
-    """AdamW with linear warm-up and cosine decay; batches drawn in a seeded order, epoch by epoch."""
+        seed: int, loss_fn, name: str, snapshot: tuple[int, Path] | None = None) -> list[float]:
+    """AdamW with linear warm-up and cosine decay; batches drawn in a seeded order, epoch by epoch.
+
+    ``snapshot=(step, directory)`` saves the model as it is after ``step`` steps."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
@@ -104,6 +137,11 @@ def fit(model: TinyLlama, examples: list[Example], *, steps: int, batch_size: in
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
+        if snapshot is not None and step + 1 == snapshot[0]:
+            model.eval()
+            model.save(snapshot[1])
+            model.train()
+            print(f"  {name} step {step + 1}: saved to {snapshot[1]}", flush=True)
         if (step + 1) % max(1, steps // 10) == 0:
             recent = losses[-max(1, steps // 10):]
             rate = (time.perf_counter() - start) / (step + 1)
@@ -154,13 +192,43 @@ def prm_loss(weights: Tensor, lm_weight: float):
     return loss
 
 
-def train_policy(config: TinyConfig, recipe: Recipe, seed: int) -> tuple[TinyLlama, list[task.Problem]]:
-    """The policy and the train problems it saw (each once)."""
-    policy = TinyLlama(config)
-    problems = task.problems("train", recipe.policy_steps * recipe.batch_size, seed=seed)
-    fit(policy, policy_examples(problems), steps=recipe.policy_steps, batch_size=recipe.batch_size,
-        lr=recipe.policy_lr, seed=seed, loss_fn=policy_loss, name="policy")
-    return policy, problems
+def train_base(config: TinyConfig, recipe: Recipe, seed: int,
+               policy_dir: Path) -> tuple[TinyLlama, list[task.Problem]]:
+    """The base model after ``base_steps`` (the policy, its checkpoint at ``policy_step``, is
+    saved to ``policy_dir``) and the train problems it saw. Half the problems are in the policy's
+    layout, half in the PRM's, each seen once."""
+    model = TinyLlama(config)
+    problems = task.problems("train", recipe.base_steps * recipe.batch_size, seed=seed)
+    half = len(problems) // 2
+    examples = policy_examples(problems[:half]) + [prm_lm_example(p) for p in problems[half:]]
+    fit(model, examples, steps=recipe.base_steps, batch_size=recipe.batch_size, lr=recipe.base_lr,
+        seed=seed, loss_fn=policy_loss, name="base",
+        snapshot=(min(recipe.policy_step, recipe.base_steps), policy_dir))
+    return model, problems
+
+
+def train_revisions(policy_dir: Path, problems: list[task.Problem], fresh: list[task.Problem],
+                    recipe: Recipe, seed: int) -> tuple[TinyLlama, dict]:
+    """The policy fine-tuned to revise: chains of one to three of its own wrong solutions of
+    ``problems`` (sampled at ``revision_temperature``) then the reference, mixed one to one with
+    plain solutions of ``fresh`` problems. A problem the policy never got wrong has no chain."""
+    samples = sample(policy_dir, problems, recipe.revision_samples, recipe.revision_temperature,
+                     seed + 3)
+    rng = random.Random(seed + 3)
+    chains = []
+    for problem, group in zip(problems, samples, strict=True):
+        wrong = [s for s in group if not is_correct(problem, s)]
+        if wrong:
+            chains.append(revision_example(problem, wrong[: rng.randint(1, min(3, len(wrong)))]))
+    stats = {"chains": len(chains),
+             "sampled_accuracy": accuracy_by_level(
+                 [p for p in problems for _ in range(recipe.revision_samples)],
+                 [s for g in samples for s in g])["all"]}
+    policy = TinyLlama.from_pretrained(policy_dir)
+    fit(policy, chains + policy_examples(fresh[: len(chains)]), steps=recipe.revision_steps,
+        batch_size=recipe.batch_size // 2, lr=recipe.revision_lr, seed=seed + 2, loss_fn=policy_loss,
+        name="revisions")
+    return policy, stats
 
 
 def labelled_samples(policy_dir: Path, problems: list[task.Problem], recipe: Recipe,
@@ -182,12 +250,11 @@ def labelled_samples(policy_dir: Path, problems: list[task.Problem], recipe: Rec
     return examples, stats
 
 
-def train_prm(policy: TinyLlama, labelled: list[Example], problems: list[task.Problem],
+def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Problem],
               recipe: Recipe, seed: int) -> TinyLlama:
-    """A copy of the policy, fine-tuned on labelled steps and on reference solutions of
-    ``problems`` (fresh train problems, so it keeps learning the arithmetic it judges)."""
-    prm = TinyLlama(policy.config)
-    prm.load_state_dict(policy.state_dict())
+    """The base model fine-tuned on labelled steps and on reference solutions of ``problems``
+    (fresh train problems, so it keeps learning the arithmetic it judges)."""
+    prm = base
     vocab = Vocab.load()
     labels = [t for e in labelled for t in e.targets if t != -100]
     good = labels.count(vocab.good) / max(len(labels), 1)
@@ -205,9 +272,28 @@ def prm_lm_problems(count: int, seen: list[task.Problem], seed: int) -> list[tas
     return [p for p in pool if p.text not in texts][:count]
 
 
+def revision_accuracy(policy_dir: Path, problems: list[task.Problem], attempts: int,
+                      seed: int) -> dict[str, float]:
+    """Accuracy of each position of one revision chain of ``attempts`` per problem, run by
+    :func:`ttscale.revisions` at temperature 1: ``"1"`` is a first attempt (a plain sample),
+    ``"2"`` its revision, ..."""
+    llm = LLM(policy_dir, device="cpu", seed=seed, kv_budget_bytes=256 << 20)
+    results = ttscale.revisions(
+        llm, [f"Q: {p.text}" for p in problems], attempts, attempts,
+        sampling=SamplingParams(temperature=1.0, max_tokens=MAX_SOLUTION_TOKENS),
+        prompt_fn=lambda question: question + "\n", progress=False, seed=seed)
+    right = [[0] * attempts for _ in range(2)]
+    for problem, result in zip(problems, results, strict=True):
+        for c in result.candidates:
+            right[0][c.position] += is_correct(problem, c.text)
+            right[1][c.position] += 1
+    return {str(k + 1): round(right[0][k] / max(right[1][k], 1), 4) for k in range(attempts)}
+
+
 def evaluate_models(policy_dir: Path, prm: TinyLlama, recipe: Recipe, seed: int) -> dict:
     """Policy pass@1 by level, PRM quality on held-out samples, and the best-of-N preview."""
-    heldout = task.problems("heldout", max(recipe.eval_problems, recipe.preview_problems), seed=seed)
+    heldout = task.problems("heldout", max(recipe.eval_problems, recipe.preview_problems,
+                                          recipe.revision_eval_problems), seed=seed)
     evaluation = heldout[: recipe.eval_problems]
     greedy = [g[0] for g in sample(policy_dir, evaluation, 1, 0.0, seed)]
     sampled = [g[0] for g in sample(policy_dir, evaluation, 1, 1.0, seed)]
@@ -215,6 +301,10 @@ def evaluate_models(policy_dir: Path, prm: TinyLlama, recipe: Recipe, seed: int)
                                 "temperature_1": accuracy_by_level(evaluation, sampled)}}
     print(f"policy pass@1 by level on {len(evaluation)} held-out problems: "
           f"{report['policy_pass@1']}", flush=True)
+    revised = heldout[: recipe.revision_eval_problems]
+    report["revisions"] = revision_accuracy(policy_dir, revised, recipe.revision_eval_attempts, seed)
+    print(f"accuracy by attempt in one revision chain on {len(revised)} held-out problems "
+          f"(1 = first attempt): {report['revisions']}", flush=True)
     preview = heldout[: recipe.preview_problems]
     pool = sample(policy_dir, preview, recipe.preview_n, recipe.prm_temperature, seed + 2)
     report["prm_heldout"] = prm_quality(prm, preview, pool)
@@ -231,7 +321,8 @@ def train(out: Path, seed: int, recipe: Recipe) -> dict:
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     config = TinyConfig(build_tokenizer().get_vocab_size(), recipe.hidden_size,
-                        recipe.intermediate_size, recipe.num_layers, recipe.num_heads)
+                        recipe.intermediate_size, recipe.num_layers, recipe.num_heads,
+                        recipe.max_positions)
     report: dict = {"seed": seed, "recipe": asdict(recipe), "threads": THREADS,
                     "versions": {"ttscale": ttscale.__version__, "torch": torch.__version__,
                                  "python": platform.python_version()},
@@ -245,18 +336,26 @@ def train(out: Path, seed: int, recipe: Recipe) -> dict:
         clock[:] = [time.perf_counter(), time.process_time()]
 
     policy_dir, prm_dir = out / "policy", out / "prm"
-    policy, train_problems = train_policy(config, recipe, seed)
-    report["parameters"] = policy.num_parameters()
-    policy.save(policy_dir)
-    phase("policy")
+    base, train_problems = train_base(config, recipe, seed, policy_dir)
+    report["parameters"] = base.num_parameters()
+    phase("base")
 
-    chosen = random.Random(seed).sample(train_problems, min(recipe.prm_problems, len(train_problems)))
+    fresh = prm_lm_problems(recipe.revision_problems + recipe.prm_problems, train_problems, seed)
+    chain_problems = random.Random(seed).sample(train_problems,
+                                                min(recipe.revision_problems, len(train_problems)))
+    policy, report["revision_data"] = train_revisions(
+        policy_dir, chain_problems, fresh[: recipe.revision_problems], recipe, seed)
+    policy.save(policy_dir)
+    print(f"revision data: {report['revision_data']}", flush=True)
+    phase("revisions")
+
+    chosen = fresh[recipe.revision_problems :]
     labelled, report["prm_data"] = labelled_samples(policy_dir, chosen, recipe, seed)
     print(f"PRM data: {report['prm_data']}", flush=True)
     phase("samples")
 
-    fresh = prm_lm_problems(len(labelled), train_problems, seed)
-    prm = train_prm(policy, labelled, fresh, recipe, seed)
+    prm = train_prm(base, labelled, prm_lm_problems(len(labelled), train_problems + fresh, seed + 7),
+                    recipe, seed)
     prm.save(prm_dir)
     phase("prm")
 
