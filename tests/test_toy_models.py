@@ -1,0 +1,107 @@
+"""The shipped toy policy and PRM: they load like any HF model, write the task's format, and the
+PRM prefers right steps; the training script produces loadable directories."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from tiny_models import PagedDriver
+
+from ttscale.llm import LLM
+from ttscale.model import load_model, load_tokenizer
+from ttscale.sampling_params import SamplingParams
+from ttscale.toy import policy_dir, prm_dir, task
+from ttscale.verifiers.formats import MATH_SHEPHERD_TAG, math_shepherd_text
+
+MODELS = {"policy": policy_dir(), "prm": prm_dir()}
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "generation_config.json")
+STEP = re.compile(r"\d+[+\-*]\d+=\d+")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shipped_model_loads_as_a_llama(name):
+    directory = MODELS[name]
+    assert all((directory / f).is_file() for f in MODEL_FILES)
+    model = load_model(directory, device="cpu")
+    tokenizer = load_tokenizer(directory)
+    assert model.config.architecture == "LlamaForCausalLM"
+    assert model.dtype == torch.float32
+    assert tokenizer.eos_token_id in model.config.eos_token_ids
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 1.5e6
+
+
+def test_shipped_models_fit_in_ten_megabytes():
+    total = sum(f.stat().st_size for directory in MODELS.values() for f in directory.iterdir())
+    assert total <= 10_000_000
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tokenizer_round_trips_task_text(name):
+    tokenizer = load_tokenizer(MODELS[name])
+    for problem in task.problems("heldout", 20, seed=1):
+        text = problem.prompt + problem.solution()
+        ids = tokenizer.encode(text)
+        assert ids[0] == tokenizer.token_to_id("<s>")
+        assert len(ids) == len(text) + 1  # one token per character
+        assert tokenizer.decode(ids) == text
+    tagged = math_shepherd_text("Q: 1+2", ["1+2=3", "answer: 3"])
+    assert tokenizer.decode(tokenizer.encode(tagged), skip_special_tokens=False) == "<s>" + tagged
+
+
+def test_policy_greedy_solutions_are_in_the_task_format():
+    problems = task.problems("heldout", 8, seed=1)
+    llm = LLM(policy_dir(), device="cpu", kv_budget_bytes=16 << 20)
+    outputs = llm.generate([p.prompt for p in problems],
+                           SamplingParams(temperature=0.0, max_tokens=128), use_tqdm=False)
+    for problem, output in zip(problems, outputs, strict=True):
+        completion = output.outputs[0]
+        assert completion.finish_reason == "eos"
+        *steps, answer = completion.text.removesuffix("\n").split("\n")
+        assert len(steps) == problem.num_ops
+        assert all(STEP.fullmatch(step) for step in steps)
+        assert re.fullmatch(r"answer: \d+", answer)
+
+
+def test_policy_solves_some_but_not_all_heldout_problems():
+    problems = task.problems("heldout", 40, seed=1)
+    llm = LLM(policy_dir(), device="cpu", kv_budget_bytes=16 << 20)
+    outputs = llm.generate([p.prompt for p in problems],
+                           SamplingParams(temperature=0.0, max_tokens=128), use_tqdm=False)
+    right = sum(task.final_answer(o.outputs[0].text) == str(p.answer)
+                for p, o in zip(problems, outputs, strict=True))
+    assert 0.1 * len(problems) <= right <= 0.9 * len(problems)
+
+
+def _first_step_p_good(driver: PagedDriver, problem: task.Problem, first_step: str) -> float:
+    """P(+) at the first step's tag, read from the +/- rows of the LM head."""
+    tokenizer = load_tokenizer(prm_dir())
+    ids = tokenizer.encode(math_shepherd_text(f"Q: {problem.text}", [first_step]))
+    tag = ids.index(tokenizer.token_to_id(MATH_SHEPHERD_TAG))
+    hidden = driver.prompt_hidden(ids, torch.tensor([tag]))
+    plus_minus = torch.tensor([tokenizer.token_to_id("+"), tokenizer.token_to_id("-")])
+    return float(driver.model.compute_logits(hidden, plus_minus).softmax(-1)[0, 0])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 7, open: the shipped PRM (step AUC 0.95 on policy samples) scores by where a step is "
+    "and how hard it looks, not by its arithmetic: a corrupted result scores as high as the right "
+    "one. Strict, so the test reports when a retrained PRM starts checking."))
+def test_prm_scores_a_right_step_above_a_corrupted_one():
+    driver = PagedDriver(load_model(prm_dir(), device="cpu"), num_blocks=512, block_size=16)
+    right, corrupted = [], []
+    for problem in task.problems("heldout", 30, seed=1):
+        step = problem.steps()[0]
+        # change the result's last digit: the arithmetic is now wrong
+        wrong = step[:-1] + str((int(step[-1]) + 3) % 10)
+        right.append(_first_step_p_good(driver, problem, step))
+        corrupted.append(_first_step_p_good(driver, problem, wrong))
+    assert sum(right) / len(right) > sum(corrupted) / len(corrupted) + 0.2
+    assert sum(r > c for r, c in zip(right, corrupted)) >= 0.7 * len(right)
