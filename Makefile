@@ -5,8 +5,7 @@ PY := .venv/bin/python
 
 demo:
 	./scripts/setup_env.sh demo
-	$(PY) -m ttscale.cli --version
-	$(PY) -m ttscale.cli selfcheck
+	$(PY) -m ttscale.cli demo
 
 test:
 	./scripts/setup_env.sh test,triton

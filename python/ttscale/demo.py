@@ -7,7 +7,9 @@ accuracy the model alone does not have.
 
 Best-of-N and the votes draw one pool of ``max(N)`` samples per problem and take its first N for
 each N (so their curves share samples); beam search and DVTS run once per N with beam width
-``min(4, N)``.
+``min(4, N)``. Revisions spend one fixed budget (16 attempts, or the largest N if smaller) at
+every sequential:parallel ratio, from all parallel (1:16) to one chain (16:1), and get a plot
+of their own (``revisions.png``): accuracy against the ratio, overall and by difficulty.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from tqdm.auto import tqdm
 from ttscale.sampling_params import SamplingParams
 from ttscale.search.select import aggregate, choose
 
-STRATEGIES = ("greedy", "majority", "best_of_n", "weighted", "beam_search", "dvts")
+STRATEGIES = ("greedy", "majority", "best_of_n", "weighted", "beam_search", "dvts", "revisions")
+REVISION_BUDGET = 16
 AGG = "min"  # a solution is as good as its worst step: the toy PRM's errors compound
 MAX_TOKENS = 96
 
@@ -112,13 +115,29 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
             results = fn(llm, texts, n, verifier=prm, sampling=sampling, beam_width=min(4, n), agg=AGG, **common)
             record(strategy, n, results, _tokens(results), time.perf_counter() - start)
             bar.update(1)
+
+    if "revisions" in strategies:
+        budget = revision_budget(ns)
+        for sequential in revision_ratios(budget):
+            start = time.perf_counter()
+            results = ttscale.revisions(llm, texts, budget, sequential, verifier=prm, sampling=sampling,
+                                        agg=AGG, **common)
+            record(f"revisions-{sequential}", budget, results, _tokens(results),
+                   time.perf_counter() - start)
+            bar.update(1)
     bar.close()
 
     (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     plot = _plot(rows, out / "scaling.png")
+    ratio_plot = _plot_revisions(rows, out / "revisions.png")
     print_table(rows)
     print(f"\nBest-of-N, weighted and majority take the first N of one pool of {max(ns)} samples per problem.")
+    if ratio_plot is not None:
+        print("revisions-S: N attempts as N/S parallel chains of S attempts (S sequential), "
+              "weighted vote with the PRM over all attempts.")
     print(f"results: {out / 'results.json'}\nplot:    {plot}")
+    if ratio_plot is not None:
+        print(f"plot:    {ratio_plot}")
     return rows
 
 
@@ -147,10 +166,20 @@ def _tokens(results) -> int:
     return sum(r.cost.generated_tokens for r in results)
 
 
+def revision_budget(ns: Sequence[int]) -> int:
+    return min(REVISION_BUDGET, max(ns))
+
+
+def revision_ratios(budget: int) -> list[int]:
+    """The sequential lengths tried at ``budget``: the powers of two that divide it."""
+    return [s for s in (2**k for k in range(budget.bit_length())) if budget % s == 0]
+
+
 def _work(ns, strategies) -> int:
     pooled = len([s for s in ("majority", "best_of_n", "weighted") if s in strategies])
     searched = len([s for s in ("beam_search", "dvts") if s in strategies])
-    return ("greedy" in strategies) + pooled * len(ns) + searched * len(ns)
+    revised = len(revision_ratios(revision_budget(ns))) if "revisions" in strategies else 0
+    return ("greedy" in strategies) + pooled * len(ns) + searched * len(ns) + revised
 
 
 def print_table(rows: list[Row]) -> None:
@@ -176,7 +205,7 @@ def _plot(rows: list[Row], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     greedy = [r for r in rows if r.strategy == "greedy"]
-    for strategy in STRATEGIES[1:]:
+    for strategy in STRATEGIES[1:-1]:
         points = sorted((r.n, r.accuracy) for r in rows if r.strategy == strategy)
         if points:
             ax.plot(*zip(*points), marker="o", label=strategy)
@@ -186,6 +215,39 @@ def _plot(rows: list[Row], path: Path) -> Path:
     ax.set_xlabel("N (samples / beams per problem)")
     ax.set_ylabel("accuracy on held-out problems")
     ax.set_title("Test-time scaling of the toy policy with its PRM")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_revisions(rows: list[Row], path: Path) -> Path | None:
+    """Accuracy against the sequential:parallel ratio at one budget, overall and by level."""
+    revised = sorted((int(r.strategy.split("-")[1]), r) for r in rows if r.strategy.startswith("revisions-"))
+    if not revised:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budget = revised[0][1].n
+    xs = [s for s, _ in revised]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(xs, [r.accuracy for _, r in revised], marker="o", color="black", linewidth=2, label="all")
+    for level in sorted({k for _, r in revised for k in r.by_difficulty}):
+        ax.plot(xs, [r.by_difficulty.get(level, float("nan")) for _, r in revised], marker=".",
+                linestyle="--", label=f"level {level}")
+    greedy = [r for r in rows if r.strategy == "greedy"]
+    if greedy:
+        ax.axhline(greedy[0].accuracy, color="gray", linestyle=":", label="greedy (no search)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{s}:{budget // s}" for s in xs])
+    ax.set_xlabel(f"sequential : parallel (N = {budget} attempts)")
+    ax.set_ylabel("accuracy on held-out problems")
+    ax.set_title("Revisions: sequential against parallel at a fixed budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

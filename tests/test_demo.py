@@ -1,0 +1,90 @@
+"""``ttscale demo`` (issues 7 and 8): the rows, files and errors it promises, on tiny models.
+
+The shipped models' accuracy is the training script's business; these tests run the demo end to
+end on the one-layer models of ``python -m ttscale.toy.train --tiny`` and check its contract:
+``results.json`` rows, both plots, the table, and clear errors for bad options.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ttscale.toy
+from ttscale import demo
+
+ROW_KEYS = {"strategy", "n", "accuracy", "problems", "tokens", "seconds", "by_difficulty"}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "ttscale.toy.train", "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+@pytest.fixture
+def use_tiny(tiny_models, monkeypatch):
+    monkeypatch.setattr(ttscale.toy, "policy_dir", lambda: tiny_models / "policy")
+    monkeypatch.setattr(ttscale.toy, "prm_dir", lambda: tiny_models / "prm")
+
+
+@pytest.mark.slow
+def test_demo_writes_every_row_and_both_plots(use_tiny, tmp_path, capsys):
+    rows = demo.run_demo(ns=(1, 2, 4), num_problems=3, device="cpu", out=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == [r.__dict__ for r in rows]
+    names = [(r["strategy"], r["n"]) for r in saved]
+    expected = [("greedy", 1)]
+    expected += [(s, n) for n in (1, 2, 4) for s in ("majority", "best_of_n", "weighted")]
+    expected += [(s, n) for s in ("beam_search", "dvts") for n in (1, 2, 4)]
+    expected += [(f"revisions-{s}", 4) for s in (1, 2, 4)]  # budget min(16, max N) = 4
+    assert names == expected
+    for row in saved:
+        assert set(row) == ROW_KEYS
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["problems"] == 3
+        assert row["tokens"] >= 0 and row["seconds"] >= 0
+        assert row["by_difficulty"] and all(0.0 <= v <= 1.0 for v in row["by_difficulty"].values())
+    for plot in ("scaling.png", "revisions.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "revisions-4" in printed and "tokens/s" in printed and str(tmp_path / "scaling.png") in printed
+
+
+@pytest.mark.slow
+def test_demo_without_revisions_writes_no_ratio_plot(use_tiny, tmp_path):
+    rows = demo.run_demo(ns=(1,), strategies=("greedy", "revisions"), num_problems=2, device="cpu",
+                         out=tmp_path, progress=False)
+    assert [r.strategy for r in rows] == ["greedy", "revisions-1"]
+    rows = demo.run_demo(ns=(1,), strategies=("greedy",), num_problems=2, device="cpu",
+                         out=tmp_path / "b", progress=False)
+    assert not (tmp_path / "b" / "revisions.png").exists()
+
+
+def test_revision_ratios():
+    assert demo.revision_ratios(16) == [1, 2, 4, 8, 16]
+    assert demo.revision_ratios(12) == [1, 2, 4]
+    assert demo.revision_ratios(1) == [1]
+    assert demo.revision_budget((1, 4, 16, 64)) == 16
+    assert demo.revision_budget((1, 4)) == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [(dict(strategies=("greedy", "bogus")), "strategies"), (dict(ns=(0, 4)), "n"),
+     (dict(ns=()), "n"), (dict(num_problems=0), "problems")],
+)
+def test_demo_rejects_bad_options_by_name(kwargs, name, tmp_path):
+    with pytest.raises(ValueError, match=name):
+        demo.run_demo(out=tmp_path, progress=False, **kwargs)
+
+
+def test_cli_demo_names_a_bad_strategy(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ttscale.cli", "demo", "--strategies", "bogus",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--strategies" in done.stderr and "bogus" in done.stderr
