@@ -252,17 +252,16 @@ def labelled_samples(policy_dir: Path, problems: list[task.Problem], recipe: Rec
 
 def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Problem],
               recipe: Recipe, seed: int) -> TinyLlama:
-    """The base model fine-tuned on labelled steps and on reference solutions of ``problems``
+    """``base`` fine-tuned in place on labelled steps and on reference solutions of ``problems``
     (fresh train problems, so it keeps learning the arithmetic it judges)."""
-    prm = base
     vocab = Vocab.load()
     labels = [t for e in labelled for t in e.targets if t != -100]
     good = labels.count(vocab.good) / max(len(labels), 1)
     weights = torch.tensor([0.5 / max(good, 1e-3), 0.5 / max(1 - good, 1e-3)])
     examples = labelled + [prm_lm_example(p) for p in problems]
-    fit(prm, examples, steps=recipe.prm_steps, batch_size=recipe.batch_size, lr=recipe.prm_lr,
+    fit(base, examples, steps=recipe.prm_steps, batch_size=recipe.batch_size, lr=recipe.prm_lr,
         seed=seed + 1, loss_fn=prm_loss(weights, recipe.prm_lm_weight), name="prm")
-    return prm
+    return base
 
 
 def prm_lm_problems(count: int, seen: list[task.Problem], seed: int) -> list[task.Problem]:
@@ -282,12 +281,11 @@ def revision_accuracy(policy_dir: Path, problems: list[task.Problem], attempts: 
         llm, [f"Q: {p.text}" for p in problems], attempts, attempts,
         sampling=SamplingParams(temperature=1.0, max_tokens=MAX_SOLUTION_TOKENS),
         prompt_fn=lambda question: question + "\n", progress=False, seed=seed)
-    right = [[0] * attempts for _ in range(2)]
+    right = [0] * attempts  # one chain per problem: one attempt per position
     for problem, result in zip(problems, results, strict=True):
         for c in result.candidates:
-            right[0][c.position] += is_correct(problem, c.text)
-            right[1][c.position] += 1
-    return {str(k + 1): round(right[0][k] / max(right[1][k], 1), 4) for k in range(attempts)}
+            right[c.position] += is_correct(problem, c.text)
+    return {str(k + 1): round(right[k] / max(len(problems), 1), 4) for k in range(attempts)}
 
 
 def evaluate_models(policy_dir: Path, prm: TinyLlama, recipe: Recipe, seed: int) -> dict:
