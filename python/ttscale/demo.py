@@ -197,30 +197,44 @@ def print_table(rows: list[Row]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def _plot(rows: list[Row], path: Path) -> Path:
+def _axes():
+    """A figure and its axes for accuracy against a log2 x axis (matplotlib without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    greedy = [r for r in rows if r.strategy == "greedy"]
-    for strategy in STRATEGIES[1:-1]:
-        points = sorted((r.n, r.accuracy) for r in rows if r.strategy == strategy)
-        if points:
-            ax.plot(*zip(*points), marker="o", label=strategy)
-    if greedy:
-        ax.axhline(greedy[0].accuracy, color="gray", linestyle="--", label="greedy (no search)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("N (samples / beams per problem)")
+    return fig, ax
+
+
+def _finish(fig, ax, rows: list[Row], path: Path, *, title: str, xlabel: str, greedy_style: str) -> Path:
+    """Draw the greedy baseline, label, save to ``path`` and close the figure."""
+    import matplotlib.pyplot as plt
+
+    greedy = [r for r in rows if r.strategy == "greedy"]
+    if greedy:
+        ax.axhline(greedy[0].accuracy, color="gray", linestyle=greedy_style, label="greedy (no search)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy on held-out problems")
-    ax.set_title("Test-time scaling of the toy policy with its PRM")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot(rows: list[Row], path: Path) -> Path:
+    fig, ax = _axes()
+    for strategy in STRATEGIES[1:-1]:
+        points = sorted((r.n, r.accuracy) for r in rows if r.strategy == strategy)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=strategy)
+    return _finish(fig, ax, rows, path, title="Test-time scaling of the toy policy with its PRM",
+                   xlabel="N (samples / beams per problem)", greedy_style="--")
 
 
 def _plot_revisions(rows: list[Row], path: Path) -> Path | None:
@@ -228,29 +242,13 @@ def _plot_revisions(rows: list[Row], path: Path) -> Path | None:
     revised = sorted((int(r.strategy.split("-")[1]), r) for r in rows if r.strategy.startswith("revisions-"))
     if not revised:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     budget = revised[0][1].n
     xs = [s for s, _ in revised]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = _axes()
     ax.plot(xs, [r.accuracy for _, r in revised], marker="o", color="black", linewidth=2, label="all")
     for level in sorted({k for _, r in revised for k in r.by_difficulty}):
         ax.plot(xs, [r.by_difficulty.get(level, float("nan")) for _, r in revised], marker=".",
                 linestyle="--", label=f"level {level}")
-    greedy = [r for r in rows if r.strategy == "greedy"]
-    if greedy:
-        ax.axhline(greedy[0].accuracy, color="gray", linestyle=":", label="greedy (no search)")
-    ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [f"{s}:{budget // s}" for s in xs])
-    ax.set_xlabel(f"sequential : parallel (N = {budget} attempts)")
-    ax.set_ylabel("accuracy on held-out problems")
-    ax.set_title("Revisions: sequential against parallel at a fixed budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, rows, path, title="Revisions: sequential against parallel at a fixed budget",
+                   xlabel=f"sequential : parallel (N = {budget} attempts)", greedy_style=":")
