@@ -7,6 +7,7 @@ P(+) = softmax over the ``+``/``-`` logits at each step tag.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import torch
 from ttscale.llm import LLM
 from ttscale.sampling_params import SamplingParams
 from ttscale.toy import task
-from ttscale.toy.data import Example, Vocab, batch, prm_example
+from ttscale.toy.data import Example, Vocab, batch, prm_example, prm_text, solution_steps
 from ttscale.toy.model import TinyLlama
+from ttscale.toy.tokenizer import build_tokenizer
 
 MAX_SOLUTION_TOKENS = 128
 
@@ -107,28 +109,69 @@ def search_preview(
     samples: list[list[str]],
     greedy: list[str],
     sizes: tuple[int, ...],
+    reference_lm: TinyLlama | None = None,
 ) -> dict:
-    """Accuracy of greedy, majority vote and PRM best-of-N (min and last step score) for each N.
+    """Accuracy of greedy, majority vote and best-of-N by several scores, for each N.
 
-    Every N takes the first N samples of one pool per problem, as the demo does.
+    The scores: the PRM's (its minimum step score, and its last); ``oracle``, the exact step
+    labels (the most any PRM can reach with this pool); and, with ``reference_lm``, that
+    language model's likelihood of each step (:func:`likelihood_step_scores`), aggregated by
+    the minimum, which shows how much of the checking a model of the PRM's size already
+    holds. Every N takes the first N samples of one pool per problem, as the demo does.
     """
-    pool_scores = [step_scores(prm, [prm_example(p, s) or _empty() for s in group])
-                   for p, group in zip(problems, samples)]
+    step_rows = {"prm": [step_scores(prm, [prm_example(p, s) or _empty() for s in group])
+                         for p, group in zip(problems, samples)],
+                 "oracle": [[[float(x) for x in task.label_steps(p, s)] for s in group]
+                            for p, group in zip(problems, samples)]}
+    if reference_lm is not None:
+        step_rows["reference_lm"] = likelihood_step_scores(reference_lm, problems, samples)
+    scorers = {"prm_min": ("prm", min), "prm_last": ("prm", lambda s: s[-1]),
+               "oracle": ("oracle", min), "reference_lm_min": ("reference_lm", min)}
+    scorers = {name: rule for name, rule in scorers.items() if rule[0] in step_rows}
     result: dict = {"greedy": accuracy_by_level(problems, greedy)["all"], "pass@n": {},
-                    "majority": {}, "prm_min": {}, "prm_last": {}}
+                    "majority": {}, **{name: {} for name in scorers}}
     for n in sizes:
         picks: dict[str, list[str]] = defaultdict(list)
         covered = []
-        for problem, group, scores in zip(problems, samples, pool_scores, strict=True):
-            group, scores = group[:n], scores[:n]
+        for i, (problem, group) in enumerate(zip(problems, samples, strict=True)):
+            group = group[:n]
             covered.append(any(is_correct(problem, s) for s in group))
             picks["majority"].append(_majority(group))
-            picks["prm_min"].append(_best(group, [min(s, default=0.0) for s in scores]))
-            picks["prm_last"].append(_best(group, [s[-1] if s else 0.0 for s in scores]))
+            for name, (source, agg) in scorers.items():
+                rows = step_rows[source][i][:n]
+                picks[name].append(_best(group, [agg(r) if r else 0.0 for r in rows]))
         result["pass@n"][n] = round(sum(covered) / len(covered), 4)
         for name, chosen in picks.items():
             result[name][n] = accuracy_by_level(problems, chosen)["all"]
     return result
+
+
+@torch.no_grad()
+def likelihood_step_scores(lm: TinyLlama, problems: list[task.Problem],
+                           samples: list[list[str]]) -> list[list[list[float]]]:
+    """Per problem, per sample, per step: the probability ``lm`` gives the step's text (its
+    tokens after the previous tag's newline, up to the space before its tag), read from one
+    forward pass over the solution's Math-Shepherd text."""
+    vocab, tok = Vocab.load(), build_tokenizer()
+    lm.eval()
+    out = []
+    for problem, group in zip(problems, samples, strict=True):
+        question = len(tok.encode(f"Q: {problem.text} ").ids)
+        texts = [prm_text(problem, solution_steps(s)) for s in group]
+        encoded = [tok.encode(t).ids for t in texts]
+        ids = torch.full((len(encoded), max(len(e) for e in encoded)), vocab.pad)
+        for i, e in enumerate(encoded):
+            ids[i, : len(e)] = torch.tensor(e)
+        # token j + 1's log-probability, predicted at position j
+        token_lp = lm(ids).float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        rows = []
+        for i, e in enumerate(encoded):
+            tags = [j for j, t in enumerate(e) if t == vocab.step_tag]
+            starts = ([question] + [t + 2 for t in tags])[: len(tags)]  # after a tag's newline
+            rows.append([math.exp(token_lp[i, a - 1 : t - 2].sum().item())
+                         for a, t in zip(starts, tags, strict=True)])
+        out.append(rows)
+    return out
 
 
 def _majority(group: list[str]) -> str:

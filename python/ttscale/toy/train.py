@@ -17,7 +17,9 @@ Phases, each timed:
    modelling of reference solutions;
 5. evaluation on held-out problems: policy accuracy by level, first attempts against revised
    ones (:func:`ttscale.revisions`), PRM step-label accuracy and AUC, and a preview of
-   best-of-N with the PRM against majority vote and greedy.
+   best-of-N with the PRM against majority vote and greedy, beside two yardsticks for the PRM:
+   the exact step labels (its ceiling on the same pool) and the base model's own likelihood of
+   each step (how much checking the model the PRM starts from already holds).
 
 Everything is drawn from ``--seed`` with fixed step counts, so a run is reproducible (on the same
 torch version and thread count). ``--minutes`` is a nominal budget on 2 cores that scales the
@@ -27,6 +29,7 @@ step and sample counts; it never reads the clock, so a slow machine trains the s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -288,8 +291,10 @@ def revision_accuracy(policy_dir: Path, problems: list[task.Problem], attempts: 
     return {str(k + 1): round(right[k] / max(len(problems), 1), 4) for k in range(attempts)}
 
 
-def evaluate_models(policy_dir: Path, prm: TinyLlama, recipe: Recipe, seed: int) -> dict:
-    """Policy pass@1 by level, PRM quality on held-out samples, and the best-of-N preview."""
+def evaluate_models(policy_dir: Path, prm: TinyLlama, recipe: Recipe, seed: int,
+                    reference_lm: TinyLlama | None = None) -> dict:
+    """Policy pass@1 by level, PRM quality on held-out samples, and the best-of-N preview
+    (with ``reference_lm``'s step likelihood as a yardstick, when given)."""
     heldout = task.problems("heldout", max(recipe.eval_problems, recipe.preview_problems,
                                           recipe.revision_eval_problems), seed=seed)
     evaluation = heldout[: recipe.eval_problems]
@@ -309,7 +314,7 @@ def evaluate_models(policy_dir: Path, prm: TinyLlama, recipe: Recipe, seed: int)
     print(f"PRM on held-out samples: {report['prm_heldout']}", flush=True)
     sizes = tuple(n for n in (1, 4, 16, 64) if n <= recipe.preview_n)
     greedy_preview = [g[0] for g in sample(policy_dir, preview, 1, 0.0, seed)]
-    report["preview"] = search_preview(prm, preview, pool, greedy_preview, sizes)
+    report["preview"] = search_preview(prm, preview, pool, greedy_preview, sizes, reference_lm)
     print(f"best-of-N on {len(preview)} held-out problems: {report['preview']}", flush=True)
     return report
 
@@ -352,12 +357,13 @@ def train(out: Path, seed: int, recipe: Recipe) -> dict:
     print(f"PRM data: {report['prm_data']}", flush=True)
     phase("samples")
 
+    reference = copy.deepcopy(base)  # the base as it was, for the evaluation's yardstick
     prm = train_prm(base, labelled, prm_lm_problems(len(labelled), train_problems + fresh, seed + 7),
                     recipe, seed)
     prm.save(prm_dir)
     phase("prm")
 
-    report.update(evaluate_models(policy_dir, prm, recipe, seed))
+    report.update(evaluate_models(policy_dir, prm, recipe, seed, reference))
     phase("evaluation")
     for key in ("wall_seconds", "cpu_seconds"):
         report[key]["total"] = round(sum(report[key].values()), 1)
