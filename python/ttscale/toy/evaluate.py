@@ -159,9 +159,7 @@ def likelihood_step_scores(lm: TinyLlama, problems: list[task.Problem],
         question = len(tok.encode(f"Q: {problem.text} ").ids)
         texts = [prm_text(problem, solution_steps(s)) for s in group]
         encoded = [tok.encode(t).ids for t in texts]
-        ids = torch.full((len(encoded), max(len(e) for e in encoded)), vocab.pad)
-        for i, e in enumerate(encoded):
-            ids[i, : len(e)] = torch.tensor(e)
+        ids, _ = batch([Example(e, [-100] * len(e)) for e in encoded], vocab.pad)
         # token j + 1's log-probability, predicted at position j
         token_lp = lm(ids).float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
         rows = []
