@@ -31,7 +31,7 @@ def _wrong(problem: task.Problem) -> str:
 def test_likelihood_step_scores_are_each_steps_probability_given_what_precedes_it():
     tok, model = build_tokenizer(), _model(0)
     problems = task.problems("heldout", 2, seed=4)
-    samples = [[p.solution(), _wrong(p), "no steps here"[:0]] for p in problems]
+    samples = [[p.solution(), _wrong(p), ""] for p in problems]  # "": a sample with no steps
     got = likelihood_step_scores(model, problems, samples)
     for problem, group, rows in zip(problems, samples, got, strict=True):
         for solution, row in zip(group, rows, strict=True):
