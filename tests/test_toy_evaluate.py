@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ttscale.toy import task
-from ttscale.toy.data import prm_text, solution_steps
-from ttscale.toy.evaluate import likelihood_step_scores, search_preview
+from ttscale.toy.data import Vocab, prm_text, solution_steps
+from ttscale.toy.evaluate import arithmetic_slips, likelihood_step_scores, search_preview
 from ttscale.toy.model import TinyConfig, TinyLlama
 from ttscale.toy.tokenizer import build_tokenizer
 
@@ -61,3 +61,36 @@ def test_preview_oracle_picks_a_fully_right_sample_when_the_first_n_hold_one():
     with_lm = search_preview(_model(1), problems, samples, greedy, (1, 4), reference_lm=_model(2))
     assert set(with_lm["reference_lm_min"]) == {1, 4}
     assert all(0.0 <= v <= 1.0 for v in with_lm["reference_lm_min"].values())
+
+
+class _ArithmeticJudge(torch.nn.Module):
+    """A stand-in PRM that reads the step before each tag: ``sign=1`` scores a step with a true
+    result high and a false one low, ``-1`` the reverse, ``0`` everything alike (blind)."""
+
+    def __init__(self, sign: int):
+        super().__init__()
+        self.sign, self.tok, self.vocab = sign, build_tokenizer(), Vocab.load()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*ids.shape, self.tok.get_vocab_size())
+        for b, row in enumerate(ids.tolist()):
+            for j, token in enumerate(row):
+                if token == self.vocab.step_tag:
+                    text = "".join(self.tok.id_to_token(i) for i in row[:j])
+                    step = task._STEP.match(text.split("\n")[-1].split()[-1])
+                    true = step is not None and int(step[4]) == task.apply(
+                        int(step[1]), step[2], int(step[3]))
+                    logits[b, j, self.vocab.good] = 3.0 * self.sign * (1 if true else -1)
+        return logits
+
+
+def test_arithmetic_slips_ranks_each_distinct_slip_against_its_true_result():
+    problem = task.Problem(37, (("+", 48), ("*", 3), ("-", 12)))  # 85, 255, 243
+    slip_first = "37+48=95\n95*3=285\n285-12=273\nanswer: 273\n"
+    slip_second = "37+48=85\n85*3=265\n265-12=253\nanswer: 253\n"
+    copy_error = "37+46=83\n83*3=249\n249-12=237\nanswer: 237\n"  # operand wrong: not a slip
+    samples = [[slip_first, slip_first, problem.solution(), copy_error, slip_second, ""]]
+    results = {sign: arithmetic_slips(_ArithmeticJudge(sign), [problem], samples)
+               for sign in (1, 0, -1)}
+    assert {r["pairs"] for r in results.values()} == {2}  # the repeated slip counts once
+    assert [results[s]["right_above_wrong"] for s in (1, 0, -1)] == [1.0, 0.5, 0.0]

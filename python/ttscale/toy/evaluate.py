@@ -63,7 +63,8 @@ def step_scores(prm: TinyLlama, examples: list[Example], batch_size: int = 256) 
 
 
 def prm_quality(prm: TinyLlama, problems: list[task.Problem], samples: list[list[str]]) -> dict:
-    """Step-label accuracy (threshold 0.5), balanced accuracy and AUC over every labelled step."""
+    """Step-label accuracy (threshold 0.5), balanced accuracy and AUC over every labelled step,
+    and how the PRM ranks the true result of each arithmetic slip (:func:`arithmetic_slips`)."""
     examples = [prm_example(p, s) for p, group in zip(problems, samples) for s in group]
     examples = [e for e in examples if e is not None]
     vocab = Vocab.load()
@@ -80,7 +81,42 @@ def prm_quality(prm: TinyLlama, problems: list[task.Problem], samples: list[list
             0.5 * hits[True, True] / max(positives, 1) + 0.5 * hits[False, False] / max(negatives, 1), 4
         ),
         "auc": round(auc(scores, labels), 4),
+        "arithmetic_slips": arithmetic_slips(prm, problems, samples),
     }
+
+
+def arithmetic_slips(prm: TinyLlama, problems: list[task.Problem],
+                     samples: list[list[str]]) -> dict:
+    """Does the PRM read a step's result? On each distinct arithmetic slip in the samples (the
+    first wrong step of a solution, with the right operands and a wrong result), its score of
+    that step against the same step with the true result, both after the right earlier steps:
+    ``right_above_wrong`` is the fraction of pairs where the true result scores higher (ties
+    count half; a PRM blind to results gets 0.5)."""
+    twins: dict[tuple[str, str], tuple[Example, Example]] = {}
+    for problem, group in zip(problems, samples, strict=True):
+        reference = problem.steps()
+        for solution in group:
+            labels, steps = task.label_steps(problem, solution), solution_steps(solution)
+            k = labels.index(False) if False in labels else len(labels)
+            if k >= min(len(steps), problem.num_ops):
+                continue
+            slip, want = steps[k].strip(), reference[k]
+            if slip.partition("=")[0] != want.partition("=")[0] or slip == want:
+                continue
+            twins.setdefault((problem.text, slip), (_tagged(problem, reference[:k] + [want]),
+                                                    _tagged(problem, reference[:k] + [slip])))
+    pairs = list(twins.values())
+    scores = step_scores(prm, [e for pair in pairs for e in pair])
+    wins = sum(1.0 if r[-1] > w[-1] else 0.5 if r[-1] == w[-1] else 0.0
+               for r, w in zip(scores[0::2], scores[1::2], strict=True))
+    return {"pairs": len(pairs), "right_above_wrong": round(wins / max(len(pairs), 1), 4)}
+
+
+def _tagged(problem: task.Problem, steps: list[str]) -> Example:
+    """``steps`` in the PRM's layout, every tag a (dummy) target so :func:`step_scores` reads it."""
+    vocab = Vocab.load()
+    ids = build_tokenizer().encode(prm_text(problem, steps)).ids
+    return Example(ids, [vocab.good if t == vocab.step_tag else -100 for t in ids])
 
 
 def auc(scores: list[float], labels: list[bool]) -> float:
