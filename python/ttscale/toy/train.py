@@ -16,10 +16,12 @@ Phases, each timed:
    cross-entropy between the ``+`` and ``-`` logits, classes weighted to balance, plus language
    modelling of reference solutions;
 5. evaluation on held-out problems: policy accuracy by level, first attempts against revised
-   ones (:func:`ttscale.revisions`), PRM step-label accuracy and AUC, and a preview of
-   best-of-N with the PRM against majority vote and greedy, beside two yardsticks for the PRM:
-   the exact step labels (its ceiling on the same pool) and the base model's own likelihood of
-   each step (how much checking the model the PRM starts from already holds).
+   ones (:func:`ttscale.revisions`) and how often a revision is right after a right and after a
+   wrong attempt, beside the same for two independent samples (a revision that ignores the
+   earlier attempt), PRM step-label accuracy and AUC and whether it reads a step's result, and
+   a preview of best-of-N with the PRM against majority vote and greedy, beside two yardsticks
+   for the PRM: the exact step labels (its ceiling on the same pool) and the base model's own
+   likelihood of each step (how much checking the model the PRM starts from already holds).
 
 Everything is drawn from ``--seed`` with fixed step counts, so a run is reproducible (on the same
 torch version and thread count). ``--minutes`` is a nominal budget on 2 cores that scales the
@@ -275,20 +277,44 @@ def prm_lm_problems(count: int, seen: list[task.Problem], seed: int) -> list[tas
 
 
 def revision_accuracy(policy_dir: Path, problems: list[task.Problem], attempts: int,
-                      seed: int) -> dict[str, float]:
+                      seed: int) -> tuple[dict[str, float], dict[str, float]]:
     """Accuracy of each position of one revision chain of ``attempts`` per problem, run by
     :func:`ttscale.revisions` at temperature 1: ``"1"`` is a first attempt (a plain sample),
-    ``"2"`` its revision, ..."""
+    ``"2"`` its revision, ...; and how often a revision is right after a right and after a
+    wrong attempt (every position after the first)."""
     llm = LLM(policy_dir, device="cpu", seed=seed, kv_budget_bytes=256 << 20)
     results = ttscale.revisions(
         llm, [f"Q: {p.text}" for p in problems], attempts, attempts,
         sampling=SamplingParams(temperature=1.0, max_tokens=MAX_SOLUTION_TOKENS),
         prompt_fn=lambda question: question + "\n", progress=False, seed=seed)
-    right = [0] * attempts  # one chain per problem: one attempt per position
+    chains = []  # one chain per problem: one attempt per position
     for problem, result in zip(problems, results, strict=True):
-        for c in result.candidates:
-            right[c.position] += is_correct(problem, c.text)
-    return {str(k + 1): round(right[k] / max(len(problems), 1), 4) for k in range(attempts)}
+        ordered = sorted(result.candidates, key=lambda c: c.position)
+        chains.append([is_correct(problem, c.text) for c in ordered])
+    by_position = {str(k + 1): round(sum(c[k] for c in chains) / max(len(chains), 1), 4)
+                   for k in range(attempts)}
+    return by_position, transitions([(c[k - 1], c[k]) for c in chains for k in range(1, attempts)])
+
+
+def transitions(pairs: list[tuple[bool, bool]]) -> dict[str, float | None]:
+    """``{"after_right", "after_wrong"}``: the fraction of ``(earlier, later)`` pairs whose later
+    attempt is right, given the earlier one was right, or wrong (None when there is none)."""
+    out = {}
+    for name, earlier in (("after_right", True), ("after_wrong", False)):
+        later = [b for a, b in pairs if a == earlier]
+        out[name] = round(sum(later) / len(later), 4) if later else None
+    return out
+
+
+def resample_transitions(problems: list[task.Problem],
+                         pool: list[list[str]]) -> dict[str, float | None]:
+    """:func:`transitions` for two independent samples of the same problem, from a pool of
+    samples per problem: what a "revision" that ignores the earlier attempt would get."""
+    pairs = []
+    for problem, group in zip(problems, pool, strict=True):
+        right = [is_correct(problem, s) for s in group]
+        pairs += [(a, b) for i, a in enumerate(right) for j, b in enumerate(right) if i != j]
+    return transitions(pairs)
 
 
 def evaluate_models(policy_dir: Path, prm: TinyLlama, recipe: Recipe, seed: int,
@@ -305,11 +331,16 @@ def evaluate_models(policy_dir: Path, prm: TinyLlama, recipe: Recipe, seed: int,
     print(f"policy pass@1 by level on {len(evaluation)} held-out problems: "
           f"{report['policy_pass@1']}", flush=True)
     revised = heldout[: recipe.revision_eval_problems]
-    report["revisions"] = revision_accuracy(policy_dir, revised, recipe.revision_eval_attempts, seed)
+    report["revisions"], after = revision_accuracy(policy_dir, revised,
+                                                   recipe.revision_eval_attempts, seed)
     print(f"accuracy by attempt in one revision chain on {len(revised)} held-out problems "
           f"(1 = first attempt): {report['revisions']}", flush=True)
     preview = heldout[: recipe.preview_problems]
     pool = sample(policy_dir, preview, recipe.preview_n, recipe.prm_temperature, seed + 2)
+    report["revision_transitions"] = {"revised": after,
+                                      "independent_resample": resample_transitions(preview, pool)}
+    print(f"a revision is right after a right / a wrong attempt: {report['revision_transitions']}",
+          flush=True)
     report["prm_heldout"] = prm_quality(prm, preview, pool)
     print(f"PRM on held-out samples: {report['prm_heldout']}", flush=True)
     sizes = tuple(n for n in (1, 4, 16, 64) if n <= recipe.preview_n)
