@@ -94,3 +94,5 @@ def test_arithmetic_slips_ranks_each_distinct_slip_against_its_true_result():
                for sign in (1, 0, -1)}
     assert {r["pairs"] for r in results.values()} == {2}  # the repeated slip counts once
     assert [results[s]["right_above_wrong"] for s in (1, 0, -1)] == [1.0, 0.5, 0.0]
+    none = arithmetic_slips(_ArithmeticJudge(1), [problem], [[problem.solution(), copy_error]])
+    assert none == {"pairs": 0, "right_above_wrong": None}

@@ -91,7 +91,7 @@ def arithmetic_slips(prm: TinyLlama, problems: list[task.Problem],
     first wrong step of a solution, with the right operands and a wrong result), its score of
     that step against the same step with the true result, both after the right earlier steps:
     ``right_above_wrong`` is the fraction of pairs where the true result scores higher (ties
-    count half; a PRM blind to results gets 0.5)."""
+    count half; a PRM blind to results gets 0.5; None when the samples hold no slip)."""
     twins: dict[tuple[str, str], tuple[Example, Example]] = {}
     for problem, group in zip(problems, samples, strict=True):
         reference = problem.steps()
@@ -109,7 +109,8 @@ def arithmetic_slips(prm: TinyLlama, problems: list[task.Problem],
     scores = step_scores(prm, [e for pair in pairs for e in pair])
     wins = sum(1.0 if r[-1] > w[-1] else 0.5 if r[-1] == w[-1] else 0.0
                for r, w in zip(scores[0::2], scores[1::2], strict=True))
-    return {"pairs": len(pairs), "right_above_wrong": round(wins / max(len(pairs), 1), 4)}
+    ranked = round(wins / len(pairs), 4) if pairs else None
+    return {"pairs": len(pairs), "right_above_wrong": ranked}
 
 
 def _tagged(problem: task.Problem, steps: list[str]) -> Example:
