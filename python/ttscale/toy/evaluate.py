@@ -103,8 +103,9 @@ def arithmetic_slips(prm: TinyLlama, problems: list[task.Problem],
             slip, want = steps[k].strip(), reference[k]
             if slip.partition("=")[0] != want.partition("=")[0] or slip == want:
                 continue
-            twins.setdefault((problem.text, slip), (_tagged(problem, reference[:k] + [want]),
-                                                    _tagged(problem, reference[:k] + [slip])))
+            if (problem.text, slip) not in twins:
+                twins[problem.text, slip] = (_steps_example(problem, reference[:k] + [want]),
+                                             _steps_example(problem, reference[:k] + [slip]))
     pairs = list(twins.values())
     scores = step_scores(prm, [e for pair in pairs for e in pair])
     wins = sum(1.0 if r[-1] > w[-1] else 0.5 if r[-1] == w[-1] else 0.0
@@ -113,11 +114,11 @@ def arithmetic_slips(prm: TinyLlama, problems: list[task.Problem],
     return {"pairs": len(pairs), "right_above_wrong": ranked}
 
 
-def _tagged(problem: task.Problem, steps: list[str]) -> Example:
-    """``steps`` in the PRM's layout, every tag a (dummy) target so :func:`step_scores` reads it."""
-    vocab = Vocab.load()
-    ids = build_tokenizer().encode(prm_text(problem, steps)).ids
-    return Example(ids, [vocab.good if t == vocab.step_tag else -100 for t in ids])
+def _steps_example(problem: task.Problem, steps: list[str]) -> Example:
+    """``steps`` as a solution's PRM example (its tags are where :func:`step_scores` reads)."""
+    example = prm_example(problem, "".join(step + task.STEP_DELIMITER for step in steps))
+    assert example is not None  # at least one step
+    return example
 
 
 def auc(scores: list[float], labels: list[bool]) -> float:
