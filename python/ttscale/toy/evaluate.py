@@ -101,7 +101,7 @@ def arithmetic_slips(prm: TinyLlama, problems: list[task.Problem],
             if k >= min(len(steps), problem.num_ops):
                 continue
             slip, want = steps[k].strip(), reference[k]
-            if slip.partition("=")[0] != want.partition("=")[0] or slip == want:
+            if slip.partition("=")[0] != want.partition("=")[0]:  # not the same operation
                 continue
             if (problem.text, slip) not in twins:
                 twins[problem.text, slip] = (_steps_example(problem, reference[:k] + [want]),

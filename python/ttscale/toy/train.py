@@ -277,7 +277,7 @@ def prm_lm_problems(count: int, seen: list[task.Problem], seed: int) -> list[tas
 
 
 def revision_accuracy(policy_dir: Path, problems: list[task.Problem], attempts: int,
-                      seed: int) -> tuple[dict[str, float], dict[str, float]]:
+                      seed: int) -> tuple[dict[str, float], dict[str, float | None]]:
     """Accuracy of each position of one revision chain of ``attempts`` per problem, run by
     :func:`ttscale.revisions` at temperature 1: ``"1"`` is a first attempt (a plain sample),
     ``"2"`` its revision, ...; and how often a revision is right after a right and after a
