@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
@@ -71,33 +72,73 @@ inline void block_scores(const float* q, int64_t D, const float* kt, int64_t k_s
   }
 }
 
-// acc[d] = alpha acc[d] + sum over t < n of w[t] v[t * D + d]; four kLanes-wide slices of d at
-// a time, so that four chains of multiply-adds run together.
-inline void block_values(const float* w, const float* v, int64_t D, int64_t n, float alpha,
-                         float* acc) {
+// acc[d] = alpha acc[d] + sum over t < n of w[t] v[t * v_stride + d]; four kLanes-wide slices of
+// d at a time, so that four chains of multiply-adds run together.
+inline void block_values(const float* w, const float* v, int64_t v_stride, int64_t D, int64_t n,
+                         float alpha, float* acc) {
   int64_t d0 = 0;
   for (; d0 + 4 * kLanes <= D; d0 += 4 * kLanes) {
     Lanes a[4];
     for (int64_t c = 0; c < 4; ++c) a[c] = alpha * load_lanes(acc + d0 + c * kLanes);
     for (int64_t t = 0; t < n; ++t) {
-      for (int64_t c = 0; c < 4; ++c) a[c] += w[t] * load_lanes(v + t * D + d0 + c * kLanes);
+      for (int64_t c = 0; c < 4; ++c) a[c] += w[t] * load_lanes(v + t * v_stride + d0 + c * kLanes);
     }
     for (int64_t c = 0; c < 4; ++c) store_lanes(acc + d0 + c * kLanes, a[c]);
   }
   for (; d0 + kLanes <= D; d0 += kLanes) {
     Lanes a = alpha * load_lanes(acc + d0);
-    for (int64_t t = 0; t < n; ++t) a += w[t] * load_lanes(v + t * D + d0);
+    for (int64_t t = 0; t < n; ++t) a += w[t] * load_lanes(v + t * v_stride + d0);
     store_lanes(acc + d0, a);
   }
   for (; d0 < D; ++d0) {  // head dims that are not a multiple of kLanes
     float a = acc[d0] * alpha;
-    for (int64_t t = 0; t < n; ++t) a += w[t] * v[t * D + d0];
+    for (int64_t t = 0; t < n; ++t) a += w[t] * v[t * v_stride + d0];
     acc[d0] = a;
+  }
+}
+
+// s[t] = q . k_t for one query row and keys read in place, k_t = k + t * k_stride (an fp32 cache):
+// a row or two do not amortise attend_level's transposed copy of a block, and a decode step's
+// suffix pass has one row per query head of a KV head.
+inline void direct_scores(const float* q, int64_t D, const float* k, int64_t k_stride, int64_t n,
+                          float* s) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* kt = k + t * k_stride;
+    Lanes a = {}, b = {};
+    int64_t d = 0;
+    for (; d + 2 * kLanes <= D; d += 2 * kLanes) {
+      a += load_lanes(q + d) * load_lanes(kt + d);
+      b += load_lanes(q + d + kLanes) * load_lanes(kt + d + kLanes);
+    }
+    for (; d + kLanes <= D; d += kLanes) a += load_lanes(q + d) * load_lanes(kt + d);
+    a += b;
+    float sum = 0.f;
+    for (int64_t i = 0; i < kLanes; ++i) sum += a[i];
+    for (; d < D; ++d) sum += q[d] * kt[d];
+    s[t] = sum;
   }
 }
 
 // Rows scored together by block_scores.
 constexpr int64_t kRowGroup = 4;
+
+// Row r's online softmax takes in the scores s[0, visible) of a block (overwritten with their
+// weights) and the values v + t * v_stride.
+inline void update_row(SoftmaxState& st, int64_t r, float* s, int64_t visible, const float* v,
+                       int64_t v_stride, int64_t D) {
+  float block_max = kNegInf;
+  for (int64_t t = 0; t < visible; ++t) block_max = std::max(block_max, s[t]);
+  const float m_new = std::max(st.m[r], block_max);
+  const float alpha = st.m[r] == kNegInf ? 0.f : std::exp(st.m[r] - m_new);
+  float sum = 0.f;
+  for (int64_t t = 0; t < visible; ++t) {
+    s[t] = exp_nonpositive(s[t] - m_new);
+    sum += s[t];
+  }
+  block_values(s, v, v_stride, D, visible, alpha, &st.acc[r * D]);
+  st.l[r] = st.l[r] * alpha + sum;
+  st.m[r] = m_new;
+}
 
 // Rows read the keys of one level: tokens [0, level_len) stored in `table`'s blocks, at context
 // positions level_pos0 + t. Row r sees a key only when its position is < limit[r]. A block's
@@ -115,6 +156,22 @@ void attend_level(const AttentionParams& p, const int32_t* table, int64_t level_
   const S* kc = as_ptr<const S>(p.k_cache);
   const S* vc = as_ptr<const S>(p.v_cache);
   float* kt = kbuf.data();
+  if constexpr (std::is_same_v<S, float>) {
+    if (rows < kRowGroup) {  // read the fp32 cache in place: see direct_scores
+      const int64_t token_stride = Hkv * D;
+      for (int64_t start = 0; start < level_len; start += BS) {
+        const int64_t n = std::min(BS, level_len - start);
+        const int64_t base = (table[start / BS] * BS * Hkv + kv_head) * D;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t visible = std::min<int64_t>(n, limit[r] - (level_pos0 + start));
+          if (visible <= 0) continue;
+          direct_scores(q_rows + r * D, D, kc + base, token_stride, visible, scores.data());
+          update_row(st, r, scores.data(), visible, vc + base, token_stride, D);
+        }
+      }
+      return;
+    }
+  }
   for (int64_t start = 0; start < level_len; start += BS) {
     const int64_t n = std::min(BS, level_len - start);
     const int64_t block = table[start / BS];
@@ -136,20 +193,7 @@ void attend_level(const AttentionParams& p, const int32_t* table, int64_t level_
       for (int64_t i = 0; i < group; ++i) {
         const int64_t r = r0 + i;
         const int64_t visible = std::min<int64_t>(n, limit[r] - (level_pos0 + start));
-        if (visible <= 0) continue;
-        float* s = &scores[i * stride];
-        float block_max = kNegInf;
-        for (int64_t t = 0; t < visible; ++t) block_max = std::max(block_max, s[t]);
-        const float m_new = std::max(st.m[r], block_max);
-        const float alpha = st.m[r] == kNegInf ? 0.f : std::exp(st.m[r] - m_new);
-        float sum = 0.f;
-        for (int64_t t = 0; t < visible; ++t) {
-          s[t] = exp_nonpositive(s[t] - m_new);
-          sum += s[t];
-        }
-        block_values(s, vbuf.data(), D, visible, alpha, &st.acc[r * D]);
-        st.l[r] = st.l[r] * alpha + sum;
-        st.m[r] = m_new;
+        if (visible > 0) update_row(st, r, &scores[i * stride], visible, vbuf.data(), D, D);
       }
     }
   }
