@@ -90,11 +90,9 @@ def _first_step_p_good(driver: PagedDriver, problem: task.Problem, first_step: s
     return float(driver.model.compute_logits(hidden, plus_minus).softmax(-1)[0, 0])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 7, open: the shipped PRM (step AUC 0.95 on policy samples) scores by where a step is "
-    "and how hard it looks, not by its arithmetic: a corrupted result scores as high as the right "
-    "one. Strict, so the test reports when a retrained PRM starts checking."))
 def test_prm_scores_a_right_step_above_a_corrupted_one():
+    """The PRM reads a step's result, not only where the step is and how hard it looks (the PRM
+    shipped before 2026-11-24 failed this: it scored a corrupted result as high as the right one)."""
     driver = PagedDriver(load_model(prm_dir(), device="cpu"), num_blocks=512, block_size=16)
     right, corrupted = [], []
     for problem in task.problems("heldout", 30, seed=1):

@@ -1,4 +1,7 @@
-"""The embedded arithmetic task: generator, splits, step labels."""
+"""The embedded arithmetic task: generator, splits, step labels, made-up errors."""
+
+import random
+import re
 
 import pytest
 
@@ -65,3 +68,47 @@ def test_wrong_final_answer_line():
 def test_bad_split_is_rejected():
     with pytest.raises(ValueError, match="split"):
         task.problems("test", 1)
+
+
+def test_near_miss_differs_and_stays_in_range():
+    rng = random.Random(0)
+    for value in [0, 7, 10, 99, 100, 5000, 9999, *range(0, 9999, 37)]:
+        for _ in range(5):
+            wrong = task.near_miss(value, rng)
+            assert wrong != value and 0 <= wrong <= task.MAX_VALUE, (value, wrong)
+
+
+def test_corrupt_solution_has_one_first_wrong_step_and_builds_on_it():
+    rng = random.Random(1)
+    kinds = {"slip": 0, "copy": 0}
+    for problem in task.problems("train", 1000, seed=9):
+        solution = task.corrupt_solution(problem, rng)
+        labels = task.label_steps(problem, solution)
+        assert len(labels) == problem.num_ops + 1
+        k = labels.index(False)  # one step is wrong ...
+        assert not any(labels[k:])  # ... and so is everything after it
+        assert task.final_answer(solution) != str(problem.answer)
+        lines = solution.splitlines()
+        assert lines[:k] == problem.steps()[:k]  # right until the wrong step
+        steps = [re.fullmatch(r"(-?\d+)([+\-*])(\d+)=(-?\d+)", line).groups() for line in lines[:-1]]
+        arithmetic = [task.apply(int(a), op, int(b)) == int(r) for a, op, b, r in steps]
+        if task.first_slip(problem, solution) == k:  # a wrong result, every other step right
+            kinds["slip"] += 1
+            assert arithmetic == [i != k for i in range(len(steps))]
+        else:  # an operand copied wrong, with the arithmetic on it right
+            kinds["copy"] += 1
+            assert all(arithmetic) and lines[k].partition("=")[0] != problem.steps()[k].partition("=")[0]
+        for i in range(k + 1, len(steps)):  # later steps start from the wrong step's result
+            assert steps[i][0] == steps[i - 1][3]
+    assert kinds["slip"] > 450 and kinds["copy"] > 250  # both kinds of error occur
+
+
+def test_first_slip_finds_only_arithmetic_slips():
+    problem = task.parse_problem("((7*9)+5)-8")
+    assert task.first_slip(problem, problem.solution()) is None
+    assert task.first_slip(problem, "7*9=61\n61+5=66\n66-8=58\nanswer: 58\n") == 0
+    assert task.first_slip(problem, "7*9=63\n63+5=69\n69-8=61\nanswer: 61\n") == 1
+    assert task.first_slip(problem, "7*9=63\n64+5=69\n69-8=61\nanswer: 61\n") is None  # copy error
+    assert task.first_slip(problem, "7*9=63\n63*5=315\n") is None  # wrong operation
+    assert task.first_slip(problem, "7*9=63\n63+5=68\n68-8=60\nanswer: 61\n") is None  # answer line
+    assert task.first_slip(problem, "7*9=63\nhello\n") is None  # malformed step

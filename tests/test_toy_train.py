@@ -68,3 +68,110 @@ def test_transitions_count_later_attempts_by_the_earlier_ones_outcome():
     pool = [[right[0], right[0], "answer: -1\n"], ["answer: -1\n", ""]]
     # after a right one: 2 of the 4 pairs from the first problem; after a wrong one: 2 of 4
     assert resample_transitions(problems, pool) == {"after_right": 0.5, "after_wrong": 0.5}
+
+
+def test_result_flags_mark_each_digit_against_its_own_operands():
+    from ttscale.toy import task
+    from ttscale.toy.data import prm_example
+
+    problem = task.parse_problem("((7*9)+5)-8")
+    solution = "7*9=61\n61+5=66\n66-8=59\n3-5=-2\nanswer: 59\n"
+    example = prm_example(problem, solution, flags=True)
+    tok = build_tokenizer()
+    flagged = [(tok.id_to_token(example.ids[j]), f) for j, f in enumerate(example.flags) if f != -100]
+    # 7*9=61: '6' agrees with 63, '1' does not; 61+5=66 is right for its own operands (its tag
+    # is still wrong: it builds on a wrong value); 66-8=59: '5' agrees, '9' does not; a
+    # negative result is not read
+    assert flagged == [("6", 0), ("1", 1), ("6", 0), ("6", 0), ("5", 0), ("9", 1)]
+    assert example.targets == prm_example(problem, solution).targets  # the tag labels as before
+    assert prm_example(problem, solution).flags is None
+
+
+def test_slip_twins_pair_the_slip_with_its_true_result():
+    from ttscale.toy import task
+    from ttscale.toy.data import slip_twins
+
+    problem = task.parse_problem("((7*9)+5)-8")
+    assert slip_twins(problem, "7*9=63\n63+5=69\n69-8=61\nanswer: 61\n") == (
+        ["7*9=63", "63+5=68"], ["7*9=63", "63+5=69"])
+    assert slip_twins(problem, "7*9=63\n64+5=69\n69-8=61\nanswer: 61\n") is None  # a copy error
+    assert slip_twins(problem, problem.solution()) is None
+
+
+def test_grown_model_computes_the_same_function_with_more_layers():
+    import torch
+
+    from ttscale.toy.model import TinyConfig, TinyLlama
+
+    torch.manual_seed(0)
+    model = TinyLlama(TinyConfig(build_tokenizer().get_vocab_size(), 32, 64, 2, 2, 64))
+    grown = model.grown(2)
+    assert grown.config.num_layers == 4 and model.config.num_layers == 2
+    ids = torch.randint(0, model.config.vocab_size, (3, 17))
+    torch.testing.assert_close(grown(ids), model(ids), rtol=0, atol=0)
+    hidden = grown.hidden_states(ids)
+    assert len(hidden) == 4
+    torch.testing.assert_close(grown.logits_at(hidden[1]), model(ids), rtol=0, atol=0)
+    # the added layers learn: their output projections are zero, the rest is not
+    top = grown.model.layers[3]
+    assert not top.self_attn.o_proj.weight.any() and not top.mlp.down_proj.weight.any()
+    assert top.self_attn.q_proj.weight.any()
+
+
+def test_prm_objective_is_the_sum_of_its_terms():
+    import torch
+    import torch.nn.functional as F
+
+    from ttscale.toy import task
+    from ttscale.toy.data import Vocab, batch, prm_example, prm_lm_example
+    from ttscale.toy.model import TinyConfig, TinyLlama
+    from ttscale.toy.train import PRMObjective
+
+    torch.manual_seed(1)
+    vocab = Vocab.load()
+    base = TinyLlama(TinyConfig(build_tokenizer().get_vocab_size(), 32, 64, 2, 2, 128))
+    model = base.grown(1)
+    for p in model.parameters():  # the added layer no longer the identity
+        torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else None
+    problems = task.problems("train", 4, seed=2)
+    rng = __import__("random").Random(0)
+    examples = [prm_example(p, task.corrupt_solution(p, rng), flags=True) for p in problems[:3]]
+    examples.append(prm_lm_example(problems[3]))
+    weights = torch.tensor([0.7, 1.6])
+
+    def objective(lm=0.0, flag=0.0, hint=0.0):
+        torch.manual_seed(5)  # the same copy head each time
+        return PRMObjective(model, 1, weights, lm_weight=lm, flag_weight=flag, hint_weight=hint)
+
+    ids, targets = batch(examples, vocab.pad)
+    with torch.no_grad():
+        logits = model(ids)
+        hidden = model.hidden_states(ids)
+        # a tag with a label (in a language-modelling example a tag's target is the newline)
+        tag = (ids == vocab.step_tag) & ((targets == vocab.good) | (targets == vocab.bad))
+        assert tag.sum() > 3 and ((ids == vocab.step_tag) & ~tag).any()
+        tag_loss = F.cross_entropy(logits[tag][:, [vocab.good, vocab.bad]],
+                                   (targets[tag] == vocab.bad).long(), weight=weights)
+        lm = (targets != -100) & ~tag
+        lm_loss = F.cross_entropy(logits[lm], targets[lm])
+        rows = [(i, j, f) for i, e in enumerate(examples) if e.flags
+                for j, f in enumerate(e.flags) if f != -100]
+        flag_logits = torch.stack([logits[i, j, [vocab.good, vocab.bad]] for i, j, _ in rows])
+        flag_loss = F.cross_entropy(flag_logits, torch.tensor([f for _, _, f in rows]))
+        assert len(rows) > 10 and {f for *_, f in rows} == {0, 1}
+        head = objective(hint=1.0).copy_head
+        teacher = model.logits_at(hidden[1]).log_softmax(-1)  # the base layers' prediction ...
+        student = head(model.model.norm(hidden[2])).log_softmax(-1)  # ... read one position on
+        kl = [F.kl_div(student[i, j + 1], teacher[i, j], log_target=True, reduction="sum")
+              for i, e in enumerate(examples) for j in range(len(e.ids) - 1)]
+        hint_loss = torch.stack(kl).mean()
+        for kwargs, want in [({}, tag_loss), ({"lm": 0.5}, tag_loss + 0.5 * lm_loss),
+                             ({"flag": 2.0}, tag_loss + 2.0 * flag_loss),
+                             ({"hint": 0.3}, tag_loss + 0.3 * hint_loss)]:
+            got = objective(**kwargs)(model, examples)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=str(kwargs))
+    # every term reaches the parameters it should: the copy head through the hint only
+    obj = objective(hint=1.0)
+    obj(model, examples).backward()
+    assert obj.copy_head.weight.grad.abs().sum() > 0
+    assert model.model.layers[2].mlp.down_proj.weight.grad.abs().sum() > 0

@@ -7,6 +7,9 @@ PRM example: the Math-Shepherd text of a (possibly wrong) solution,
 ``math_shepherd_text("Q: <problem>", lines)``; the loss is at each step tag ``ки``, on the
 ``+`` (step right) or ``-`` (step wrong) token, as the Math-Shepherd PRM is trained. The PRM
 also keeps language-modelling reference solutions in the same layout (:func:`prm_lm_example`).
+For training only, a PRM example can carry result flags: at each digit of each step's result,
+whether the result so far agrees with the true result of that step's own operands (the
+intermediate judgement a step's tag label rests on).
 
 Revision example: the layout :func:`ttscale.search.revisions.revision_context` builds, the prompt
 then one to three earlier attempts of the policy's own, each followed by the separator
@@ -16,6 +19,7 @@ attempt only (the earlier ones are the policy's samples, right or wrong, as at t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +31,7 @@ from ttscale.toy.tokenizer import EOS, PAD, STEP_TAG, build_tokenizer
 from ttscale.verifiers.formats import math_shepherd_text
 
 GOOD, BAD = "+", "-"
+_RESULT = re.compile(r"(?<![\d-])(\d+)([+\-*])(\d+)=(\d+)")  # a negative number is no result
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,13 @@ class Vocab:
 
 @dataclass
 class Example:
-    """``ids [T]`` and, per position, the target token predicted there (-100: no loss)."""
+    """``ids [T]`` and, per position, the target token predicted there (-100: no loss); and
+    optionally result flags per position: 0 a result digit that agrees so far, 1 one that does
+    not, -100 anything else."""
 
     ids: list[int]
     targets: list[int]
+    flags: list[int] | None = None
 
 
 def policy_examples(problems: list[task.Problem]) -> list[Example]:
@@ -84,19 +92,41 @@ def prm_text(problem: task.Problem, steps: list[str]) -> str:
     return math_shepherd_text(f"Q: {problem.text}", steps)
 
 
-def prm_example(problem: task.Problem, solution: str) -> Example | None:
-    """The solution's Math-Shepherd text with ``+``/``-`` targets at its step tags (None if no steps)."""
+def prm_example(problem: task.Problem, solution: str, flags: bool = False) -> Example | None:
+    """The solution's Math-Shepherd text with ``+``/``-`` targets at its step tags (None if no
+    steps), and with ``flags``, its result flags."""
     steps = solution_steps(solution)
     if not steps:
         return None
     labels = task.label_steps(problem, solution)
     vocab = Vocab.load()
-    ids = build_tokenizer().encode(prm_text(problem, steps)).ids
+    text = prm_text(problem, steps)
+    encoding = build_tokenizer().encode(text)
+    ids = encoding.ids
     tags = [j for j, t in enumerate(ids) if t == vocab.step_tag]
     targets = [-100] * len(ids)
     for j, right in zip(tags, labels, strict=True):
         targets[j] = vocab.good if right else vocab.bad
-    return Example(ids, targets)
+    example = Example(ids, targets)
+    if flags:
+        token_at = {start: j for j, (start, end) in enumerate(encoding.offsets) if end > start}
+        example.flags = [-100] * len(ids)
+        for step in _RESULT.finditer(text, len(f"Q: {problem.text} ")):
+            true = str(task.apply(int(step[1]), step[2], int(step[3])))
+            for k in range(len(step[4])):
+                example.flags[token_at[step.start(4) + k]] = int(true[: k + 1] != step[4][: k + 1])
+    return example
+
+
+def slip_twins(problem: task.Problem, solution: str) -> tuple[list[str], list[str]] | None:
+    """For a solution whose first wrong step is an arithmetic slip (:func:`task.first_slip`): the
+    reference's steps up to that one with the true result, and the same with the slip. None for
+    any other solution."""
+    k = task.first_slip(problem, solution)
+    if k is None:
+        return None
+    reference = problem.steps()
+    return reference[: k + 1], reference[:k] + [solution_steps(solution)[k].strip()]
 
 
 def prm_lm_example(problem: task.Problem) -> Example:
@@ -119,3 +149,13 @@ def batch(examples: list[Example], pad: int) -> tuple[Tensor, Tensor]:
         ids[i, : len(e.ids)] = torch.tensor(e.ids)
         targets[i, : len(e.targets)] = torch.tensor(e.targets)
     return ids, targets
+
+
+def batch_flags(examples: list[Example]) -> Tensor:
+    """Right-padded result flags ``[B, T]`` (-100 where an example has none)."""
+    width = max(len(e.ids) for e in examples)
+    flags = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        if e.flags is not None:
+            flags[i, : len(e.flags)] = torch.tensor(e.flags)
+    return flags

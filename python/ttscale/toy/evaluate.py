@@ -16,7 +16,15 @@ import torch
 from ttscale.llm import LLM
 from ttscale.sampling_params import SamplingParams
 from ttscale.toy import task
-from ttscale.toy.data import Example, Vocab, batch, prm_example, prm_text, solution_steps
+from ttscale.toy.data import (
+    Example,
+    Vocab,
+    batch,
+    prm_example,
+    prm_text,
+    slip_twins,
+    solution_steps,
+)
 from ttscale.toy.model import TinyLlama
 from ttscale.toy.tokenizer import build_tokenizer
 
@@ -94,18 +102,11 @@ def arithmetic_slips(prm: TinyLlama, problems: list[task.Problem],
     count half; a PRM blind to results gets 0.5; None when the samples hold no slip)."""
     twins: dict[tuple[str, str], tuple[Example, Example]] = {}
     for problem, group in zip(problems, samples, strict=True):
-        reference = problem.steps()
         for solution in group:
-            labels, steps = task.label_steps(problem, solution), solution_steps(solution)
-            k = labels.index(False) if False in labels else len(labels)
-            if k >= min(len(steps), problem.num_ops):
-                continue
-            slip, want = steps[k].strip(), reference[k]
-            if slip.partition("=")[0] != want.partition("=")[0]:  # not the same operation
-                continue
-            if (problem.text, slip) not in twins:
-                twins[problem.text, slip] = (_steps_example(problem, reference[:k] + [want]),
-                                             _steps_example(problem, reference[:k] + [slip]))
+            pair = slip_twins(problem, solution)
+            if pair is not None and (problem.text, pair[1][-1]) not in twins:
+                twins[problem.text, pair[1][-1]] = (_steps_example(problem, pair[0]),
+                                                    _steps_example(problem, pair[1]))
     pairs = list(twins.values())
     scores = step_scores(prm, [e for pair in pairs for e in pair])
     wins = sum(1.0 if r[-1] > w[-1] else 0.5 if r[-1] == w[-1] else 0.0

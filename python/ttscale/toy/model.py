@@ -143,12 +143,38 @@ class TinyLlama(nn.Module):
         self.apply(_init)
 
     def forward(self, ids: Tensor) -> Tensor:
+        return self.logits_at(self.hidden_states(ids)[-1])
+
+    def hidden_states(self, ids: Tensor) -> list[Tensor]:
+        """Each layer's output ``[B, T, H]``, first to last."""
         half = self.config.head_dim // 2
         cos, sin = self.rotary[: ids.shape[1], :half], self.rotary[: ids.shape[1], half:]
         x = self.model.embed_tokens(ids)
+        out = []
         for layer in self.model.layers:
             x = layer(x, cos, sin)
-        return self.lm_head(self.model.norm(x))
+            out.append(x)
+        return out
+
+    def logits_at(self, hidden: Tensor) -> Tensor:
+        """The logits a layer's output gives through the final norm and the LM head."""
+        return self.lm_head(self.model.norm(hidden))
+
+    def grown(self, extra_layers: int) -> TinyLlama:
+        """A copy with ``extra_layers`` more decoder layers on top, each starting as the identity
+        (its attention and MLP output projections zero): the same function, more depth to learn
+        with."""
+        c = self.config
+        bigger = TinyLlama(TinyConfig(c.vocab_size, c.hidden_size, c.intermediate_size,
+                                      c.num_layers + extra_layers, c.num_heads, c.max_positions,
+                                      c.rms_norm_eps, c.rope_theta))
+        state = bigger.state_dict()
+        state.update(self.state_dict())
+        bigger.load_state_dict(state)
+        for layer in bigger.model.layers[c.num_layers :]:
+            nn.init.zeros_(layer.self_attn.o_proj.weight)
+            nn.init.zeros_(layer.mlp.down_proj.weight)
+        return bigger
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

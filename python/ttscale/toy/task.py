@@ -181,6 +181,59 @@ def label_steps(problem: Problem, solution: str) -> list[bool]:
     return labels
 
 
+def first_slip(problem: Problem, solution: str) -> int | None:
+    """The index of a solution's first wrong step when that step is an arithmetic slip: it applies
+    the problem's next operation to the right value and writes a wrong result. None when the
+    solution has no wrong step, or its first one is wrong some other way (a copy error, a
+    missing or malformed step, a wrong answer line)."""
+    labels = label_steps(problem, solution)
+    if all(labels):
+        return None
+    k = labels.index(False)
+    lines = [line.strip() for line in solution.split(STEP_DELIMITER) if line.strip()]
+    step = _STEP.match(lines[k])
+    if k >= problem.num_ops or step is None:
+        return None
+    want = problem.steps()[k]
+    return k if f"{step[1]}{step[2]}{step[3]}" == want.partition("=")[0] else None
+
+
+def near_miss(value: int, rng: random.Random) -> int:
+    """A different number in [0, MAX_VALUE] close to ``value`` the way an arithmetic slip is: one
+    digit changed (60%), or off by a small amount or a power of ten."""
+    text = str(value)
+    if rng.random() < 0.6:
+        j = rng.randrange(len(text))
+        digits = [d for d in "0123456789" if d != text[j] and not (j == 0 and d == "0" and len(text) > 1)]
+        return int(text[:j] + rng.choice(digits) + text[j + 1 :])
+    wrong = value + rng.choice([-1, 1]) * rng.choice([1, 2, 9, 10, 11, 20, 100])
+    return wrong if 0 <= wrong <= MAX_VALUE and wrong != value else (value + 10 if value + 10 <= MAX_VALUE else value - 10)
+
+
+def corrupt_solution(problem: Problem, rng: random.Random) -> str:
+    """The reference solution with one step made wrong the way a policy errs: its result a near
+    miss (60%), or its first operand (25%) or its second (15%) copied wrong with the arithmetic
+    on it right. Later steps build on the wrong value, as the rest of a sample that slipped
+    does (and may leave [0, MAX_VALUE] as it may), so every step from the wrong one on is wrong
+    (:func:`label_steps`)."""
+    bad, kind = rng.randrange(problem.num_ops), rng.random()
+    value, lines = problem.first, []
+    for k, (op, b) in enumerate(problem.ops):
+        a = value
+        if k == bad and 0.6 <= kind < 0.85:
+            a = near_miss(value, rng)
+        elif k == bad and kind >= 0.85:
+            b = near_miss(b, rng)
+        if not (0 <= apply(a, op, b) <= MAX_VALUE and b < 100):  # no such copy error: a slip
+            a, b, kind = value, problem.ops[k][1], 0.0
+        result = apply(a, op, b)
+        if k == bad and kind < 0.6:
+            result = near_miss(result, rng)
+        lines.append(f"{a}{op}{b}={result}")
+        value = result
+    return "".join(line + STEP_DELIMITER for line in lines) + f"answer: {value}\n"
+
+
 def final_answer(solution: str) -> str | None:
     """The number after the last ``answer:``, or None."""
     found = re.findall(r"answer:\s*(-?\d+)", solution)

@@ -12,9 +12,12 @@ Phases, each timed:
    the layout of :func:`ttscale.search.revisions.revision_context`; plain solutions are mixed in;
 3. samples: the final policy writes solutions of other train problems at temperature 1 (through
    the engine, :class:`ttscale.llm.LLM`), each step labelled exactly by :func:`task.label_steps`;
-4. PRM: the base model fine-tuned as a Math-Shepherd PRM on those samples: at every step tag,
-   cross-entropy between the ``+`` and ``-`` logits, classes weighted to balance, plus language
-   modelling of reference solutions;
+4. PRM: the base model, grown by two layers, fine-tuned as a Math-Shepherd PRM on those
+   samples and on reference solutions with one step made wrong: at every step tag,
+   cross-entropy between the ``+`` and ``-`` logits, classes weighted to balance; the same at
+   each result digit (does the result so far agree with its operands); a hint that trains the
+   added layers to read the base's prediction one position back (what checking a written digit
+   compares it with, see :class:`PRMObjective`); and language modelling of reference solutions;
 5. evaluation on held-out problems: policy accuracy by level, first attempts against revised
    ones (:func:`ttscale.revisions`) and how often a revision is right after a right and after a
    wrong attempt, beside the same for two independent samples (a revision that ignores the
@@ -31,7 +34,6 @@ step and sample counts; it never reads the clock, so a slow machine trains the s
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import platform
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 import ttscale
 from ttscale.llm import LLM
@@ -52,6 +54,7 @@ from ttscale.toy.data import (
     Example,
     Vocab,
     batch,
+    batch_flags,
     policy_examples,
     prm_example,
     prm_lm_example,
@@ -93,9 +96,14 @@ class Recipe:
     prm_problems: int = 2500  # train problems the final policy samples for the PRM's data
     prm_samples: int = 4  # samples per problem
     prm_temperature: float = 1.0
-    prm_steps: int = 800
-    prm_lr: float = 1e-3
+    prm_extra_layers: int = 2  # decoder layers the PRM adds on top of the base model's
+    prm_corrupted: int = 8000  # reference solutions of other train problems with one step wrong
+    prm_lm_problems: int = 4000  # reference solutions the PRM keeps language-modelling
+    prm_steps: int = 1800
+    prm_lr: float = 2e-3
     prm_lm_weight: float = 0.5
+    prm_flag_weight: float = 1.0
+    prm_hint_weight: float = 1.0
     eval_problems: int = 400  # held-out problems for pass@1
     revision_eval_problems: int = 200  # held-out problems for first against revised attempts
     revision_eval_attempts: int = 4
@@ -105,7 +113,8 @@ class Recipe:
     def scaled(self, factor: float) -> Recipe:
         """The same recipe with work counts multiplied by ``factor`` (at least one of each)."""
         counts = ("base_steps", "policy_step", "revision_problems", "revision_steps", "prm_problems",
-                  "prm_steps", "eval_problems", "revision_eval_problems", "preview_problems")
+                  "prm_corrupted", "prm_lm_problems", "prm_steps", "eval_problems",
+                  "revision_eval_problems", "preview_problems")
         return Recipe(**{**asdict(self), **{k: max(1, round(getattr(self, k) * factor)) for k in counts}})
 
 
@@ -114,7 +123,8 @@ NOMINAL_MINUTES = 25.0
 # A recipe whose every phase takes a second or two: the smoke test of the script.
 TINY = Recipe(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, batch_size=8,
               base_steps=6, policy_step=4, revision_problems=4, revision_samples=2, revision_steps=3,
-              prm_problems=4, prm_samples=2, prm_steps=5, eval_problems=8, revision_eval_problems=4,
+              prm_problems=4, prm_samples=2, prm_extra_layers=1, prm_corrupted=4, prm_lm_problems=4,
+              prm_steps=5, eval_problems=8, revision_eval_problems=4,
               revision_eval_attempts=2, preview_problems=4, preview_n=2)
 
 
@@ -122,24 +132,27 @@ def fit(model: TinyLlama, examples: list[Example], *, steps: int, batch_size: in
         seed: int, loss_fn, name: str, snapshot: tuple[int, Path] | None = None) -> list[float]:
     """AdamW with linear warm-up and cosine decay; batches drawn in a seeded order, epoch by epoch.
 
-    ``snapshot=(step, directory)`` saves the model as it is after ``step`` steps."""
+    ``loss_fn(model, examples) -> loss`` of one batch; when it is a module (an objective with
+    heads of its own), its parameters train too. ``snapshot=(step, directory)`` saves the model
+    as it is after ``step`` steps."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    parameters = list(model.parameters())
+    if isinstance(loss_fn, nn.Module):
+        parameters += list(loss_fn.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
-    pad = Vocab.load().pad
     batches = _batches(examples, steps, batch_size, generator)
     losses = []
     model.train()
     start = time.perf_counter()
     for step, chosen in enumerate(batches):
-        ids, targets = batch([examples[i] for i in chosen], pad)
-        loss = loss_fn(model(ids), ids, targets)
+        loss = loss_fn(model, [examples[i] for i in chosen])
         scale = min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         losses.append(loss.item())
         if snapshot is not None and step + 1 == snapshot[0]:
@@ -174,27 +187,62 @@ def _batches(examples: list[Example], steps: int, batch_size: int, generator) ->
     return [batches[i] for i in shuffled]
 
 
-def policy_loss(logits: Tensor, ids: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+def policy_loss(model: TinyLlama, examples: list[Example]) -> Tensor:
+    """Language modelling: cross-entropy at every position with a target."""
+    ids, targets = batch(examples, Vocab.load().pad)
+    return F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
-def prm_loss(weights: Tensor, lm_weight: float):
-    """Class-weighted cross-entropy over the ``+``/``-`` logits at step tags that carry a label,
-    plus ``lm_weight`` times the language-modelling loss everywhere else a target is set."""
-    vocab = Vocab.load()
+class PRMObjective(nn.Module):
+    """The PRM's training loss, for a model whose top ``judge_layers`` layers were added to a
+    base language model (:meth:`TinyLlama.grown`):
 
-    def loss(logits: Tensor, ids: Tensor, targets: Tensor) -> Tensor:
+    - at each step tag with a label: class-weighted cross-entropy between the ``+`` and ``-``
+      logits (the Math-Shepherd objective, the only output the PRM is read by);
+    - ``flag_weight`` times the same two-logit cross-entropy at each result digit of an example
+      with result flags: does the result so far agree with its operands' true result;
+    - ``hint_weight`` times a copy hint: the first added layer, read through a linear head of
+      this objective's own, predicts at each position what the base layers predicted at the
+      position before (KL divergence to their distribution, held fixed). Spotting a slip at a
+      result digit means comparing that digit with the prediction made one position earlier;
+      the hint trains the previous-position read that comparison needs, which the tag and flag
+      labels alone teach only after a long plateau. The head is discarded after training;
+    - ``lm_weight`` times language modelling at every other position with a target.
+    """
+
+    def __init__(self, model: TinyLlama, judge_layers: int, class_weights: Tensor, *,
+                 lm_weight: float, flag_weight: float, hint_weight: float):
+        super().__init__()
+        self.vocab = Vocab.load()
+        self.base_layers = model.config.num_layers - judge_layers
+        self.copy_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+        self.register_buffer("class_weights", class_weights)
+        self.lm_weight, self.flag_weight, self.hint_weight = lm_weight, flag_weight, hint_weight
+
+    def forward(self, model: TinyLlama, examples: list[Example]) -> Tensor:
+        vocab = self.vocab
+        ids, targets = batch(examples, vocab.pad)
+        flags = batch_flags(examples)
+        hidden = model.hidden_states(ids)
+        logits = model.logits_at(hidden[-1])
+        two = logits[..., [vocab.good, vocab.bad]]
         labelled = (ids == vocab.step_tag) & ((targets == vocab.good) | (targets == vocab.bad))
         modelled = (targets != -100) & ~labelled
+        flagged = flags != -100
         total = logits.new_zeros(())
         if labelled.any():
-            two = logits[labelled][:, [vocab.good, vocab.bad]]
-            total = total + F.cross_entropy(two, (targets[labelled] == vocab.bad).long(), weight=weights)
-        if modelled.any():
-            total = total + lm_weight * F.cross_entropy(logits[modelled], targets[modelled])
+            total = total + F.cross_entropy(two[labelled], (targets[labelled] == vocab.bad).long(),
+                                            weight=self.class_weights)
+        if modelled.any() and self.lm_weight:
+            total = total + self.lm_weight * F.cross_entropy(logits[modelled], targets[modelled])
+        if flagged.any() and self.flag_weight:
+            total = total + self.flag_weight * F.cross_entropy(two[flagged], flags[flagged])
+        if self.hint_weight and 0 < self.base_layers < len(hidden):
+            earlier = model.logits_at(hidden[self.base_layers - 1])[:, :-1].detach().log_softmax(-1)
+            read = self.copy_head(model.model.norm(hidden[self.base_layers]))[:, 1:].log_softmax(-1)
+            kl = (earlier.exp() * (earlier - read)).sum(-1)
+            total = total + self.hint_weight * kl[ids[:, 1:] != vocab.pad].mean()
         return total
-
-    return loss
 
 
 def train_base(config: TinyConfig, recipe: Recipe, seed: int,
@@ -240,7 +288,7 @@ def labelled_samples(policy_dir: Path, problems: list[task.Problem], recipe: Rec
                      seed: int) -> tuple[list[Example], dict]:
     """The policy's own solutions to ``problems``, as PRM examples with exact step labels."""
     samples = sample(policy_dir, problems, recipe.prm_samples, recipe.prm_temperature, seed)
-    examples = [prm_example(p, s) for p, group in zip(problems, samples) for s in group]
+    examples = [prm_example(p, s, flags=True) for p, group in zip(problems, samples) for s in group]
     examples = [e for e in examples if e is not None]
     vocab = Vocab.load()
     labels = [t for e in examples for t in e.targets if t != -100]
@@ -257,16 +305,25 @@ def labelled_samples(policy_dir: Path, problems: list[task.Problem], recipe: Rec
 
 def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Problem],
               recipe: Recipe, seed: int) -> TinyLlama:
-    """``base`` fine-tuned in place on labelled steps and on reference solutions of ``problems``
-    (fresh train problems, so it keeps learning the arithmetic it judges)."""
+    """The PRM: ``base`` grown by ``prm_extra_layers`` layers (:meth:`TinyLlama.grown`) and
+    fine-tuned (:class:`PRMObjective`) on the policy's labelled solutions, on reference solutions
+    of the first ``prm_corrupted`` of ``problems`` with one step made wrong
+    (:func:`task.corrupt_solution`), both with result flags, and on reference solutions of the
+    next ``prm_lm_problems`` as language modelling (so it keeps the arithmetic it judges)."""
     vocab = Vocab.load()
-    labels = [t for e in labelled for t in e.targets if t != -100]
+    rng = random.Random(seed + 5)
+    corrupted = problems[: recipe.prm_corrupted]
+    judged = labelled + [prm_example(p, task.corrupt_solution(p, rng), flags=True) for p in corrupted]
+    labels = [t for e in judged for t in e.targets if t != -100]
     good = labels.count(vocab.good) / max(len(labels), 1)
     weights = torch.tensor([0.5 / max(good, 1e-3), 0.5 / max(1 - good, 1e-3)])
-    examples = labelled + [prm_lm_example(p) for p in problems]
-    fit(base, examples, steps=recipe.prm_steps, batch_size=recipe.batch_size, lr=recipe.prm_lr,
-        seed=seed + 1, loss_fn=prm_loss(weights, recipe.prm_lm_weight), name="prm")
-    return base
+    modelled = problems[recipe.prm_corrupted : recipe.prm_corrupted + recipe.prm_lm_problems]
+    prm = base.grown(recipe.prm_extra_layers)
+    objective = PRMObjective(prm, recipe.prm_extra_layers, weights, lm_weight=recipe.prm_lm_weight,
+                             flag_weight=recipe.prm_flag_weight, hint_weight=recipe.prm_hint_weight)
+    fit(prm, judged + [prm_lm_example(p) for p in modelled], steps=recipe.prm_steps,
+        batch_size=recipe.batch_size, lr=recipe.prm_lr, seed=seed + 1, loss_fn=objective, name="prm")
+    return prm
 
 
 def prm_lm_problems(count: int, seen: list[task.Problem], seed: int) -> list[task.Problem]:
@@ -388,9 +445,10 @@ def train(out: Path, seed: int, recipe: Recipe) -> dict:
     print(f"PRM data: {report['prm_data']}", flush=True)
     phase("samples")
 
-    reference = copy.deepcopy(base)  # the base as it was, for the evaluation's yardstick
-    prm = train_prm(base, labelled, prm_lm_problems(len(labelled), train_problems + fresh, seed + 7),
-                    recipe, seed)
+    reference = base  # train_prm grows a copy: the base stays as it was, the yardstick
+    prm = train_prm(base, labelled,
+                    prm_lm_problems(recipe.prm_corrupted + recipe.prm_lm_problems,
+                                    train_problems + fresh, seed + 7), recipe, seed)
     prm.save(prm_dir)
     phase("prm")
 
