@@ -445,14 +445,14 @@ def train(out: Path, seed: int, recipe: Recipe) -> dict:
     print(f"PRM data: {report['prm_data']}", flush=True)
     phase("samples")
 
-    reference = base  # train_prm grows a copy: the base stays as it was, the yardstick
     prm = train_prm(base, labelled,
                     prm_lm_problems(recipe.prm_corrupted + recipe.prm_lm_problems,
                                     train_problems + fresh, seed + 7), recipe, seed)
     prm.save(prm_dir)
     phase("prm")
 
-    report.update(evaluate_models(policy_dir, prm, recipe, seed, reference))
+    # train_prm trains a grown copy, so the base is as it was: the PRM's yardstick
+    report.update(evaluate_models(policy_dir, prm, recipe, seed, reference_lm=base))
     phase("evaluation")
     for key in ("wall_seconds", "cpu_seconds"):
         report[key]["total"] = round(sum(report[key].values()), 1)
