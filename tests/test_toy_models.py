@@ -92,7 +92,8 @@ def _first_step_p_good(driver: PagedDriver, problem: task.Problem, first_step: s
 
 def test_prm_scores_a_right_step_above_a_corrupted_one():
     """The PRM reads a step's result, not only where the step is and how hard it looks (the PRM
-    shipped before 2026-11-24 failed this: it scored a corrupted result as high as the right one)."""
+    shipped before 2026-11-24 failed this: it scored a corrupted result as high as the right
+    one)."""
     driver = PagedDriver(load_model(prm_dir(), device="cpu"), num_blocks=512, block_size=16)
     right, corrupted = [], []
     for problem in task.problems("heldout", 30, seed=1):

@@ -90,14 +90,16 @@ def test_corrupt_solution_has_one_first_wrong_step_and_builds_on_it():
         assert task.final_answer(solution) != str(problem.answer)
         lines = solution.splitlines()
         assert lines[:k] == problem.steps()[:k]  # right until the wrong step
-        steps = [re.fullmatch(r"(-?\d+)([+\-*])(\d+)=(-?\d+)", line).groups() for line in lines[:-1]]
+        steps = [re.fullmatch(r"(-?\d+)([+\-*])(\d+)=(-?\d+)", line).groups()
+                 for line in lines[:-1]]
         arithmetic = [task.apply(int(a), op, int(b)) == int(r) for a, op, b, r in steps]
         if task.first_slip(problem, solution) == k:  # a wrong result, every other step right
             kinds["slip"] += 1
             assert arithmetic == [i != k for i in range(len(steps))]
         else:  # an operand copied wrong, with the arithmetic on it right
             kinds["copy"] += 1
-            assert all(arithmetic) and lines[k].partition("=")[0] != problem.steps()[k].partition("=")[0]
+            assert all(arithmetic)
+            assert lines[k].partition("=")[0] != problem.steps()[k].partition("=")[0]
         for i in range(k + 1, len(steps)):  # later steps start from the wrong step's result
             assert steps[i][0] == steps[i - 1][3]
     assert kinds["slip"] > 450 and kinds["copy"] > 250  # both kinds of error occur

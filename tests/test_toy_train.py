@@ -78,7 +78,8 @@ def test_result_flags_mark_each_digit_against_its_own_operands():
     solution = "7*9=61\n61+5=66\n66-8=59\n3-5=-2\nanswer: 59\n"
     example = prm_example(problem, solution, flags=True)
     tok = build_tokenizer()
-    flagged = [(tok.id_to_token(example.ids[j]), f) for j, f in enumerate(example.flags) if f != -100]
+    flagged = [(tok.id_to_token(example.ids[j]), f)
+               for j, f in enumerate(example.flags) if f != -100]
     # 7*9=61: '6' agrees with 63, '1' does not; 61+5=66 is right for its own operands (its tag
     # is still wrong: it builds on a wrong value); 66-8=59: '5' agrees, '9' does not; a
     # negative result is not read

@@ -84,7 +84,7 @@ def revision_example(problem: task.Problem, attempts: list[str]) -> Example:
 
 def solution_steps(solution: str) -> list[str]:
     """The lines of a solution that :func:`task.label_steps` labels, in order."""
-    return [line for line in solution.split(task.STEP_DELIMITER) if line.strip()]
+    return task.step_lines(solution)
 
 
 def prm_text(problem: task.Problem, steps: list[str]) -> str:

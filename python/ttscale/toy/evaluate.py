@@ -104,9 +104,12 @@ def arithmetic_slips(prm: TinyLlama, problems: list[task.Problem],
     for problem, group in zip(problems, samples, strict=True):
         for solution in group:
             pair = slip_twins(problem, solution)
-            if pair is not None and (problem.text, pair[1][-1]) not in twins:
-                twins[problem.text, pair[1][-1]] = (_steps_example(problem, pair[0]),
-                                                    _steps_example(problem, pair[1]))
+            if pair is None:
+                continue
+            right, wrong = pair
+            if (problem.text, wrong[-1]) not in twins:  # each distinct slip once
+                twins[problem.text, wrong[-1]] = (_steps_example(problem, right),
+                                                  _steps_example(problem, wrong))
     pairs = list(twins.values())
     scores = step_scores(prm, [e for pair in pairs for e in pair])
     wins = sum(1.0 if r[-1] > w[-1] else 0.5 if r[-1] == w[-1] else 0.0

@@ -154,6 +154,11 @@ def parse_problem(text: str) -> Problem:
     return Problem(first, ops)
 
 
+def step_lines(solution: str) -> list[str]:
+    """The lines of a solution that :func:`label_steps` labels (its non-blank lines), in order."""
+    return [line for line in solution.split(STEP_DELIMITER) if line.strip()]
+
+
 def label_steps(problem: Problem, solution: str) -> list[bool]:
     """Whether each step of a (possibly wrong) solution is right.
 
@@ -162,7 +167,7 @@ def label_steps(problem: Problem, solution: str) -> list[bool]:
     every later step is wrong too (it builds on a wrong state). The final ``answer:`` line is a
     step: right when it states the problem's answer after right steps.
     """
-    lines = [line for line in solution.split(STEP_DELIMITER) if line.strip()]
+    lines = step_lines(solution)
     labels: list[bool] = []
     value, ok = problem.first, True
     for i, line in enumerate(lines):
@@ -190,12 +195,11 @@ def first_slip(problem: Problem, solution: str) -> int | None:
     if all(labels):
         return None
     k = labels.index(False)
-    lines = [line.strip() for line in solution.split(STEP_DELIMITER) if line.strip()]
-    step = _STEP.match(lines[k])
-    if k >= problem.num_ops or step is None:
+    if k >= problem.num_ops:
         return None
+    step = _STEP.match(step_lines(solution)[k].strip())
     want = problem.steps()[k]
-    return k if f"{step[1]}{step[2]}{step[3]}" == want.partition("=")[0] else None
+    return k if step and f"{step[1]}{step[2]}{step[3]}" == want.partition("=")[0] else None
 
 
 def near_miss(value: int, rng: random.Random) -> int:
@@ -204,10 +208,13 @@ def near_miss(value: int, rng: random.Random) -> int:
     text = str(value)
     if rng.random() < 0.6:
         j = rng.randrange(len(text))
-        digits = [d for d in "0123456789" if d != text[j] and not (j == 0 and d == "0" and len(text) > 1)]
+        leading_zero = j == 0 and len(text) > 1
+        digits = [d for d in "0123456789" if d != text[j] and not (leading_zero and d == "0")]
         return int(text[:j] + rng.choice(digits) + text[j + 1 :])
     wrong = value + rng.choice([-1, 1]) * rng.choice([1, 2, 9, 10, 11, 20, 100])
-    return wrong if 0 <= wrong <= MAX_VALUE and wrong != value else (value + 10 if value + 10 <= MAX_VALUE else value - 10)
+    if 0 <= wrong <= MAX_VALUE:
+        return wrong
+    return value + 10 if value + 10 <= MAX_VALUE else value - 10
 
 
 def corrupt_solution(problem: Problem, rng: random.Random) -> str:
@@ -220,12 +227,13 @@ def corrupt_solution(problem: Problem, rng: random.Random) -> str:
     value, lines = problem.first, []
     for k, (op, b) in enumerate(problem.ops):
         a = value
-        if k == bad and 0.6 <= kind < 0.85:
-            a = near_miss(value, rng)
-        elif k == bad and kind >= 0.85:
-            b = near_miss(b, rng)
-        if not (0 <= apply(a, op, b) <= MAX_VALUE and b < 100):  # no such copy error: a slip
-            a, b, kind = value, problem.ops[k][1], 0.0
+        if k == bad:
+            if 0.6 <= kind < 0.85:
+                a = near_miss(value, rng)
+            elif kind >= 0.85:
+                b = near_miss(b, rng)
+            if not (0 <= apply(a, op, b) <= MAX_VALUE and b < 100):  # no such copy error: a slip
+                a, b, kind = value, problem.ops[k][1], 0.0
         result = apply(a, op, b)
         if k == bad and kind < 0.6:
             result = near_miss(result, rng)

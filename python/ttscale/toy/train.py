@@ -313,7 +313,8 @@ def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Prob
     vocab = Vocab.load()
     rng = random.Random(seed + 5)
     corrupted = problems[: recipe.prm_corrupted]
-    judged = labelled + [prm_example(p, task.corrupt_solution(p, rng), flags=True) for p in corrupted]
+    judged = labelled + [prm_example(p, task.corrupt_solution(p, rng), flags=True)
+                         for p in corrupted]
     labels = [t for e in judged for t in e.targets if t != -100]
     good = labels.count(vocab.good) / max(len(labels), 1)
     weights = torch.tensor([0.5 / max(good, 1e-3), 0.5 / max(1 - good, 1e-3)])
@@ -322,7 +323,8 @@ def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Prob
     objective = PRMObjective(prm, recipe.prm_extra_layers, weights, lm_weight=recipe.prm_lm_weight,
                              flag_weight=recipe.prm_flag_weight, hint_weight=recipe.prm_hint_weight)
     fit(prm, judged + [prm_lm_example(p) for p in modelled], steps=recipe.prm_steps,
-        batch_size=recipe.batch_size, lr=recipe.prm_lr, seed=seed + 1, loss_fn=objective, name="prm")
+        batch_size=recipe.batch_size, lr=recipe.prm_lr, seed=seed + 1, loss_fn=objective,
+        name="prm")
     return prm
 
 
