@@ -176,3 +176,34 @@ def test_prm_objective_is_the_sum_of_its_terms():
     obj(model, examples).backward()
     assert obj.copy_head.weight.grad.abs().sum() > 0
     assert model.model.layers[2].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_fit_slows_the_parameters_it_is_told_to():
+    import torch
+
+    from ttscale.toy import task
+    from ttscale.toy.data import policy_examples
+    from ttscale.toy.model import TinyConfig, TinyLlama
+    from ttscale.toy.train import fit, policy_loss
+
+    examples = policy_examples(task.problems("train", 16, seed=4))
+
+    def trained(slow_scale):
+        torch.manual_seed(0)
+        model = TinyLlama(TinyConfig(build_tokenizer().get_vocab_size(), 32, 64, 2, 2, 128))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        embed = list(model.model.embed_tokens.parameters())
+        fit(model, examples, steps=3, batch_size=4, lr=1e-2, seed=1, loss_fn=policy_loss, name="t",
+            slow=None if slow_scale is None else (embed, slow_scale))
+        return before, model.state_dict()
+
+    before, stopped = trained(0.0)
+    for name, value in stopped.items():  # a zero rate leaves them be, weight decay included
+        assert torch.equal(value, before[name]) == (name == "model.embed_tokens.weight"), name
+    _, plain = trained(None)
+    _, unit = trained(1.0)  # a scale of one is no scale at all
+    assert all(torch.equal(plain[k], unit[k]) for k in plain)
+    _, slowed = trained(0.1)
+    embed = "model.embed_tokens.weight"
+    moved, full = ((m[embed] - before[embed]).abs().max() for m in (slowed, plain))
+    assert 0 < moved < full

@@ -14,7 +14,8 @@ intermediate judgement a step's tag label rests on).
 Revision example: the layout :func:`ttscale.search.revisions.revision_context` builds, the prompt
 then one to three earlier attempts of the policy's own, each followed by the separator
 ``"\n# another try:\n"``, then the reference solution and ``</s>``; the loss is on that last
-attempt only (the earlier ones are the policy's samples, right or wrong, as at test time).
+attempt only (the earlier ones are the policy's own samples, wrong ones in training; at test
+time they are whatever the chain wrote, right or wrong).
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ Phases, each timed:
    the layout of :func:`ttscale.search.revisions.revision_context`; plain solutions are mixed in;
 3. samples: the final policy writes solutions of other train problems at temperature 1 (through
    the engine, :class:`ttscale.llm.LLM`), each step labelled exactly by :func:`task.label_steps`;
-4. PRM: the base model, grown by two layers, fine-tuned as a Math-Shepherd PRM on those
-   samples and on reference solutions with one step made wrong: at every step tag,
+4. PRM: the base model, grown by two layers, fine-tuned as a Math-Shepherd PRM (the base's own
+   layers at a tenth of the rate of the added ones, so that it keeps the arithmetic it judges
+   with) on those samples and on reference solutions with one step made wrong: at every step tag,
    cross-entropy between the ``+`` and ``-`` logits, classes weighted to balance; the same at
    each result digit (does the result so far agree with its operands); a hint that trains the
    added layers to read the base's prediction one position back (what checking a written digit
@@ -97,6 +98,7 @@ class Recipe:
     prm_samples: int = 4  # samples per problem
     prm_temperature: float = 1.0
     prm_extra_layers: int = 2  # decoder layers the PRM adds on top of the base model's
+    prm_base_lr_scale: float = 0.1  # the base's embeddings and layers learn at this times prm_lr
     prm_corrupted: int = 8000  # reference solutions of other train problems with one step wrong
     prm_lm_problems: int = 4000  # reference solutions the PRM keeps language-modelling
     prm_steps: int = 1800
@@ -129,17 +131,23 @@ TINY = Recipe(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, b
 
 
 def fit(model: TinyLlama, examples: list[Example], *, steps: int, batch_size: int, lr: float,
-        seed: int, loss_fn, name: str, snapshot: tuple[int, Path] | None = None) -> list[float]:
+        seed: int, loss_fn, name: str, snapshot: tuple[int, Path] | None = None,
+        slow: tuple[list[nn.Parameter], float] | None = None) -> list[float]:
     """AdamW with linear warm-up and cosine decay; batches drawn in a seeded order, epoch by epoch.
 
     ``loss_fn(model, examples) -> loss`` of one batch; when it is a module (an objective with
     heads of its own), its parameters train too. ``snapshot=(step, directory)`` saves the model
-    as it is after ``step`` steps."""
+    as it is after ``step`` steps. ``slow=(parameters, scale)``: those learn at ``scale`` times
+    the rate of the others."""
     generator = torch.Generator().manual_seed(seed)
     parameters = list(model.parameters())
     if isinstance(loss_fn, nn.Module):
         parameters += list(loss_fn.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    slow_ids = {id(p) for p in slow[0]} if slow is not None else set()
+    groups = [{"params": [p for p in parameters if id(p) not in slow_ids], "scale": 1.0}]
+    if slow_ids:
+        groups.append({"params": [p for p in parameters if id(p) in slow_ids], "scale": slow[1]})
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
     batches = _batches(examples, steps, batch_size, generator)
     losses = []
@@ -149,7 +157,7 @@ def fit(model: TinyLlama, examples: list[Example], *, steps: int, batch_size: in
         loss = loss_fn(model, [examples[i] for i in chosen])
         scale = min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
-            group["lr"] = lr * scale
+            group["lr"] = lr * scale * group["scale"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -306,7 +314,9 @@ def labelled_samples(policy_dir: Path, problems: list[task.Problem], recipe: Rec
 def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Problem],
               recipe: Recipe, seed: int) -> TinyLlama:
     """The PRM: ``base`` grown by ``prm_extra_layers`` layers (:meth:`TinyLlama.grown`) and
-    fine-tuned (:class:`PRMObjective`) on the policy's labelled solutions, on reference solutions
+    fine-tuned (:class:`PRMObjective`), the base's embeddings and layers at ``prm_base_lr_scale``
+    times the rate: at the full rate they forget much of the arithmetic the PRM checks steps
+    against. On the policy's labelled solutions, on reference solutions
     of the first ``prm_corrupted`` of ``problems`` with one step made wrong
     (:func:`task.corrupt_solution`), both with result flags, and on reference solutions of the
     next ``prm_lm_problems`` as language modelling (so it keeps the arithmetic it judges)."""
@@ -320,11 +330,14 @@ def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Prob
     weights = torch.tensor([0.5 / max(good, 1e-3), 0.5 / max(1 - good, 1e-3)])
     modelled = problems[recipe.prm_corrupted : recipe.prm_corrupted + recipe.prm_lm_problems]
     prm = base.grown(recipe.prm_extra_layers)
+    base_layers = prm.config.num_layers - recipe.prm_extra_layers
+    inherited = [p for module in (prm.model.embed_tokens, *prm.model.layers[:base_layers])
+                 for p in module.parameters()]
     objective = PRMObjective(prm, recipe.prm_extra_layers, weights, lm_weight=recipe.prm_lm_weight,
                              flag_weight=recipe.prm_flag_weight, hint_weight=recipe.prm_hint_weight)
     fit(prm, judged + [prm_lm_example(p) for p in modelled], steps=recipe.prm_steps,
         batch_size=recipe.batch_size, lr=recipe.prm_lr, seed=seed + 1, loss_fn=objective,
-        name="prm")
+        name="prm", slow=(inherited, recipe.prm_base_lr_scale))
     return prm
 
 
