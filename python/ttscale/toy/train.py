@@ -314,12 +314,12 @@ def labelled_samples(policy_dir: Path, problems: list[task.Problem], recipe: Rec
 def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Problem],
               recipe: Recipe, seed: int) -> TinyLlama:
     """The PRM: ``base`` grown by ``prm_extra_layers`` layers (:meth:`TinyLlama.grown`) and
-    fine-tuned (:class:`PRMObjective`), the base's embeddings and layers at ``prm_base_lr_scale``
-    times the rate: at the full rate they forget much of the arithmetic the PRM checks steps
-    against. On the policy's labelled solutions, on reference solutions
+    fine-tuned (:class:`PRMObjective`) on the policy's labelled solutions, on reference solutions
     of the first ``prm_corrupted`` of ``problems`` with one step made wrong
     (:func:`task.corrupt_solution`), both with result flags, and on reference solutions of the
-    next ``prm_lm_problems`` as language modelling (so it keeps the arithmetic it judges)."""
+    next ``prm_lm_problems`` as language modelling (so it keeps the arithmetic it judges).
+    The base's embeddings and layers learn at ``prm_base_lr_scale`` times the rate: at the full
+    rate they forget much of the arithmetic the PRM checks steps against."""
     vocab = Vocab.load()
     rng = random.Random(seed + 5)
     corrupted = problems[: recipe.prm_corrupted]
