@@ -330,9 +330,8 @@ def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Prob
     weights = torch.tensor([0.5 / max(good, 1e-3), 0.5 / max(1 - good, 1e-3)])
     modelled = problems[recipe.prm_corrupted : recipe.prm_corrupted + recipe.prm_lm_problems]
     prm = base.grown(recipe.prm_extra_layers)
-    base_layers = prm.config.num_layers - recipe.prm_extra_layers
-    inherited = [p for module in (prm.model.embed_tokens, *prm.model.layers[:base_layers])
-                 for p in module.parameters()]
+    kept = (prm.model.embed_tokens, *prm.model.layers[: base.config.num_layers])
+    inherited = [p for module in kept for p in module.parameters()]
     objective = PRMObjective(prm, recipe.prm_extra_layers, weights, lm_weight=recipe.prm_lm_weight,
                              flag_weight=recipe.prm_flag_weight, hint_weight=recipe.prm_hint_weight)
     fit(prm, judged + [prm_lm_example(p) for p in modelled], steps=recipe.prm_steps,
