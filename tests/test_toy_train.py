@@ -207,3 +207,48 @@ def test_fit_slows_the_parameters_it_is_told_to():
     embed = "model.embed_tokens.weight"
     moved, full = ((m[embed] - before[embed]).abs().max() for m in (slowed, plain))
     assert 0 < moved < full
+
+
+def test_fit_switches_to_the_later_examples_at_the_step_it_is_told_to():
+    from ttscale.toy import task
+    from ttscale.toy.data import policy_examples
+    from ttscale.toy.model import TinyConfig, TinyLlama
+    from ttscale.toy.train import fit, policy_loss
+
+    first = policy_examples(task.problems("train", 12, seed=4))
+    others = policy_examples(task.problems("train", 12, seed=5))
+    known = {id(e): ("first", i) for i, e in enumerate(first)}
+    known |= {id(e): ("others", i) for i, e in enumerate(others)}
+
+    def run(later):
+        seen = []
+
+        def loss_fn(model, examples):
+            seen.append([known[id(e)] for e in examples])
+            return policy_loss(model, examples)
+
+        model = TinyLlama(TinyConfig(build_tokenizer().get_vocab_size(), 16, 32, 1, 2, 128))
+        fit(model, first, steps=6, batch_size=4, lr=1e-2, seed=1, loss_fn=loss_fn, name="t",
+            later=later)
+        return seen
+
+    plain, switched = run(None), run((4, others))
+    assert [{name for name, _ in b} for b in plain] == [{"first"}] * 6
+    assert [{name for name, _ in b} for b in switched] == [{"first"}] * 4 + [{"others"}] * 2
+    assert switched[:4] == plain[:4]
+    # the batches before the switch are the same examples, in the same order, as without it
+    assert run((6, others)) == plain
+
+
+def test_multiplication_rich_problems_have_their_multiplications_and_are_new():
+    from ttscale.toy import task
+    from ttscale.toy.train import multiplication_rich
+
+    seen = {p.text for p in task.problems("train", 200, seed=11)}
+    rich = multiplication_rich(50, 2, seen, seed=0)
+    assert len(rich) == 50 == len({p.text for p in rich})
+    assert all(sum(op == "*" for op, _ in p.ops) >= 2 and p.split == "train" for p in rich)
+    assert not seen & {p.text for p in rich}
+    assert multiplication_rich(50, 2, seen, seed=0) == rich
+    with pytest.raises(ValueError, match="minimum"):
+        multiplication_rich(5, 6, seen, seed=0)  # no problem has six: it would never finish

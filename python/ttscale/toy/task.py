@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 OPS = ("+", "-", "*")
 MAX_VALUE = 9999
+MAX_OPS = 5  # operations in a problem: 2 to MAX_OPS
 STEP_DELIMITER = "\n"
 HELD_OUT_FRACTION = 0.2
 
@@ -102,7 +103,7 @@ def difficulty_level(problem: Problem) -> int:
 
 def random_problem(rng: random.Random, num_ops: int | None = None) -> Problem:
     """One problem whose intermediate results stay in [0, MAX_VALUE]."""
-    num_ops = num_ops if num_ops is not None else rng.randint(2, 5)
+    num_ops = num_ops if num_ops is not None else rng.randint(2, MAX_OPS)
     while True:
         value = _operand(rng)
         first, ops = value, []

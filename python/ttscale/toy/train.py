@@ -6,7 +6,9 @@ Phases, each timed:
    layout and in the PRM's (Math-Shepherd) layout. Its checkpoint at ``policy_step`` becomes the
    policy: stopped early on purpose, so that it still makes real mistakes (search has something
    to fix). The run goes on to ``base_steps``; that more trained model is where the PRM starts
-   (a verifier that knows more arithmetic than the policy, as a larger PRM does at scale);
+   (a verifier that knows more arithmetic than the policy, as a larger PRM does at scale). The
+   steps after the policy's checkpoint train on problems with at least two multiplications, the
+   operation whose results a PRM fails to check;
 2. revisions: the policy samples solutions of train problems at a high temperature; chains of one
    to three of its wrong ones, then the reference solution, teach the policy to revise in
    the layout of :func:`ttscale.search.revisions.revision_context`; plain solutions are mixed in;
@@ -97,6 +99,7 @@ class Recipe:
     prm_problems: int = 2500  # train problems the final policy samples for the PRM's data
     prm_samples: int = 4  # samples per problem
     prm_temperature: float = 1.0
+    prm_base_multiplications: int = 2  # after policy_step: problems with this many multiplications
     prm_extra_layers: int = 2  # decoder layers the PRM adds on top of the base model's
     prm_base_lr_scale: float = 0.1  # the base's embeddings and layers learn at this times prm_lr
     prm_corrupted: int = 8000  # reference solutions of other train problems with one step wrong
@@ -132,13 +135,15 @@ TINY = Recipe(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, b
 
 def fit(model: TinyLlama, examples: list[Example], *, steps: int, batch_size: int, lr: float,
         seed: int, loss_fn, name: str, snapshot: tuple[int, Path] | None = None,
-        slow: tuple[list[nn.Parameter], float] | None = None) -> list[float]:
+        slow: tuple[list[nn.Parameter], float] | None = None,
+        later: tuple[int, list[Example]] | None = None) -> list[float]:
     """AdamW with linear warm-up and cosine decay; batches drawn in a seeded order, epoch by epoch.
 
     ``loss_fn(model, examples) -> loss`` of one batch; when it is a module (an objective with
     heads of its own), its parameters train too. ``snapshot=(step, directory)`` saves the model
     as it is after ``step`` steps. ``slow=(parameters, scale)``: those learn at ``scale`` times
-    the rate of the others."""
+    the rate of the others. ``later=(step, others)``: the batches from ``step`` on are drawn from
+    ``others`` instead (the ones before it are exactly those of a fit without ``later``)."""
     generator = torch.Generator().manual_seed(seed)
     parameters = list(model.parameters())
     if isinstance(loss_fn, nn.Module):
@@ -150,6 +155,11 @@ def fit(model: TinyLlama, examples: list[Example], *, steps: int, batch_size: in
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
     batches = _batches(examples, steps, batch_size, generator)
+    if later is not None and later[0] < steps:
+        switch, others = later
+        offset, examples = len(examples), examples + others
+        tail = _batches(others, steps - switch, batch_size, torch.Generator().manual_seed(seed + 1))
+        batches = batches[:switch] + [[offset + i for i in chosen] for chosen in tail]
     losses = []
     model.train()
     start = time.perf_counter()
@@ -253,19 +263,35 @@ class PRMObjective(nn.Module):
         return total
 
 
-def train_base(config: TinyConfig, recipe: Recipe, seed: int,
-               policy_dir: Path) -> tuple[TinyLlama, list[task.Problem]]:
-    """The base model after ``base_steps`` (the policy, its checkpoint at ``policy_step``, is
-    saved to ``policy_dir``) and the train problems it saw. Half the problems are in the policy's
-    layout, half in the PRM's, each seen once."""
+def train_base(config: TinyConfig, recipe: Recipe, seed: int, policy_dir: Path,
+               problems: list[task.Problem], later: list[task.Problem]) -> TinyLlama:
+    """The base model after ``base_steps`` on ``problems`` (the policy, its checkpoint at
+    ``policy_step``, is saved to ``policy_dir``). Half the problems are in the policy's layout,
+    half in the PRM's, each seen once. With ``later`` problems, the steps after ``policy_step``
+    (which only the PRM goes on from) take theirs from those instead, in the same two layouts."""
     model = TinyLlama(config)
-    problems = task.problems("train", recipe.base_steps * recipe.batch_size, seed=seed)
     half = len(problems) // 2
     examples = policy_examples(problems[:half]) + [prm_lm_example(p) for p in problems[half:]]
+    switch = min(recipe.policy_step, recipe.base_steps)
+    middle = len(later) // 2
+    later_examples = policy_examples(later[:middle]) + [prm_lm_example(p) for p in later[middle:]]
     fit(model, examples, steps=recipe.base_steps, batch_size=recipe.batch_size, lr=recipe.base_lr,
-        seed=seed, loss_fn=policy_loss, name="base",
-        snapshot=(min(recipe.policy_step, recipe.base_steps), policy_dir))
-    return model, problems
+        seed=seed, loss_fn=policy_loss, name="base", snapshot=(switch, policy_dir),
+        later=(switch, later_examples) if later else None)
+    return model
+
+
+def multiplication_rich(count: int, minimum: int, seen: set[str], seed: int) -> list[task.Problem]:
+    """``count`` train problems with at least ``minimum`` multiplications, none of ``seen``."""
+    if not 1 <= minimum <= task.MAX_OPS:
+        raise ValueError(f"minimum: expected 1 to {task.MAX_OPS} multiplications, got {minimum}")
+    drawn = 5 * count
+    while True:
+        rich = [p for p in task.problems("train", drawn, seed=seed + 11)
+                if sum(op == "*" for op, _ in p.ops) >= minimum and p.text not in seen]
+        if len(rich) >= count:
+            return rich[:count]
+        drawn *= 2
 
 
 def train_revisions(policy_dir: Path, problems: list[task.Problem], fresh: list[task.Problem],
@@ -441,11 +467,19 @@ def train(out: Path, seed: int, recipe: Recipe) -> dict:
         clock[:] = [time.perf_counter(), time.process_time()]
 
     policy_dir, prm_dir = out / "policy", out / "prm"
-    base, train_problems = train_base(config, recipe, seed, policy_dir)
+    train_problems = task.problems("train", recipe.base_steps * recipe.batch_size, seed=seed)
+    fresh = prm_lm_problems(recipe.revision_problems + recipe.prm_problems, train_problems, seed)
+    # the PRM's checking fails mostly at multiplications: the base's steps after the policy's
+    # checkpoint, which only the PRM goes on from, are spent on problems rich in them
+    later = []
+    if recipe.prm_base_multiplications and recipe.policy_step < recipe.base_steps:
+        later = multiplication_rich((recipe.base_steps - recipe.policy_step) * recipe.batch_size,
+                                    recipe.prm_base_multiplications,
+                                    {p.text for p in train_problems + fresh}, seed)
+    base = train_base(config, recipe, seed, policy_dir, train_problems, later)
     report["parameters"] = base.num_parameters()
     phase("base")
 
-    fresh = prm_lm_problems(recipe.revision_problems + recipe.prm_problems, train_problems, seed)
     chain_problems = random.Random(seed).sample(train_problems,
                                                 min(recipe.revision_problems, len(train_problems)))
     policy, report["revision_data"] = train_revisions(
@@ -461,7 +495,7 @@ def train(out: Path, seed: int, recipe: Recipe) -> dict:
 
     prm = train_prm(base, labelled,
                     prm_lm_problems(recipe.prm_corrupted + recipe.prm_lm_problems,
-                                    train_problems + fresh, seed + 7), recipe, seed)
+                                    train_problems + later + fresh, seed + 7), recipe, seed)
     prm.save(prm_dir)
     phase("prm")
 
