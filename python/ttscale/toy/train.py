@@ -270,15 +270,17 @@ def train_base(config: TinyConfig, recipe: Recipe, seed: int, policy_dir: Path,
     half in the PRM's, each seen once. With ``later`` problems, the steps after ``policy_step``
     (which only the PRM goes on from) take theirs from those instead, in the same two layouts."""
     model = TinyLlama(config)
-    half = len(problems) // 2
-    examples = policy_examples(problems[:half]) + [prm_lm_example(p) for p in problems[half:]]
     switch = min(recipe.policy_step, recipe.base_steps)
-    middle = len(later) // 2
-    later_examples = policy_examples(later[:middle]) + [prm_lm_example(p) for p in later[middle:]]
-    fit(model, examples, steps=recipe.base_steps, batch_size=recipe.batch_size, lr=recipe.base_lr,
-        seed=seed, loss_fn=policy_loss, name="base", snapshot=(switch, policy_dir),
-        later=(switch, later_examples) if later else None)
+    fit(model, _both_layouts(problems), steps=recipe.base_steps, batch_size=recipe.batch_size,
+        lr=recipe.base_lr, seed=seed, loss_fn=policy_loss, name="base",
+        snapshot=(switch, policy_dir), later=(switch, _both_layouts(later)) if later else None)
     return model
+
+
+def _both_layouts(problems: list[task.Problem]) -> list[Example]:
+    """The first half of ``problems`` as policy examples, the rest in the PRM's layout."""
+    half = len(problems) // 2
+    return policy_examples(problems[:half]) + [prm_lm_example(p) for p in problems[half:]]
 
 
 def multiplication_rich(count: int, minimum: int, seen: set[str], seed: int) -> list[task.Problem]:
