@@ -1,6 +1,7 @@
 """The toy trainer's smoke run produces policy and PRM directories our loader reads (issue 7)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -209,35 +210,89 @@ def test_fit_slows_the_parameters_it_is_told_to():
     assert 0 < moved < full
 
 
-def test_fit_switches_to_the_later_examples_at_the_step_it_is_told_to():
+def test_fit_stopped_early_is_the_whole_runs_checkpoint():
+    import torch
+
     from ttscale.toy import task
     from ttscale.toy.data import policy_examples
     from ttscale.toy.model import TinyConfig, TinyLlama
     from ttscale.toy.train import fit, policy_loss
 
-    first = policy_examples(task.problems("train", 12, seed=4))
-    others = policy_examples(task.problems("train", 12, seed=5))
-    known = {id(e): ("first", i) for i, e in enumerate(first)}
-    known |= {id(e): ("others", i) for i, e in enumerate(others)}
+    examples = policy_examples(task.problems("train", 12, seed=4))
 
-    def run(later):
-        seen = []
+    def run(stop):
+        seen, states = [], []
 
-        def loss_fn(model, examples):
-            seen.append([known[id(e)] for e in examples])
-            return policy_loss(model, examples)
+        def loss_fn(model, batch):
+            seen.append([id(e) for e in batch])
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+            return policy_loss(model, batch)
 
+        torch.manual_seed(0)
         model = TinyLlama(TinyConfig(build_tokenizer().get_vocab_size(), 16, 32, 1, 2, 128))
-        fit(model, first, steps=6, batch_size=4, lr=1e-2, seed=1, loss_fn=loss_fn, name="t",
-            later=later)
-        return seen
+        fit(model, examples, steps=8, batch_size=4, lr=1e-2, seed=1, loss_fn=loss_fn, name="t",
+            stop=stop)
+        return seen, states, model.state_dict()
 
-    plain, switched = run(None), run((4, others))
-    assert [{name for name, _ in b} for b in plain] == [{"first"}] * 6
-    assert [{name for name, _ in b} for b in switched] == [{"first"}] * 4 + [{"others"}] * 2
-    assert switched[:4] == plain[:4]
-    # the batches before the switch are the same examples, in the same order, as without it
-    assert run((6, others)) == plain
+    seen, states, _ = run(None)
+    stopped_seen, _, stopped = run(5)
+    assert len(seen) == 8 and stopped_seen == seen[:5]  # the whole run's batches, in its order
+    # the weights after five steps of the whole run (its rates, not those of a 5-step run)
+    assert all(torch.equal(stopped[k], states[5][k]) for k in stopped)
+    torch.manual_seed(0)
+    model = TinyLlama(TinyConfig(build_tokenizer().get_vocab_size(), 16, 32, 1, 2, 128))
+    fit(model, examples, steps=5, batch_size=4, lr=1e-2, seed=1, loss_fn=policy_loss, name="t")
+    assert not all(torch.equal(model.state_dict()[k], stopped[k]) for k in stopped)
+
+
+def test_lr_scale_warms_up_then_follows_the_cosine_of_the_whole_run():
+    from ttscale.toy.train import fit, lr_scale
+
+    assert lr_scale(0, 40) == 0.5  # warm-up over two steps, at the top of the cosine
+    assert lr_scale(1, 40) == pytest.approx(0.55 + 0.45 * math.cos(math.pi / 40))
+    assert lr_scale(39, 40) == pytest.approx(0.55 + 0.45 * math.cos(math.pi * 39 / 40))
+    # a continuation from step 1600 of 3200 warms up over its own first 80 steps, then goes on
+    # down the cosine of the whole run, to the rate a single run of 3200 ends at
+    assert lr_scale(0, 1600, 1600, 3200) == pytest.approx(0.55 / 80)
+    for step in (80, 700, 1599):
+        assert lr_scale(step, 1600, 1600, 3200) == pytest.approx(lr_scale(1600 + step, 3200))
+    with pytest.raises(ValueError, match="schedule"):
+        fit(None, [], steps=10, batch_size=1, lr=1e-3, seed=0, loss_fn=None, name="t",
+            schedule=(5, 12))
+
+
+def test_train_base_grows_after_the_policy_and_the_policy_never_depends_on_it(tmp_path):
+    from dataclasses import replace
+
+    import torch
+
+    from ttscale.toy import task
+    from ttscale.toy.model import TinyConfig, TinyLlama
+    from ttscale.toy.train import TINY, train_base
+
+    config = TinyConfig(build_tokenizer().get_vocab_size(), 16, 32, 1, 2, 128)
+    problems = task.problems("train", 48, seed=4)
+    later = task.problems("train", 16, seed=6)
+
+    def run(name, grown, later):
+        torch.manual_seed(0)
+        recipe = replace(TINY, base_steps=6, policy_step=4, batch_size=8,
+                         prm_base_grown_layers=grown)
+        base = train_base(config, recipe, 0, tmp_path / name, problems, later)
+        return base, (tmp_path / name / "model.safetensors").read_bytes()
+
+    base, policy = run("a", 1, later)
+    assert TinyLlama.from_pretrained(tmp_path / "a").config.num_layers == 1
+    assert base.config.num_layers == 2
+    plain, same_policy = run("b", 0, [])
+    assert plain.config.num_layers == 1 and same_policy == policy
+    whole, _ = run("c", 3, later)
+    assert whole.config.num_layers == 4
+    # a base that ends at the policy's checkpoint is the policy
+    torch.manual_seed(0)
+    stopped = train_base(config, replace(TINY, base_steps=4, policy_step=4, batch_size=8), 0,
+                         tmp_path / "d", problems, later)
+    assert stopped.config.num_layers == 1
 
 
 def test_multiplication_rich_problems_have_their_multiplications_and_are_new():

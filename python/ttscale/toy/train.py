@@ -6,9 +6,9 @@ Phases, each timed:
    layout and in the PRM's (Math-Shepherd) layout. Its checkpoint at ``policy_step`` becomes the
    policy: stopped early on purpose, so that it still makes real mistakes (search has something
    to fix). The run goes on to ``base_steps``; that more trained model is where the PRM starts
-   (a verifier that knows more arithmetic than the policy, as a larger PRM does at scale). The
-   steps after the policy's checkpoint train on problems with at least two multiplications, the
-   operation whose results a PRM fails to check;
+   (a verifier that knows more arithmetic than the policy, as a larger PRM does at scale). At
+   the policy's checkpoint the base grows by a layer, and the steps after it train on problems
+   with at least two multiplications, the operation whose results a PRM fails to check;
 2. revisions: the policy samples solutions of train problems at a high temperature; chains of one
    to three of its wrong ones, then the reference solution, teach the policy to revise in
    the layout of :func:`ttscale.search.revisions.revision_context`; plain solutions are mixed in;
@@ -100,11 +100,12 @@ class Recipe:
     prm_samples: int = 4  # samples per problem
     prm_temperature: float = 1.0
     prm_base_multiplications: int = 2  # after policy_step: problems with this many multiplications
+    prm_base_grown_layers: int = 1  # the base grows by these at policy_step (the PRM's only)
     prm_extra_layers: int = 2  # decoder layers the PRM adds on top of the base model's
     prm_base_lr_scale: float = 0.1  # the base's embeddings and layers learn at this times prm_lr
     prm_corrupted: int = 8000  # reference solutions of other train problems with one step wrong
     prm_lm_problems: int = 4000  # reference solutions the PRM keeps language-modelling
-    prm_steps: int = 1800
+    prm_steps: int = 1500
     prm_lr: float = 2e-3
     prm_lm_weight: float = 0.5
     prm_flag_weight: float = 1.0
@@ -134,16 +135,20 @@ TINY = Recipe(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, b
 
 
 def fit(model: TinyLlama, examples: list[Example], *, steps: int, batch_size: int, lr: float,
-        seed: int, loss_fn, name: str, snapshot: tuple[int, Path] | None = None,
-        slow: tuple[list[nn.Parameter], float] | None = None,
-        later: tuple[int, list[Example]] | None = None) -> list[float]:
+        seed: int, loss_fn, name: str, slow: tuple[list[nn.Parameter], float] | None = None,
+        stop: int | None = None, schedule: tuple[int, int] | None = None) -> list[float]:
     """AdamW with linear warm-up and cosine decay; batches drawn in a seeded order, epoch by epoch.
 
     ``loss_fn(model, examples) -> loss`` of one batch; when it is a module (an objective with
-    heads of its own), its parameters train too. ``snapshot=(step, directory)`` saves the model
-    as it is after ``step`` steps. ``slow=(parameters, scale)``: those learn at ``scale`` times
-    the rate of the others. ``later=(step, others)``: the batches from ``step`` on are drawn from
-    ``others`` instead (the ones before it are exactly those of a fit without ``later``)."""
+    heads of its own), its parameters train too. ``slow=(parameters, scale)``: those learn at
+    ``scale`` times the rate of the others. ``stop``: end after that many of the ``steps``, with
+    the batches and rates of the whole run (a checkpoint of it). ``schedule=(offset, total)``:
+    the cosine is that of a run of ``total`` steps from step ``offset`` (the continuation of one,
+    with a warm-up of its own for the fresh optimizer)."""
+    offset, total = schedule if schedule is not None else (0, steps)
+    if not (0 <= offset and offset + steps <= total):
+        raise ValueError(f"schedule: expected 0 <= offset and offset + {steps} steps <= total, "
+                         f"got {schedule}")
     generator = torch.Generator().manual_seed(seed)
     parameters = list(model.parameters())
     if isinstance(loss_fn, nn.Module):
@@ -153,31 +158,19 @@ def fit(model: TinyLlama, examples: list[Example], *, steps: int, batch_size: in
     if slow_ids:
         groups.append({"params": [p for p in parameters if id(p) in slow_ids], "scale": slow[1]})
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, steps // 20)
-    batches = _batches(examples, steps, batch_size, generator)
-    if later is not None and later[0] < steps:
-        switch, others = later
-        offset, examples = len(examples), examples + others
-        tail = _batches(others, steps - switch, batch_size, torch.Generator().manual_seed(seed + 1))
-        batches = batches[:switch] + [[offset + i for i in chosen] for chosen in tail]
+    batches = _batches(examples, steps, batch_size, generator)[:stop]
     losses = []
     model.train()
     start = time.perf_counter()
     for step, chosen in enumerate(batches):
         loss = loss_fn(model, [examples[i] for i in chosen])
-        scale = min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
-            group["lr"] = lr * scale * group["scale"]
+            group["lr"] = lr * lr_scale(step, steps, offset, total) * group["scale"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         losses.append(loss.item())
-        if snapshot is not None and step + 1 == snapshot[0]:
-            model.eval()
-            model.save(snapshot[1])
-            model.train()
-            print(f"  {name} step {step + 1}: saved to {snapshot[1]}", flush=True)
         if (step + 1) % max(1, steps // 10) == 0:
             recent = losses[-max(1, steps // 10):]
             rate = (time.perf_counter() - start) / (step + 1)
@@ -185,6 +178,16 @@ def fit(model: TinyLlama, examples: list[Example], *, steps: int, batch_size: in
                   f"{rate:.2f} s/step", flush=True)
     model.eval()
     return losses
+
+
+def lr_scale(step: int, steps: int, offset: int = 0, total: int | None = None) -> float:
+    """The rate of ``step`` (from 0) of a fit of ``steps``, as a fraction of the peak: a linear
+    warm-up over its first twentieth, times a cosine from 1 down to 0.1 over a run of ``total``
+    steps (default ``steps``) of which this fit starts at step ``offset``."""
+    total = steps if total is None else total
+    warmup = max(1, steps // 20)
+    cosine = 0.55 + 0.45 * math.cos(math.pi * (offset + step) / total)
+    return min(1.0, (step + 1) / warmup) * cosine
 
 
 def _batches(examples: list[Example], steps: int, batch_size: int, generator) -> list[list[int]]:
@@ -265,15 +268,24 @@ class PRMObjective(nn.Module):
 
 def train_base(config: TinyConfig, recipe: Recipe, seed: int, policy_dir: Path,
                problems: list[task.Problem], later: list[task.Problem]) -> TinyLlama:
-    """The base model after ``base_steps`` on ``problems`` (the policy, its checkpoint at
-    ``policy_step``, is saved to ``policy_dir``). Half the problems are in the policy's layout,
-    half in the PRM's, each seen once. With ``later`` problems, the steps after ``policy_step``
-    (which only the PRM goes on from) take theirs from those instead, in the same two layouts."""
+    """The base model after ``base_steps``; its checkpoint at ``policy_step``, the policy, is
+    saved to ``policy_dir``. Up to that checkpoint the model learns from ``problems``, half in
+    the policy's layout, half in the PRM's, each seen once. Then (only the PRM goes on from here)
+    it grows by ``prm_base_grown_layers`` and learns the remaining steps from ``later`` problems
+    (or, with none, ``problems`` again) in the same two layouts, the cosine going on where it
+    was, with a fresh optimizer and a warm-up of its own."""
     model = TinyLlama(config)
     switch = min(recipe.policy_step, recipe.base_steps)
     fit(model, _both_layouts(problems), steps=recipe.base_steps, batch_size=recipe.batch_size,
-        lr=recipe.base_lr, seed=seed, loss_fn=policy_loss, name="base",
-        snapshot=(switch, policy_dir), later=(switch, _both_layouts(later)) if later else None)
+        lr=recipe.base_lr, seed=seed, loss_fn=policy_loss, name="base", stop=switch)
+    model.save(policy_dir)
+    print(f"  base step {switch}: the policy, saved to {policy_dir}", flush=True)
+    if switch == recipe.base_steps:
+        return model
+    model = model.grown(recipe.prm_base_grown_layers)
+    fit(model, _both_layouts(later or problems), steps=recipe.base_steps - switch,
+        batch_size=recipe.batch_size, lr=recipe.base_lr, seed=seed + 1, loss_fn=policy_loss,
+        name=f"base ({model.config.num_layers} layers)", schedule=(switch, recipe.base_steps))
     return model
 
 
