@@ -35,7 +35,10 @@ def test_shipped_model_loads_as_a_llama(name):
     assert model.config.architecture == "LlamaForCausalLM"
     assert model.dtype == torch.float32
     assert tokenizer.eos_token_id in model.config.eos_token_ids
-    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 1.5e6
+    # the policy is the "about 1M parameters"; the PRM, a base grown by three layers,
+    # is held by the ten-megabyte budget below
+    parameters = sum(p.numel() for p in model.parameters())
+    assert 0.5e6 < parameters < (1.5e6 if name == "policy" else 2.5e6)
 
 
 def test_shipped_models_fit_in_ten_megabytes():
