@@ -133,12 +133,19 @@ def slip_twins(problem: task.Problem, solution: str) -> tuple[list[str], list[st
 def prm_lm_example(problem: task.Problem) -> Example:
     """The reference solution in the PRM's layout, as language modelling: every token after the
     question is a target. Keeps the PRM computing the arithmetic it judges."""
-    text = prm_text(problem, problem.solution().splitlines())
+    return prm_lm_examples([problem])[0]
+
+
+def prm_lm_examples(problems: list[task.Problem]) -> list[Example]:
+    """:func:`prm_lm_example` of each problem, tokenized in one batch."""
     tok = build_tokenizer()
-    ids = tok.encode(text).ids
-    question = len(tok.encode(f"Q: {problem.text} ").ids)
-    targets = [-100] * (question - 1) + ids[question:] + [-100]
-    return Example(ids, targets)
+    fulls = tok.encode_batch([prm_text(p, p.solution().splitlines()) for p in problems])
+    questions = tok.encode_batch([f"Q: {p.text} " for p in problems])
+    examples = []
+    for full, question in zip(fulls, questions, strict=True):
+        ids, start = full.ids, len(question.ids)
+        examples.append(Example(ids, [-100] * (start - 1) + ids[start:] + [-100]))
+    return examples
 
 
 def batch(examples: list[Example], pad: int) -> tuple[Tensor, Tensor]:

@@ -60,7 +60,7 @@ from ttscale.toy.data import (
     batch_flags,
     policy_examples,
     prm_example,
-    prm_lm_example,
+    prm_lm_examples,
     revision_example,
 )
 from ttscale.toy.evaluate import (
@@ -292,7 +292,7 @@ def train_base(config: TinyConfig, recipe: Recipe, seed: int, policy_dir: Path,
 def _both_layouts(problems: list[task.Problem]) -> list[Example]:
     """The first half of ``problems`` as policy examples, the rest in the PRM's layout."""
     half = len(problems) // 2
-    return policy_examples(problems[:half]) + [prm_lm_example(p) for p in problems[half:]]
+    return policy_examples(problems[:half]) + prm_lm_examples(problems[half:])
 
 
 def multiplication_rich(count: int, minimum: int, seen: set[str], seed: int) -> list[task.Problem]:
@@ -374,7 +374,7 @@ def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Prob
     inherited = [p for module in kept for p in module.parameters()]
     objective = PRMObjective(prm, recipe.prm_extra_layers, weights, lm_weight=recipe.prm_lm_weight,
                              flag_weight=recipe.prm_flag_weight, hint_weight=recipe.prm_hint_weight)
-    fit(prm, judged + [prm_lm_example(p) for p in modelled], steps=recipe.prm_steps,
+    fit(prm, judged + prm_lm_examples(modelled), steps=recipe.prm_steps,
         batch_size=recipe.batch_size, lr=recipe.prm_lr, seed=seed + 1, loss_fn=objective,
         name="prm", slow=(inherited, recipe.prm_base_lr_scale))
     return prm
