@@ -106,7 +106,7 @@ class Recipe:
     prm_corrupted: int = 8000  # reference solutions of other train problems with one step wrong
     prm_lm_problems: int = 4000  # reference solutions the PRM keeps language-modelling
     prm_steps: int = 1500
-    prm_lr: float = 2e-3
+    prm_lr: float = 3e-3
     prm_lm_weight: float = 0.5
     prm_flag_weight: float = 1.0
     prm_hint_weight: float = 1.0
