@@ -30,6 +30,12 @@ def test_tiny_training_run_writes_loadable_models(tmp_path):
     assert set(report["revision_transitions"]) == {"revised", "independent_resample"}
     assert "right_above_wrong" in report["prm_heldout"]["arithmetic_slips"]
     assert set(report["revisions"]) == {"1", "2"}  # first attempts against revised ones
+    from ttscale.toy.model import TinyLlama
+
+    # the sizes reported are those of the models written (the base grew past the policy)
+    sizes = {name: TinyLlama.from_pretrained(tmp_path / name).num_parameters()
+             for name in ("policy", "prm")}
+    assert (report["parameters"], report["prm_parameters"]) == (sizes["policy"], sizes["prm"])
     assert all(0.0 <= v <= 1.0 for v in report["revisions"].values())
     assert load_model(tmp_path / "policy").config.max_position_embeddings >= 512  # room for a chain
 

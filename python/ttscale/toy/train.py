@@ -491,7 +491,8 @@ def train(out: Path, seed: int, recipe: Recipe) -> dict:
                                     recipe.prm_base_multiplications,
                                     {p.text for p in train_problems + fresh}, seed)
     base = train_base(config, recipe, seed, policy_dir, train_problems, later)
-    report["parameters"] = base.num_parameters()
+    # the policy's size: the base has grown past it
+    report["parameters"] = TinyLlama.from_pretrained(policy_dir).num_parameters()
     phase("base")
 
     chain_problems = random.Random(seed).sample(train_problems,
@@ -511,6 +512,7 @@ def train(out: Path, seed: int, recipe: Recipe) -> dict:
                     prm_lm_problems(recipe.prm_corrupted + recipe.prm_lm_problems,
                                     train_problems + later + fresh, seed + 7), recipe, seed)
     prm.save(prm_dir)
+    report["prm_parameters"] = prm.num_parameters()
     phase("prm")
 
     # train_prm trains a grown copy, so the base is as it was: the PRM's yardstick
