@@ -298,7 +298,9 @@ def test_train_base_grows_after_the_policy_and_the_policy_never_depends_on_it(tm
     torch.manual_seed(0)
     stopped = train_base(config, replace(TINY, base_steps=4, policy_step=4, batch_size=8), 0,
                          tmp_path / "d", problems, later)
+    saved = TinyLlama.from_pretrained(tmp_path / "d").state_dict()
     assert stopped.config.num_layers == 1
+    assert all(torch.equal(value, saved[name]) for name, value in stopped.state_dict().items())
 
 
 def test_multiplication_rich_problems_have_their_multiplications_and_are_new():
