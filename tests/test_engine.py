@@ -200,3 +200,85 @@ def test_select_and_fork_keeps_the_best_and_frees_the_rest(engine, hf_model):
     for p in problems:
         engine.free_problem(p)
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_seeded_generate_call_repeats(model_dir):
+    llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=20, ignore_eos=True, seed=42)
+    def draw():
+        outs = llm.generate([PROMPT, PROMPT[:9]], params, use_tqdm=False)
+        return [c.token_ids for o in outs for c in o.outputs]
+
+    first, again = draw(), draw()
+    assert first == again
+    assert len({tuple(t) for t in first}) == 6
+
+
+def _greedy_text(llm, prompt, max_tokens=40):
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)
+    return out[0].outputs[0].text
+
+
+@pytest.mark.parametrize("kind", ["into_the_prompt", "longer_than_eight_tokens"])
+def test_stop_strings_match_the_generated_text_only(model_dir, kind):
+    """A stop string that would match only with the prompt's last character does not fire; one
+    of 12 characters (12 tokens of the character tokenizer) does, and the text is cut there."""
+    llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
+    prompt = "Q: (3*4)-5\n"
+    text = _greedy_text(llm, prompt)
+    stop = "\n" + text[0] if kind == "into_the_prompt" else text[5:17]
+    assert len(stop) == (2 if kind == "into_the_prompt" else 12)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=stop)
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    cut = text.find(stop)
+    assert (out.text, out.finish_reason) == ((text[:cut], "stop") if cut >= 0 else (text, "length"))
+
+
+def test_generate_checks_every_prompt_before_any_work(model_dir):
+    llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
+    blocks = llm.engine.blocks
+    with pytest.raises(ValueError, match=r"prompts\[1\]: token id 999 outside the vocabulary"):
+        llm.generate([PROMPT, [1, 5, 999]], SamplingParams(max_tokens=5), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"prompts\[1\]: empty prompt"):
+        llm.generate([PROMPT, []], SamplingParams(max_tokens=5), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"max_tokens: prompts\[0\] has 19 tokens, so at most "
+                                         r"494 new tokens fit the model's 512 positions, got 600"):
+        llm.generate([PROMPT], SamplingParams(max_tokens=600), use_tqdm=False)
+    small = LLM(model_dir, kv_budget_bytes=1 << 16, block_size=8)
+    long_prompt = (PROMPT * 12)[:200]
+    with pytest.raises(ValueError, match=r"prompts\[1\]: its prompt and one sample of "
+                                         r"max_tokens=100 need \d+ KV blocks, the pool has 16"):
+        small.generate([PROMPT, long_prompt], SamplingParams(max_tokens=100), use_tqdm=False)
+    assert blocks.num_free == blocks.num_blocks and small.engine.blocks.num_free == 16
+
+
+def test_a_failed_generate_call_frees_its_blocks(model_dir, monkeypatch):
+    llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
+    blocks, step = llm.engine.blocks, llm.engine.step
+    calls = []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "step", failing_step)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate([PROMPT, PROMPT[:7]], SamplingParams(n=4, max_tokens=30, ignore_eos=True),
+                     use_tqdm=False)
+    assert blocks.num_free == blocks.num_blocks
+    monkeypatch.undo()
+    outs = llm.generate([PROMPT], SamplingParams(n=2, max_tokens=5), use_tqdm=False)  # still usable
+    assert len(outs[0].outputs) == 2
+
+
+def test_stop_strings_without_a_tokenizer_are_named(model_dir, tmp_path):
+    import shutil
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, tmp_path / name)
+    llm = LLM(tmp_path, kv_budget_bytes=4 << 20, block_size=8)
+    with pytest.raises(ValueError, match="sampling_params: stop strings need a tokenizer.json"):
+        llm.generate([PROMPT], SamplingParams(max_tokens=5, stop="\n"), use_tqdm=False)

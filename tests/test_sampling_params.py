@@ -15,7 +15,9 @@ def test_defaults_match_vllm():
 @pytest.mark.parametrize(
     "field,value",
     [("n", 0), ("temperature", -0.1), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5), ("min_p", 2.0),
-     ("max_tokens", 0), ("logprobs", 21), ("seed", 1.5), ("stop", [""])],
+     ("max_tokens", 0), ("logprobs", 21), ("seed", 1.5), ("stop", [""]), ("seed", -1),
+     ("seed", 2**64), ("seed", True), ("temperature", float("inf")), ("temperature", 1e-45),
+     ("top_k", 2**31)],
 )
 def test_bad_field_is_named(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):

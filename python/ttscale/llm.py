@@ -85,19 +85,36 @@ class LLM:
 
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]], sampling_params: SamplingParams | None = None,
                  *, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Sample ``sampling_params.n`` completions for each prompt (strings or token-id lists)."""
+        """Sample ``sampling_params.n`` completions for each prompt (strings or token-id lists).
+
+        With ``sampling_params.seed`` set, a call's samples depend only on the seed, the prompt's
+        position in ``prompts`` and the sample's index: the same call gives the same result.
+        Without it, draws follow the engine's seed and go on from the previous call's.
+        Every prompt is checked before any work starts.
+        """
         params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(
+                f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         engine = self.engine
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError(
+                "sampling_params: stop strings need a tokenizer.json in the model directory")
         ids = [self.encode(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        results = [RequestOutput(p if isinstance(p, str) else None, i) for p, i in zip(prompts, ids)]
         worst_case = engine.blocks.blocks_for(params.max_tokens + 1)
         if worst_case > engine.blocks.num_blocks:
             raise ValueError(
                 f"max_tokens: one sequence of {params.max_tokens} tokens needs {worst_case} KV blocks, "
                 f"the pool has {engine.blocks.num_blocks}; lower max_tokens or raise kv_budget_bytes"
             )
+        for i, prompt in enumerate(ids):
+            self._check_prompt(f"prompts[{i}]", prompt, params, worst_case)
+        results = [RequestOutput(p if isinstance(p, str) else None, i)
+                   for p, i in zip(prompts, ids)]
+        if params.seed is not None:
+            engine.restart_sequence_ids()
         waiting = deque(range(len(ids)))  # prompts not yet prefilled
         queued: deque[tuple[int, int, Sequence]] = deque()  # (prompt, sample index, sequence)
         running: list[tuple[int, int, Sequence]] = []
@@ -138,11 +155,41 @@ class LLM:
                 running = [r for r in running if r[2] in still]
                 elapsed = time.perf_counter() - start
                 progress.set_postfix(tok_s=f"{(engine.generated_tokens - tokens_before) / max(elapsed, 1e-9):.0f}")
+        except BaseException:
+            # nothing of a failed call stays in the pool
+            live = [s for _, _, s in running + list(queued)]
+            engine.free(live)
+            for problem in {id(s.problem): s.problem for s in live}.values():
+                engine.free_problem(problem)
+            raise
         finally:
             progress.close()
         for r in results:
             r.outputs.sort(key=lambda c: c.index)
         return results
+
+    def _check_prompt(self, name: str, ids: list[int], params: SamplingParams,
+                      worst_case: int) -> None:
+        """A prompt's ids, its length with ``max_tokens`` against the model's positions, and its
+        room in the KV pool beside one sample, checked before a call starts."""
+        engine = self.engine
+        engine._check_ids(name, ids)
+        if not ids:
+            raise ValueError(f"{name}: empty prompt")
+        positions = self.model.max_positions
+        if len(ids) > positions:
+            raise ValueError(f"{name}: {len(ids)} tokens, the model serves {positions}")
+        if len(ids) + params.max_tokens - 1 > positions:
+            raise ValueError(
+                f"max_tokens: {name} has {len(ids)} tokens, so at most {positions - len(ids) + 1} "
+                f"new tokens fit the model's {positions} positions, got {params.max_tokens}"
+            )
+        need = engine.blocks.blocks_for(len(ids) - 1) + worst_case
+        if need > engine.blocks.num_blocks:
+            raise ValueError(
+                f"{name}: its prompt and one sample of max_tokens={params.max_tokens} need {need} "
+                f"KV blocks, the pool has {engine.blocks.num_blocks}; raise kv_budget_bytes"
+            )
 
     def _completion(self, index: int, seq: Sequence, params: SamplingParams) -> CompletionOutput:
         token_ids = seq.output_ids

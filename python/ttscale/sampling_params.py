@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 
@@ -48,10 +50,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n: expected an integer >= 1, got {self.n!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature: expected >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k: expected an integer >= 0 (0 is off), got {self.top_k!r}")
+        tiny = 1.1754943508222875e-38  # float32's smallest normal: the sampler divides by it
+        if not (self.temperature == 0 or tiny <= self.temperature < math.inf):
+            raise ValueError(f"temperature: expected 0 or a finite value >= {tiny:.3g}, "
+                             f"got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
+            raise ValueError(
+                f"top_k: expected an integer in [0, 2**31) (0 is off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
         if not 0 <= self.min_p <= 1:
@@ -60,8 +65,9 @@ class SamplingParams:
             raise ValueError(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs: expected an integer in [0, 20], got {self.logprobs!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed: expected an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed: expected an integer in [0, 2**64) or None, got {self.seed!r}")
         stops = self.stop_strings
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop: expected non-empty strings, got {self.stop!r}")

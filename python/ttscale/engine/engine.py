@@ -398,9 +398,13 @@ class Engine:
         if flagged:
             return "eos" if token in self.eos_token_ids and not self._in_stop_table(token, stops) else "stop"
         if stops:
-            # A stop string split across tokens: look for one ending inside this token's text.
-            tail = self.tokenizer.decode(seq.tokens[-8:], skip_special_tokens=False)
-            start = len(tail) - len(self._texts.all()[token]) - max(map(len, stops)) + 1
+            # A stop string split across tokens: look for one ending inside this token's text,
+            # in the text after the prompt (tokens[0] is the prompt's last token). A token has a
+            # character or more (8 spare for byte pieces), so the longest stop string fits.
+            longest = max(map(len, stops))
+            tail = self.tokenizer.decode(seq.tokens[max(1, len(seq.tokens) - longest - 8):],
+                                         skip_special_tokens=False)
+            start = len(tail) - len(self._texts.all()[token]) - longest + 1
             if find_stop(tail, stops, max(0, start)) is not None:
                 return "stop"
         if seq.generated >= limit:
