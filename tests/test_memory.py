@@ -109,3 +109,29 @@ def test_token_balanced_shares():
     assert memory.token_balanced_shares(7) == (1.0,)
     with pytest.raises(ValueError, match="bytes_per_token: expected positive"):
         memory.token_balanced_shares(32, 0)
+
+
+def test_pair_shares_split_a_gpu_and_leave_the_cpu_alone():
+    assert memory.pair_shares("cpu") == (None, None)
+    assert memory.pair_shares("cuda") == (memory.POLICY_SHARE, memory.PRM_SHARE)
+    assert memory.pair_shares(torch.device("cuda", 0)) == (0.6, 0.4)
+
+
+def test_the_embedded_policy_and_prm_split_one_budget(free):
+    """The README's set-up: an LLM and a PRM with explicit shares of one device's budget (a
+    default LLM takes all of it, and the PRM beside it is refused)."""
+    import ttscale
+    from ttscale.toy import policy_dir, prm_dir
+
+    free["bytes"] = 64 * MB
+    llm = ttscale.LLM(policy_dir(), device="cpu", memory_share=memory.POLICY_SHARE)
+    prm = ttscale.PRM(prm_dir(), format="math-shepherd", device="cpu",
+                      memory_share=memory.PRM_SHARE)
+    assert llm.engine.memory_lease.share == 0.6 and prm.engine.memory_lease.share == 0.4
+    assert prm.engine.memory_lease.bytes == int(0.4 * int(0.9 * 64 * MB))
+    del llm, prm
+    gc.collect()
+    alone = ttscale.LLM(policy_dir(), device="cpu", memory_share=1.0)
+    with pytest.raises(ValueError, match=r"memory_share: .* only 0\.00 is left"):
+        ttscale.PRM(prm_dir(), format="math-shepherd", device="cpu", memory_share=memory.PRM_SHARE)
+    del alone

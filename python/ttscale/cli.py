@@ -298,10 +298,18 @@ class _Search:
         self.searched = False
 
     def load_models(self) -> None:
+        from ttscale.engine.memory import pair_shares
         from ttscale.llm import LLM
 
         args = self.args
         kv_budget_bytes = None if args.kv_budget is None else int(args.kv_budget * 2**30)
+        # a policy and a PRM on one GPU split its KV budget (each sizes its own on the CPU)
+        policy_share, prm_share = (
+            pair_shares(args.device) if args.prm is not None and kv_budget_bytes is None
+            else (None, None)
+        )
+        policy_lease = {} if policy_share is None else {"memory_share": policy_share}
+        prm_lease = {} if prm_share is None else {"memory_share": prm_share}
         self.llm = _load(
             "--model",
             lambda: LLM(
@@ -310,6 +318,7 @@ class _Search:
                 dtype=args.dtype,
                 seed=args.seed,
                 kv_budget_bytes=kv_budget_bytes,
+                **policy_lease,
             ),
         )
         if self.llm.tokenizer is None:
@@ -326,7 +335,8 @@ class _Search:
                 k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None
             }
             self.verifier = _load(
-                "--prm", lambda: prm(args.prm, format=args.prm_format, **placement)
+                "--prm",
+                lambda: prm(args.prm, format=args.prm_format, **prm_lease, **placement),
             )
 
     def __call__(self, batch):

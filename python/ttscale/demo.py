@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ttscale.engine.memory import pair_shares
 from ttscale.sampling_params import SamplingParams
 from ttscale.search.select import aggregate, choose
 
@@ -70,8 +71,9 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     texts = [f"Q: {p.text}" for p in problems]
     references = [str(p.answer) for p in problems]
     levels = [p.level for p in problems]
-    llm = ttscale.LLM(policy_dir(), device=device, seed=seed)
-    prm = ttscale.PRM(prm_dir(), format="math-shepherd", device=device)
+    policy_share, prm_share = pair_shares(device)  # one GPU's KV budget, split
+    llm = ttscale.LLM(policy_dir(), device=device, seed=seed, memory_share=policy_share)
+    prm = ttscale.PRM(prm_dir(), format="math-shepherd", device=device, memory_share=prm_share)
     common = dict(references=references, step_delimiter=task.STEP_DELIMITER,
                   prompt_fn=lambda problem: problem + "\n", progress=False, seed=seed)
     sampling = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS)

@@ -125,6 +125,15 @@ def lease(device: torch.device | str, share: float | None, owner: str) -> Lease:
     return device_budget(device).lease(share, owner, free_memory)
 
 
+def pair_shares(device: torch.device | str | None) -> tuple[float | None, float | None]:
+    """``memory_share`` for a policy and the PRM beside it on ``device`` (None: CUDA when there is
+    one, as :func:`ttscale.model.load_model` picks): ``POLICY_SHARE`` and ``PRM_SHARE`` on a GPU;
+    None and None on the CPU, where each engine sizes its own pool (2 GiB)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return (None, None) if torch.device(device).type == "cpu" else (POLICY_SHARE, PRM_SHARE)
+
+
 def token_balanced_shares(*bytes_per_token: int) -> tuple[float, ...]:
     """Shares under which each engine's pool holds the same number of tokens, for engines whose
     KV takes these bytes per token (e.g. a policy's and its PRM's, which cache the same

@@ -76,9 +76,12 @@ class PRM(Verifier):
     device, dtype : optional
         As :func:`ttscale.model.load_model`.
     kv_budget_bytes : int, optional
-        Bytes for this PRM's KV pool. Default: 0.9 of free GPU memory on a GPU, 2 GiB on the
-        CPU. On a GPU give both the policy (``LLM(..., kv_budget_bytes=...)``) and the PRM
-        explicit budgets: whichever is created first with the default takes 0.9 of what is free.
+        Bytes for this PRM's KV pool. Default: on a GPU what other engines left of the device's
+        KV budget (:mod:`ttscale.engine.memory`), 2 GiB on the CPU.
+    memory_share : float, optional
+        The share of the device's KV budget to lease instead: beside a policy on one GPU give
+        the policy ``memory_share=POLICY_SHARE`` (0.6) and the PRM ``PRM_SHARE`` (0.4); a
+        policy left at its default leases the whole budget and leaves the PRM none.
     step_delimiter : str
         What separates steps in a solution's text (:meth:`score_text`).
     system_prompt, step_tag, good_token, bad_token : str, optional
@@ -89,7 +92,8 @@ class PRM(Verifier):
     """
 
     def __init__(self, model_dir: str | Path, format: str | None = None, *, device=None, dtype=None,
-                 kv_budget_bytes: int | None = None, step_delimiter: str = "\n\n",
+                 kv_budget_bytes: int | None = None, memory_share: float | None = None,
+                 step_delimiter: str = "\n\n",
                  system_prompt: str | None = None, step_tag: str | None = None,
                  good_token: str | None = None, bad_token: str | None = None,
                  block_size: int = 16, max_batch_tokens: int = 4096, backend: str | None = None):
@@ -117,7 +121,8 @@ class PRM(Verifier):
                                              bad_token=bad_token)
         self.model = load_model(model_dir, device=device, dtype=dtype)
         self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes,
-                             block_size=block_size, max_batch_tokens=max_batch_tokens,
+                             memory_share=memory_share, block_size=block_size,
+                             max_batch_tokens=max_batch_tokens,
                              backend=backend)
         self.backend = backend
         self._weight, self._bias = self._head()
