@@ -77,7 +77,9 @@ def test_revision_ratios():
 @pytest.mark.parametrize(
     "kwargs, name",
     [(dict(strategies=("greedy", "bogus")), "strategies"), (dict(ns=(0, 4)), "n"),
-     (dict(ns=()), "n"), (dict(num_problems=0), "problems")],
+     (dict(ns=()), "n"), (dict(num_problems=0), "problems"),
+     (dict(ns=(2, 6), strategies=("greedy", "beam_search")),
+      r"n: beam_search keep beam width .*\[6\]")],
 )
 def test_demo_rejects_bad_options_by_name(kwargs, name, tmp_path):
     with pytest.raises(ValueError, match=name):

@@ -58,6 +58,12 @@ def _check_real_data(name: str, pairs: list[tuple[str, str]], known: dict[int, s
 # --- extraction ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("text", ["The answer is **42**", "The final answer is: **42**",
+                                  "Answer: **42**.", "**Answer:** 42"])
+def test_bold_answers_lose_their_markup(text):
+    assert extract_answer(text) == "42" and answers_equal(extract_answer(text), "42")
+
+
 def test_last_boxed_wins():
     text = r"First try \boxed{1}. Actually the result is \boxed{\frac{1}{2}}."
     assert extract_answer(text) == r"\frac{1}{2}"

@@ -63,6 +63,11 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         raise ValueError(f"strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
     if not ns or any(n < 1 for n in ns):
         raise ValueError(f"n: expected positive budgets, got {list(ns)}")
+    tree = [s for s in strategies if s in ("beam_search", "dvts")]
+    uneven = [n for n in ns if tree and n % min(4, n)]
+    if uneven:
+        raise ValueError(f"n: {', '.join(tree)} keep beam width min(4, N), which must divide N; "
+                         f"{uneven} is not a multiple of 4")
     if num_problems < 1:
         raise ValueError(f"problems: expected >= 1, got {num_problems}")
     out = Path(out)

@@ -86,7 +86,9 @@ def _first_sentence(tail: str) -> str:
 
 
 def _clean(answer: str) -> str:
-    answer = _UNESCAPED_DOLLAR.sub("", answer)
+    answer = _UNESCAPED_DOLLAR.sub("", answer).strip().rstrip(".").strip()
+    # markdown bold around the answer ("The answer is: **42**.")
+    answer = answer.removeprefix("**").removesuffix("**")
     return answer.strip().rstrip(".").strip()
 
 
