@@ -252,8 +252,34 @@ def test_truncated_last_line_is_redone_with_a_warning(fake, tmp_path, capsys):
     fake.searched = []
     code, _, err = run(tmp_path, capsys)
     assert code == 0 and "line 4 is incomplete" in err
-    assert fake.searched == ["What is 3?"]
+    assert fake.searched == ["What is 2?", "What is 3?"]  # its batch is searched whole again
     assert [r["index"] for r in read_jsonl(out)] == [0, 1, 2, 3]
+
+
+def test_resumed_run_answers_as_an_unbroken_one(fake, tmp_path, capsys, monkeypatch):
+    """A search's samples depend on the problems searched together (their position in the
+    call): a resumed run searches the unbroken run's batches, so its answers are the same."""
+    def batch_sensitive(llm, problems, n, **kwargs):
+        results = fake(llm, problems, n, **kwargs)
+        return [SearchResult(r.problem, f"{r.answer}@{i}/{len(problems)}", 0, r.candidates,
+                             r.cost, "fake") for i, r in enumerate(results)]
+
+    monkeypatch.setitem(cli.STRATEGIES, "fake", batch_sensitive)
+    write_jsonl(tmp_path / "data.jsonl", rows(7))
+    assert run(tmp_path, capsys, "--batch-size", "3")[0] == 0
+    out = tmp_path / "out.jsonl"
+    unbroken = [r["predicted"] for r in read_jsonl(out)]
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:4]) + lines[4][:30])  # the second batch cut after one line
+    assert run(tmp_path, capsys, "--batch-size", "3")[0] == 0
+    assert [r["predicted"] for r in read_jsonl(out)] == unbroken
+
+
+def test_rerun_with_another_batch_size_is_reported(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(4))
+    assert run(tmp_path, capsys, "--limit", "2")[0] == 0
+    code, _, err = run(tmp_path, capsys, "--batch-size", "3")
+    assert code == 2 and "other settings" in err and "batch_size: 2 written, 3 now" in err
 
 
 def test_changed_data_is_reported_not_mixed(fake, tmp_path, capsys):

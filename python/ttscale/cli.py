@@ -272,6 +272,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "agg": args.agg,
         "system_prompt": args.system_prompt,
         "step_delimiter": args.step_delimiter,
+        # problems searched together share random streams; precision and KV pool change them too
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "dtype": args.dtype,
+        "kv_budget": args.kv_budget,
         **_strategy_options(args),
     }
 

@@ -340,7 +340,10 @@ def run_evaluation(
     """Search ``problems`` a batch at a time, appending graded result lines to ``out``.
 
     Problems already answered in ``out`` are skipped (see :func:`read_results`). Batches are
-    fixed slices of ``problems``, so a resumed run searches the same batches as an unbroken one.
+    fixed slices of ``problems``, and a slice with any problem left is searched whole (its
+    answered problems' results are dropped): a search's random streams depend on the problems
+    searched together, so a resumed run gives the answers an unbroken one gives. (A run with a
+    smaller ``--limit`` ends on a shorter batch, so extending it changes that batch's answers.)
 
     Parameters
     ----------
@@ -372,8 +375,8 @@ def run_evaluation(
     try:
         with out.open("a", encoding="utf-8") as file:
             for first in range(0, len(problems), batch_size):
-                batch = [p for p in problems[first : first + batch_size] if p.index not in done]
-                if not batch:
+                batch = list(problems[first : first + batch_size])
+                if all(p.index in done for p in batch):
                     continue
                 batch_start = time.perf_counter()
                 results = search(batch)
@@ -383,7 +386,8 @@ def run_evaluation(
                     )
                 share = (time.perf_counter() - batch_start) / len(batch)
                 lines = []
-                for problem, result in zip(batch, results, strict=True):
+                left = [(p, r) for p, r in zip(batch, results, strict=True) if p.index not in done]
+                for problem, result in left:
                     record = result_record(problem, result, share, settings, save_candidates)
                     summary.add(record)
                     generated += record["cost"]["generated_tokens"]
@@ -391,7 +395,7 @@ def run_evaluation(
                 file.write("".join(lines))
                 file.flush()
                 os.fsync(file.fileno())
-                bar.update(len(batch))
+                bar.update(len(left))
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(acc=f"{summary.accuracy:.1%}", tok_s=f"{generated / elapsed:,.0f}")
     finally:
