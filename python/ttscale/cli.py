@@ -300,7 +300,6 @@ class _Search:
             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens
         )
         self.llm = self.verifier = None
-        self.searched = False
 
     def load_models(self) -> None:
         from ttscale.engine.memory import pair_shares
@@ -361,11 +360,15 @@ class _Search:
             progress=False,
             **self.options,
         )
-        if self.searched:
-            return call()
-        # A strategy checks its arguments when first called: a ValueError then is a usage error.
-        results = _load(f"--strategy {args.strategy}", call)
-        self.searched = True
+        # A strategy checks its arguments (and each problem) when called: a ValueError is a usage
+        # error, in any batch (earlier batches' results are saved), and a problem it names by its
+        # place in the batch is named by its place in the data file.
+        try:
+            results = call()
+        except ValueError as error:
+            message = re.sub(r"^problems\[(\d+)\]",
+                             lambda m: f"problem {batch[int(m[1])].index} of --data", str(error))
+            raise UsageError(f"argument --strategy {args.strategy}: {message}") from None
         return results
 
 

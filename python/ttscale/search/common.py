@@ -128,6 +128,14 @@ def prepare(
         raise ValueError(
             f"references: expected one per problem ({len(problems)}), got {len(references)}"
         )
+    if references is not None:
+        bad = next((i for i, r in enumerate(references) if not isinstance(r, str | None)), None)
+        if bad is not None:
+            raise ValueError(f"references[{bad}]: expected a string or None, got "
+                             f"{type(references[bad]).__name__}")
+    for name, fn in (("prompt_fn", prompt_fn), ("extract", extract), ("equal", equal)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name}: expected a function, got {type(fn).__name__}")
     if verifier is not None and not isinstance(verifier, Verifier):
         raise ValueError(f"verifier: expected a ttscale Verifier, got {type(verifier).__name__}")
     if needs_verifier and verifier is None:
@@ -143,8 +151,9 @@ def prepare(
             f"sampling: stop strings are not supported in search (got {sampling.stop!r}); "
             "steps end at step_delimiter, solutions at end-of-sequence or max_tokens"
         )
-    if seed is not None and not isinstance(seed, int):
-        raise ValueError(f"seed: expected an integer, got {seed!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                             or not 0 <= seed < 2**64):
+        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
     seed = seed if seed is not None else (sampling.seed if sampling.seed is not None else 0)
     prompts = build_prompts(llm.tokenizer, problems, system_prompt, prompt_fn)
     room = llm.engine.model.max_positions - max(map(len, prompts))

@@ -25,7 +25,12 @@ def build_prompt(
         prompt = prompt_fn(problem)
         if isinstance(prompt, str):
             return tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        if not isinstance(prompt, list | tuple) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise ValueError(f"prompt_fn: expected a string or a list of token ids, got "
+                             f"{type(prompt).__name__} for {problem[:40]!r}")
+        return list(prompt)
     if tokenizer.chat_template is not None:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": problem})
