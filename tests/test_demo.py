@@ -90,3 +90,19 @@ def test_cli_demo_names_a_bad_strategy(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ttscale.cli", "demo", "--strategies", "bogus",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "--strategies" in done.stderr and "bogus" in done.stderr
+
+
+@pytest.mark.parametrize("device, message", [("foo", "expected cpu, cuda or cuda:N, got 'foo'"),
+                                             ("cuda", "cuda is not available on this machine")])
+def test_cli_demo_names_a_bad_device(device, message, tmp_path, capsys):
+    import torch
+
+    from ttscale import cli
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo", "--device", device, "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device" in err and message in err

@@ -241,11 +241,15 @@ def _check_run_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             f"argument --select: {args.select!r} needs a verifier (--prm or --oracle); "
             "without one use 'majority'"
         )
-    if args.device is not None and args.device.startswith("cuda"):
+    _check_device_available(args.device, parser)
+
+
+def _check_device_available(device: str | None, parser: argparse.ArgumentParser) -> None:
+    if device is not None and device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            parser.error(f"argument --device: {args.device} is not available on this machine")
+            parser.error(f"argument --device: {device} is not available on this machine")
 
 
 def _strategy_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -439,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--strategies", type=_names, default=None, metavar="NAME[,NAME...]",
                       help="greedy, majority, best_of_n, weighted, beam_search, dvts (default all)")
     demo.add_argument("--problems", type=int, default=200, help="held-out problems (default 200)")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo.add_argument("--device", type=_device, default=None,
+                      help="cpu, cuda or cuda:N (default: cuda when available)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for results.json and the plot")
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -450,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [s for s in strategies if s not in STRATEGIES]
         if bad or args.problems < 1:
             demo.error(f"--strategies: unknown {bad}" if bad else f"--problems: expected >= 1, got {args.problems}")
+        _check_device_available(args.device, demo)
         run_demo(ns=args.n, strategies=strategies, num_problems=args.problems, device=args.device,
                  out=args.out, seed=args.seed)
         return 0
