@@ -282,3 +282,17 @@ def test_stop_strings_without_a_tokenizer_are_named(model_dir, tmp_path):
     llm = LLM(tmp_path, kv_budget_bytes=4 << 20, block_size=8)
     with pytest.raises(ValueError, match="sampling_params: stop strings need a tokenizer.json"):
         llm.generate([PROMPT], SamplingParams(max_tokens=5, stop="\n"), use_tqdm=False)
+
+
+def test_tensor_and_array_prompts_are_token_ids(model_dir):
+    import numpy as np
+
+    llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def ids(prompts):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    want = ids([PROMPT])
+    assert ids(torch.tensor(PROMPT)) == want and ids(np.array(PROMPT)) == want
+    assert ids(torch.tensor([PROMPT, PROMPT])) == want * 2

@@ -118,6 +118,17 @@ def test_generation_config_adds_end_of_sequence_tokens(model_dir):
     assert load_model(model_dir, dtype="float32").config.eos_token_ids == (7, 9)
 
 
+@pytest.mark.parametrize("where", ["config.json", "generation_config.json"])
+def test_end_of_sequence_token_outside_the_vocabulary_is_named(model_dir, where):
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    if where == "config.json":
+        edit_config(model_dir, lambda c: c.update(eos_token_id=vocab))
+    else:
+        (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [vocab + 5]}))
+    with pytest.raises(ModelLoadError, match=r"eos_token_id: \d+ is outside the vocabulary"):
+        load_model(model_dir, dtype="float32")
+
+
 # ---------------------------------------------------------------------------------------------
 # dtype
 

@@ -96,6 +96,8 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise ValueError(
                 f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        if hasattr(prompts, "tolist") and not isinstance(prompts, str):
+            prompts = prompts.tolist()  # a tensor or array: one prompt's ids, or one per row
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         engine = self.engine

@@ -254,11 +254,15 @@ def _max_positions(config: ModelConfig, requested: int | None) -> int:
 def _with_generation_eos(config: ModelConfig, model_dir: Path) -> ModelConfig:
     """Add generation_config.json's end-of-sequence tokens (chat models list several there)."""
     path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return config
-    try:
-        eos = json.loads(path.read_text()).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError):
-        raise ConfigError(f"generation_config.json: not a valid JSON object ({path})") from None
+    eos = None
+    if path.is_file():
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError):
+            raise ConfigError(f"generation_config.json: not a valid JSON object ({path})") from None
     merged = tuple(dict.fromkeys(config.eos_token_ids + token_ids(eos)))
+    bad = next((i for i in merged if not 0 <= i < config.vocab_size), None)
+    if bad is not None:
+        raise ConfigError(f"eos_token_id: {bad} is outside the vocabulary [0, {config.vocab_size}) "
+                          f"of {model_dir} (config.json or generation_config.json)")
     return dataclasses.replace(config, eos_token_ids=merged)
