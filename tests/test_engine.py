@@ -296,3 +296,17 @@ def test_tensor_and_array_prompts_are_token_ids(model_dir):
     want = ids([PROMPT])
     assert ids(torch.tensor(PROMPT)) == want and ids(np.array(PROMPT)) == want
     assert ids(torch.tensor([PROMPT, PROMPT])) == want * 2
+
+
+def test_stream_keys_number_a_problems_sequences_on_their_own(engine):
+    from ttscale.engine.engine import MAX_STREAM_KEY, STREAM_BITS
+
+    a, b = engine.add(PROMPT), engine.add(PROMPT[:9])
+    a.stream_key, b.stream_key = 3, 0
+    first = engine.fork(a, 2) + engine.fork(b, 1)
+    more = engine.fork(first[0], 1)  # a fork of a sequence counts for its problem's key
+    assert [s.seq_id for s in first + more] == [3 << STREAM_BITS, (3 << STREAM_BITS) + 1, 0,
+                                                (3 << STREAM_BITS) + 2]
+    b.stream_key = MAX_STREAM_KEY
+    with pytest.raises(ValueError, match="problem: stream key 262144 outside"):
+        engine.fork(b, 1)

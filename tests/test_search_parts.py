@@ -261,3 +261,32 @@ def test_public_names_resolve_and_are_documented():
         assert value.__doc__ and "{head}" not in value.__doc__, name
     with pytest.raises(AttributeError, match="nothing"):
         ttscale.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize("name", ["best_of_n", "beam_search", "dvts", "revisions"])
+def test_a_problems_samples_do_not_depend_on_its_wave(name, monkeypatch):
+    """The same call split into one wave or one wave per problem (as a smaller KV pool would
+    split it) gives every problem the same candidates: a problem's random streams are its own.
+    On the embedded policy and PRM, whose steps end at newlines, so trees grow for several
+    iterations and forks of different problems interleave."""
+    from ttscale.search import common
+    from ttscale.toy import policy_dir, prm_dir, task
+
+    llm = ttscale.LLM(policy_dir(), device="cpu", kv_budget_bytes=16 << 20)
+    prm = ttscale.PRM(prm_dir(), format="math-shepherd", device="cpu", kv_budget_bytes=16 << 20)
+    problems = [f"Q: {p.text}" for p in task.problems("heldout", 3, seed=1)]
+    options = dict(sequential=2) if name == "revisions" else dict(beam_width=2)
+    options = {} if name == "best_of_n" else options
+
+    def texts():
+        results = getattr(ttscale, name)(
+            llm, problems, 4, verifier=prm, step_delimiter="\n", seed=5, progress=False,
+            sampling=ttscale.SamplingParams(temperature=1.0, max_tokens=96),
+            prompt_fn=lambda problem: problem + "\n", **options)
+        return [sorted(c.text for c in r.candidates) for r in results]
+
+    together = texts()
+    monkeypatch.setattr(common, "MAX_WAVE_SEQUENCES", 4)  # one problem per wave
+    assert common.plan_waves(llm.engine, [[1, 2]] * 3, 4, 96) == [[0], [1], [2]]
+    assert texts() == together
+    assert len({t for r in together for t in r}) >= 3  # real samples, one per problem at least

@@ -31,6 +31,11 @@ from ttscale.sampling_params import SamplingParams
 # A draw's RNG offset is seq_id * DRAWS_PER_SEQUENCE + its index in the sequence, so a sequence's
 # draws depend neither on its batch nor on other sequences.
 DRAWS_PER_SEQUENCE = 1 << 24
+# A problem with a stream key numbers its sequences key * 2**STREAM_BITS + k, k counting that key's
+# sequences since restart_sequence_ids: a search's samples of a problem then depend on the key,
+# the seed and that problem's own forks only, not on which problems share its call or its wave.
+STREAM_BITS = 16
+MAX_STREAM_KEY = 1 << 18  # keeps seq_id * DRAWS_PER_SEQUENCE below 2**63
 
 
 class Engine:
@@ -97,6 +102,7 @@ class Engine:
                                  model.config.vocab_size) if tokenizer is not None else None
         self._next_problem_id = 0
         self._next_seq_id = 0
+        self._stream_forks: dict[int, int] = {}  # sequences numbered per stream key
         # Counters, for cost accounting and benchmarks.
         self.prefilled_tokens = 0
         self.generated_tokens = 0
@@ -140,13 +146,13 @@ class Engine:
         children = []
         for _ in range(k):
             if isinstance(parent, Problem):
-                child = Sequence(self._next_seq_id, parent, [parent.prompt_ids[-1]])
+                child = Sequence(self._new_seq_id(parent), parent, [parent.prompt_ids[-1]])
             else:
-                child = Sequence(self._next_seq_id, parent.problem, list(parent.tokens),
+                child = Sequence(self._new_seq_id(parent.problem), parent.problem,
+                                 list(parent.tokens),
                                  self.blocks.fork(parent.block_table), parent.kv_len,
                                  list(parent.logprobs), list(parent.top_logprobs),
                                  list(parent.sampled_at), parent.finish_reason)
-            self._next_seq_id += 1
             children.append(child)
         problem = parent if isinstance(parent, Problem) else parent.problem
         problem.num_sequences += k
@@ -225,10 +231,9 @@ class Engine:
                 parent.block_table, parent.kv_len = table, kv_len
                 kids.append(parent)
                 continue
-            kid = Sequence(self._next_seq_id, parent.problem, list(parent.tokens), table, kv_len,
-                           list(parent.logprobs), list(parent.top_logprobs), list(parent.sampled_at),
-                           parent.finish_reason)
-            self._next_seq_id += 1
+            kid = Sequence(self._new_seq_id(parent.problem), parent.problem, list(parent.tokens),
+                           table, kv_len, list(parent.logprobs), list(parent.top_logprobs),
+                           list(parent.sampled_at), parent.finish_reason)
             kid.problem.num_sequences += 1
             kids.append(kid)
         for p, seq in enumerate(candidates):
@@ -283,6 +288,20 @@ class Engine:
         live keep their ids (a new one may share a number, and so a stream, with one of them).
         """
         self._next_seq_id = 0
+        self._stream_forks.clear()
+
+    def _new_seq_id(self, problem: Problem) -> int:
+        """The next sequence's number: by the problem's stream key when it has one (beyond
+        2**STREAM_BITS sequences of one key they run into the next key's numbers)."""
+        key = problem.stream_key
+        if key is None:
+            self._next_seq_id += 1
+            return self._next_seq_id - 1
+        if not 0 <= key < MAX_STREAM_KEY:
+            raise ValueError(f"problem: stream key {key} outside [0, {MAX_STREAM_KEY})")
+        k = self._stream_forks.get(key, 0)
+        self._stream_forks[key] = k + 1
+        return (key << STREAM_BITS) + k
 
     def text(self, seq: Sequence) -> str:
         """The sequence's text after the prompt."""

@@ -20,6 +20,9 @@ class Problem:
     kv_len: int = 0  # prompt tokens whose K/V are in the pool: len(prompt_ids) - 1 once prefilled
     num_sequences: int = 0  # live sequences of this problem
     freed: bool = False
+    # Numbers this problem's sequences from ``stream_key << STREAM_BITS`` on (see Engine.fork),
+    # so that their random streams do not depend on other problems; None: the engine's count.
+    stream_key: int | None = None
 
 
 @dataclass(eq=False)
