@@ -118,6 +118,14 @@ def test_generation_config_adds_end_of_sequence_tokens(model_dir):
     assert load_model(model_dir, dtype="float32").config.eos_token_ids == (7, 9)
 
 
+@pytest.mark.parametrize("keep", [100, 5000])
+def test_damaged_weights_file_is_named(model_dir, keep):
+    path = model_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:keep])  # a header cut short, or tensors cut short
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: not a readable safetensors"):
+        load_model(model_dir, dtype="float32")
+
+
 @pytest.mark.parametrize("where", ["config.json", "generation_config.json"])
 def test_end_of_sequence_token_outside_the_vocabulary_is_named(model_dir, where):
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ttscale.model.config import ConfigError, ModelConfig, ModelLoadError, read_config, token_ids
@@ -123,7 +124,7 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
                 )
         return files
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _open_weights(single) as f:
             return {name: single for name in f.keys()}
     others = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(
         p.name for p in model_dir.glob("*.safetensors")
@@ -136,6 +137,16 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     raise ModelLoadError(
         f"no weights: neither {SINGLE_FILE} nor {INDEX_FILE} in {model_dir}{found}"
     )
+
+
+@contextmanager
+def _open_weights(path: Path):
+    """``safe_open(path)``, with a damaged file (truncated, not safetensors) named."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as error:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 def load_weights(model: Transformer, files: dict[str, Path]) -> None:
@@ -152,7 +163,7 @@ def load_weights(model: Transformer, files: dict[str, Path]) -> None:
     for name in sorted(present):
         by_file.setdefault(files[name], []).append(name)
     for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with _open_weights(path) as f:
             held = set(f.keys())
             for name in names:
                 if name not in held:
@@ -164,7 +175,7 @@ def load_weights(model: Transformer, files: dict[str, Path]) -> None:
                         f"shape mismatch: {name} expected {expected}, got {got} (in {path.name})"
                     )
     for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with _open_weights(path) as f:
             for name in names:
                 layout[name].copy_(f.get_tensor(name))
 
