@@ -275,18 +275,23 @@ def test_resumed_run_answers_as_an_unbroken_one(fake, tmp_path, capsys, monkeypa
     assert [r["predicted"] for r in read_jsonl(out)] == unbroken
 
 
+@pytest.mark.parametrize("template, named", [
+    ("problems[{}]: its prompt is too long", "problem 5 of --data: its prompt is too long"),
+    ("n: 4 sequences for problems[{}] need 22 KV blocks", "for problem 5 of --data need 22"),
+])
 def test_a_problem_refused_in_a_later_batch_is_named_by_its_data_index(fake, tmp_path, capsys,
-                                                                        monkeypatch):
+                                                                        monkeypatch, template,
+                                                                        named):
     def refuses_five(llm, problems, n, **kwargs):
         if "What is 5?" in problems:
-            raise ValueError(f"problems[{problems.index('What is 5?')}]: its prompt is too long")
+            raise ValueError(template.format(problems.index("What is 5?")))
         return fake(llm, problems, n, **kwargs)
 
     monkeypatch.setitem(cli.STRATEGIES, "fake", refuses_five)
     write_jsonl(tmp_path / "data.jsonl", rows(7))
     code, _, err = run(tmp_path, capsys)
     assert code == 2 and "Traceback" not in err
-    assert "--strategy fake: problem 5 of --data: its prompt is too long" in err
+    assert "--strategy fake: " in err and named in err
     assert [r["index"] for r in read_jsonl(tmp_path / "out.jsonl")] == [0, 1, 2, 3]
 
 

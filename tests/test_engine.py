@@ -310,3 +310,34 @@ def test_stream_keys_number_a_problems_sequences_on_their_own(engine):
     b.stream_key = MAX_STREAM_KEY
     with pytest.raises(ValueError, match="problem: stream key 262144 outside"):
         engine.fork(b, 1)
+
+
+def test_unseeded_calls_never_repeat_a_seeded_call_or_a_search(model_dir):
+    llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
+    unseeded = SamplingParams(n=3, temperature=1.0, max_tokens=12, ignore_eos=True)
+    seeded = SamplingParams(n=1, temperature=1.0, max_tokens=12, ignore_eos=True, seed=0)
+
+    def draw(params):
+        return [c.token_ids for c in llm.generate([PROMPT], params, use_tqdm=False)[0].outputs]
+
+    first = draw(unseeded)
+    draw(seeded)  # numbers its sequences from 0 again
+    second = draw(unseeded)
+    assert not {tuple(t) for t in first} & {tuple(t) for t in second}
+
+
+def test_a_prefill_that_fails_frees_its_blocks(model_dir, monkeypatch):
+    llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
+    blocks, prefill = llm.engine.blocks, llm.engine.runner.prefill_prompts
+    calls = []
+
+    def failing_prefill(problems):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return prefill(problems)
+
+    monkeypatch.setattr(llm.engine.runner, "prefill_prompts", failing_prefill)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([PROMPT, PROMPT[:9]], SamplingParams(max_tokens=5), use_tqdm=False)
+    assert blocks.num_free == blocks.num_blocks

@@ -189,6 +189,7 @@ def strategy_call(llm, name, **overrides):
         ("best_of_n", dict(problems=[]), "problems"),
         ("best_of_n", dict(problems="Q: 1+2"), "problems"),
         ("best_of_n", dict(problems=[3]), r"problems\[0\]"),
+        ("best_of_n", dict(problems=["Q: 1+2\n"] * ((1 << 18) + 1)), "problems"),
         ("best_of_n", dict(references=["3", "4"]), "references"),
         ("best_of_n", dict(select="vote"), "select"),
         ("best_of_n", dict(agg="max"), "agg"),
@@ -263,8 +264,12 @@ def test_public_names_resolve_and_are_documented():
         ttscale.nothing  # noqa: B018
 
 
-@pytest.mark.parametrize("name", ["best_of_n", "beam_search", "dvts", "revisions"])
-def test_a_problems_samples_do_not_depend_on_its_wave(name, monkeypatch):
+@pytest.mark.parametrize("name, options", [
+    ("best_of_n", {}), ("beam_search", dict(beam_width=2)), ("dvts", dict(beam_width=2)),
+    ("lookahead", dict(beam_width=2, lookahead=1)), ("rejection_best_of_n", dict(check_every=8)),
+    ("revisions", dict(sequential=4, window=1)),  # a window of 1 rebuilds chains on new forks
+])
+def test_a_problems_samples_do_not_depend_on_its_wave(name, options, monkeypatch):
     """The same call split into one wave or one wave per problem (as a smaller KV pool would
     split it) gives every problem the same candidates: a problem's random streams are its own.
     On the embedded policy and PRM, whose steps end at newlines, so trees grow for several
@@ -275,8 +280,6 @@ def test_a_problems_samples_do_not_depend_on_its_wave(name, monkeypatch):
     llm = ttscale.LLM(policy_dir(), device="cpu", kv_budget_bytes=16 << 20)
     prm = ttscale.PRM(prm_dir(), format="math-shepherd", device="cpu", kv_budget_bytes=16 << 20)
     problems = [f"Q: {p.text}" for p in task.problems("heldout", 3, seed=1)]
-    options = dict(sequential=2) if name == "revisions" else dict(beam_width=2)
-    options = {} if name == "best_of_n" else options
 
     def texts():
         results = getattr(ttscale, name)(

@@ -370,7 +370,7 @@ class _Search:
         try:
             results = call()
         except ValueError as error:
-            message = re.sub(r"^problems\[(\d+)\]",
+            message = re.sub(r"problems\[(\d+)\]",
                              lambda m: f"problem {batch[int(m[1])].index} of --data", str(error))
             raise UsageError(f"argument --strategy {args.strategy}: {message}") from None
         return results

@@ -26,6 +26,10 @@ from ttscale.engine.stops import find_stop
 from ttscale.model import load_model, load_tokenizer
 from ttscale.sampling_params import SamplingParams
 
+# Unseeded generate calls number their sequences from here on (a seeded call and a search
+# number theirs from 0 and by stream key, below 2**34), so their random streams never meet.
+UNSEEDED_SEQUENCES = 1 << 36
+
 
 @dataclass
 class CompletionOutput:
@@ -73,6 +77,7 @@ class LLM:
         self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes,
                              memory_share=memory_share, block_size=block_size, seed=seed,
                              window=window)
+        self._unseeded_next = UNSEEDED_SEQUENCES  # where unseeded generate calls number from
 
     def encode(self, prompt: str | Seq[int], name: str = "prompts") -> list[int]:
         if isinstance(prompt, str):
@@ -115,8 +120,12 @@ class LLM:
             self._check_prompt(f"prompts[{i}]", prompt, params, worst_case)
         results = [RequestOutput(p if isinstance(p, str) else None, i)
                    for p, i in zip(prompts, ids)]
-        if params.seed is not None:
-            engine.restart_sequence_ids()
+        # A seeded call numbers its sequences from 0 (the same call replays its samples); an
+        # unseeded one goes on from the previous unseeded call, in a range of its own, so it
+        # never repeats the streams of a seeded call or a search in between.
+        seeded = params.seed is not None
+        engine.number_sequences_from(0 if seeded else self._unseeded_next)
+        added: list = []  # problems prefilled by this call
         waiting = deque(range(len(ids)))  # prompts not yet prefilled
         queued: deque[tuple[int, int, Sequence]] = deque()  # (prompt, sample index, sequence)
         running: list[tuple[int, int, Sequence]] = []
@@ -135,6 +144,7 @@ class LLM:
                             break
                         index = waiting.popleft()
                         problem = engine.add(ids[index])
+                        added.append(problem)
                         queued.extend((index, k, s) for k, s in enumerate(engine.fork(problem, params.n)))
                     if engine.blocks.num_free - committed < worst_case:
                         break
@@ -159,13 +169,15 @@ class LLM:
                 progress.set_postfix(tok_s=f"{(engine.generated_tokens - tokens_before) / max(elapsed, 1e-9):.0f}")
         except BaseException:
             # nothing of a failed call stays in the pool
-            live = [s for _, _, s in running + list(queued)]
-            engine.free(live)
-            for problem in {id(s.problem): s.problem for s in live}.values():
-                engine.free_problem(problem)
+            engine.free([s for _, _, s in running + list(queued)])
+            for problem in added:
+                if problem.num_sequences == 0:
+                    engine.free_problem(problem)
             raise
         finally:
             progress.close()
+            if not seeded:
+                self._unseeded_next = engine.next_sequence_number
         for r in results:
             r.outputs.sort(key=lambda c: c.index)
         return results

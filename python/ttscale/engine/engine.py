@@ -129,9 +129,16 @@ class Engine:
                 raise PoolExhausted(f"prompts[{i}]: needs {need} KV blocks, the pool has {self.blocks.num_blocks}")
             problems.append(Problem(self._next_problem_id, ids))
             self._next_problem_id += 1
-        for problem in problems:
-            problem.block_table = self.blocks.allocate(self.blocks.blocks_for(len(problem.prompt_ids) - 1))
-        self.runner.prefill_prompts(problems)
+        try:
+            for problem in problems:
+                problem.block_table = self.blocks.allocate(
+                    self.blocks.blocks_for(len(problem.prompt_ids) - 1))
+            self.runner.prefill_prompts(problems)
+        except BaseException:  # a full pool, an interrupt, a device error: nothing stays held
+            for problem in problems:
+                self.blocks.free(problem.block_table)
+                problem.block_table, problem.freed = [], True
+            raise
         for problem in problems:
             problem.kv_len = len(problem.prompt_ids) - 1
             self.prefilled_tokens += problem.kv_len
@@ -279,6 +286,15 @@ class Engine:
         if not problem.freed:
             self.blocks.free(problem.block_table)
             problem.freed = True
+
+    @property
+    def next_sequence_number(self) -> int:
+        """The number the next sequence of a problem without a stream key gets."""
+        return self._next_seq_id
+
+    def number_sequences_from(self, start: int) -> None:
+        """Number the next sequences of problems without a stream key from ``start`` on."""
+        self._next_seq_id = start
 
     def restart_sequence_ids(self) -> None:
         """Number the next sequences from 0 again.

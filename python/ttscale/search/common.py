@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ttscale.engine.engine import MAX_STREAM_KEY
 from ttscale.sampling_params import SamplingParams
 from ttscale.search.prompts import PromptFn, build_prompts
 from ttscale.search.result import SearchResult
@@ -120,6 +121,9 @@ def prepare(
         raise ValueError("llm: the model directory has no tokenizer.json; strategies work on text")
     if isinstance(problems, str) or not isinstance(problems, Sequence) or not problems:
         raise ValueError("problems: expected a non-empty list of strings")
+    if len(problems) > MAX_STREAM_KEY:
+        raise ValueError(f"problems: at most {MAX_STREAM_KEY} in one call (each numbers its own "
+                         f"random streams), got {len(problems)}; search them in batches")
     bad = next((i for i, p in enumerate(problems) if not isinstance(p, str)), None)
     if bad is not None:
         raise ValueError(f"problems[{bad}]: expected a string, got {type(problems[bad]).__name__}")
