@@ -187,12 +187,8 @@ class LLM:
         """A prompt's ids, its length with ``max_tokens`` against the model's positions, and its
         room in the KV pool beside one sample, checked before a call starts."""
         engine = self.engine
-        engine._check_ids(name, ids)
-        if not ids:
-            raise ValueError(f"{name}: empty prompt")
+        engine.check_prompt(name, ids)
         positions = self.model.max_positions
-        if len(ids) > positions:
-            raise ValueError(f"{name}: {len(ids)} tokens, the model serves {positions}")
         if len(ids) + params.max_tokens - 1 > positions:
             raise ValueError(
                 f"max_tokens: {name} has {len(ids)} tokens, so at most {positions - len(ids) + 1} "

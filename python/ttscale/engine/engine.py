@@ -119,11 +119,7 @@ class Engine:
         """Prefill several prompts together; each is stored once."""
         problems = []
         for i, prompt in enumerate(prompts):
-            ids = self._check_ids(f"prompts[{i}]", prompt)
-            if not ids:
-                raise ValueError(f"prompts[{i}]: empty prompt")
-            if len(ids) > self.model.max_positions:
-                raise ValueError(f"prompts[{i}]: {len(ids)} tokens, the model serves {self.model.max_positions}")
+            ids = self.check_prompt(f"prompts[{i}]", prompt)
             need = self.blocks.blocks_for(len(ids) - 1)
             if need > self.blocks.num_blocks:
                 raise PoolExhausted(f"prompts[{i}]: needs {need} KV blocks, the pool has {self.blocks.num_blocks}")
@@ -474,6 +470,16 @@ class Engine:
         for seq, n in zip(seqs, counts):
             copies += self.blocks.reserve(seq.block_table, seq.kv_len, n)
         self.runner.copy_blocks(copies)
+
+    def check_prompt(self, name: str, prompt: Seq[int]) -> list[int]:
+        """A prompt's ids as ints: in the vocabulary, not empty, within the model's positions."""
+        ids = self._check_ids(name, prompt)
+        if not ids:
+            raise ValueError(f"{name}: empty prompt")
+        if len(ids) > self.model.max_positions:
+            raise ValueError(
+                f"{name}: {len(ids)} tokens, the model serves {self.model.max_positions}")
+        return ids
 
     def _check_ids(self, name: str, ids: Seq[int]) -> list[int]:
         ids = [int(i) for i in ids]
