@@ -28,6 +28,7 @@ from ttscale.search.select import aggregate, choose
 
 STRATEGIES = ("greedy", "majority", "best_of_n", "weighted", "beam_search", "dvts", "revisions")
 REVISION_BUDGET = 16
+BEAM_WIDTH = 4  # beam search and DVTS keep min(BEAM_WIDTH, N) beams
 AGG = "min"  # a solution is as good as its worst step: the toy PRM's errors compound
 MAX_TOKENS = 96
 
@@ -51,6 +52,11 @@ def _accuracy(correct: Sequence[bool], levels: Sequence[int]) -> tuple[float, di
     return overall, {k: sum(v) / len(v) for k, v in sorted(by.items())}
 
 
+def beam_width(n: int) -> int:
+    """The beams beam search and DVTS keep at budget ``n``."""
+    return min(BEAM_WIDTH, n)
+
+
 def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STRATEGIES,
              num_problems: int = 200, device: str | None = None, out: Path = Path("demo_out"),
              seed: int = 0, progress: bool = True) -> list[Row]:
@@ -64,10 +70,10 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     if not ns or any(n < 1 for n in ns):
         raise ValueError(f"n: expected positive budgets, got {list(ns)}")
     tree = [s for s in strategies if s in ("beam_search", "dvts")]
-    uneven = [n for n in ns if tree and n % min(4, n)]
+    uneven = [n for n in ns if tree and n % beam_width(n)]
     if uneven:
         raise ValueError(f"n: {', '.join(tree)} keep beam width min(4, N), which must divide N; "
-                         f"{uneven} is not a multiple of 4")
+                         f"{uneven} is not a multiple of {BEAM_WIDTH}")
     if num_problems < 1:
         raise ValueError(f"problems: expected >= 1, got {num_problems}")
     out = Path(out)
@@ -119,7 +125,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         fn = getattr(ttscale, strategy)
         for n in ns:
             start = time.perf_counter()
-            results = fn(llm, texts, n, verifier=prm, sampling=sampling, beam_width=min(4, n), agg=AGG, **common)
+            results = fn(llm, texts, n, verifier=prm, sampling=sampling, beam_width=beam_width(n), agg=AGG, **common)
             record(strategy, n, results, _tokens(results), time.perf_counter() - start)
             bar.update(1)
 

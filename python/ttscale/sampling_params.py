@@ -65,9 +65,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs: expected an integer in [0, 20], got {self.logprobs!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not 0 <= self.seed < 2**64):
-            raise ValueError(f"seed: expected an integer in [0, 2**64) or None, got {self.seed!r}")
+        if self.seed is not None:
+            check_seed(self.seed)
         stops = self.stop_strings
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop: expected non-empty strings, got {self.stop!r}")
@@ -77,3 +76,10 @@ class SamplingParams:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+def check_seed(seed) -> None:
+    """A seed the sampler takes: an integer (not a bool) in [0, 2**64); else a ValueError
+    naming ``seed``."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")

@@ -11,7 +11,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ttscale.engine.engine import MAX_STREAM_KEY
-from ttscale.sampling_params import SamplingParams
+from ttscale.sampling_params import SamplingParams, check_seed
 from ttscale.search.prompts import PromptFn, build_prompts
 from ttscale.search.result import SearchResult
 from ttscale.search.run import SearchRun
@@ -155,9 +155,8 @@ def prepare(
             f"sampling: stop strings are not supported in search (got {sampling.stop!r}); "
             "steps end at step_delimiter, solutions at end-of-sequence or max_tokens"
         )
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
-                             or not 0 <= seed < 2**64):
-        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
+    if seed is not None:
+        check_seed(seed)
     seed = seed if seed is not None else (sampling.seed if sampling.seed is not None else 0)
     prompts = build_prompts(llm.tokenizer, problems, system_prompt, prompt_fn)
     room = llm.engine.model.max_positions - max(map(len, prompts))

@@ -118,10 +118,9 @@ class SearchRun:
         ``keep_roots`` keeps each problem's root path (the problem, no steps) until the run
         closes, for :meth:`restart`."""
         engine_problems = self.engine.add_many([self.inputs.prompts[p] for p in self.wave])
-        for p, problem in zip(self.wave, engine_problems, strict=True):
-            problem.stream_key = p  # its samples follow from its place in the call, not its wave
         self._engine_problems += engine_problems
         for p, problem in zip(self.wave, engine_problems, strict=True):
+            problem.stream_key = p  # its samples follow from its place in the call, not its wave
             self.costs[p].prefilled_tokens += problem.kv_len
         roots = [None] * len(self.wave)
         if self.verifier is not None:
