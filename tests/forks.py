@@ -16,11 +16,13 @@ def fork_both(case, backend, keep, children, **kw):
 
     Returns (result, pool after) for the backend, then for the reference.
     """
-    pool, ref_pool = case.pool.clone(), case.pool.clone()
+    # The reference runs on a CPU copy, and that copy is what it changed: on a GPU, _on_cpu's
+    # tensors are new ones (returning the device clone compared against the pool as it was).
+    pool, ref_pool = case.pool.clone(), _on_cpu(case.pool.clone())
     args = (case.scores, case.group_offsets, keep, children, case.block_tables, case.lens)
     got = ops.select_and_fork(*args, pool, backend=backend, **kw)
     expected = ops.select_and_fork(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args),
-                                   _on_cpu(ref_pool), backend="torch", **kw)
+                                   ref_pool, backend="torch", **kw)
     return got, pool, expected, ref_pool
 
 
