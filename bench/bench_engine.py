@@ -147,6 +147,15 @@ else:
     }
     HEADLINE = Workload(LLAMA32_1B, 128, 1024, 700, 256, temperature=0.6)
     HEADLINE_SEQS = None  # the engine's default budget
+    # Knobs for a short device call: TTSCALE_BENCH_ENGINE_ROWS="Llama-3.2-1B:256,Qwen2.5-0.5B:64"
+    # keeps those GPU rows only; TTSCALE_BENCH_HEADLINE_PROBLEMS=16 runs the headline workload on
+    # that many problems (the table says so), every other dimension unchanged.
+    if os.environ.get("TTSCALE_BENCH_ENGINE_ROWS"):
+        keep = {tuple(row.split(":")) for row in os.environ["TTSCALE_BENCH_ENGINE_ROWS"].split(",")}
+        WORKLOADS["cuda"] = [w for w in WORKLOADS["cuda"] if (w.shape.name, str(w.samples)) in keep]
+    if os.environ.get("TTSCALE_BENCH_HEADLINE_PROBLEMS"):
+        HEADLINE = dataclasses.replace(
+            HEADLINE, problems=int(os.environ["TTSCALE_BENCH_HEADLINE_PROBLEMS"]))
 
 
 PARAMS = [

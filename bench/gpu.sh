@@ -18,7 +18,11 @@
 # and the summary of which stages passed.
 # Other knobs: PYTHON (default python3; .venv/bin/python in a dry run when it exists),
 # TTSCALE_CUDA (ON; OFF in a dry run), GPU_SH_BUILD=cmake (skip pip, build with CMake directly),
-# GPU_SH_SANITIZER_TESTS (how many tests run under memcheck, default 12).
+# GPU_SH_SANITIZER_TESTS (how many tests run under memcheck, default 12), GPU_SH_BENCH (the
+# benchmark files to run, in order, by name: "attention engine"; default every bench/bench_*.py),
+# GPU_SH_TESTS_LIMIT (seconds for the GPU tests, default 120), GPU_SH_STAGES (the stages to run,
+# default "env build selfcheck tests sanitizer bench"), GPU_SH_TEST_WORKERS (pytest-xdist
+# processes for the GPU tests when xdist is there: Triton compiles in parallel; default 8).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -168,8 +172,10 @@ pytest_args() {
 }
 
 stage_tests() {
+  local workers=()
+  [ "$DRY_RUN" = 1 ] || ! "$PYTHON" -c "import xdist" 2>/dev/null || workers=(-n "${GPU_SH_TEST_WORKERS:-8}")
   # shellcheck disable=SC2046
-  "$PYTHON" -m pytest tests -m gpu -q -rfEs --continue-on-collection-errors $(pytest_args) \
+  "$PYTHON" -m pytest tests -m gpu -q -rfEs --continue-on-collection-errors $(pytest_args) "${workers[@]}" \
     --junitxml="$WORK/tests.xml"
   note "$("$PYTHON" bench/gpu_report.py junit "$WORK/tests.xml")"
   "$PYTHON" bench/gpu_report.py junit "$WORK/tests.xml" --check >/dev/null
@@ -207,6 +213,9 @@ stage_sanitizer() {
 stage_bench() {
   "$PYTHON" -c "import pytest_benchmark" 2>/dev/null || { note "skipped: pytest-benchmark missing"; return 77; }
   local files=(bench/bench_*.py) failed=0 passed=0 deadline=$(( SECONDS + ${STAGE_LIMIT:-600} - 5 ))
+  if [ -n "${GPU_SH_BENCH:-}" ]; then
+    files=(); for name in $GPU_SH_BENCH; do files+=("bench/bench_${name}.py"); done
+  fi
   mkdir -p "$WORK/bench"
   for i in "${!files[@]}"; do
     # SIGINT first: pytest then stops cleanly and still prints its tables.
@@ -241,6 +250,10 @@ export BENCH_ENV_STRING="${BENCH_ENV[*]}"
 
 run_stage() {  # name, cap in seconds, log file; the stage function is stage_<name>
   local name=$1 cap=$2 log=$3 keep=$4
+  case " ${GPU_SH_STAGES:-env build selfcheck tests sanitizer bench} " in
+    *" $name "*) ;;
+    *) printf '%s\tskipped\t0\tnot in GPU_SH_STAGES\n' "$name" >>"$WORK/stages.tsv"; return ;;
+  esac
   local left=$(( BUDGET - SECONDS - REPORT_RESERVE - keep ))
   local limit=$(( cap < left ? cap : left ))
   if (( limit < 5 )); then
@@ -270,8 +283,8 @@ echo "[gpu.sh] dry run: $DRY_RUN, python: $PYTHON, TTSCALE_CUDA=$TTSCALE_CUDA, b
 : >"$OUT/tests.log"
 run_stage env 20 "$WORK/env.log" "$BENCH_MIN"
 run_stage build 180 "$OUT/build.log" "$BENCH_MIN"
-run_stage selfcheck 45 "$OUT/tests.log" "$BENCH_MIN"
-run_stage tests 120 "$OUT/tests.log" "$BENCH_MIN"
+run_stage selfcheck "${GPU_SH_SELFCHECK_LIMIT:-150}" "$OUT/tests.log" "$BENCH_MIN"
+run_stage tests "${GPU_SH_TESTS_LIMIT:-120}" "$OUT/tests.log" "$BENCH_MIN"
 run_stage sanitizer 75 "$OUT/sanitizer.log" "$BENCH_MIN"
 run_stage bench 420 "$OUT/bench.log" 0
 
