@@ -139,16 +139,17 @@ class PagedDriver:
         suffix_tables = torch.zeros(len(seqs), _width([s.blocks for s in seqs]), dtype=torch.int32)
         for b, s in enumerate(seqs):
             suffix_tables[b, : len(s.blocks)] = torch.tensor(s.blocks)
+        on = lambda t: t.to(self.model.device)  # noqa: E731
         return AttentionBatch(
             mode,
-            positions=torch.tensor(positions),
-            slots=torch.tensor(slots),
-            prompt_block_tables=prompt_tables,
-            prompt_lens=torch.tensor(self.prompt_lens),
-            problem_ids=torch.tensor([s.problem for s in seqs]),
-            suffix_block_tables=suffix_tables,
-            suffix_lens=torch.tensor([s.length for s in seqs]),
-            q_lens=None if q_lens is None else torch.tensor(q_lens),
+            positions=on(torch.tensor(positions)),
+            slots=on(torch.tensor(slots)),
+            prompt_block_tables=on(prompt_tables),
+            prompt_lens=on(torch.tensor(self.prompt_lens)),
+            problem_ids=on(torch.tensor([s.problem for s in seqs])),
+            suffix_block_tables=on(suffix_tables),
+            suffix_lens=on(torch.tensor([s.length for s in seqs])),
+            q_lens=None if q_lens is None else on(torch.tensor(q_lens)),
             backend=self.backend,
         )
 
@@ -179,7 +180,7 @@ class PagedDriver:
         self.prompt_lens[problem] = start + len(new)
         positions = list(range(start, start + len(new)))
         batch = self._batch("prefill", positions, slots, [Sequence(problem)], [len(new)])
-        return self.model(torch.tensor(new), batch, self.kv, rows=rows)
+        return self.model(torch.tensor(new, device=self.model.device), batch, self.kv, rows=rows)
 
     def extend(self, seqs: list[Sequence], new_tokens: list[list[int]]) -> torch.Tensor:
         """Prefill new suffix tokens of several sequences in one step; logits of every new token."""
@@ -190,7 +191,7 @@ class PagedDriver:
             slots += self._slots(s.blocks, s.length, len(new))
             s.length += len(new)
         batch = self._batch("prefill", positions, slots, seqs, [len(new) for new in new_tokens])
-        ids = torch.tensor([t for new in new_tokens for t in new])
+        ids = torch.tensor([t for new in new_tokens for t in new], device=self.model.device)
         return self.model.compute_logits(self.model(ids, batch, self.kv))
 
     def decode(
@@ -206,7 +207,7 @@ class PagedDriver:
         batch = self._batch(
             "decode", positions + [0] * padded_rows, slots + [-1] * padded_rows, seqs + pads
         )
-        ids = torch.tensor(tokens + [0] * padded_rows)
+        ids = torch.tensor(tokens + [0] * padded_rows, device=self.model.device)
         return self.model.compute_logits(self.model(ids, batch, self.kv))[: len(seqs)]
 
 

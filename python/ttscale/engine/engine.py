@@ -63,12 +63,21 @@ class Engine:
         Decode steps per host synchronisation (default 1 on the CPU, 8 on a GPU).
     max_batch_tokens : int
         Most tokens in one prefill forward pass (longer work is chunked).
+    backend : str, optional
+        Force an attention backend (``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``).
+    cuda_graphs : bool, optional
+        Replay each decode step from a captured CUDA graph (default: on a CUDA device).
+    max_decode_seqs : int, optional
+        Most sequences in one decode step (default 4096 on a GPU, where a step's activations
+        and logits must fit beside the KV pool, and the matrix products are at full rate long
+        before; no limit on the CPU). The rest wait for the next window.
     """
 
     def __init__(self, model, tokenizer=None, *, kv_budget_bytes: int | None = None,
                  memory_share: float | None = None, block_size: int = 16, seed: int = 0,
                  window: int | None = None, max_batch_tokens: int = 4096,
-                 backend: str | None = None):
+                 backend: str | None = None, cuda_graphs: bool | None = None,
+                 max_decode_seqs: int | None = None):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens: expected >= 1, got {max_batch_tokens}")
         self.model = model
@@ -78,13 +87,21 @@ class Engine:
         self.window = window if window is not None else (1 if device.type == "cpu" else 8)
         if self.window < 1:
             raise ValueError(f"window: expected >= 1, got {self.window}")
+        if max_decode_seqs is None:
+            max_decode_seqs = DEFAULT_GPU_DECODE_SEQS if device.type != "cpu" else None
+        elif max_decode_seqs < 1:
+            raise ValueError(f"max_decode_seqs: expected >= 1, got {max_decode_seqs}")
+        self.max_decode_seqs = max_decode_seqs
         self.memory_lease: memory.Lease | None = None
         if kv_budget_bytes is not None and memory_share is not None:
             raise ValueError("memory_share: give kv_budget_bytes or memory_share, not both")
         if kv_budget_bytes is None and (device.type != "cpu" or memory_share is not None):
             owner = f"the engine of a {model.config.architecture}"
             self.memory_lease = memory.lease(device, memory_share, owner)
-            kv_budget_bytes = self.memory_lease.bytes
+            # The lease is all this engine may use: keep back what a full decode step's
+            # activations take (twice: the eager path and the captured steps' pool).
+            reserve = 2 * (max_decode_seqs or 0) * decode_row_bytes(model.config, model.dtype)
+            kv_budget_bytes = max(self.memory_lease.bytes - reserve, self.memory_lease.bytes // 2)
         elif kv_budget_bytes is None:
             kv_budget_bytes = CPU_KV_BYTES
         try:
@@ -96,7 +113,12 @@ class Engine:
         if self.memory_lease is not None:  # the share returns when the engine (and pool) goes
             weakref.finalize(self, self.memory_lease.release)
         self.blocks = BlockManager(self.kv_cache.num_blocks, block_size)
-        self.runner = ModelRunner(model, self.kv_cache, backend=backend, max_batch_tokens=max_batch_tokens)
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        elif cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs: the model is on {device}, not a CUDA device")
+        self.runner = ModelRunner(model, self.kv_cache, backend=backend,
+                                  max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs)
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self._texts = TokenTexts(lambda i: tokenizer.decode([i], skip_special_tokens=False),
                                  model.config.vocab_size) if tokenizer is not None else None
@@ -448,7 +470,8 @@ class Engine:
     def _admit(self, active: list[Sequence], steps: list[int]) -> list[Sequence]:
         """Reserve KV slots for each sequence's next window, in order, while the pool lasts."""
         admitted, copies = [], []
-        for seq, n in zip(active, steps):
+        limit = len(active) if self.max_decode_seqs is None else self.max_decode_seqs
+        for seq, n in zip(active[:limit], steps):
             try:
                 copies += self.blocks.reserve(seq.block_table, seq.kv_len, n)
             except PoolExhausted:
@@ -497,6 +520,16 @@ class Engine:
 
 
 CPU_KV_BYTES = 2 << 30  # the CPU pool when no budget is given
+DEFAULT_GPU_DECODE_SEQS = 4096  # most sequences in a GPU decode step (see Engine)
+
+
+def decode_row_bytes(config, dtype: torch.dtype) -> int:
+    """Activation bytes one sequence of a decode step takes at its peak: its logits in the
+    model's dtype and the sampler's float32 copies of them, the MLP's intermediate and a few
+    hidden-size vectors."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return (config.vocab_size * (size + 8) + 3 * config.intermediate_size * size
+            + 8 * config.hidden_size * 4)
 
 
 def default_kv_budget(device: torch.device) -> int:

@@ -23,18 +23,37 @@ def padded_tables(tables: list[list[int]], device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32).reshape(len(tables), width).to(device)
 
 
+def _read_back(out_tokens, out_lp, out_stop, out_top, B: int, window: int):
+    """A window's per-step outputs as per-sequence lists: its one host synchronisation."""
+    tokens = torch.stack(out_tokens, 1).tolist()
+    logprobs = torch.stack(out_lp, 1).tolist()
+    stopped = torch.stack(out_stop, 1).tolist()
+    top = None
+    if out_top:
+        ids = torch.stack([t[0] for t in out_top], 1).tolist()
+        values = torch.stack([t[1] for t in out_top], 1).tolist()
+        top = [[list(zip(ids[b][j], values[b][j])) for j in range(window)] for b in range(B)]
+    return tokens, logprobs, top, stopped
+
+
 def slot_of(table: list[int], position: int, block_size: int) -> int:
     return table[position // block_size] * block_size + position % block_size
 
 
 class ModelRunner:
-    def __init__(self, model, kv_cache, *, backend: str | None, max_batch_tokens: int):
+    def __init__(self, model, kv_cache, *, backend: str | None, max_batch_tokens: int,
+                 cuda_graphs: bool = False):
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
         self.block_size = kv_cache.block_size
         self.device = model.device
+        self.graphs = None
+        if cuda_graphs:
+            from ttscale.engine.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, kv_cache)
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device)
@@ -140,6 +159,8 @@ class ModelRunner:
         Returns per sequence: its ``window`` sampled tokens, their log-probabilities, their top
         log-probabilities (or None), and per token whether it is a stop or EOS token.
         """
+        if self.graphs is not None:
+            return self._decode_window_graphed(seqs, window, sampling, seed, offsets, stop_table)
         B = len(seqs)
         bs = self.block_size
         slots = [[slot_of(s.block_table, s.kv_len + j, bs) for s in seqs] for j in range(window)]
@@ -150,12 +171,7 @@ class ModelRunner:
         temperature, top_p, min_p = (full(x, torch.float32) for x in (sampling.temperature, sampling.top_p, sampling.min_p))
         top_k = full(sampling.top_k, torch.int32)
         offsets_t = self._tensor(offsets)
-        stop_ids = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
-        if stop_table is not None:
-            stop_ids |= stop_table
-        if not sampling.ignore_eos:
-            stop_ids[list(self.model.config.eos_token_ids)] = True
-        stop_ids = stop_ids.to(self.device)
+        stop_ids = self._stop_ids(sampling, stop_table)
         tokens_in = self._tensor([s.tokens[-1] for s in seqs])
         all_slots = self._tensor(slots)
         out_tokens, out_lp, out_stop, out_top = [], [], [], []
@@ -177,15 +193,45 @@ class ModelRunner:
             if top is not None:
                 out_top.append(top)
             tokens_in = tokens
-        tokens = torch.stack(out_tokens, 1).tolist()  # the window's one host synchronisation
-        logprobs = torch.stack(out_lp, 1).tolist()
-        stopped = torch.stack(out_stop, 1).tolist()
-        top = None
-        if out_top:
-            ids = torch.stack([t[0] for t in out_top], 1).tolist()
-            values = torch.stack([t[1] for t in out_top], 1).tolist()
-            top = [[list(zip(ids[b][j], values[b][j])) for j in range(window)] for b in range(B)]
-        return tokens, logprobs, top, stopped
+        return _read_back(out_tokens, out_lp, out_stop, out_top, B, window)
+
+    def _stop_ids(self, sampling: SamplingParams, stop_table: torch.Tensor | None) -> torch.Tensor:
+        stop_ids = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
+        if stop_table is not None:
+            stop_ids |= stop_table
+        if not sampling.ignore_eos:
+            stop_ids[list(self.model.config.eos_token_ids)] = True
+        return stop_ids.to(self.device)
+
+    def _decode_window_graphed(self, seqs, window, sampling, seed, offsets, stop_table):
+        """decode_window through a captured step (see :mod:`ttscale.engine.graphs`)."""
+        from ttscale.engine.graphs import GraphKey, bucket, width_bucket
+
+        B = len(seqs)
+        problems: dict[Problem, int] = {}
+        for s in seqs:
+            problems.setdefault(s.problem, len(problems))
+        prompt_tables = padded_tables([p.block_table for p in problems], self.device)
+        suffix_tables = padded_tables([s.block_table for s in seqs], self.device)
+        key = GraphKey(bucket(B), bucket(len(problems)), width_bucket(prompt_tables.shape[1]),
+                       width_bucket(suffix_tables.shape[1]), seed, sampling.logprobs, self.backend)
+        graph = self.graphs.get(key)
+        graph.load(
+            tokens_in=[s.tokens[-1] for s in seqs], positions=[s.context_len - 1 for s in seqs],
+            prompt_tables=prompt_tables, prompt_lens=[p.kv_len for p in problems],
+            problem_ids=[problems[s.problem] for s in seqs], suffix_tables=suffix_tables,
+            suffix_lens=[s.kv_len + 1 for s in seqs], offsets=offsets, sampling=sampling,
+        )
+        out_tokens, out_lp, out_top = [], [], []
+        for _ in range(window):
+            tokens, logprobs, top = graph.replay()
+            out_tokens.append(tokens[:B].clone())
+            out_lp.append(logprobs[:B].clone())
+            if top is not None:
+                out_top.append((top[0][:B].clone(), top[1][:B].clone()))
+        stop_ids = self._stop_ids(sampling, stop_table)
+        out_stop = [stop_ids[t] for t in out_tokens]
+        return _read_back(out_tokens, out_lp, out_stop, out_top, B, window)
 
     def copy_blocks(self, copies) -> None:
         """Perform copy-on-write block copies in every layer."""
