@@ -20,7 +20,8 @@
 # TTSCALE_CUDA (ON; OFF in a dry run), GPU_SH_BUILD=cmake (skip pip, build with CMake directly),
 # GPU_SH_SANITIZER_TESTS (how many tests run under memcheck, default 12), GPU_SH_BENCH (the
 # benchmark files to run, in order, by name: "attention engine"; default every bench/bench_*.py),
-# GPU_SH_TESTS_LIMIT (seconds for the GPU tests, default 120), GPU_SH_STAGES (the stages to run,
+# GPU_SH_TESTS_LIMIT (seconds for the GPU tests, default 120), GPU_SH_BENCH_FILE_LIMIT (seconds
+# for one benchmark file, default 300), GPU_SH_STAGES (the stages to run,
 # default "env build selfcheck tests sanitizer bench"), GPU_SH_TEST_WORKERS (pytest-xdist
 # processes for the GPU tests when xdist is there: Triton compiles in parallel; default 8).
 set -uo pipefail
@@ -223,7 +224,7 @@ stage_bench() {
     name=$(basename "$file" .py)
     left=$(( ${#files[@]} - i - 1 ))
     limit=$(( deadline - SECONDS - 20 * left ))
-    (( limit > 300 )) && limit=300
+    (( limit > ${GPU_SH_BENCH_FILE_LIMIT:-300} )) && limit=${GPU_SH_BENCH_FILE_LIMIT:-300}
     if (( limit < 10 )); then
       printf '%s\tskipped\t0\tno time left\n' "$name" >>"$WORK/bench/status.tsv"; continue
     fi

@@ -357,6 +357,7 @@ def test_graphed_decode_bookkeeping_equals_eager_steps(tmp_path):
     table), outputs copied per step. Capture and replay are replaced by running the step, so
     any difference from the eager path is the bookkeeping's."""
     from tiny_models import build_hf_model
+
     from ttscale.engine.graphs import DecodeGraph, DecodeGraphs
 
     class RunStep(DecodeGraph):
@@ -386,3 +387,20 @@ def test_graphed_decode_bookkeeping_equals_eager_steps(tmp_path):
             for step_x, step_y in zip(x.logprobs, y.logprobs, strict=True):
                 assert [i for i, _ in step_x] == [i for i, _ in step_y]
                 assert [v for _, v in step_x] == pytest.approx([v for _, v in step_y], abs=1e-4)
+
+
+def test_max_decode_seqs_caps_a_step_and_changes_no_sample(tmp_path):
+    from tiny_models import build_hf_model
+
+    build_hf_model("llama", tmp_path)
+    params = SamplingParams(n=5, temperature=1.0, max_tokens=12, seed=7)
+    prompts = [[3, 4, 5], [9, 8, 7, 6]]
+    runs = {}
+    for cap in (None, 2):
+        llm = LLM(tmp_path, device="cpu", kv_budget_bytes=8 << 20, max_decode_seqs=cap)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        runs[cap] = [[c.token_ids for c in o.outputs] for o in outputs]
+        assert llm.engine.peak_sequences == (10 if cap is None else 2)
+    assert runs[2] == runs[None]
+    with pytest.raises(ValueError, match="max_decode_seqs"):
+        LLM(tmp_path, device="cpu", kv_budget_bytes=8 << 20, max_decode_seqs=0)

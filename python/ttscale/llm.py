@@ -66,21 +66,23 @@ class LLM:
         memory, or what other engines left of it; 2 GiB on the CPU).
     memory_share : float, optional
         The share of the device's KV budget to lease instead (see :mod:`ttscale.engine.memory`).
-    block_size, window, backend, cuda_graphs
+    block_size, window, backend, cuda_graphs, max_decode_seqs
         Passed to :class:`~ttscale.engine.Engine` (KV block size, decode steps per host read,
-        attention backend, CUDA-graph replay of decode steps: on by default on a GPU).
+        attention backend, CUDA-graph replay of decode steps: on by default on a GPU, most
+        sequences in one decode step: 4096 by default on a GPU).
     """
 
     def __init__(self, model: str | Path, device=None, dtype=None, seed: int = 0, *,
                  kv_budget_bytes: int | None = None, memory_share: float | None = None,
                  block_size: int = 16, window: int | None = None, backend: str | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, max_decode_seqs: int | None = None):
         model_dir = Path(model)
         self.model = load_model(model_dir, device=device, dtype=dtype)
         self.tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
         self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes,
                              memory_share=memory_share, block_size=block_size, seed=seed,
-                             window=window, backend=backend, cuda_graphs=cuda_graphs)
+                             window=window, backend=backend, cuda_graphs=cuda_graphs,
+                             max_decode_seqs=max_decode_seqs)
         self._unseeded_next = UNSEEDED_SEQUENCES  # where unseeded generate calls number from
 
     def encode(self, prompt: str | Seq[int], name: str = "prompts") -> list[int]:
