@@ -404,3 +404,80 @@ def test_max_decode_seqs_caps_a_step_and_changes_no_sample(tmp_path):
     assert runs[2] == runs[None]
     with pytest.raises(ValueError, match="max_decode_seqs"):
         LLM(tmp_path, device="cpu", kv_budget_bytes=8 << 20, max_decode_seqs=0)
+
+
+def test_a_cached_graph_reused_for_fewer_rows_keeps_its_padding_inert(tmp_path):
+    """A graph reused by a later call with fewer sequences in the same bucket: the rows it no
+    longer uses must not keep the earlier call's positions, which can end past the rotary
+    table (prompt + max_tokens - 1 = max_positions is allowed)."""
+    from tiny_models import build_hf_model
+
+    from ttscale.engine.graphs import DecodeGraph, DecodeGraphs
+
+    class RunStep(DecodeGraph):
+        def _capture(self, pool, device):
+            self.reset_padding()
+
+        def replay(self):
+            return self._step()
+
+    build_hf_model("llama", tmp_path)
+    prompt = [7] * 500  # max_positions is 512 here
+    outputs = {}
+    for graphed in (True, False):
+        llm = LLM(tmp_path, device="cpu", kv_budget_bytes=32 << 20, window=8, block_size=8)
+        assert llm.model.max_positions == 512
+        if graphed:
+            llm.engine.runner.graphs = DecodeGraphs(llm.model, llm.engine.kv_cache, RunStep)
+        for n in (6, 5):
+            params = SamplingParams(n=n, temperature=1.0, max_tokens=13, seed=1, ignore_eos=True)
+            outputs[graphed, n] = [c.token_ids for c in
+                                   llm.generate([prompt], params, use_tqdm=False)[0].outputs]
+    assert outputs[True, 5] == outputs[False, 5]
+    assert outputs[True, 6] == outputs[False, 6]
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, "4", True])
+def test_max_decode_seqs_must_be_a_positive_int(tmp_path, bad):
+    from tiny_models import build_hf_model
+
+    build_hf_model("llama", tmp_path)
+    with pytest.raises(ValueError, match="max_decode_seqs"):
+        Engine(load_model(tmp_path, device="cpu"), kv_budget_bytes=8 << 20, max_decode_seqs=bad)
+
+
+def test_graphs_are_refused_where_a_step_cannot_be_captured(monkeypatch):
+    from ttscale import _checks
+    from ttscale.engine.engine import _graphs_possible
+
+    assert _graphs_possible(torch.device("cpu"), None) == (False, "the model is on cpu, not a CUDA device")
+    ok, why = _graphs_possible(torch.device("cuda"), "torch")
+    assert not ok and "torch backend" in why
+    monkeypatch.setattr(_checks, "DEBUG", True)
+    ok, why = _graphs_possible(torch.device("cuda"), None)
+    assert not ok and "TTSCALE_DEBUG" in why
+
+
+def test_a_leased_pool_keeps_back_its_decode_steps_activations(tmp_path, monkeypatch):
+    from tiny_models import build_hf_model
+
+    from ttscale.engine import memory
+    from ttscale.engine.engine import decode_row_bytes
+    from ttscale.model import block_bytes
+
+    build_hf_model("llama", tmp_path)
+    model = load_model(tmp_path, device="cpu")
+    row = decode_row_bytes(model.config, model.dtype)
+    block = block_bytes(model.config, 16, model.dtype)
+    monkeypatch.setattr(memory, "_BUDGETS", {})
+    monkeypatch.setattr(memory, "free_memory", lambda device: 10_000 * row)
+    whole = memory.DEFAULT_FRACTION * 10_000 * row
+    kept_back = {}
+    for seqs in (None, 100, 1_000_000):
+        engine = Engine(model, memory_share=0.5, max_decode_seqs=seqs)
+        kept_back[seqs] = whole * 0.5 - engine.kv_cache.num_blocks * block
+        assert engine.max_decode_seqs == (None if seqs is None else min(seqs, 2250))
+        engine.memory_lease.release()
+    assert 0 <= kept_back[None] < block  # on the CPU no step is capped unless asked
+    assert 100 * row <= kept_back[100] < 100 * row + block
+    assert 2250 * row <= kept_back[1_000_000] < 2250 * row + block  # at most half the lease

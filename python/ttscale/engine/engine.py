@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Sequence as Seq
 
 import torch
-from ttscale import ops
+from ttscale import _checks, backends, ops
 from ttscale.engine import memory
 from ttscale.engine.block_manager import BlockManager, PoolExhausted
 from ttscale.engine.runner import ModelRunner
@@ -89,21 +89,31 @@ class Engine:
             raise ValueError(f"window: expected >= 1, got {self.window}")
         if max_decode_seqs is None:
             max_decode_seqs = DEFAULT_GPU_DECODE_SEQS if device.type != "cpu" else None
-        elif max_decode_seqs < 1:
-            raise ValueError(f"max_decode_seqs: expected >= 1, got {max_decode_seqs}")
-        self.max_decode_seqs = max_decode_seqs
+        elif (not isinstance(max_decode_seqs, int) or isinstance(max_decode_seqs, bool)
+              or max_decode_seqs < 1):
+            raise ValueError(f"max_decode_seqs: expected an int >= 1, got {max_decode_seqs!r}")
+        graphs_ok, why_not = _graphs_possible(device, backend)
+        if cuda_graphs is None:
+            cuda_graphs = graphs_ok
+        elif cuda_graphs and not graphs_ok:
+            raise ValueError(f"cuda_graphs: {why_not}")
         self.memory_lease: memory.Lease | None = None
         if kv_budget_bytes is not None and memory_share is not None:
             raise ValueError("memory_share: give kv_budget_bytes or memory_share, not both")
         if kv_budget_bytes is None and (device.type != "cpu" or memory_share is not None):
             owner = f"the engine of a {model.config.architecture}"
             self.memory_lease = memory.lease(device, memory_share, owner)
-            # The lease is all this engine may use: keep back what a full decode step's
-            # activations take (twice: the eager path and the captured steps' pool).
-            reserve = 2 * (max_decode_seqs or 0) * decode_row_bytes(model.config, model.dtype)
-            kv_budget_bytes = max(self.memory_lease.bytes - reserve, self.memory_lease.bytes // 2)
+            # The lease is all this engine may use: keep back what its largest decode step's
+            # activations take (twice with CUDA graphs: their pool and an eager step's), at most
+            # half the lease; a step then runs no more sequences than that reserve holds.
+            lease = self.memory_lease.bytes
+            per_seq = (2 if cuda_graphs else 1) * decode_row_bytes(model.config, model.dtype)
+            if max_decode_seqs is not None:
+                max_decode_seqs = max(1, min(max_decode_seqs, lease // 2 // per_seq))
+            kv_budget_bytes = lease - min((max_decode_seqs or 0) * per_seq, lease // 2)
         elif kv_budget_bytes is None:
             kv_budget_bytes = CPU_KV_BYTES
+        self.max_decode_seqs = max_decode_seqs
         try:
             self.kv_cache = model.allocate_kv_cache(kv_budget_bytes, block_size=block_size)
         except BaseException:
@@ -113,10 +123,6 @@ class Engine:
         if self.memory_lease is not None:  # the share returns when the engine (and pool) goes
             weakref.finalize(self, self.memory_lease.release)
         self.blocks = BlockManager(self.kv_cache.num_blocks, block_size)
-        if cuda_graphs is None:
-            cuda_graphs = device.type == "cuda"
-        elif cuda_graphs and device.type != "cuda":
-            raise ValueError(f"cuda_graphs: the model is on {device}, not a CUDA device")
         self.runner = ModelRunner(model, self.kv_cache, backend=backend,
                                   max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs)
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
@@ -525,11 +531,28 @@ DEFAULT_GPU_DECODE_SEQS = 4096  # most sequences in a GPU decode step (see Engin
 
 def decode_row_bytes(config, dtype: torch.dtype) -> int:
     """Activation bytes one sequence of a decode step takes at its peak: its logits in the
-    model's dtype and the sampler's float32 copies of them, the MLP's intermediate and a few
-    hidden-size vectors."""
+    model's dtype (and as much again in float32 for a sampler that converts them), the MLP's
+    intermediate and a few hidden-size vectors in float32."""
     size = torch.empty((), dtype=dtype).element_size()
-    return (config.vocab_size * (size + 8) + 3 * config.intermediate_size * size
+    return (config.vocab_size * (size + 4) + 3 * config.intermediate_size * size
             + 8 * config.hidden_size * 4)
+
+
+def _graphs_possible(device: torch.device, backend: str | None) -> tuple[bool, str]:
+    """Whether a decode step can be captured on ``device`` with ``backend``, and why not."""
+    if device.type != "cuda":
+        return False, f"the model is on {device}, not a CUDA device"
+    if _checks.DEBUG:
+        return False, "TTSCALE_DEBUG=1 checks values on the host, which a captured step cannot"
+    for op, requested in (("cascade_decode_attention", backend), ("write_kv", backend),
+                          ("sample", None)):
+        try:
+            chosen = backends.resolve(op, device, requested)
+        except ValueError as error:
+            return False, f"{op}: {error}"
+        if chosen == "torch":
+            return False, f"the torch backend of {op} reads values on the host"
+    return True, ""
 
 
 def default_kv_budget(device: torch.device) -> int:

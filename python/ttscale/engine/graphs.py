@@ -95,8 +95,12 @@ class DecodeGraph:
         torch.cuda.current_stream(device).wait_stream(stream)
 
     def reset_padding(self) -> None:
-        """Every row inert (the state a capture needs, and what padded rows keep)."""
+        """Every row inert (the state a capture needs, and what padded rows keep). Positions too:
+        a cached graph's unused rows would otherwise keep where an earlier call's rows ended,
+        which may be past the rotary table."""
         self.live.zero_()
+        self.positions.zero_()
+        self.tokens_in.zero_()
         self.suffix_lens.fill_(1)
         self.temperature.zero_()
         self.top_k.zero_()

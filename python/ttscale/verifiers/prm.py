@@ -123,7 +123,9 @@ class PRM(Verifier):
         self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes,
                              memory_share=memory_share, block_size=block_size,
                              max_batch_tokens=max_batch_tokens,
-                             backend=backend)
+                             # it only prefills: no decode step, so no graphs and no activations
+                             # of one to keep out of its pool
+                             backend=backend, cuda_graphs=False, max_decode_seqs=1)
         self.backend = backend
         self._weight, self._bias = self._head()
         self.scored_tokens = 0
