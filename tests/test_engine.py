@@ -450,7 +450,8 @@ def test_graphs_are_refused_where_a_step_cannot_be_captured(monkeypatch):
     from ttscale import _checks
     from ttscale.engine.engine import _graphs_possible
 
-    assert _graphs_possible(torch.device("cpu"), None) == (False, "the model is on cpu, not a CUDA device")
+    ok, why = _graphs_possible(torch.device("cpu"), None)
+    assert not ok and why == "the model is on cpu, not a CUDA device"
     ok, why = _graphs_possible(torch.device("cuda"), "torch")
     assert not ok and "torch backend" in why
     monkeypatch.setattr(_checks, "DEBUG", True)
