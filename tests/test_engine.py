@@ -482,3 +482,16 @@ def test_a_leased_pool_keeps_back_its_decode_steps_activations(tmp_path, monkeyp
     assert 0 <= kept_back[None] < block  # on the CPU no step is capped unless asked
     assert 100 * row <= kept_back[100] < 100 * row + block
     assert 2250 * row <= kept_back[1_000_000] < 2250 * row + block  # at most half the lease
+
+
+def test_max_new_tokens_per_sequence(engine):
+    """Each sequence decodes its own count in one call, and draws what it draws alone."""
+    seqs = engine.fork(engine.add(PROMPT), 3)
+    engine.decode(seqs, GREEDY, max_new_tokens=[2, 9, 5])
+    assert [s.generated for s in seqs] == [2, 9, 5]
+    alone = engine.fork(engine.add(PROMPT), 1)
+    engine.decode(alone, GREEDY, max_new_tokens=9)
+    assert seqs[1].output_ids == alone[0].output_ids
+    for bad, message in (([1, 2], "one per sequence"), ([1, 0, 3], "at 1"), (2.0, "int >= 1")):
+        with pytest.raises(ValueError, match="max_new_tokens.*" + message):
+            engine.decode(engine.fork(engine.add(PROMPT), 3), GREEDY, max_new_tokens=bad)

@@ -374,27 +374,34 @@ class Engine:
         return hidden
 
     def decode(self, seqs: Seq[Sequence], sampling: SamplingParams, *, stop: Seq[str] | None = None,
-               max_new_tokens: int | None = None) -> None:
+               max_new_tokens: int | Seq[int] | None = None) -> None:
         """Sample each sequence until it stops; ``seq.finish_reason`` says why.
 
         A sequence stops at a token whose text contains a stop string (``stop``, else
         ``sampling.stop``; the token is kept), at an end-of-sequence token (unless
-        ``sampling.ignore_eos``), after ``max_new_tokens`` new tokens in this call, or at
-        ``sampling.max_tokens`` sampled tokens in its life.
+        ``sampling.ignore_eos``), after ``max_new_tokens`` new tokens in this call (one number
+        for all, or one per sequence), or at ``sampling.max_tokens`` sampled tokens in its life.
         """
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        if not isinstance(max_new_tokens, (list, tuple)):
+            max_new_tokens = [max_new_tokens] * len(seqs)
+        elif len(max_new_tokens) != len(seqs):
+            raise ValueError(f"max_new_tokens: expected one per sequence ({len(seqs)}), "
+                             f"got {len(max_new_tokens)}")
+        for i, n in enumerate(max_new_tokens):
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+                where = "" if len(set(max_new_tokens)) == 1 else f" at {i}"
+                raise ValueError(f"max_new_tokens: expected an int >= 1, got {n!r}{where}")
         stops = tuple(stop) if stop is not None else sampling.stop_strings
         if stops and self._texts is None:
             raise ValueError("stop: stop strings need a tokenizer")
         self._check_live(seqs)
         limits = {}
-        for seq in seqs:
+        for seq, most in zip(seqs, max_new_tokens, strict=True):
             limit = sampling.max_tokens
-            if max_new_tokens is not None:
-                limit = min(limit, seq.generated + max_new_tokens)
+            if most is not None:
+                limit = min(limit, seq.generated + most)
             limits[seq] = limit
             seq.finish_reason = "length" if seq.generated >= limit else None
         active = [s for s in seqs if s.finish_reason is None]
