@@ -19,6 +19,7 @@ for tiny shapes.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -84,16 +85,20 @@ def beam_search(engine, prompts: list[list[int]], new_tokens: int) -> list[list[
     return out
 
 
-def floor_seconds(config: dict, prompts: int, prompt_len: int, new_tokens: int, params: int,
+def floor_seconds(config: dict, prompts: int, prompt_len: int, new_tokens: int, model,
                   bandwidth: float, peak: float | None, size: int) -> float:
+    """The prompts' prefill (compute) plus every step's max(bytes / bandwidth, FLOPs / peak):
+    the weights but the embedding table (gathered), each prompt's KV once, every beam's own KV;
+    2 FLOPs per matrix-product parameter (layers and LM head) per beam."""
     kv_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * (
         config["hidden_size"] // config["num_attention_heads"]) * size
-    embed = config["vocab_size"] * config["hidden_size"] * size  # gathered, not read whole
-    total = 0.0
+    layers = sum(p.numel() for p in model.layers.parameters())
+    head = model.lm_head.numel()
+    total = 2 * layers * prompts * prompt_len / peak if peak else 0.0
     for t in range(new_tokens):
-        nbytes = (params * size - embed + prompts * prompt_len * kv_token
+        nbytes = ((layers + head) * size + prompts * prompt_len * kv_token
                   + prompts * WIDTH * (t + 1) * kv_token)
-        flops = 2 * params * prompts * WIDTH
+        flops = 2 * (layers + head) * prompts * WIDTH
         total += max(nbytes / bandwidth, flops / peak if peak else 0.0)
     return total
 
@@ -122,7 +127,7 @@ def test_token_beam_search(device, machine, tables, tmp_path):
     assert [len(o) for o in out] == [new_tokens] * prompts
     rates = machine(device)
     size = torch.empty((), dtype=dtype).element_size()
-    floor = floor_seconds(config, prompts, prompt_len, new_tokens, params, rates.bandwidth,
+    floor = floor_seconds(config, prompts, prompt_len, new_tokens, model, rates.bandwidth,
                           rates.peak_flops, size)
     dtype_name = str(dtype).removeprefix("torch.")
     table = f"token-level beam search, width {WIDTH} ({device}, {dtype_name})"
@@ -140,3 +145,9 @@ def test_token_beam_search(device, machine, tables, tmp_path):
                                                  "config": json.dumps(config)})
     print(f"\n{table} | {cells['workload']}: {output / seconds:.0f} output tokens/s "
           f"({seconds:.2f} s, {floor / seconds:.0%} of floor)")
+    if engine.memory_lease is not None:
+        engine.memory_lease.release()
+    del engine, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()

@@ -20,8 +20,8 @@ The PRM is a policy-shaped transformer of the PRM's size run through the engine'
 reward head (one matrix-vector product per step) is left out as negligible. GPU shapes:
 Qwen2.5-1.5B policy, Qwen2.5-Math-7B-PRM-sized PRM, bf16, the device's KV budget split 0.6 / 0.4.
 The table prints the measured wall time of the subset, its tokens, and the projection to 500
-problems by generated tokens; and the compute floor of the whole run (every policy and PRM token
-through 2 × params FLOPs at the peak rate).
+problems by generated tokens; and the compute floor of the subset (every policy and PRM token
+through 2 FLOPs per parameter of its matrix products at the peak rate).
 
 Run: ``TTSCALE_BENCH_DEVICES=cuda pytest bench/bench_search.py --benchmark-enable -s``;
 ``TTSCALE_BENCH_SEARCH_PROBLEMS`` sets the subset (default 8 on a GPU, 2 on the CPU, spread over
@@ -30,6 +30,7 @@ the set). ``TTSCALE_BENCH_TINY=1``: tiny shapes, to check the code.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -131,6 +132,17 @@ class Search:
         self.head = torch.randn(prm_cfg["hidden_size"], device=device, dtype=dtype)
         self.generated = self.scored = 0
 
+    def close(self) -> None:
+        """Give the device back: the engines' leases and the allocator's cached blocks, so that
+        the next row measures its budget from the memory actually free."""
+        for engine in (self.policy, self.prm):
+            if engine.memory_lease is not None:
+                engine.memory_lease.release()
+        self.policy = self.prm = self.policy_model = self.prm_model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def sampling(self, most: int):
         from ttscale.sampling_params import SamplingParams
 
@@ -220,11 +232,19 @@ class Search:
             live = going
 
 
-def floor_seconds(search: Search, generated: int, scored: int, peak: float | None) -> float | None:
+def matmul_params(model) -> int:
+    """Parameters a token goes through as matrix products: the layers, plus the LM head where a
+    token needs logits (the policy; the PRM's scores come from one vector, left out). The
+    embedding table is gathered, not multiplied."""
+    layers = sum(p.numel() for p in model.layers.parameters())
+    return layers + (model.lm_head.numel() if model.lm_head is not None else 0)
+
+
+def floor_seconds(policy_params: int, prm_params: int, generated: int, scored: int,
+                  peak: float | None) -> float | None:
     if peak is None:
         return None
-    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return 2 * (generated * params(search.policy_model) + scored * params(search.prm_model)) / peak
+    return 2 * (generated * policy_params + scored * prm_params) / peak
 
 
 def expected_tokens(shapes: list[dict], n: int) -> int:
@@ -245,32 +265,39 @@ def test_prm_search_projection(device, strategy, machine, tables, tmp_path):
     n = SAMPLES[device]
     shapes = subset(count)
     search = Search(device, tmp_path)
-    warm = Search.__dict__[strategy]
-    warm(search, subset(1), BEAM_WIDTH * 2, random.Random(1))  # compile, allocate
-    search.generated = search.scored = 0
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    warm(search, shapes, n, random.Random(0))
-    sync()
-    seconds = time.perf_counter() - start
-    assert search.generated >= n * count, "every candidate generates"
-    projected = seconds * expected_tokens(SHAPES, n) / expected_tokens(shapes, n)
-    rates = machine(device)
-    floor = floor_seconds(search, search.generated, search.scored, rates.peak_flops)
-    table = TABLE.format(device=device, dtype=str(search.dtype).removeprefix("torch."))
-    tables.note(table, "projection: the subset's wall time scaled by MATH-500's solution tokens "
-                       "over the subset's; floor: every generated and PRM-scored token through "
-                       "2 x params FLOPs at the peak rate, for the subset")
-    tables.add(table, f"{strategy} N={n}", {
-        "strategy": strategy, "N": n, "problems": count, "generated": search.generated,
-        "PRM scored": search.scored, "wall s": seconds,
-        "floor s": "—" if floor is None else floor,
-        "of floor": "—" if floor is None else f"{floor / seconds:.0%}",
-        "projected 500 min": projected / 60,
-        "search-and-learn h": PUBLISHED_HOURS[strategy] if device == "cuda" else "—",
-    }, {"seconds": seconds, "generated": search.generated, "scored": search.scored,
-        "projected_s": projected, "floor_s": floor})
+    try:
+        policy_params = matmul_params(search.policy_model)
+        prm_params = sum(p.numel() for p in search.prm_model.layers.parameters())
+        warm = Search.__dict__[strategy]
+        warm(search, subset(1), BEAM_WIDTH * 2, random.Random(1))  # compile, allocate
+        search.generated = search.scored = 0
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        warm(search, shapes, n, random.Random(0))
+        sync()
+        seconds = time.perf_counter() - start
+        assert search.generated >= n * count, "every candidate generates"
+        projected = seconds * expected_tokens(SHAPES, n) / expected_tokens(shapes, n)
+        rates = machine(device)
+        floor = floor_seconds(policy_params, prm_params, search.generated, search.scored,
+                              rates.peak_flops)
+        table = TABLE.format(device=device, dtype=str(search.dtype).removeprefix("torch."))
+        tables.note(table, "projection: the subset's wall time scaled by MATH-500's solution "
+                           "tokens over the subset's; floor: every generated and PRM-scored token "
+                           "through 2 FLOPs per matrix-product parameter (layers; the policy's "
+                           "LM head) at the peak rate, for the subset")
+        tables.add(table, f"{strategy} N={n}", {
+            "strategy": strategy, "N": n, "problems": count, "generated": search.generated,
+            "PRM scored": search.scored, "wall s": seconds,
+            "floor s": "—" if floor is None else floor,
+            "of floor": "—" if floor is None else f"{floor / seconds:.0%}",
+            "projected 500 min": projected / 60,
+            "search-and-learn h": PUBLISHED_HOURS[strategy] if device == "cuda" else "—",
+        }, {"seconds": seconds, "generated": search.generated, "scored": search.scored,
+            "projected_s": projected, "floor_s": floor})
+    finally:
+        search.close()
     print(f"\n{table} | {strategy} N={n}, {count} problems: {seconds:.2f} s, "
           f"{search.generated} generated, {search.scored} PRM tokens; projected to 500 problems: "
           f"{projected / 60:.1f} min")

@@ -21,7 +21,8 @@
 # GPU_SH_SANITIZER_TESTS (how many tests run under memcheck, default 12), GPU_SH_BENCH (the
 # benchmark files to run, in order, by name: "attention engine"; default every bench/bench_*.py),
 # GPU_SH_TESTS_LIMIT (seconds for the GPU tests, default 120), GPU_SH_BENCH_FILE_LIMIT (seconds
-# for one benchmark file, default 300), GPU_SH_STAGES (the stages to run,
+# for one benchmark file, default 300), GPU_SH_BENCH_LIMIT (seconds for the whole benchmark
+# stage, default 420), GPU_SH_STAGES (the stages to run,
 # default "env build selfcheck tests sanitizer bench"), GPU_SH_TEST_WORKERS (pytest-xdist
 # processes for the GPU tests when xdist is there: Triton compiles in parallel; default 8).
 set -uo pipefail
@@ -287,7 +288,7 @@ run_stage build 180 "$OUT/build.log" "$BENCH_MIN"
 run_stage selfcheck "${GPU_SH_SELFCHECK_LIMIT:-150}" "$OUT/tests.log" "$BENCH_MIN"
 run_stage tests "${GPU_SH_TESTS_LIMIT:-120}" "$OUT/tests.log" "$BENCH_MIN"
 run_stage sanitizer 75 "$OUT/sanitizer.log" "$BENCH_MIN"
-run_stage bench 420 "$OUT/bench.log" 0
+run_stage bench "${GPU_SH_BENCH_LIMIT:-420}" "$OUT/bench.log" 0
 
 timeout 30 "$PYTHON" bench/gpu_report.py merge --work "$WORK" --out "$OUT" --dry-run "$DRY_RUN"
 rc=$?

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -492,6 +493,7 @@ def test_max_new_tokens_per_sequence(engine):
     alone = engine.fork(engine.add(PROMPT), 1)
     engine.decode(alone, GREEDY, max_new_tokens=9)
     assert seqs[1].output_ids == alone[0].output_ids
+    engine.decode(engine.fork(engine.add(PROMPT), 1), GREEDY, max_new_tokens=np.int64(2))
     for bad, message in (([1, 2], "one per sequence"), ([1, 0, 3], "at 1"), (2.0, "int >= 1")):
         with pytest.raises(ValueError, match="max_new_tokens.*" + message):
             engine.decode(engine.fork(engine.add(PROMPT), 3), GREEDY, max_new_tokens=bad)

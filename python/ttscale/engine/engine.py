@@ -16,6 +16,7 @@ their stop inside a window keep computing until it ends; their extra tokens are 
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from collections.abc import Sequence as Seq
 
@@ -390,7 +391,8 @@ class Engine:
             raise ValueError(f"max_new_tokens: expected one per sequence ({len(seqs)}), "
                              f"got {len(max_new_tokens)}")
         for i, n in enumerate(max_new_tokens):
-            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            if n is not None and (not isinstance(n, numbers.Integral) or isinstance(n, bool)
+                                  or n < 1):
                 where = "" if len(set(max_new_tokens)) == 1 else f" at {i}"
                 raise ValueError(f"max_new_tokens: expected an int >= 1, got {n!r}{where}")
         stops = tuple(stop) if stop is not None else sampling.stop_strings
@@ -401,7 +403,7 @@ class Engine:
         for seq, most in zip(seqs, max_new_tokens, strict=True):
             limit = sampling.max_tokens
             if most is not None:
-                limit = min(limit, seq.generated + most)
+                limit = min(limit, seq.generated + int(most))
             limits[seq] = limit
             seq.finish_reason = "length" if seq.generated >= limit else None
         active = [s for s in seqs if s.finish_reason is None]
