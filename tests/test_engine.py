@@ -352,14 +352,10 @@ def test_cuda_graphs_need_a_cuda_device(tmp_path):
         Engine(load_model(tmp_path, device="cpu"), cuda_graphs=True)
 
 
-def test_graphed_decode_bookkeeping_equals_eager_steps(tmp_path):
-    """The CUDA-graph path's own work, on the CPU: static buffers padded to a bucket, inputs
-    advanced inside the step (positions, lengths, offsets, the next slot from the suffix
-    table), outputs copied per step. Capture and replay are replaced by running the step, so
-    any difference from the eager path is the bookkeeping's."""
-    from tiny_models import build_hf_model
-
-    from ttscale.engine.graphs import DecodeGraph, DecodeGraphs
+def run_step_graph():
+    """A DecodeGraph whose capture and replay run the step instead: the graph path's
+    bookkeeping on the CPU."""
+    from ttscale.engine.graphs import DecodeGraph
 
     class RunStep(DecodeGraph):
         def _capture(self, pool, device):
@@ -367,6 +363,18 @@ def test_graphed_decode_bookkeeping_equals_eager_steps(tmp_path):
 
         def replay(self):
             return self._step()
+
+    return RunStep
+
+
+def test_graphed_decode_bookkeeping_equals_eager_steps(tmp_path):
+    """The CUDA-graph path's own work, on the CPU: static buffers padded to a bucket, inputs
+    advanced inside the step (positions, lengths, offsets, the next slot from the suffix
+    table), outputs copied per step. Capture and replay are replaced by running the step, so
+    any difference from the eager path is the bookkeeping's."""
+    from tiny_models import build_hf_model
+
+    from ttscale.engine.graphs import DecodeGraphs
 
     build_hf_model("llama", tmp_path)
     prompts = [[5, 9, 3, 7, 1], list(range(10, 40)), [2] * 17]
@@ -376,7 +384,8 @@ def test_graphed_decode_bookkeeping_equals_eager_steps(tmp_path):
     for graphed in (True, False):
         llm = LLM(tmp_path, device="cpu", kv_budget_bytes=8 << 20, window=8, block_size=8)
         if graphed:
-            llm.engine.runner.graphs = DecodeGraphs(llm.model, llm.engine.kv_cache, RunStep)
+            graphs = DecodeGraphs(llm.model, llm.engine.kv_cache, run_step_graph())
+            llm.engine.runner.graphs = graphs
         results.append(llm.generate(prompts, params, use_tqdm=False))
         if graphed:
             assert llm.engine.runner.graphs.captures > 0
@@ -413,14 +422,7 @@ def test_a_cached_graph_reused_for_fewer_rows_keeps_its_padding_inert(tmp_path):
     table (prompt + max_tokens - 1 = max_positions is allowed)."""
     from tiny_models import build_hf_model
 
-    from ttscale.engine.graphs import DecodeGraph, DecodeGraphs
-
-    class RunStep(DecodeGraph):
-        def _capture(self, pool, device):
-            self.reset_padding()
-
-        def replay(self):
-            return self._step()
+    from ttscale.engine.graphs import DecodeGraphs
 
     build_hf_model("llama", tmp_path)
     prompt = [7] * 500  # max_positions is 512 here
@@ -429,7 +431,8 @@ def test_a_cached_graph_reused_for_fewer_rows_keeps_its_padding_inert(tmp_path):
         llm = LLM(tmp_path, device="cpu", kv_budget_bytes=32 << 20, window=8, block_size=8)
         assert llm.model.max_positions == 512
         if graphed:
-            llm.engine.runner.graphs = DecodeGraphs(llm.model, llm.engine.kv_cache, RunStep)
+            graphs = DecodeGraphs(llm.model, llm.engine.kv_cache, run_step_graph())
+            llm.engine.runner.graphs = graphs
         for n in (6, 5):
             params = SamplingParams(n=n, temperature=1.0, max_tokens=13, seed=1, ignore_eos=True)
             outputs[graphed, n] = [c.token_ids for c in

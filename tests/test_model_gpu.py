@@ -61,6 +61,17 @@ def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm())
 
 
+def _their_greedy_agrees(hf_bf16, prompt: list[int], ours: list[int], name: str) -> None:
+    """Each of our tokens is transformers' argmax after our prefix, or within a bf16 tie."""
+    for step, token in enumerate(ours):
+        row = _logits(hf_bf16, prompt + ours[:step])[-1]
+        if int(row.argmax()) != token:
+            top = row.topk(2).values
+            gap = float(top[0] - top[1]) / float(row.abs().max())
+            assert gap <= TIE, f"{name}: token {step}: ours {token}, theirs {int(row.argmax())}"
+            return  # a tie: the continuations part here, and the rest compares nothing
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_bf16_prefill_logits_match_transformers(variant, backend):
     _backend_or_skip(backend)
@@ -89,27 +100,7 @@ def test_bf16_greedy_continuation_matches_transformers(variant, backend):
     ours = [int(logits[-1].argmax())]
     for _ in range(15):
         ours.append(int(driver.decode([seq], [ours[-1]])[0].argmax()))
-    theirs = []
-    for step in range(16):
-        row = _logits(hf_bf16, prompt + ours[:step])[-1]  # their choice after our prefix
-        theirs.append(int(row.argmax()))
-        if theirs[-1] != ours[step]:
-            top = row.topk(2).values
-            gap = float(top[0] - top[1]) / float(row.abs().max())
-            assert gap <= TIE, f"{name}: token {step}: ours {ours[step]}, theirs {theirs[-1]}"
-            return  # a tie: the continuations part here, and the rest compares nothing
-    assert ours == theirs, name
-
-
-def _their_greedy_agrees(hf_bf16, prompt: list[int], ours: list[int], name: str) -> None:
-    """Each of our tokens is transformers' argmax after our prefix, or within a bf16 tie."""
-    for step, token in enumerate(ours):
-        row = _logits(hf_bf16, prompt + ours[:step])[-1]
-        if int(row.argmax()) != token:
-            top = row.topk(2).values
-            gap = float(top[0] - top[1]) / float(row.abs().max())
-            assert gap <= TIE, f"{name}: token {step}: ours {token}, theirs {int(row.argmax())}"
-            return
+    _their_greedy_agrees(hf_bf16, prompt, ours, name)
 
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
