@@ -114,3 +114,56 @@ def test_first_slip_finds_only_arithmetic_slips():
     assert task.first_slip(problem, "7*9=63\n63*5=315\n") is None  # wrong operation
     assert task.first_slip(problem, "7*9=63\n63+5=68\n68-8=60\nanswer: 61\n") is None  # answer line
     assert task.first_slip(problem, "7*9=63\nhello\n") is None  # malformed step
+
+
+def test_worked_step_writes_a_product_in_parts_and_sums_them_two_at_a_time():
+    assert task.worked_step(48, "*", 9) == ("48*9=40*9+8*9=360+72=432", 432)
+    assert task.worked_step(85, "*", 37) == (
+        "85*37=80*30+80*7+5*30+5*7=2400+560+150+35=2960+150+35=3110+35=3145", 3145)
+    assert task.worked_step(405, "*", 20) == ("405*20=400*20+5*20=8000+100=8100", 8100)
+    # one part, a sum or a difference: written as in a first attempt
+    assert task.worked_step(3, "*", 7) == ("3*7=21", 21)
+    assert task.worked_step(40, "*", 2) == ("40*2=80", 80)
+    assert task.worked_step(85, "+", 37) == ("85+37=122", 122)
+    assert task.places(405) == [400, 5] and task.places(7) == [7]
+
+
+def test_worked_solution_is_right_at_every_step_and_in_the_alphabet():
+    from ttscale.toy.tokenizer import ALPHABET
+
+    for problem in task.problems("heldout", 300, seed=4):
+        worked = problem.worked_solution()
+        assert task.label_steps(problem, worked) == [True] * (problem.num_ops + 1)
+        assert task.final_answer(worked) == str(problem.answer)
+        assert set(worked) <= set(ALPHABET)
+        for line, plain in zip(task.step_lines(worked), problem.steps()):
+            # the same step as the first attempt's, its parts between
+            assert line.partition("=")[0] == plain.partition("=")[0]
+            assert line.rpartition("=")[2] == plain.rpartition("=")[2]
+
+
+def test_worked_slip_solution_has_one_slip_and_builds_on_it():
+    rng = random.Random(2)
+    in_parts = 0
+    for problem in task.problems("train", 500, seed=6):
+        solution = task.worked_slip_solution(problem, rng)
+        labels = task.label_steps(problem, solution)
+        k = labels.index(False)
+        assert not any(labels[k:])
+        assert task.first_slip(problem, solution) == k  # the right operands, a wrong result
+        assert task.final_answer(solution) != str(problem.answer)
+        lines = task.step_lines(solution)
+        assert lines[:k] == task.step_lines(problem.worked_solution())[:k]
+        in_parts += lines[k].count("=") > 1
+        for before, after in zip(lines[k:-2], lines[k + 1 : -1]):  # later steps build on it
+            assert re.match(r"-?\d+", after)[0] == before.rpartition("=")[2]
+    assert in_parts > 100  # slips inside a product's parts occur
+
+
+def test_a_worked_step_is_labelled_by_the_result_after_its_last_equals():
+    problem = task.parse_problem("(48*9)+5")
+    assert task.label_steps(problem, "48*9=40*9+8*9=360+72=432\n432+5=437\nanswer: 437\n") == [
+        True, True, True]
+    assert task.label_steps(problem, "48*9=40*9+8*9=360+36=396\n396+5=401\nanswer: 401\n") == [
+        False, False, False]
+    assert task.first_slip(problem, "48*9=40*9+8*9=360+36=396\n396+5=401\nanswer: 401\n") == 0

@@ -9,6 +9,11 @@ order is unambiguous::
     255-12=243
     answer: 243
 
+A revision (:func:`worked_solution`) writes each product in parts, the way one checks a
+multiplication by hand, and the other steps as above::
+
+    85*37=80*30+80*7+5*30+5*7=2400+560+150+35=2960+150+35=3110+35=3145
+
 Operands have 1 or 2 digits; every intermediate result lies in [0, 9999]. A problem's
 difficulty is its number of operations and of two-digit operands; the demo reports accuracy by
 ``level`` (1 to 4), see :func:`difficulty_level`. Train and held-out problems are disjoint: a
@@ -28,7 +33,8 @@ MAX_OPS = 5  # operations in a problem: 2 to MAX_OPS
 STEP_DELIMITER = "\n"
 HELD_OUT_FRACTION = 0.2
 
-_STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
+# a step: operands, operator, then its result after the last "=" (a worked product's parts before)
+_STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(?:[\d+*=]*=)?(\d+)$")
 _ANSWER = re.compile(r"^answer: (\d+)$")
 
 
@@ -65,6 +71,11 @@ class Problem:
 
     def solution(self) -> str:
         return "".join(s + STEP_DELIMITER for s in self.steps()) + f"answer: {self.answer}\n"
+
+    def worked_solution(self) -> str:
+        """The solution with every product worked in parts (:func:`worked_step`): what a revision
+        writes."""
+        return _solution(self, {})
 
     @property
     def num_ops(self) -> int:
@@ -240,6 +251,54 @@ def corrupt_solution(problem: Problem, rng: random.Random) -> str:
             result = near_miss(result, rng)
         lines.append(f"{a}{op}{b}={result}")
         value = result
+    return "".join(line + STEP_DELIMITER for line in lines) + f"answer: {value}\n"
+
+
+def places(value: int) -> list[int]:
+    """The nonzero place values of a non-negative integer, largest first: 405 -> [400, 5]."""
+    text = str(value)
+    return [int(d) * 10 ** (len(text) - 1 - i) for i, d in enumerate(text) if d != "0"]
+
+
+def worked_step(a: int, op: str, b: int, slip: random.Random | None = None) -> tuple[str, int]:
+    """A step's line and result, a product of more than one part worked by hand: the parts,
+    their values, then the sum of the first two values at a time::
+
+        48*9=40*9+8*9=360+72=432
+
+    Each move is a one-digit product with its zeros, or one addition of two numbers.
+    ``slip``: a slip is made, the way a policy errs, with this generator: one part's value a
+    near miss (:func:`near_miss`, carried through the sums) or, for a step with one part, the
+    result itself. Sums, differences and products outside [0, MAX_VALUE] are written plainly.
+    """
+    result = apply(a, op, b)
+    in_parts = op == "*" and 0 < a <= MAX_VALUE
+    parts = [x * y for x in places(a) for y in places(b)] if in_parts else []
+    if len(parts) < 2:
+        if slip is not None:
+            result = near_miss(result, slip) if 0 <= result <= MAX_VALUE else result + 1
+        return f"{a}{op}{b}={result}", result
+    if slip is not None:
+        k = slip.randrange(len(parts))
+        parts[k] = near_miss(parts[k], slip)
+    line = f"{a}*{b}=" + "+".join(f"{x}*{y}" for x in places(a) for y in places(b))
+    while len(parts) > 1:
+        line += "=" + "+".join(map(str, parts))
+        parts = [parts[0] + parts[1], *parts[2:]]
+    return f"{line}={parts[0]}", parts[0]
+
+
+def worked_slip_solution(problem: Problem, rng: random.Random) -> str:
+    """:meth:`Problem.worked_solution` with one step slipped (:func:`worked_step`), the later
+    steps built on its wrong result: a wrong revision, as a policy that revises writes one."""
+    return _solution(problem, {rng.randrange(problem.num_ops): rng})
+
+
+def _solution(problem: Problem, slips: dict[int, random.Random]) -> str:
+    lines, value = [], problem.first
+    for k, (op, b) in enumerate(problem.ops):
+        line, value = worked_step(value, op, b, slips.get(k))
+        lines.append(line)
     return "".join(line + STEP_DELIMITER for line in lines) + f"answer: {value}\n"
 
 
