@@ -59,6 +59,10 @@ def test_revision_example_trains_only_the_last_attempt():
     first = next(j for j, t in enumerate(example.targets) if t != -100)
     assert example.ids[first + 1] == example.targets[first]
     assert first + 1 == len(tok.encode(context).ids)
+    worked = revision_example(problem, attempts, worked=True)  # the target worked in parts
+    assert worked.ids[: first + 1] == example.ids[: first + 1]
+    trained = [t for t in worked.targets if t != -100]
+    assert tok.decode(trained, skip_special_tokens=False) == problem.worked_solution() + "</s>"
 
 
 def test_transitions_count_later_attempts_by_the_earlier_ones_outcome():
@@ -93,6 +97,33 @@ def test_result_flags_mark_each_digit_against_its_own_operands():
     assert flagged == [("6", 0), ("1", 1), ("6", 0), ("6", 0), ("5", 0), ("9", 1)]
     assert example.targets == prm_example(problem, solution).targets  # the tag labels as before
     assert prm_example(problem, solution).flags is None
+
+
+def test_result_flags_of_a_worked_step_are_on_its_result_after_the_parts():
+    from ttscale.toy import task
+    from ttscale.toy.data import Vocab, prm_example
+
+    problem = task.parse_problem("(48*9)+5")
+    solution = "48*9=40*9+8*9=360+36=396\n396+5=401\nanswer: 401\n"
+    example = prm_example(problem, solution, flags=True)
+    tok = build_tokenizer()
+    flagged = [(tok.id_to_token(example.ids[j]), f)
+               for j, f in enumerate(example.flags) if f != -100]
+    # 396 against 432 (its parts are not read), then 401 right for its own operands
+    assert flagged == [("3", 1), ("9", 1), ("6", 1), ("4", 0), ("0", 0), ("1", 0)]
+    # the slip makes its step and every later one wrong
+    assert [t for t in example.targets if t != -100] == [Vocab.load().bad] * 3
+
+
+def test_prm_language_modelling_of_worked_solutions():
+    from ttscale.toy import task
+    from ttscale.toy.data import prm_lm_examples, prm_text
+
+    problems = task.problems("train", 3, seed=5)
+    tok = build_tokenizer()
+    for problem, example in zip(problems, prm_lm_examples(problems, worked=True)):
+        text = prm_text(problem, problem.worked_solution().splitlines())
+        assert tok.decode(example.ids, skip_special_tokens=False) == "<s>" + text
 
 
 def test_slip_twins_pair_the_slip_with_its_true_result():
@@ -315,3 +346,98 @@ def test_multiplication_rich_problems_have_their_multiplications_and_are_new():
     assert multiplication_rich(50, 2, seen, seed=0) == rich
     with pytest.raises(ValueError, match="minimum"):
         multiplication_rich(5, 6, seen, seed=0)  # no problem has six: it would never finish
+
+
+def test_base_examples_with_a_worked_share():
+    from ttscale.search.revisions import REVISION_SEPARATOR
+    from ttscale.toy import task
+    from ttscale.toy.data import policy_examples, prm_lm_examples
+    from ttscale.toy.train import _both_layouts
+
+    problems = task.problems("train", 40, seed=8)
+    plain = _both_layouts(problems)
+    assert [e.ids for e in plain] == [e.ids for e in policy_examples(problems[:20])
+                                      + prm_lm_examples(problems[20:])]
+    mixed = _both_layouts(problems, 0.25)
+    assert len(mixed) == 40
+    assert [e.ids for e in mixed[:20]] == [e.ids for e in plain[:20]]  # the policy's half as it was
+    assert [e.ids for e in mixed[30:]] == [e.ids for e in plain[30:]]
+    tok = build_tokenizer()
+    for problem, example in zip(problems[20:30], mixed[20:30]):
+        context = problem.prompt + REVISION_SEPARATOR.lstrip("\n")
+        worked = problem.worked_solution()
+        assert tok.decode(example.ids, skip_special_tokens=False) == "<s>" + context + worked + "</s>"
+        trained = [t for t in example.targets if t != -100]
+        assert tok.decode(trained, skip_special_tokens=False) == worked + "</s>"
+
+
+def test_worked_revision_chains(monkeypatch):
+    """With revision_worked, a chain's first attempt is the policy's wrong sample, its later ones
+    worked revisions (right, or with one slip), and the target the worked reference; without
+    it, the chains are the policy's own wrong samples then the plain reference."""
+    from dataclasses import replace
+
+    from ttscale.search.revisions import REVISION_SEPARATOR
+    from ttscale.toy import task, train
+
+    problems = task.problems("train", 30, seed=12)
+    wrong = [[f"1+1=3\nanswer: {p.answer + 1}\n"] * 3 for p in problems]
+    monkeypatch.setattr(train, "sample", lambda *args: wrong)
+    seen = {}
+
+    def fit(model, examples, **kwargs):
+        seen["examples"] = examples
+
+    monkeypatch.setattr(train, "fit", fit)
+    monkeypatch.setattr(train.TinyLlama, "from_pretrained", lambda path: None)
+    tok = build_tokenizer()
+    for worked in (False, True):
+        recipe = replace(train.TINY, revision_samples=3, revision_worked=worked,
+                         revision_worked_right=0.5)
+        _, stats = train.train_revisions(None, problems, problems, recipe, 0)
+        assert stats["chains"] == 30
+        right = slipped = 0
+        for problem, sampled, example in zip(problems, wrong, seen["examples"][:30]):
+            text = tok.decode(example.ids, skip_special_tokens=False)
+            *attempts, target = text.removeprefix("<s>" + problem.prompt).split(REVISION_SEPARATOR)
+            reference = problem.worked_solution() if worked else problem.solution()
+            assert target == reference + "</s>"
+            assert attempts[0] == sampled[0]  # the policy's own first attempt
+            for attempt in attempts[1:]:
+                if not worked:
+                    assert attempt == sampled[0]
+                    continue
+                labels = task.label_steps(problem, attempt)
+                right += all(labels)
+                slipped += task.first_slip(problem, attempt) is not None
+                assert all(labels) or task.first_slip(problem, attempt) is not None
+        if worked:
+            assert right > 3 and slipped > 3
+
+
+def test_worked_revisions_recipe_has_room_for_a_chain_of_worked_attempts():
+    from ttscale.search.revisions import REVISION_SEPARATOR
+    from ttscale.toy import task
+    from ttscale.toy.train import NOMINAL, WORKED_REVISIONS, worked_revisions
+
+    assert not NOMINAL.revision_worked and NOMINAL.base_revisions == 0  # the shipped recipe
+    assert WORKED_REVISIONS == worked_revisions(NOMINAL) and WORKED_REVISIONS.revision_worked
+    tok = build_tokenizer()
+    separator = len(tok.encode(REVISION_SEPARATOR, add_special_tokens=False).ids)
+    longest = max((p for p in task.problems("heldout", 500, seed=0)),
+                  key=lambda p: len(p.worked_solution()))
+    attempt = len(tok.encode(longest.worked_solution(), add_special_tokens=False).ids) + 1
+    prompt = len(tok.encode(longest.prompt).ids)
+    # the revision evaluation's chain: three earlier attempts with separators, then one more
+    assert prompt + 3 * (attempt + separator) + attempt <= WORKED_REVISIONS.max_positions
+
+
+@pytest.mark.slow
+def test_tiny_worked_revisions_run(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "ttscale.toy.train", "--tiny", "--worked-revisions",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "policy" / "training_report.json").read_text())
+    assert report["recipe"]["revision_worked"] and report["recipe"]["base_revisions"] == 0.25
+    assert load_model(tmp_path / "policy").config.max_position_embeddings == 1024

@@ -12,10 +12,11 @@ whether the result so far agrees with the true result of that step's own operand
 intermediate judgement a step's tag label rests on).
 
 Revision example: the layout :func:`ttscale.search.revisions.revision_context` builds, the prompt
-then one to three earlier attempts of the policy's own, each followed by the separator
-``"\n# another try:\n"``, then the reference solution and ``</s>``; the loss is on that last
-attempt only (the earlier ones are the policy's own samples, wrong ones in training; at test
-time they are whatever the chain wrote, right or wrong).
+then one to three earlier attempts, each followed by the separator ``"\n# another try:\n"``,
+then the reference solution (or, for worked revisions, the solution with every product worked in
+parts, :meth:`task.Problem.worked_solution`) and ``</s>``; the loss is on that last attempt only
+(the earlier ones are what a chain holds: the policy's own samples, wrong ones in training, or
+worked revisions; at test time they are whatever the chain wrote, right or wrong).
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ttscale.search.revisions import revision_context
+from ttscale.search.revisions import REVISION_SEPARATOR, revision_context
 from ttscale.toy import task
 from ttscale.toy.tokenizer import EOS, PAD, STEP_TAG, build_tokenizer
 from ttscale.verifiers.formats import math_shepherd_text
 
 GOOD, BAD = "+", "-"
 _RESULT = re.compile(r"(?<![\d-])(\d+)([+\-*])(\d+)=(\d+)")  # a negative number is no result
+# a product worked in parts (task.worked_step): its result is after the last "="
+_WORKED = re.compile(r"(?<![\d-])(\d+)(\*)(\d+)"  # the product,
+                     r"=\d+\*\d+(?:\+\d+\*\d+)+"  # its parts,
+                     r"(?:=\d+(?:\+\d+)+)+=(\d+)(?!\d)")  # their sums, then its result
 
 
 @dataclass(frozen=True)
@@ -73,14 +78,26 @@ def policy_examples(problems: list[task.Problem]) -> list[Example]:
     return examples
 
 
-def revision_example(problem: task.Problem, attempts: list[str]) -> Example:
-    """``attempts`` (earlier solutions, oldest first, without ``</s>``), then the reference."""
+def revision_example(problem: task.Problem, attempts: list[str], worked: bool = False) -> Example:
+    """``attempts`` (earlier solutions, oldest first, without ``</s>``), then the reference
+    (``worked``: worked in parts, :meth:`task.Problem.worked_solution`)."""
+    return _after(revision_context(problem.prompt, attempts),
+                  problem.worked_solution() if worked else problem.solution())
+
+
+def worked_examples(problems: list[task.Problem]) -> list[Example]:
+    """Each problem's prompt, the revision separator, then its worked solution (the loss on
+    that): the format a revision writes, without the earlier attempt it revises."""
+    return [_after(p.prompt + REVISION_SEPARATOR.lstrip("\n"), p.worked_solution())
+            for p in problems]
+
+
+def _after(context: str, text: str) -> Example:
+    """``context`` then ``text`` and ``</s>``, the loss on ``text`` and ``</s>``."""
     tok, vocab = build_tokenizer(), Vocab.load()
-    context = revision_context(problem.prompt, attempts)
     start = len(tok.encode(context).ids)
-    ids = tok.encode(context + problem.solution()).ids + [vocab.eos]
-    targets = [-100] * (start - 1) + ids[start:] + [-100]
-    return Example(ids, targets)
+    ids = tok.encode(context + text).ids + [vocab.eos]
+    return Example(ids, [-100] * (start - 1) + ids[start:] + [-100])
 
 
 def solution_steps(solution: str) -> list[str]:
@@ -112,11 +129,22 @@ def prm_example(problem: task.Problem, solution: str, flags: bool = False) -> Ex
     if flags:
         token_at = {start: j for j, (start, end) in enumerate(encoding.offsets) if end > start}
         example.flags = [-100] * len(ids)
-        for step in _RESULT.finditer(text, len(f"Q: {problem.text} ")):
+        for step in _results(text, len(f"Q: {problem.text} ")):
             true = str(task.apply(int(step[1]), step[2], int(step[3])))
             for k in range(len(step[4])):
                 example.flags[token_at[step.start(4) + k]] = int(true[: k + 1] != step[4][: k + 1])
     return example
+
+
+def _results(text: str, start: int) -> list[re.Match]:
+    """Each step's operands and result in ``text`` from ``start``: a worked product's whole line
+    (its result after the parts), any other step as written."""
+    found = []
+    for line in re.finditer(r"[^\n]+", text[start:]):
+        a, b = start + line.start(), start + line.end()
+        worked = _WORKED.match(text, a, b)
+        found += [worked] if worked else list(_RESULT.finditer(text, a, b))
+    return found
 
 
 def slip_twins(problem: task.Problem, solution: str) -> tuple[list[str], list[str]] | None:
@@ -136,10 +164,12 @@ def prm_lm_example(problem: task.Problem) -> Example:
     return prm_lm_examples([problem])[0]
 
 
-def prm_lm_examples(problems: list[task.Problem]) -> list[Example]:
-    """:func:`prm_lm_example` of each problem, tokenized in one batch."""
+def prm_lm_examples(problems: list[task.Problem], worked: bool = False) -> list[Example]:
+    """:func:`prm_lm_example` of each problem, tokenized in one batch; ``worked``: of its worked
+    solution (:meth:`task.Problem.worked_solution`), as a revision writes it."""
     tok = build_tokenizer()
-    fulls = tok.encode_batch([prm_text(p, p.solution().splitlines()) for p in problems])
+    solutions = [p.worked_solution() if worked else p.solution() for p in problems]
+    fulls = tok.encode_batch([prm_text(p, s.splitlines()) for p, s in zip(problems, solutions)])
     questions = tok.encode_batch([f"Q: {p.text} " for p in problems])
     examples = []
     for full, question in zip(fulls, questions, strict=True):

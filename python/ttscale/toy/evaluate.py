@@ -29,6 +29,7 @@ from ttscale.toy.model import TinyLlama
 from ttscale.toy.tokenizer import build_tokenizer
 
 MAX_SOLUTION_TOKENS = 128
+MAX_REVISION_TOKENS = 256  # a revision works its products in parts (task.worked_step)
 
 
 def sample(

@@ -3,12 +3,14 @@
 Phases, each timed:
 
 1. base: a ~1M-parameter Llama learns to write solutions of train-split problems, in the policy's
-   layout and in the PRM's (Math-Shepherd) layout. Its checkpoint at ``policy_step`` becomes the
-   policy: stopped early on purpose, so that it still makes real mistakes (search has something
-   to fix). The run goes on to ``base_steps``; that more trained model is where the PRM starts
-   (a verifier that knows more arithmetic than the policy, as a larger PRM does at scale). At
-   the policy's checkpoint the base grows by a layer, and the steps after it train on problems
-   with at least two multiplications, the operation whose results a PRM fails to check;
+   layout and in the PRM's (Math-Shepherd) layout (and, with ``base_revisions``, a share of
+   worked solutions after the revision separator, see below). Its checkpoint at ``policy_step``
+   becomes the policy: stopped early on purpose, so that it still makes real mistakes (search
+   has something to fix). The run goes on to ``base_steps``; that more trained model is where
+   the PRM starts (a verifier that knows more arithmetic than the policy, as a larger PRM does
+   at scale). At the policy's checkpoint the base grows by a layer, and the steps after it train
+   on problems with at least two multiplications, the operation whose results a PRM fails to
+   check;
 2. revisions: the policy samples solutions of train problems at a high temperature; chains of one
    to three of its wrong ones, then the reference solution, teach the policy to revise in
    the layout of :func:`ttscale.search.revisions.revision_context`; plain solutions are mixed in;
@@ -29,6 +31,14 @@ Phases, each timed:
    for the PRM: the exact step labels (its ceiling on the same pool) and the base model's own
    likelihood of each step (how much checking the model the PRM starts from already holds).
 
+Worked revisions (``--worked-revisions``, :data:`WORKED_REVISIONS`; not the shipped models'
+recipe yet, see issue 8): a revision writes every product in parts
+(:meth:`task.Problem.worked_solution`), which the policy gets right far more often than a whole
+product. The base learns that format from a share of its examples (the prompt, the revision
+separator, the worked solution); a chain's attempts after its first are worked revisions, right
+or with a slip (:func:`task.worked_slip_solution`); the PRM sees worked solutions among its wrong
+and its modelled ones.
+
 Everything is drawn from ``--seed`` with fixed step counts, so a run is reproducible (on the same
 torch version and thread count). ``--minutes`` is a nominal budget on 2 cores that scales the
 step and sample counts; it never reads the clock, so a slow machine trains the same models.
@@ -37,6 +47,7 @@ step and sample counts; it never reads the clock, so a slow machine trains the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -62,9 +73,10 @@ from ttscale.toy.data import (
     prm_example,
     prm_lm_examples,
     revision_example,
+    worked_examples,
 )
 from ttscale.toy.evaluate import (
-    MAX_SOLUTION_TOKENS,
+    MAX_REVISION_TOKENS,
     accuracy_by_level,
     is_correct,
     prm_quality,
@@ -91,11 +103,14 @@ class Recipe:
     base_steps: int = 3200
     policy_step: int = 1600  # the policy is the base run at this step
     base_lr: float = 3e-3
+    base_revisions: float = 0.0  # share of the base's examples to the policy's that are worked
     revision_problems: int = 4000  # train problems whose samples make the revision chains
     revision_samples: int = 3
     revision_temperature: float = 1.3
     revision_steps: int = 1000
     revision_lr: float = 2e-3
+    revision_worked: bool = False  # a revision works its products in parts
+    revision_worked_right: float = 0.5  # a chain's later attempts are worked: right this often
     prm_problems: int = 2500  # train problems the final policy samples for the PRM's data
     prm_samples: int = 4  # samples per problem
     prm_temperature: float = 1.0
@@ -104,7 +119,9 @@ class Recipe:
     prm_extra_layers: int = 2  # decoder layers the PRM adds on top of the base model's
     prm_base_lr_scale: float = 0.1  # the base's embeddings and layers learn at this times prm_lr
     prm_corrupted: int = 8000  # reference solutions of other train problems with one step wrong
+    prm_worked: int = 0  # of those, worked in parts with a slip (as a wrong revision is)
     prm_lm_problems: int = 4000  # reference solutions the PRM keeps language-modelling
+    prm_lm_worked: int = 0  # of those, worked in parts
     prm_steps: int = 1500
     prm_lr: float = 3e-3
     prm_lm_weight: float = 0.5
@@ -119,17 +136,32 @@ class Recipe:
     def scaled(self, factor: float) -> Recipe:
         """The same recipe with work counts multiplied by ``factor`` (at least one of each)."""
         counts = ("base_steps", "policy_step", "revision_problems", "revision_steps", "prm_problems",
-                  "prm_corrupted", "prm_lm_problems", "prm_steps", "eval_problems",
-                  "revision_eval_problems", "preview_problems")
+                  "prm_corrupted", "prm_worked", "prm_lm_problems", "prm_lm_worked", "prm_steps",
+                  "eval_problems", "revision_eval_problems", "preview_problems")
         return Recipe(**{**asdict(self), **{k: max(1, round(getattr(self, k) * factor)) for k in counts}})
 
 
 NOMINAL = Recipe()
+
+
+def worked_revisions(recipe: Recipe) -> Recipe:
+    """``recipe`` with worked revisions (issue 8, in development; see the module docstring): a
+    quarter of the base's examples to the policy's checkpoint, of the PRM's wrong and modelled
+    solutions worked in parts; chains of worked revisions, in 60% of the steps (they are
+    longer); room for four worked attempts in a chain."""
+    return dataclasses.replace(
+        recipe, max_positions=max(recipe.max_positions, 1024), base_revisions=0.25,
+        revision_worked=True, revision_steps=max(1, round(0.6 * recipe.revision_steps)),
+        prm_worked=recipe.prm_corrupted // 4, prm_lm_worked=recipe.prm_lm_problems // 4)
+
+
+WORKED_REVISIONS = worked_revisions(NOMINAL)
 NOMINAL_MINUTES = 25.0
 # A recipe whose every phase takes a second or two: the smoke test of the script.
 TINY = Recipe(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, batch_size=8,
               base_steps=6, policy_step=4, revision_problems=4, revision_samples=2, revision_steps=3,
-              prm_problems=4, prm_samples=2, prm_extra_layers=1, prm_corrupted=4, prm_lm_problems=4,
+              prm_problems=4, prm_samples=2, prm_extra_layers=1, prm_corrupted=4, prm_worked=2,
+              prm_lm_problems=4, prm_lm_worked=2,
               prm_steps=5, eval_problems=8, revision_eval_problems=4,
               revision_eval_attempts=2, preview_problems=4, preview_n=2)
 
@@ -276,7 +308,8 @@ def train_base(config: TinyConfig, recipe: Recipe, seed: int, policy_dir: Path,
     was, with a fresh optimizer and a warm-up of its own."""
     model = TinyLlama(config)
     switch = min(recipe.policy_step, recipe.base_steps)
-    fit(model, _both_layouts(problems), steps=recipe.base_steps, batch_size=recipe.batch_size,
+    examples = _both_layouts(problems, recipe.base_revisions)
+    fit(model, examples, steps=recipe.base_steps, batch_size=recipe.batch_size,
         lr=recipe.base_lr, seed=seed, loss_fn=policy_loss, name="base", stop=switch)
     model.save(policy_dir)
     print(f"  base step {switch}: the policy, saved to {policy_dir}", flush=True)
@@ -289,10 +322,14 @@ def train_base(config: TinyConfig, recipe: Recipe, seed: int, policy_dir: Path,
     return model
 
 
-def _both_layouts(problems: list[task.Problem]) -> list[Example]:
-    """The first half of ``problems`` as policy examples, the rest in the PRM's layout."""
+def _both_layouts(problems: list[task.Problem], worked: float = 0.0) -> list[Example]:
+    """The first half of ``problems`` as policy examples, the rest in the PRM's layout, but for
+    a ``worked`` share of all, written in parts after the revision separator
+    (:func:`worked_examples`): the format a revision writes, learnt with the arithmetic."""
     half = len(problems) // 2
-    return policy_examples(problems[:half]) + prm_lm_examples(problems[half:])
+    count = min(int(worked * len(problems)), len(problems) - half)
+    return (policy_examples(problems[:half]) + worked_examples(problems[half : half + count])
+            + prm_lm_examples(problems[half + count :]))
 
 
 def multiplication_rich(count: int, minimum: int, seen: set[str], seed: int) -> list[task.Problem]:
@@ -312,15 +349,26 @@ def train_revisions(policy_dir: Path, problems: list[task.Problem], fresh: list[
                     recipe: Recipe, seed: int) -> tuple[TinyLlama, dict]:
     """The policy fine-tuned to revise: chains of one to three of its own wrong solutions of
     ``problems`` (sampled at ``revision_temperature``) then the reference, mixed one to one with
-    plain solutions of ``fresh`` problems. A problem the policy never got wrong has no chain."""
+    plain solutions of ``fresh`` problems. A problem the policy never got wrong has no chain.
+
+    With ``revision_worked``, the reference is worked in parts, and a chain's attempts after its
+    first are worked revisions as the policy writes them: right with probability
+    ``revision_worked_right`` (the revision then copies it) or with a slip
+    (:func:`task.worked_slip_solution`)."""
     samples = sample(policy_dir, problems, recipe.revision_samples, recipe.revision_temperature,
                      seed + 3)
     rng = random.Random(seed + 3)
     chains = []
     for problem, group in zip(problems, samples, strict=True):
         wrong = [s for s in group if not is_correct(problem, s)]
-        if wrong:
-            chains.append(revision_example(problem, wrong[: rng.randint(1, min(3, len(wrong)))]))
+        if not wrong:
+            continue
+        attempts = wrong[: rng.randint(1, min(3, len(wrong)))]
+        if recipe.revision_worked:
+            attempts = attempts[:1] + [
+                problem.worked_solution() if rng.random() < recipe.revision_worked_right
+                else task.worked_slip_solution(problem, rng) for _ in attempts[1:]]
+        chains.append(revision_example(problem, attempts, worked=recipe.revision_worked))
     stats = {"chains": len(chains),
              "sampled_accuracy": accuracy_by_level(
                  [p for p in problems for _ in range(recipe.revision_samples)],
@@ -356,15 +404,20 @@ def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Prob
     """The PRM: ``base`` grown by ``prm_extra_layers`` layers (:meth:`TinyLlama.grown`) and
     fine-tuned (:class:`PRMObjective`) on the policy's labelled solutions, on reference solutions
     of the first ``prm_corrupted`` of ``problems`` with one step made wrong
-    (:func:`task.corrupt_solution`), both with result flags, and on reference solutions of the
-    next ``prm_lm_problems`` as language modelling (so it keeps the arithmetic it judges).
+    (:func:`task.corrupt_solution`; the first ``prm_worked`` of them worked in parts with a slip,
+    :func:`task.worked_slip_solution`, as a wrong revision is), all with result flags, and on
+    reference solutions of the next ``prm_lm_problems`` as language modelling (so it keeps the
+    arithmetic it judges; the first ``prm_lm_worked`` worked in parts).
     The base's embeddings and layers learn at ``prm_base_lr_scale`` times the rate: at the full
     rate they forget much of the arithmetic the PRM checks steps against."""
     vocab = Vocab.load()
     rng = random.Random(seed + 5)
     corrupted = problems[: recipe.prm_corrupted]
-    judged = labelled + [prm_example(p, task.corrupt_solution(p, rng), flags=True)
-                         for p in corrupted]
+    worked = min(recipe.prm_worked, len(corrupted))
+    judged = labelled + [prm_example(p, task.worked_slip_solution(p, rng), flags=True)
+                         for p in corrupted[:worked]]
+    judged += [prm_example(p, task.corrupt_solution(p, rng), flags=True)
+               for p in corrupted[worked:]]
     labels = [t for e in judged for t in e.targets if t != -100]
     good = labels.count(vocab.good) / max(len(labels), 1)
     weights = torch.tensor([0.5 / max(good, 1e-3), 0.5 / max(1 - good, 1e-3)])
@@ -374,7 +427,9 @@ def train_prm(base: TinyLlama, labelled: list[Example], problems: list[task.Prob
     inherited = [p for module in kept for p in module.parameters()]
     objective = PRMObjective(prm, recipe.prm_extra_layers, weights, lm_weight=recipe.prm_lm_weight,
                              flag_weight=recipe.prm_flag_weight, hint_weight=recipe.prm_hint_weight)
-    fit(prm, judged + prm_lm_examples(modelled), steps=recipe.prm_steps,
+    lm_worked = min(recipe.prm_lm_worked, len(modelled))
+    lm = prm_lm_examples(modelled[:lm_worked], worked=True) + prm_lm_examples(modelled[lm_worked:])
+    fit(prm, judged + lm, steps=recipe.prm_steps,
         batch_size=recipe.batch_size, lr=recipe.prm_lr, seed=seed + 1, loss_fn=objective,
         name="prm", slow=(inherited, recipe.prm_base_lr_scale))
     return prm
@@ -396,7 +451,7 @@ def revision_accuracy(policy_dir: Path, problems: list[task.Problem], attempts: 
     llm = LLM(policy_dir, device="cpu", seed=seed, kv_budget_bytes=256 << 20)
     results = ttscale.revisions(
         llm, [f"Q: {p.text}" for p in problems], attempts, attempts,
-        sampling=SamplingParams(temperature=1.0, max_tokens=MAX_SOLUTION_TOKENS),
+        sampling=SamplingParams(temperature=1.0, max_tokens=MAX_REVISION_TOKENS),
         prompt_fn=lambda question: question + "\n", progress=False, seed=seed)
     chains = []  # one chain per problem: one attempt per position
     for problem, result in zip(problems, results, strict=True):
@@ -536,8 +591,13 @@ def main(argv: list[str] | None = None) -> None:
                              "step counts, never reads the clock")
     parser.add_argument("--tiny", action="store_true",
                         help="a one-layer model and a few steps of everything (smoke test)")
+    parser.add_argument("--worked-revisions", action="store_true",
+                        help="revisions that work products in parts (in development: not the "
+                             "shipped models' recipe)")
     args = parser.parse_args(argv)
     recipe = TINY if args.tiny else NOMINAL.scaled(args.minutes / NOMINAL_MINUTES)
+    if args.worked_revisions:
+        recipe = worked_revisions(recipe)
     train(args.out, args.seed, recipe)
 
 
