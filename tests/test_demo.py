@@ -35,8 +35,10 @@ def use_tiny(tiny_models, monkeypatch):
 
 
 @pytest.mark.slow
-def test_demo_writes_every_row_and_both_plots(use_tiny, tmp_path, capsys):
-    rows = demo.run_demo(ns=(1, 2, 4), num_problems=3, device="cpu", out=tmp_path, progress=False)
+def test_demo_writes_every_row_and_both_plots(tiny_models, tmp_path, capsys):
+    # the models of a training run (--models), not the embedded ones
+    rows = demo.run_demo(ns=(1, 2, 4), num_problems=3, device="cpu", out=tmp_path, progress=False,
+                         models=tiny_models)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == [r.__dict__ for r in rows]
     names = [(r["strategy"], r["n"]) for r in saved]
@@ -84,6 +86,23 @@ def test_revision_ratios():
 def test_demo_rejects_bad_options_by_name(kwargs, name, tmp_path):
     with pytest.raises(ValueError, match=name):
         demo.run_demo(out=tmp_path, progress=False, **kwargs)
+
+
+def test_demo_names_a_models_folder_without_models(tmp_path):
+    (tmp_path / "run" / "policy").mkdir(parents=True)
+    (tmp_path / "run" / "policy" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"models: .*no model in .*prm"):
+        demo.run_demo(out=tmp_path, progress=False, models=tmp_path / "run")
+
+
+def test_cli_demo_names_a_bad_models_folder(tmp_path, capsys):
+    from ttscale import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo", "--models", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --models" in err and "no model in" in err and "none/policy" in err
 
 
 def test_cli_demo_names_a_bad_strategy(tmp_path):

@@ -441,23 +441,32 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--n", type=_budgets, default=(1, 4, 16, 64), metavar="N[,N...]",
                       help="budgets N (default 1,4,16,64)")
     demo.add_argument("--strategies", type=_names, default=None, metavar="NAME[,NAME...]",
-                      help="greedy, majority, best_of_n, weighted, beam_search, dvts (default all)")
+                      help="greedy, majority, best_of_n, weighted, beam_search, dvts, revisions "
+                           "(default all)")
     demo.add_argument("--problems", type=int, default=200, help="held-out problems (default 200)")
     demo.add_argument("--device", type=_device, default=None,
                       help="cpu, cuda or cuda:N (default: cuda when available)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for results.json and the plot")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--models", type=Path, default=None, metavar="DIR",
+                      help="policy/ and prm/ from python -m ttscale.toy.train --out DIR "
+                           "(default: the embedded models)")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from ttscale.demo import STRATEGIES, run_demo
+        from ttscale.demo import STRATEGIES, model_dirs, run_demo
 
         strategies = args.strategies or STRATEGIES
         bad = [s for s in strategies if s not in STRATEGIES]
         if bad or args.problems < 1:
             demo.error(f"--strategies: unknown {bad}" if bad else f"--problems: expected >= 1, got {args.problems}")
         _check_device_available(args.device, demo)
+        if args.models is not None:
+            try:
+                model_dirs(args.models)
+            except ValueError as error:
+                demo.error(f"argument --{error}")
         run_demo(ns=args.n, strategies=strategies, num_problems=args.problems, device=args.device,
-                 out=args.out, seed=args.seed)
+                 out=args.out, seed=args.seed, models=args.models)
         return 0
     if args.command == "selfcheck":
         from ttscale.selfcheck import run_selfcheck

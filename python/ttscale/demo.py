@@ -59,8 +59,11 @@ def beam_width(n: int) -> int:
 
 def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STRATEGIES,
              num_problems: int = 200, device: str | None = None, out: Path = Path("demo_out"),
-             seed: int = 0, progress: bool = True) -> list[Row]:
-    """Run the demo; write ``results.json`` and ``scaling.png`` under ``out``; return the rows."""
+             seed: int = 0, progress: bool = True, models: Path | None = None) -> list[Row]:
+    """Run the demo; write ``results.json`` and ``scaling.png`` under ``out``; return the rows.
+
+    ``models``: a folder with ``policy/`` and ``prm/``, as ``python -m ttscale.toy.train --out``
+    writes it (default: the embedded models)."""
     import ttscale
     from ttscale.toy import policy_dir, prm_dir, task
 
@@ -76,6 +79,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
                          f"{uneven} is not a multiple of {BEAM_WIDTH}")
     if num_problems < 1:
         raise ValueError(f"problems: expected >= 1, got {num_problems}")
+    policy, verifier = model_dirs(models) if models is not None else (policy_dir(), prm_dir())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     problems = task.problems("heldout", num_problems, seed=seed)
@@ -83,8 +87,8 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     references = [str(p.answer) for p in problems]
     levels = [p.level for p in problems]
     policy_share, prm_share = pair_shares(device)  # one GPU's KV budget, split
-    llm = ttscale.LLM(policy_dir(), device=device, seed=seed, memory_share=policy_share)
-    prm = ttscale.PRM(prm_dir(), format="math-shepherd", device=device, memory_share=prm_share)
+    llm = ttscale.LLM(policy, device=device, seed=seed, memory_share=policy_share)
+    prm = ttscale.PRM(verifier, format="math-shepherd", device=device, memory_share=prm_share)
     common = dict(references=references, step_delimiter=task.STEP_DELIMITER,
                   prompt_fn=lambda problem: problem + "\n", progress=False, seed=seed)
     sampling = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS)
@@ -130,10 +134,15 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
             bar.update(1)
 
     if "revisions" in strategies:
+        from ttscale.toy.evaluate import MAX_REVISION_TOKENS
+
+        # room for a revision that works its products in parts (the training script's
+        # --worked-revisions); the shipped policy's revisions end well before either cap
+        revising = SamplingParams(temperature=1.0, max_tokens=MAX_REVISION_TOKENS)
         budget = revision_budget(ns)
         for sequential in revision_ratios(budget):
             start = time.perf_counter()
-            results = ttscale.revisions(llm, texts, budget, sequential, verifier=prm, sampling=sampling,
+            results = ttscale.revisions(llm, texts, budget, sequential, verifier=prm, sampling=revising,
                                         agg=AGG, **common)
             record(f"revisions-{sequential}", budget, results, _tokens(results),
                    time.perf_counter() - start)
@@ -152,6 +161,16 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     if ratio_plot is not None:
         print(f"plot:    {ratio_plot}")
     return rows
+
+
+def model_dirs(models: Path) -> tuple[Path, Path]:
+    """The policy's and the PRM's folders in ``models`` (a training run's ``--out``)."""
+    dirs = (Path(models) / "policy", Path(models) / "prm")
+    missing = [str(d) for d in dirs if not (d / "config.json").is_file()]
+    if missing:
+        raise ValueError(f"models: expected a folder with policy/ and prm/ as python -m "
+                         f"ttscale.toy.train --out writes it; no model in {', '.join(missing)}")
+    return dirs
 
 
 class _Picked:
