@@ -441,3 +441,27 @@ def test_tiny_worked_revisions_run(tmp_path):
     report = json.loads((tmp_path / "policy" / "training_report.json").read_text())
     assert report["recipe"]["revision_worked"] and report["recipe"]["base_revisions"] == 0.25
     assert load_model(tmp_path / "policy").config.max_position_embeddings == 1024
+
+
+def test_train_base_gives_each_part_its_own_worked_share(tmp_path, monkeypatch):
+    """base_revisions is the worked share of the steps to the policy's checkpoint,
+    prm_base_revisions of the steps after it (which only the PRM goes on from)."""
+    from dataclasses import replace
+
+    from ttscale.search.revisions import REVISION_SEPARATOR
+    from ttscale.toy import task, train
+    from ttscale.toy.model import TinyConfig
+
+    fits = []
+    monkeypatch.setattr(train, "fit", lambda model, examples, **kw: fits.append(examples))
+    tok = build_tokenizer()
+    config = TinyConfig(tok.get_vocab_size(), 16, 32, 1, 2, 128)
+    problems, later = task.problems("train", 40, seed=4), task.problems("train", 40, seed=6)
+    for before, after in ((0.0, 0.0), (0.25, 0.0), (0.0, 0.5)):
+        fits.clear()
+        recipe = replace(train.TINY, base_steps=6, policy_step=4, base_revisions=before,
+                         prm_base_revisions=after)
+        train.train_base(config, recipe, 0, tmp_path / "p", problems, later)
+        worked = [sum(REVISION_SEPARATOR.lstrip("\n") in tok.decode(e.ids) for e in examples)
+                  for examples in fits]
+        assert worked == [int(before * 40), int(after * 40)]
