@@ -81,6 +81,12 @@ def test_transitions_count_later_attempts_by_the_earlier_ones_outcome():
     assert resample_transitions(problems, pool) == {"after_right": 0.5, "after_wrong": 0.5}
 
 
+def _flagged(example):
+    """Each flagged token of a PRM example with its flag: (token, 1 if its result disagrees)."""
+    tok = build_tokenizer()
+    return [(tok.id_to_token(example.ids[j]), f) for j, f in enumerate(example.flags) if f != -100]
+
+
 def test_result_flags_mark_each_digit_against_its_own_operands():
     from ttscale.toy import task
     from ttscale.toy.data import prm_example
@@ -88,9 +94,7 @@ def test_result_flags_mark_each_digit_against_its_own_operands():
     problem = task.parse_problem("((7*9)+5)-8")
     solution = "7*9=61\n61+5=66\n66-8=59\n3-5=-2\nanswer: 59\n"
     example = prm_example(problem, solution, flags=True)
-    tok = build_tokenizer()
-    flagged = [(tok.id_to_token(example.ids[j]), f)
-               for j, f in enumerate(example.flags) if f != -100]
+    flagged = _flagged(example)
     # 7*9=61: '6' agrees with 63, '1' does not; 61+5=66 is right for its own operands (its tag
     # is still wrong: it builds on a wrong value); 66-8=59: '5' agrees, '9' does not; a
     # negative result is not read
@@ -106,9 +110,7 @@ def test_result_flags_of_a_worked_step_are_on_its_result_after_the_parts():
     problem = task.parse_problem("(48*9)+5")
     solution = "48*9=40*9+8*9=360+36=396\n396+5=401\nanswer: 401\n"
     example = prm_example(problem, solution, flags=True)
-    tok = build_tokenizer()
-    flagged = [(tok.id_to_token(example.ids[j]), f)
-               for j, f in enumerate(example.flags) if f != -100]
+    flagged = _flagged(example)
     # 396 against 432 (its parts are not read), then 401 right for its own operands
     assert flagged == [("3", 1), ("9", 1), ("6", 1), ("4", 0), ("0", 0), ("1", 0)]
     # the slip makes its step and every later one wrong
