@@ -200,8 +200,16 @@ def test_ops_are_registered_custom_ops_with_fake_kernels(case):
 
 
 def test_torch_compile_runs_the_op(case):
-    fn = torch.compile(lambda *a: ops.cascade_decode_attention(*a, backend="cpu"), backend="eager")
+    """Compiled, the call traces to the custom op (eager calls go straight to its kernel)."""
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    fn = torch.compile(lambda *a: ops.cascade_decode_attention(*a, backend="cpu"), backend=backend)
     out, _ = fn(*case.args())
+    assert "ttscale.cascade_decode_attention.default" in traced, traced
     expected, _ = ops.cascade_decode_attention(*case.args(), backend="torch")
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 

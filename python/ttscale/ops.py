@@ -136,6 +136,16 @@ def _contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.contiguous() for t in tensors)
 
 
+def _run(op, name: str, *args):
+    """Call the custom op ``op`` (``name``; its last argument is the backend). Under
+    ``torch.compile`` the op itself, which traces; in eager mode the backend's kernel directly:
+    the custom op's dispatch costs about 0.2 ms a call on a CPU, a tenth of a small decode
+    step, for the same kernel on the same arguments."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return backends.implementation(name, args[-1])(*args[:-1])
+
+
 # ---------------------------------------------------------------------------------------------
 # cascade_decode_attention
 
@@ -220,8 +230,8 @@ def cascade_decode_attention(
         plan = plan_cascade_decode(problem_ids, prompt_lens.shape[0])
     q, pbt, pl, pid, sbt, sl = _contiguous(q, prompt_block_tables, prompt_lens, problem_ids,
                                            suffix_block_tables, suffix_lens)
-    return _cascade_decode_attention(q, k_cache, v_cache, pbt, pl, pid, sbt, sl, scale,
-                                     plan.tensors(), chosen)
+    return _run(_cascade_decode_attention, "cascade_decode_attention", q, k_cache, v_cache,
+                pbt, pl, pid, sbt, sl, scale, plan.tensors(), chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,8 +305,8 @@ def paged_prefill_attention(
     plan_tensors = plan.tensors() if plan is not None else []
     q, pbt, pl, pid, sbt, sl, ql = _contiguous(q, prompt_block_tables, prompt_lens, problem_ids,
                                                suffix_block_tables, suffix_lens, q_lens)
-    return _paged_prefill_attention(q, k_cache, v_cache, pbt, pl, pid, sbt, sl, ql, scale,
-                                    plan_tensors, chosen)
+    return _run(_paged_prefill_attention, "paged_prefill_attention", q, k_cache, v_cache,
+                pbt, pl, pid, sbt, sl, ql, scale, plan_tensors, chosen)
 
 
 def _check_paged_prefill(q, k_cache, v_cache, prompt_block_tables, prompt_lens, problem_ids,
@@ -363,7 +373,8 @@ def merge_attention_states(
     check_tensor("lse_a", lse_a, dtype=torch.float32, device=o_a.device, shape=shape[:2])
     check_tensor("lse_b", lse_b, dtype=torch.float32, device=o_a.device, shape=shape[:2])
     chosen = backends.resolve("merge_attention_states", o_a.device, backend)
-    return _merge_attention_states(*_contiguous(o_a, lse_a, o_b, lse_b), chosen)
+    return _run(_merge_attention_states, "merge_attention_states",
+                *_contiguous(o_a, lse_a, o_b, lse_b), chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +414,7 @@ def write_kv(
         _check_write_kv(k_cache, v_cache, k, v, slots)
     chosen = backends.resolve("write_kv", k_cache.device, backend)
     k, v = _contiguous(k, v)
-    _write_kv(k_cache, v_cache, k, v, slots.to(torch.int64).contiguous(), chosen)
+    _run(_write_kv, "write_kv", k_cache, v_cache, k, v, slots.to(torch.int64).contiguous(), chosen)
 
 
 def _check_write_kv(k_cache, v_cache, k, v, slots) -> None:
@@ -541,8 +552,8 @@ def prm_step_scores(
     if bias is not None:
         bias = bias.contiguous()
     hidden, weight, state = _contiguous(hidden, weight, state)
-    return _prm_step_scores(hidden, seq_ids.to(torch.int64).contiguous(), weight, bias, kind, agg,
-                            state, chosen)
+    return _run(_prm_step_scores, "prm_step_scores", hidden,
+                seq_ids.to(torch.int64).contiguous(), weight, bias, kind, agg, state, chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -767,7 +778,7 @@ def select_and_fork(
             f"max_children: {max_children} children of {forked} candidates overflow int32 slots"
         )
     chosen = backends.resolve("select_and_fork", device, backend)
-    outputs = _select_and_fork(
+    outputs = _run(_select_and_fork, "select_and_fork",
         scores.float().contiguous(), group_offsets.contiguous(), keep, children,
         block_tables.contiguous(), lens.contiguous(), *pool.tensors(), pool.block_size, max_keep,
         num_slots, num_copies, chosen,
@@ -828,7 +839,7 @@ def copy_blocks(
             raise ValueError("dst: a destination block is also the source of a copy")
     chosen = backends.resolve("copy_blocks", k_cache.device, backend)
     src, dst = src.to(torch.int32).contiguous(), dst.to(torch.int32).contiguous()
-    _copy_blocks(k_cache, v_cache, src, dst, chosen)
+    _run(_copy_blocks, "copy_blocks", k_cache, v_cache, src, dst, chosen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -977,7 +988,7 @@ def sample(
         _check_sampling_values(logits, temperature, top_k, top_p, min_p)
     chosen = backends.resolve("sample", device, backend)
     signed_seed = seed - 2**64 if seed >= 2**63 else seed  # the op schema's int is int64
-    tokens, logprobs, top_ids, top_values = _sample(
+    tokens, logprobs, top_ids, top_values = _run(_sample, "sample",
         *_contiguous(logits, temperature, top_k, top_p, min_p), signed_seed, offsets.contiguous(),
         num_logprobs, chosen,
     )
