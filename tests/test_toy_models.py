@@ -107,3 +107,32 @@ def test_prm_scores_a_right_step_above_a_corrupted_one():
         corrupted.append(_first_step_p_good(driver, problem, wrong))
     assert sum(right) / len(right) > sum(corrupted) / len(corrupted) + 0.2
     assert sum(r > c for r, c in zip(right, corrupted)) >= 0.7 * len(right)
+
+
+def test_policy_revision_fixes_greedy_failures_working_products_in_parts():
+    """Issue 8: after its own wrong greedy attempt, the policy's greedy revision is right on a
+    share of those problems (a plain second greedy sample repeats the first, right on none), and
+    it writes most products of more than one part in parts (task.worked_step)."""
+    import ttscale
+    from ttscale.toy.data import _WORKED
+
+    problems = task.problems("heldout", 60, seed=3)
+    llm = LLM(policy_dir(), device="cpu", kv_budget_bytes=64 << 20)
+    results = ttscale.revisions(llm, [f"Q: {p.text}" for p in problems], 2, 2,
+                                sampling=SamplingParams(temperature=0.0, max_tokens=256),
+                                prompt_fn=lambda question: question + "\n", progress=False)
+    failed = fixed = products = worked = 0
+    for problem, result in zip(problems, results, strict=True):
+        first, revised = sorted(result.candidates, key=lambda c: c.position)
+        for line in revised.text.splitlines():
+            product = re.match(r"(\d+)\*(\d+)=", line)
+            # a product of more than one part, as task.worked_step writes it
+            if product and task.worked_step(int(product[1]), "*", int(product[2]))[0].count("=") > 1:
+                products += 1
+                worked += bool(_WORKED.fullmatch(line))
+        if task.final_answer(first.text) != str(problem.answer):
+            failed += 1
+            fixed += task.final_answer(revised.text) == str(problem.answer)
+    assert failed >= 15 and products >= 10
+    assert fixed >= 0.2 * failed, (fixed, failed)
+    assert worked >= 0.8 * products, (worked, products)

@@ -136,8 +136,8 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     if "revisions" in strategies:
         from ttscale.toy.evaluate import MAX_REVISION_TOKENS
 
-        # room for a revision that works its products in parts (the training script's
-        # --worked-revisions); the shipped policy's revisions end well before either cap
+        # room for a revision that works its products in parts, as the embedded policy's do
+        # (the cap the training script measures revisions with)
         revising = SamplingParams(temperature=1.0, max_tokens=MAX_REVISION_TOKENS)
         budget = revision_budget(ns)
         for sequential in revision_ratios(budget):

@@ -3,26 +3,28 @@
 Phases, each timed:
 
 1. base: a ~1M-parameter Llama learns to write solutions of train-split problems, in the policy's
-   layout and in the PRM's (Math-Shepherd) layout (and, with ``base_revisions``, a share of
-   worked solutions after the revision separator, see below). Its checkpoint at ``policy_step``
-   becomes the policy: stopped early on purpose, so that it still makes real mistakes (search
-   has something to fix). The run goes on to ``base_steps``; that more trained model is where
-   the PRM starts (a verifier that knows more arithmetic than the policy, as a larger PRM does
-   at scale). At the policy's checkpoint the base grows by a layer, and the steps after it train
-   on problems with at least two multiplications, the operation whose results a PRM fails to
-   check;
+   layout, in the PRM's (Math-Shepherd) layout and, for a ``base_revisions`` share, worked in
+   parts after the revision separator (the arithmetic a revision does, see below). Its
+   checkpoint at ``policy_step`` becomes the policy: stopped early on purpose, so that it still
+   makes real mistakes (search has something to fix). The run goes on to ``base_steps``; that
+   more trained model is where the PRM starts (a verifier that knows more arithmetic than the
+   policy, as a larger PRM does at scale). At the policy's checkpoint the base grows by a layer,
+   and the steps after it train on problems with at least two multiplications, the operation
+   whose results a PRM fails to check;
 2. revisions: the policy samples solutions of train problems at a high temperature; chains of one
-   to three of its wrong ones, then the reference solution, teach the policy to revise in
-   the layout of :func:`ttscale.search.revisions.revision_context`; plain solutions are mixed in;
+   to three attempts, its own wrong one first, then worked revisions right or with a slip, end
+   in the worked reference solution and teach the policy to revise in the layout of
+   :func:`ttscale.search.revisions.revision_context`; plain solutions are mixed in;
 3. samples: the final policy writes solutions of other train problems at temperature 1 (through
    the engine, :class:`ttscale.llm.LLM`), each step labelled exactly by :func:`task.label_steps`;
 4. PRM: the base model, grown by two layers, fine-tuned as a Math-Shepherd PRM (the base's own
    layers at a tenth of the rate of the added ones, so that it keeps the arithmetic it judges
-   with) on those samples and on reference solutions with one step made wrong: at every step tag,
-   cross-entropy between the ``+`` and ``-`` logits, classes weighted to balance; the same at
-   each result digit (does the result so far agree with its operands); a hint that trains the
-   added layers to read the base's prediction one position back (what checking a written digit
-   compares it with, see :class:`PRMObjective`); and language modelling of reference solutions;
+   with) on those samples and on reference solutions with one step made wrong (some worked in
+   parts, as a wrong revision is): at every step tag, cross-entropy between the ``+`` and ``-``
+   logits, classes weighted to balance; the same at each result digit (does the result so far
+   agree with its operands); a hint that trains the added layers to read the base's prediction
+   one position back (what checking a written digit compares it with, see
+   :class:`PRMObjective`); and language modelling of reference solutions, some worked;
 5. evaluation on held-out problems: policy accuracy by level, first attempts against revised
    ones (:func:`ttscale.revisions`) and how often a revision is right after a right and after a
    wrong attempt, beside the same for two independent samples (a revision that ignores the
@@ -31,19 +33,27 @@ Phases, each timed:
    for the PRM: the exact step labels (its ceiling on the same pool) and the base model's own
    likelihood of each step (how much checking the model the PRM starts from already holds).
 
-Worked revisions (``--worked-revisions``, :data:`WORKED_REVISIONS`; not the shipped models' recipe
-yet, see issue 8): a revision writes every product in parts
-(:meth:`task.Problem.worked_solution`), which the policy gets right far more often than a whole
-product. The base learns that format from a share of its examples (the prompt, the revision
-separator, the worked solution); a chain's attempts after its first are worked revisions, right or
-with a slip (:func:`task.worked_slip_solution`); the PRM sees worked solutions among its wrong and
-its modelled ones. Measured (2026-11-24, seed 0, :data:`WORKED_REVISIONS`): one T=1 chain on 200
-held-out problems is right 49.5% at its first attempt and 68%, 60%, 57% at the next three (a
-revision after a wrong attempt 37%, an independent sample 14%), and in the demo 2 x 8 revisions
-reach 75.5% at N=16. Why it is not shipped: its greedy policy solves 57%, and no search at N=64 is
-20 points above that (DVTS 71%); and scaled by the same rows and phases of the shipped runs, its
-demo would take about 5.3 min and its training about 32 min on 2 cores, past their limits of 5 and
-30.
+Worked revisions (issue 8): a revision writes every product in parts
+(:meth:`task.Problem.worked_solution`: one-digit products, then sums two at a time), which the
+policy gets right far more often than a whole product, so a revision can be right where its
+first attempt was not. What it took (seed 0, 2026-11-24, one T=1 chain of four attempts on 200
+held-out problems):
+
+- revision chains of the policy's own wrong attempts ending in the plain reference (the recipe
+  shipped before): revised attempts no better than first ones (36.5% first, 33 / 34.5 / 27.5%
+  after);
+- worked revisions taught by the revision phase alone (``base_revisions=0``): the policy writes
+  the format but not its arithmetic (``7*9=14``): 31% first, 22.5 / 16 / 13.5% after;
+- the base learning worked solutions with a quarter of its examples, the policy's checkpoint at
+  step 1600 of 3200: 49.5% first, 68 / 60 / 57% after, but the policy got good enough (greedy
+  57%) that no search at N=64 was 20 points above greedy;
+- the same with the policy's checkpoint at step 1200 of 2800 (the PRM's base keeps its 1600
+  multiplication-rich steps) and half as many worked examples for the PRM, the shipped recipe:
+  38% first, 62 / 54.5 / 56% after (a revision after a wrong attempt is right 33% of the time,
+  an independent sample 10.5%); greedy 45.75%, temperature 1 38.75% on 400 problems. The run
+  took 2,539 s on a machine that ran the base's 1,600 steps after the checkpoint (the same work
+  in every recipe since issue 7) at 0.40 s/step, against 0.27 on the machine of the earlier
+  runs: about 1,715 s (28.6 min) there.
 
 Everything is drawn from ``--seed`` with fixed step counts, so a run is reproducible (on the same
 torch version and thread count). ``--minutes`` is a nominal budget on 2 cores that scales the
@@ -53,7 +63,6 @@ step and sample counts; it never reads the clock, so a slow machine trains the s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import platform
@@ -104,19 +113,19 @@ class Recipe:
     intermediate_size: int = 384
     num_layers: int = 4
     num_heads: int = 4
-    max_positions: int = 512  # room for a revision chain: the prompt and four attempts
+    max_positions: int = 1024  # room for a revision chain: the prompt and four worked attempts
     batch_size: int = 64
-    base_steps: int = 3200
-    policy_step: int = 1600  # the policy is the base run at this step
+    base_steps: int = 2800
+    policy_step: int = 1200  # the policy is the base run at this step
     base_lr: float = 3e-3
-    base_revisions: float = 0.0  # share of the base's examples to the policy's that are worked
+    base_revisions: float = 0.25  # share of the base's examples to the policy's that are worked
     prm_base_revisions: float = 0.0  # the same share in the base's steps after it (the PRM's)
     revision_problems: int = 4000  # train problems whose samples make the revision chains
     revision_samples: int = 3
     revision_temperature: float = 1.3
     revision_steps: int = 1000
     revision_lr: float = 2e-3
-    revision_worked: bool = False  # a revision works its products in parts
+    revision_worked: bool = True  # a revision works its products in parts
     revision_worked_right: float = 0.5  # a chain's later attempts are worked: right this often
     prm_problems: int = 2500  # train problems the final policy samples for the PRM's data
     prm_samples: int = 4  # samples per problem
@@ -126,9 +135,9 @@ class Recipe:
     prm_extra_layers: int = 2  # decoder layers the PRM adds on top of the base model's
     prm_base_lr_scale: float = 0.1  # the base's embeddings and layers learn at this times prm_lr
     prm_corrupted: int = 8000  # reference solutions of other train problems with one step wrong
-    prm_worked: int = 0  # of those, worked in parts with a slip (as a wrong revision is)
+    prm_worked: int = 1000  # of those, worked in parts with a slip (as a wrong revision is)
     prm_lm_problems: int = 4000  # reference solutions the PRM keeps language-modelling
-    prm_lm_worked: int = 0  # of those, worked in parts
+    prm_lm_worked: int = 500  # of those, worked in parts
     prm_steps: int = 1500
     prm_lr: float = 3e-3
     prm_lm_weight: float = 0.5
@@ -151,18 +160,6 @@ class Recipe:
 NOMINAL = Recipe()
 
 
-def worked_revisions(recipe: Recipe) -> Recipe:
-    """``recipe`` with worked revisions (issue 8, in development; see the module docstring): a
-    quarter of the base's examples to the policy's checkpoint, of the PRM's wrong and modelled
-    solutions worked in parts; chains of worked revisions; room for four worked attempts in a
-    chain."""
-    return dataclasses.replace(
-        recipe, max_positions=max(recipe.max_positions, 1024), base_revisions=0.25,
-        revision_worked=True, prm_worked=recipe.prm_corrupted // 4,
-        prm_lm_worked=recipe.prm_lm_problems // 4)
-
-
-WORKED_REVISIONS = worked_revisions(NOMINAL)
 NOMINAL_MINUTES = 25.0
 # A recipe whose every phase takes a second or two: the smoke test of the script.
 TINY = Recipe(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, batch_size=8,
@@ -601,13 +598,8 @@ def main(argv: list[str] | None = None) -> None:
                              "step counts, never reads the clock")
     parser.add_argument("--tiny", action="store_true",
                         help="a one-layer model and a few steps of everything (smoke test)")
-    parser.add_argument("--worked-revisions", action="store_true",
-                        help="revisions that work products in parts (in development: not the "
-                             "shipped models' recipe)")
     args = parser.parse_args(argv)
     recipe = TINY if args.tiny else NOMINAL.scaled(args.minutes / NOMINAL_MINUTES)
-    if args.worked_revisions:
-        recipe = worked_revisions(recipe)
     train(args.out, args.seed, recipe)
 
 
