@@ -81,3 +81,16 @@ def test_copy_blocks_and_merge_through_the_custom_ops_are_the_same(through_custo
     monkeypatch.setattr(ops, "_run", EAGER)
     direct = ops.merge_attention_states(o_a, lse_a, o_b, lse_b, backend="cpu")
     assert all(torch.equal(a, b) for a, b in zip(merged, direct, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("num_logprobs", [0, 2])
+def test_sample_passes_opcheck(backend, num_logprobs):
+    """The custom op's fake kernel describes what its kernel returns (torch.compile relies on
+    it): shapes, dtypes and strides (the torch backend once returned a strided view of its
+    sort as the top ids)."""
+    rows, vocab = 4, 10
+    args = (torch.randn(rows, vocab), torch.ones(rows), torch.zeros(rows, dtype=torch.int32),
+            torch.ones(rows), torch.zeros(rows), 3, torch.zeros(rows, dtype=torch.int64),
+            num_logprobs, backend)
+    torch.library.opcheck(ops._sample, args)

@@ -35,4 +35,6 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs
     if top is None:
         empty = logits.new_empty((logits.shape[0], 0)).float()
         top = (empty.long(), empty)
-    return tokens, logprobs, *top
+    # the reference's ids are a view of the whole sort; an op's outputs are its own tensors,
+    # laid out as its fake kernel says (contiguous)
+    return tokens, logprobs, *(t.contiguous() for t in top)
