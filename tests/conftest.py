@@ -19,3 +19,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module, restored afterwards: tiny matmuls gain nothing from
+    threads (on a loaded shared machine two OpenMP threads spinning at each barrier made a
+    module 10x slower), and sums come out the same on any machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,14 +24,7 @@ from ttscale.model import AttentionBatch, KVCache, load_model, read_config
 ATOL = 1e-4  # fp32 logits against transformers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a loaded shared machine two OpenMP threads
-    spinning at each barrier made this module 10x slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread, restored
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

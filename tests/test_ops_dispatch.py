@@ -12,6 +12,8 @@ from ttscale import ops
 from ttscale.sampling_params import SamplingParams
 from ttscale.toy import policy_dir, prm_dir, task
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread, restored
+
 CUSTOM_OPS = {
     "cascade_decode_attention": ops._cascade_decode_attention,
     "paged_prefill_attention": ops._paged_prefill_attention,
@@ -22,8 +24,6 @@ CUSTOM_OPS = {
     "copy_blocks": ops._copy_blocks,
     "sample": ops._sample,
 }
-
-
 EAGER = ops._run
 
 
@@ -42,7 +42,6 @@ def through_custom_ops(monkeypatch):
 
 
 def _search():
-    torch.set_num_threads(1)
     texts = [f"Q: {p.text}" for p in task.problems("heldout", 4, seed=1)]
     llm = ttscale.LLM(policy_dir(), device="cpu", seed=0, kv_budget_bytes=32 << 20)
     prm = ttscale.PRM(prm_dir(), format="math-shepherd", device="cpu", kv_budget_bytes=32 << 20)
