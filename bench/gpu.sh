@@ -137,7 +137,6 @@ build_with_cmake() {
   cmake --build "$build" || return 1
   mkdir -p "$site/ttscale"
   cp -r python/ttscale/. "$site/ttscale/"
-  ln -sfn "$PWD/kernels" "$site/ttscale/kernels"
   cp "$build"/_C*.so "$site/ttscale/"
   echo "$site" >"$WORK/pythonpath"
 }

@@ -444,3 +444,19 @@ def test_sequential_is_only_for_revisions(tmp_path, capsys):
         cli.main(["run", "--model", str(tmp_path), "--strategy", "best_of_n", "--n", "4", "--sequential", "2",
                   "--data", str(data), "--out", str(tmp_path / "o.jsonl")])
     assert "--sequential: not an option of best_of_n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["demo", "--help"], ["run", "--help"]])
+def test_python_dash_m_ttscale_is_the_ttscale_command(argv):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = shutil.which("ttscale", path=str(Path(sys.executable).parent))
+    assert script is not None, "the ttscale script is not installed beside this Python"
+    module = subprocess.run([sys.executable, "-m", "ttscale", *argv], capture_output=True, text=True,
+                            timeout=120)
+    command = subprocess.run([script, *argv], capture_output=True, text=True, timeout=120)
+    assert module.returncode == command.returncode == 0, module.stderr + command.stderr
+    assert module.stdout == command.stdout and module.stdout

@@ -67,6 +67,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     import ttscale
     from ttscale.toy import policy_dir, prm_dir, task
 
+    started = time.perf_counter()
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ValueError(f"strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
@@ -94,6 +95,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     sampling = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS)
     ns = sorted(set(ns))
     rows: list[Row] = []
+    wall: dict[str, float] = {"loading the models": time.perf_counter() - started}
     bar = tqdm(total=_work(ns, strategies), desc="demo", unit="run", disable=not progress)
 
     def record(strategy, n, results, tokens, seconds):
@@ -107,6 +109,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         results = ttscale.best_of_n(llm, texts, 1, sampling=SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS),
                                     **common)
         record("greedy", 1, results, _tokens(results), time.perf_counter() - start)
+        wall["greedy"] = time.perf_counter() - start
         bar.update(1)
 
     pooled = [s for s in ("majority", "best_of_n", "weighted") if s in strategies]
@@ -114,6 +117,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         start = time.perf_counter()
         pool = ttscale.best_of_n(llm, texts, max(ns), verifier=prm, sampling=sampling, agg=AGG, **common)
         seconds = time.perf_counter() - start
+        wall[f"one pool of {max(ns)} ({', '.join(pooled)})"] = seconds
         total_tokens = _tokens(pool)
         for n in ns:
             for strategy in pooled:
@@ -131,6 +135,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
             start = time.perf_counter()
             results = fn(llm, texts, n, verifier=prm, sampling=sampling, beam_width=beam_width(n), agg=AGG, **common)
             record(strategy, n, results, _tokens(results), time.perf_counter() - start)
+            wall[strategy] = wall.get(strategy, 0.0) + time.perf_counter() - start
             bar.update(1)
 
     if "revisions" in strategies:
@@ -146,6 +151,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
                                         agg=AGG, **common)
             record(f"revisions-{sequential}", budget, results, _tokens(results),
                    time.perf_counter() - start)
+            wall["revisions"] = wall.get("revisions", 0.0) + time.perf_counter() - start
             bar.update(1)
     bar.close()
 
@@ -160,6 +166,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     print(f"results: {out / 'results.json'}\nplot:    {plot}")
     if ratio_plot is not None:
         print(f"plot:    {ratio_plot}")
+    print_wall_time(wall, time.perf_counter() - started)
     return rows
 
 
@@ -227,6 +234,15 @@ def print_table(rows: list[Row]) -> None:
         print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def print_wall_time(wall: dict[str, float], total: float) -> None:
+    """Where the demo's time went: wall seconds per strategy (all its N together) and in total."""
+    print("\nwall time:")
+    width = max(len(name) for name in wall)
+    for name, seconds in wall.items():
+        print(f"  {name.ljust(width)}  {seconds:7.1f} s")
+    print(f"  {'total'.ljust(width)}  {total:7.1f} s ({total / 60:.1f} min)")
 
 
 def _axes():

@@ -46,7 +46,7 @@ MODULES: dict[str, dict[str, str]] = {
         "cpu": "ttscale.backends.cpu_attention",
         "triton": "ttscale.kernels.attention",
     },
-    # No CUDA kernels for these two: see kernels/select.py for why Triton serves the GPU.
+    # No CUDA kernels for these two: see ttscale/kernels/select.py for why Triton serves the GPU.
     "select_and_fork": {
         "torch": "ttscale.backends.torch_ref",
         "cpu": "ttscale.backends.cpu_select",
