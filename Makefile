@@ -30,6 +30,7 @@ gpu:
 	bash bench/gpu.sh
 
 lint:
+	./scripts/setup_env.sh lint $(PINS)
 	$(PY) -m ruff check python tests bench
 
 clean:

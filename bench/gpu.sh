@@ -20,10 +20,10 @@
 # TTSCALE_CUDA (ON; OFF in a dry run), GPU_SH_BUILD=cmake (skip pip, build with CMake directly),
 # GPU_SH_SANITIZER_TESTS (how many tests run under memcheck, default 12), GPU_SH_BENCH (the
 # benchmark files to run, in order, by name: "attention engine"; default every bench/bench_*.py),
-# GPU_SH_TESTS_LIMIT (seconds for the GPU tests, default 120), GPU_SH_BENCH_FILE_LIMIT (seconds
+# GPU_SH_TESTS_LIMIT (seconds for the GPU tests, default 180), GPU_SH_BENCH_FILE_LIMIT (seconds
 # for one benchmark file, default 300), GPU_SH_BENCH_LIMIT (seconds for the whole benchmark
 # stage, default 420), GPU_SH_STAGES (the stages to run,
-# default "env build selfcheck tests sanitizer bench"), GPU_SH_TEST_WORKERS (pytest-xdist
+# default "env build tests selfcheck sanitizer bench"), GPU_SH_TEST_WORKERS (pytest-xdist
 # processes for the GPU tests when xdist is there: Triton compiles in parallel; default 8).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -251,7 +251,7 @@ export BENCH_ENV_STRING="${BENCH_ENV[*]}"
 
 run_stage() {  # name, cap in seconds, log file; the stage function is stage_<name>
   local name=$1 cap=$2 log=$3 keep=$4
-  case " ${GPU_SH_STAGES:-env build selfcheck tests sanitizer bench} " in
+  case " ${GPU_SH_STAGES:-env build tests selfcheck sanitizer bench} " in
     *" $name "*) ;;
     *) printf '%s\tskipped\t0\tnot in GPU_SH_STAGES\n' "$name" >>"$WORK/stages.tsv"; return ;;
   esac
@@ -284,8 +284,9 @@ echo "[gpu.sh] dry run: $DRY_RUN, python: $PYTHON, TTSCALE_CUDA=$TTSCALE_CUDA, b
 : >"$OUT/tests.log"
 run_stage env 20 "$WORK/env.log" "$BENCH_MIN"
 run_stage build 180 "$OUT/build.log" "$BENCH_MIN"
+# The whole GPU test set first: the code is verified on the GPU before anything is measured.
+run_stage tests "${GPU_SH_TESTS_LIMIT:-180}" "$OUT/tests.log" "$BENCH_MIN"
 run_stage selfcheck "${GPU_SH_SELFCHECK_LIMIT:-150}" "$OUT/tests.log" "$BENCH_MIN"
-run_stage tests "${GPU_SH_TESTS_LIMIT:-120}" "$OUT/tests.log" "$BENCH_MIN"
 run_stage sanitizer 75 "$OUT/sanitizer.log" "$BENCH_MIN"
 run_stage bench "${GPU_SH_BENCH_LIMIT:-420}" "$OUT/bench.log" 0
 

@@ -32,9 +32,12 @@ def junit_summary(path: Path) -> dict:
     if not path.exists():
         return {"report": False}
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    by_op: dict[str, dict[str, int]] = {}
     failing, not_collected = [], {}
     for case in ET.parse(path).getroot().iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}".strip(":")
+        ops = [p.get("value") for p in case.iter("property") if p.get("name") == "op"]
+        op = ops[0] if ops else "(whole model and other)"
         problem = case.find("failure")
         if problem is None:
             problem = case.find("error")
@@ -44,15 +47,18 @@ def junit_summary(path: Path) -> dict:
             if missing and missing.group(1).split(".")[0] in OPTIONAL_MODULES:
                 not_collected[name] = missing.group(1)
                 continue
-            counts["failed" if problem.tag == "failure" else "errors"] += 1
+            status = "failed" if problem.tag == "failure" else "errors"
             failing.append(f"{name}: {problem.get('message', '')[:200]}")
         elif case.find("skipped") is not None:
-            counts["skipped"] += 1
+            status = "skipped"
         else:
-            counts["passed"] += 1
+            status = "passed"
+        counts[status] += 1
+        by_op.setdefault(op, dict.fromkeys(counts, 0))[status] += 1
     return {
         "report": True,
         **counts,
+        "by_op": {op: by_op[op] for op in sorted(by_op)},
         "failing": failing,
         "not_collected_missing_module": not_collected,
     }
@@ -65,6 +71,11 @@ def junit_line(summary: dict) -> str:
     if summary["not_collected_missing_module"]:
         left = ", ".join(f"{n} ({m})" for n, m in summary["not_collected_missing_module"].items())
         line += f"; not collected, optional module missing: {left}"
+    by_op = summary.get("by_op") or {}
+    if by_op:
+        line += "; per op: " + ", ".join(
+            f"{op} {c['passed']}/{sum(c.values())} passed" + (f" ({c['skipped']} skipped)" if c["skipped"] else "")
+            for op, c in by_op.items())
     return line
 
 

@@ -1,6 +1,7 @@
 """Test setup. Triton must know it runs interpreted before any kernel is defined (TOOLCHAIN.md)."""
 
 import os
+import random
 
 import pytest
 import torch
@@ -12,7 +13,61 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Every seed a test draws from is printed with its failure, so any failure can be replayed:
+# torch.Generator(...).manual_seed(s), torch.manual_seed(s) and random.Random(s) record s for the
+# running test.
+_seeds: list[int] = []
+
+
+class _SeedRecordingRandom(random.Random):
+    def seed(self, a=None, version=2):
+        if isinstance(a, int):
+            _seeds.append(a)
+        super().seed(a, version)
+
+
+class _SeedRecordingGenerator(torch.Generator):
+    def manual_seed(self, seed):
+        _seeds.append(int(seed))
+        return super().manual_seed(seed)
+
+
+_torch_manual_seed = torch.manual_seed
+
+
+def _recording_manual_seed(seed):
+    _seeds.append(int(seed))
+    return _torch_manual_seed(seed)
+
+
+torch.Generator = _SeedRecordingGenerator
+random.Random = _SeedRecordingRandom
+torch.manual_seed = _recording_manual_seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _seeds.clear()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        seeds = list(dict.fromkeys(_seeds))
+        drawn = ", ".join(map(str, seeds[:50])) + (f", ... ({len(seeds)} in all)" if len(seeds) > 50 else "")
+        drawn = drawn or "none recorded (literals in the test)"
+        report.sections.append(("seeds", f"seeds drawn from, in order: {drawn}"))
+
+
 def pytest_collection_modifyitems(config, items):
+    # The op a kernel test checks goes into the JUnit report, which counts GPU tests per op.
+    for item in items:
+        mark = item.get_closest_marker("op")
+        if mark is not None:
+            item.user_properties.append(("op", mark.args[0]))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

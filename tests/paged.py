@@ -2,24 +2,51 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
+
 import pytest
 import torch
 
 from ttscale import backends
+from ttscale.backends import native
 from ttscale.testing import PagedCase, make_case  # noqa: F401  (re-exported for the tests)
 
 # Every backend but the reference itself, with the device it runs on in this process.
 KERNEL_BACKENDS = [("cpu", "cpu"), ("triton", "cuda" if torch.cuda.is_available() else "cpu"), ("cuda", "cuda")]
 
 
+def missing_feature(backend: str, device: str) -> str | None:
+    """Why ``backend`` cannot run on ``device`` here, naming what is missing; None when it can.
+
+    Only a missing optional part is a reason: where the part is there, the kernel module must
+    import and run, so a broken kernel fails its tests instead of reading as a skip."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA device"
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        return "needs the triton module (not installed)"
+    if backend in ("cpu", "cuda") and not native.built():
+        error = native.IMPORT_ERROR
+        if not (isinstance(error, ModuleNotFoundError) and error.name == "ttscale._C"):
+            raise AssertionError(f"ttscale._C is there but does not import: {error!r}")
+        return "needs the ttscale._C module (not built)"
+    if backend == "cuda" and not native.built_with_cuda():
+        return "needs ttscale._C built with CUDA (TTSCALE_CUDA=ON)"
+    return None
+
+
 def backend_params(op: str):
-    """pytest params (backend, device) for ``op``; unavailable ones are skipped with the reason."""
+    """pytest params (backend, device) for ``op``: one per kernel that some build has (no case for
+    a kernel that exists nowhere); GPU cases carry the ``gpu`` mark; a case whose optional part is
+    missing here is skipped saying which."""
     params = []
     for backend, device in KERNEL_BACKENDS:
-        marks = [pytest.mark.gpu] if device == "cuda" else []
-        ok = (device != "cuda" or torch.cuda.is_available()) and backend in backends.available(op, device)
-        if not ok:
-            marks.append(pytest.mark.skip(reason=f"{backend} has no {op} kernel on {device} in this build"))
+        if backend not in backends.MODULES[op]:
+            continue
+        marks = [pytest.mark.op(op)] + ([pytest.mark.gpu] if device == "cuda" else [])
+        why = missing_feature(backend, device)
+        if why is not None:
+            marks.append(pytest.mark.skip(reason=why))
         params.append(pytest.param(backend, device, marks=marks, id=backend))
     return params
 
@@ -38,3 +65,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     bound = tol * (1 + e.abs().where(~torch.isinf(e), 0.0))
     worst = (diff - bound).max() if diff.numel() else torch.tensor(-1.0)
     assert worst <= 0, f"{what}: max error {diff.max():.3g} over tolerance {tol} (dtype {dtype})"
+
+
+# What a Triton without the ahead-of-time compile API says; any other error of a compile test fails.
+TRITON_AOT_MISSING = re.compile(
+    r"No module named '(triton\.compiler|triton\.backends\.compiler)'"
+    r"|cannot import name '(GPUTarget|ASTSource)' from 'triton[\w.]*'")
+
+
+def triton_aot_missing(stderr: str) -> str | None:
+    """The line saying Triton has no ahead-of-time compile API, if ``stderr`` says so."""
+    found = TRITON_AOT_MISSING.search(stderr)
+    return None if found is None else found.group(0)

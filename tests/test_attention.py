@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from paged import assert_close, backend_params, make_case
@@ -29,7 +31,7 @@ def _decode(case, backend, **kw):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,seqs,prompts,suffixes", LAYOUTS, ids=[x[0] for x in LAYOUTS])
 def test_decode_matches_reference(backend, device, dtype, name, seqs, prompts, suffixes):
-    case = make_case(seqs, prompts, suffixes, dtype=dtype, device=device, seed=hash(name) % 1000)
+    case = make_case(seqs, prompts, suffixes, dtype=dtype, device=device, seed=zlib.crc32(name.encode()) % 1000)
     out, lse = _decode(case, backend)
     ref_out, ref_lse = reference.cascade_decode_attention(*case.args())
     assert out.dtype == dtype and lse.dtype == torch.float32

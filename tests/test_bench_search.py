@@ -7,12 +7,11 @@ import random
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-bench_beam = pytest.importorskip("bench_beam")
-bench_search = pytest.importorskip("bench_search")
+import bench_beam  # noqa: E402
+import bench_search  # noqa: E402
 
 from ttscale.engine.engine import Engine  # noqa: E402
 from ttscale.sampling_params import SamplingParams  # noqa: E402

@@ -17,11 +17,16 @@ needs_onednn = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def qwen2_dir(tmp_path_factory):
-    """Qwen2: qkv bias and untied embeddings, so both biased and bias-free products run."""
+def qwen2(tmp_path_factory):
+    """Qwen2: qkv bias and untied embeddings, so both biased and bias-free products run.
+    The transformers model and the folder it was saved to."""
     directory = tmp_path_factory.mktemp("qwen2")
-    build_hf_model("qwen2", directory)
-    return directory
+    return build_hf_model("qwen2", directory), directory
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(qwen2):
+    return qwen2[1]
 
 
 def _unpack(model) -> None:
@@ -75,13 +80,25 @@ def test_weights_that_cannot_be_packed_stay_on_f_linear():
     assert cpu_linear.pack(torch.randn(2, 4, 8)) is None
 
 
-def test_without_onednn_the_model_runs_on_f_linear(qwen2_dir, monkeypatch):
+def test_without_onednn_the_model_runs_on_f_linear(qwen2, monkeypatch):
+    hf_model, directory = qwen2
     monkeypatch.setattr(cpu_linear, "packing_available", lambda dtype: False)
-    model = load_model(qwen2_dir, dtype="float32")
-    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))
-    assert model.lm_head_packed is None
-    logits = _prompt_then_decode(model)
-    assert torch.isfinite(logits).all()
+    model = load_model(directory, dtype="float32")
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.packed is None for m in linears) and model.lm_head_packed is None
+    # each product is F.linear's, bit for bit
+    gen = torch.Generator().manual_seed(21)
+    for module in linears:
+        x = torch.randn(5, module.weight.shape[1], generator=gen)
+        assert torch.equal(module(x), F.linear(x, module.weight, module.bias))
+    # and the whole model computes transformers' logits: the prompt's, then one step of each
+    # sequence (tokens 4 and 9 after the prompt)
+    ours = _prompt_then_decode(model)
+    prompt = torch.randint(0, 256, (13,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        theirs = torch.cat([hf_model(torch.tensor([prompt])).logits[0]]
+                           + [hf_model(torch.tensor([prompt + [t]])).logits[0, -1:] for t in (4, 9)])
+    assert_close(ours, theirs, torch.float32, "logits")
 
 
 @needs_onednn

@@ -26,6 +26,11 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
     <failure message="assert 1 == 2">x</failure></testcase>
   <testcase classname="tests.test_a" name="test_skips">
     <skipped message="needs a CUDA device"/></testcase>
+  <testcase classname="tests.test_sampling" name="test_sample[triton]">
+    <properties><property name="op" value="sample"/></properties></testcase>
+  <testcase classname="tests.test_sampling" name="test_sample_gpu[triton]">
+    <properties><property name="op" value="sample"/></properties>
+    <skipped message="needs a CUDA device"/></testcase>
   <testcase classname="" name="tests.test_model"><error message="collection failure">
 ModuleNotFoundError: No module named 'safetensors'</error></testcase>
   <testcase classname="" name="tests.test_b"><error message="collection failure">
@@ -38,12 +43,11 @@ def test_junit_counts_and_files_left_out_for_optional_modules(report, tmp_path):
     path = tmp_path / "tests.xml"
     path.write_text(JUNIT)
     summary = report.junit_summary(path)
-    assert (summary["passed"], summary["failed"], summary["errors"], summary["skipped"]) == (
-        1,
-        1,
-        1,
-        1,
-    )
+    assert (summary["passed"], summary["failed"], summary["errors"], summary["skipped"]) == (2, 1, 1, 2)
+    assert summary["by_op"]["sample"] == {"passed": 1, "failed": 0, "errors": 0, "skipped": 1}
+    assert summary["by_op"]["(whole model and other)"]["passed"] == 1
+    assert "per op: (whole model and other) 1/4 passed (1 skipped), sample 1/2 passed (1 skipped)" in (
+        report.junit_line(summary))
     assert summary["not_collected_missing_module"] == {"tests.test_model": "safetensors"}
     assert (
         "not collected, optional module missing: tests.test_model (safetensors)"

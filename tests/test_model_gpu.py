@@ -13,9 +13,9 @@ import copy
 
 import pytest
 import torch
+from paged import missing_feature
 from tiny_models import VARIANTS, PagedDriver, Sequence, build_hf_model
 
-from ttscale import backends
 from ttscale.model import load_model
 
 pytestmark = [
@@ -34,9 +34,8 @@ TIE = 2e-2  # top-two gap, relative to the logits' scale, under which argmax is 
 def _backend_or_skip(backend: str | None) -> None:
     if backend is None:
         return
-    for op in ("cascade_decode_attention", "paged_prefill_attention"):
-        if backend not in backends.available(op, "cuda"):
-            pytest.skip(f"no {backend} kernel for {op} in this build")
+    if (why := missing_feature(backend, "cuda")) is not None:
+        pytest.skip(why)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -62,14 +61,18 @@ def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _their_greedy_agrees(hf_bf16, prompt: list[int], ours: list[int], name: str) -> None:
-    """Each of our tokens is transformers' argmax after our prefix, or within a bf16 tie."""
+    """Each of our tokens is transformers' argmax after our prefix, or within a bf16 tie of it.
+
+    transformers runs on our prefix at every step, so after a tie (where greedy continuations
+    would part) every later token is still compared, on the same context."""
+    ties = 0
     for step, token in enumerate(ours):
         row = _logits(hf_bf16, prompt + ours[:step])[-1]
         if int(row.argmax()) != token:
-            top = row.topk(2).values
-            gap = float(top[0] - top[1]) / float(row.abs().max())
-            assert gap <= TIE, f"{name}: token {step}: ours {token}, theirs {int(row.argmax())}"
-            return  # a tie: the continuations part here, and the rest compares nothing
+            gap = float(row.max() - row[token]) / float(row.abs().max())
+            assert gap <= TIE, f"{name}: token {step}: ours {token}, theirs {int(row.argmax())}, gap {gap:.3g}"
+            ties += 1
+    assert ties <= len(ours) // 4, f"{name}: {ties} of {len(ours)} tokens differ within a tie"
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paged import assert_close, backend_params
+from paged import assert_close, backend_params, missing_feature
 from ttscale import backends, ops, reference
 from ttscale.testing import make_sampling_case
 
@@ -63,8 +63,8 @@ def test_matches_reference(backend, device, dtype):
 def test_cpu_agrees_with_reference_over_many_rows():
     """Every filter path, 2000 rows: backends differ only when two kept keys or a top-p mass
     lie within float32 rounding of each other (none seen in 12,000 rows while writing this)."""
-    if STATS_BACKEND != "cpu":
-        pytest.skip("the C++ extension is not built")
+    if (why := missing_feature("cpu", "cpu")) is not None:
+        pytest.skip(why)
     case = make_sampling_case(2000, 300, seed=11)
     tokens = _sample(case, "cpu", seed=3)[0]
     assert (tokens != reference.sample(*case.args(3))[0]).sum() <= 1
@@ -72,8 +72,8 @@ def test_cpu_agrees_with_reference_over_many_rows():
 
 @pytest.mark.parametrize("vocab", [151_936, 262_144])
 def test_large_vocabulary_cpu(vocab):
-    if STATS_BACKEND != "cpu":
-        pytest.skip("the C++ extension is not built")
+    if (why := missing_feature("cpu", "cpu")) is not None:
+        pytest.skip(why)
     case = make_sampling_case(8, vocab, dtype=torch.bfloat16, seed=vocab)
     tokens, logprobs, (top_ids, _) = _sample(case, "cpu", seed=5, num_logprobs=20)
     ref_tokens, ref_logprobs, (ref_ids, _) = reference.sample(*case.args(5), 20)
@@ -82,12 +82,12 @@ def test_large_vocabulary_cpu(vocab):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in backends.MODULES["sample"]])
 @pytest.mark.parametrize("vocab", [151_936, 262_144])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_vocabulary_gpu(backend, vocab, dtype):
-    if backend not in backends.available("sample", "cuda"):
-        pytest.skip(f"{backend} has no sample kernel in this build")
+    if (why := missing_feature(backend, "cuda")) is not None:
+        pytest.skip(why)
     case = make_sampling_case(64, vocab, dtype=dtype, device="cuda", seed=vocab)
     tokens, logprobs, (top_ids, _) = _sample(case, backend, seed=5, num_logprobs=20)
     ref_tokens, ref_logprobs, (ref_ids, _) = reference.sample(*case.args(5), 20)

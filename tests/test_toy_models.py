@@ -80,7 +80,9 @@ def test_policy_solves_some_but_not_all_heldout_problems():
                            SamplingParams(temperature=0.0, max_tokens=128), use_tqdm=False)
     right = sum(task.final_answer(o.outputs[0].text) == str(p.answer)
                 for p, o in zip(problems, outputs, strict=True))
-    assert 0.1 * len(problems) <= right <= 0.9 * len(problems)
+    # measured 12 of 40 (30%; the demo's 200 give 44%: this subset is harder); greedy is
+    # deterministic, the slack is for near-ties that another CPU's float sums may flip
+    assert abs(right - 12) <= 2, right
 
 
 def _first_step_p_good(driver: PagedDriver, problem: task.Problem, first_step: str) -> float:
@@ -105,8 +107,9 @@ def test_prm_scores_a_right_step_above_a_corrupted_one():
         wrong = step[:-1] + str((int(step[-1]) + 3) % 10)
         right.append(_first_step_p_good(driver, problem, step))
         corrupted.append(_first_step_p_good(driver, problem, wrong))
-    assert sum(right) / len(right) > sum(corrupted) / len(corrupted) + 0.2
-    assert sum(r > c for r, c in zip(right, corrupted)) >= 0.7 * len(right)
+    # measured: mean P(+) 0.999 right, 7e-5 corrupted; right above corrupted in 30 of 30
+    assert sum(right) / len(right) >= 0.98 and sum(corrupted) / len(corrupted) <= 0.02
+    assert sum(r > c for r, c in zip(right, corrupted)) >= 29
 
 
 def test_policy_revision_fixes_greedy_failures_working_products_in_parts():
@@ -133,6 +136,7 @@ def test_policy_revision_fixes_greedy_failures_working_products_in_parts():
         if task.final_answer(first.text) != str(problem.answer):
             failed += 1
             fixed += task.final_answer(revised.text) == str(problem.answer)
-    assert failed >= 15 and products >= 10
-    assert fixed >= 0.2 * failed, (fixed, failed)
-    assert worked >= 0.8 * products, (worked, products)
+    # measured: 38 greedy failures, 25 of them fixed; 53 of 54 multi-part products worked in parts
+    assert abs(failed - 38) <= 2 and abs(products - 54) <= 3, (failed, products)
+    assert fixed >= 23, (fixed, failed)
+    assert worked >= products - 2, (worked, products)

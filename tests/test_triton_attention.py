@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paged import assert_close, make_case
+from paged import assert_close, make_case, missing_feature
 
-from ttscale import backends, ops, reference
+from ttscale import ops, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if "triton" not in backends.available("cascade_decode_attention", DEVICE):
-    pytest.skip(f"no Triton kernels on {DEVICE} here", allow_module_level=True)
+if (why := missing_feature("triton", DEVICE)) is not None:
+    pytest.skip(why, allow_module_level=True)
 
 from ttscale.kernels.cascade_decode import DecodeConfig, cascade_decode_attention, decode_config  # noqa: E402
 

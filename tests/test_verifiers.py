@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 import ttscale
+from paged import assert_close
 from prm_models import (
     QUESTION,
     STEPS,
@@ -379,4 +380,10 @@ def test_run_pending_returns_hidden_states_only_where_asked(prm_dir):
     prm.engine.extend(root.seq, [5, 6, 7])
     hidden = prm.engine.run_pending([root.seq], hidden_at={root.seq: [1, 3]})
     assert list(hidden) == [root.seq] and hidden[root.seq].shape == (2, 64)
-    assert torch.isfinite(hidden[root.seq]).all()
+    # the final hidden states the model computes at those tokens, run over the whole sequence
+    from tiny_models import PagedDriver
+
+    prompt = root.seq.problem.prompt_ids
+    rows = torch.tensor([len(prompt) - 1 + 1, len(prompt) - 1 + 3])  # tokens[0] is the prompt's last
+    expected = PagedDriver(prm.engine.model).prompt_hidden(prompt + [5, 6, 7], rows)
+    assert_close(hidden[root.seq], expected, torch.float32, "hidden")

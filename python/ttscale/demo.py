@@ -59,11 +59,13 @@ def beam_width(n: int) -> int:
 
 def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STRATEGIES,
              num_problems: int = 200, device: str | None = None, out: Path = Path("demo_out"),
-             seed: int = 0, progress: bool = True, models: Path | None = None) -> list[Row]:
+             seed: int = 0, progress: bool = True, models: Path | None = None,
+             revision_lengths: Sequence[int] | None = None) -> list[Row]:
     """Run the demo; write ``results.json`` and ``scaling.png`` under ``out``; return the rows.
 
     ``models``: a folder with ``policy/`` and ``prm/``, as ``python -m ttscale.toy.train --out``
-    writes it (default: the embedded models)."""
+    writes it (default: the embedded models). ``revision_lengths``: the chain lengths S of the
+    ``revisions-S`` rows (default every power of two that divides the revision budget)."""
     import ttscale
     from ttscale.toy import policy_dir, prm_dir, task
 
@@ -80,6 +82,9 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
                          f"{uneven} is not a multiple of {BEAM_WIDTH}")
     if num_problems < 1:
         raise ValueError(f"problems: expected >= 1, got {num_problems}")
+    if revision_lengths is not None and any(s < 1 or revision_budget(ns) % s for s in revision_lengths):
+        raise ValueError(f"revision_lengths: expected divisors of the revision budget "
+                         f"{revision_budget(ns)}, got {list(revision_lengths)}")
     policy, verifier = model_dirs(models) if models is not None else (policy_dir(), prm_dir())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +101,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     ns = sorted(set(ns))
     rows: list[Row] = []
     wall: dict[str, float] = {"loading the models": time.perf_counter() - started}
-    bar = tqdm(total=_work(ns, strategies), desc="demo", unit="run", disable=not progress)
+    bar = tqdm(total=_work(ns, strategies, revision_lengths), desc="demo", unit="run", disable=not progress)
 
     def record(strategy, n, results, tokens, seconds):
         correct = [r.answer is not None and _same(r.answer, ref) for r, ref in zip(results, references)]
@@ -145,7 +150,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         # (the cap the training script measures revisions with)
         revising = SamplingParams(temperature=1.0, max_tokens=MAX_REVISION_TOKENS)
         budget = revision_budget(ns)
-        for sequential in revision_ratios(budget):
+        for sequential in revision_ratios(budget) if revision_lengths is None else revision_lengths:
             start = time.perf_counter()
             results = ttscale.revisions(llm, texts, budget, sequential, verifier=prm, sampling=revising,
                                         agg=AGG, **common)
@@ -214,10 +219,11 @@ def revision_ratios(budget: int) -> list[int]:
     return [s for s in (2**k for k in range(budget.bit_length())) if budget % s == 0]
 
 
-def _work(ns, strategies) -> int:
+def _work(ns, strategies, revision_lengths=None) -> int:
     pooled = len([s for s in ("majority", "best_of_n", "weighted") if s in strategies])
     searched = len([s for s in ("beam_search", "dvts") if s in strategies])
-    revised = len(revision_ratios(revision_budget(ns))) if "revisions" in strategies else 0
+    lengths = revision_ratios(revision_budget(ns)) if revision_lengths is None else revision_lengths
+    revised = len(lengths) if "revisions" in strategies else 0
     return ("greedy" in strategies) + pooled * len(ns) + searched * len(ns) + revised
 
 
