@@ -256,16 +256,16 @@ def test_generate_checks_every_prompt_before_any_work(model_dir):
 
 def test_a_failed_generate_call_frees_its_blocks(model_dir, monkeypatch):
     llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
-    blocks, step = llm.engine.blocks, llm.engine.step
+    blocks, decode_window = llm.engine.blocks, llm.engine.runner.decode_window
     calls = []
 
-    def failing_step(*args, **kwargs):
+    def failing_window(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("device lost")
-        return step(*args, **kwargs)
+        return decode_window(*args, **kwargs)
 
-    monkeypatch.setattr(llm.engine, "step", failing_step)
+    monkeypatch.setattr(llm.engine.runner, "decode_window", failing_window)
     with pytest.raises(RuntimeError, match="device lost"):
         llm.generate([PROMPT, PROMPT[:7]], SamplingParams(n=4, max_tokens=30, ignore_eos=True),
                      use_tqdm=False)

@@ -35,6 +35,13 @@ _EXPORTS = {
     "rejection_best_of_n": "ttscale.search.rejection",
     "compute_optimal": "ttscale.search.compute_optimal",
     "revisions": "ttscale.search.revisions",
+    "RequestOutput": "ttscale.llm",
+    "CompletionOutput": "ttscale.llm",
+    "EngineStats": "ttscale.engine.scheduler",
+    "TTScaleError": "ttscale.errors",
+    "InvalidArgument": "ttscale.errors",
+    "UnknownRequest": "ttscale.errors",
+    "PoolExhausted": "ttscale.errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

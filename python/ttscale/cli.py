@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import ttscale
+from ttscale.errors import UsageError  # re-exported here
 from ttscale.search.select import AGGREGATIONS, REVISION_SELECTIONS as SELECTIONS
 
 # What ``ttscale run --strategy`` can run: name -> "module:function", imported only when chosen
@@ -33,10 +34,6 @@ STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
 PRM_CLASS = "ttscale.verifiers.prm:PRM"
 PRM_FORMATS = ("math-shepherd", "rlhflow", "qwen2.5-math-prm", "skywork")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class UsageError(Exception):
-    """A bad argument found after parsing (a model that does not load, ...): exit code 2."""
 
 
 def resolve(target: Any) -> Any:

@@ -35,6 +35,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ttscale.errors import DataError  # re-exported here
 from ttscale.grading import answers_equal
 from ttscale.search.result import SearchResult
 
@@ -51,10 +52,6 @@ __all__ = [
 ]
 
 Level = int | str
-
-
-class DataError(ValueError):
-    """A malformed data or output file; the message names the file and the line."""
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,25 @@
-"""``LLM.generate``: vLLM's surface over the shared-prefix engine.
+"""``LLM``: vLLM's surface over the shared-prefix engine.
 
     llm = ttscale.LLM("path/to/model")
     outs = llm.generate(["What is 2+2?"], ttscale.SamplingParams(n=8, temperature=0.8))
     outs[0].outputs[3].text
 
-The ``n`` samples of a prompt share its prefilled KV. Work streams through the KV pool: a
-sequence starts only when the pool can hold it to ``max_tokens``, and finished sequences free
-their blocks at once, so any number of prompts and samples completes in bounded memory.
+    rid = llm.add_request("What is 2+2?", ttscale.SamplingParams(n=4))  # joins at the next step
+    while llm.has_unfinished_requests():
+        for out in llm.step():          # the requests that progressed, cumulative outputs
+            print(out.request_id, out.finished, [c.text for c in out.outputs])
+
+The ``n`` samples of a prompt share its prefilled KV. Every request goes through one scheduler
+(:mod:`ttscale.engine.scheduler`): requests join the running batch at any step, sequences run
+when their next window fits the pool, and finished sequences free their blocks at once, so any
+number of prompts and samples completes in bounded memory. ``generate`` is a loop over the same
+steps, so concurrent calls from several threads share them.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ttscale.engine.engine import Engine
+from ttscale.engine.scheduler import EngineStats, Request, Scheduler
 from ttscale.engine.sequence import Sequence
 from ttscale.engine.stops import find_stop
+from ttscale.errors import InvalidArgument, invalid
 from ttscale.model import load_model, load_tokenizer
 from ttscale.sampling_params import SamplingParams
 
-# Unseeded generate calls number their sequences from here on (a seeded call and a search
-# number theirs from 0 and by stream key, below 2**34), so their random streams never meet.
-UNSEEDED_SEQUENCES = 1 << 36
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "EngineStats"]
 
 
 @dataclass
@@ -43,9 +50,13 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """A request's state: all ``n`` completions, sorted by index, each the tokens so far."""
+
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    request_id: str = ""
+    finished: bool = False
 
 
 class LLM:
@@ -83,129 +94,178 @@ class LLM:
                              memory_share=memory_share, block_size=block_size, seed=seed,
                              window=window, backend=backend, cuda_graphs=cuda_graphs,
                              max_decode_seqs=max_decode_seqs)
-        self._unseeded_next = UNSEEDED_SEQUENCES  # where unseeded generate calls number from
+        self.seed = seed
+        self.scheduler = Scheduler(self.engine)
+        self._request_ids = itertools.count()
+        self._unseeded_streams = itertools.count()  # unseeded requests never share a stream
+        self._to_report: dict[str, Request] = {}  # add_request's requests that progressed
 
     def encode(self, prompt: str | Seq[int], name: str = "prompts") -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(f"{name}: text prompts need a tokenizer.json in the model directory")
+                raise invalid(name, "text prompts need a tokenizer.json in the model directory")
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, torch.Tensor):
             return [int(t) for t in prompt.reshape(-1)]
         return [int(t) for t in prompt]
+
+    # ------------------------------------------------------------------------------------------
+    # The step API (vLLM's names)
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; it joins the running batch at the next :meth:`step`. Returns its id.
+
+        ``prompt``: text or token ids. With ``params.seed`` set, the request's samples depend on
+        the seed and the prompt only, not on what runs beside them. A request that can never fit
+        the KV pool, or the model's positions, is refused here with the argument's name.
+        """
+        params = self._check_params(params, "params")
+        if request_id is not None and not isinstance(request_id, str):
+            raise invalid("request_id", f"expected a string, got {type(request_id).__name__}")
+        ids = self.encode(prompt, "prompt")
+        self._check_prompt("prompt", ids, params, self._worst_case(params))
+        request = self._request(prompt, ids, params, request_id, stream=0)
+        self.scheduler.add(request)
+        return request.request_id
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step: a decode window for every sequence that fits. Returns the requests
+        added with :meth:`add_request` that progressed (since the last step), each with all its
+        ``n`` completions so far; ``finished`` says whether it is done."""
+        progressed = self.scheduler.step()
+        with self.scheduler.lock:
+            for request in progressed:
+                if request.public:
+                    self._to_report[request.request_id] = request
+            reported, self._to_report = list(self._to_report.values()), {}
+        return [self._output(r) for r in reported]
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks at once. Unknown id: ``UnknownRequest``, a
+        ``KeyError`` (and ``InvalidArgument``) naming it."""
+        self.scheduler.abort(request_id)
+        self._to_report.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        """Running, waiting and preempted requests, the pool's blocks, steps and host reads, as of
+        the last step (nothing is read from the device)."""
+        return self.scheduler.stats()
+
+    # ------------------------------------------------------------------------------------------
 
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]], sampling_params: SamplingParams | None = None,
                  *, use_tqdm: bool = True) -> list[RequestOutput]:
         """Sample ``sampling_params.n`` completions for each prompt (strings or token-id lists).
 
         With ``sampling_params.seed`` set, a call's samples depend only on the seed, the prompt's
-        position in ``prompts`` and the sample's index: the same call gives the same result.
-        Without it, draws follow the engine's seed and go on from the previous call's.
-        Every prompt is checked before any work starts.
+        position in ``prompts`` and the sample's index: the same call gives the same result,
+        whatever else runs beside it. Without it, every call draws new samples.
+        Every prompt is checked before any work starts. The call's requests go through the
+        scheduler's steps like any other, so calls from several threads share them.
         """
-        params = sampling_params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(
-                f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        params = self._check_params(sampling_params, "sampling_params")
         if hasattr(prompts, "tolist") and not isinstance(prompts, str):
             prompts = prompts.tolist()  # a tensor or array: one prompt's ids, or one per row
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        engine = self.engine
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError(
-                "sampling_params: stop strings need a tokenizer.json in the model directory")
         ids = [self.encode(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        worst_case = engine.blocks.blocks_for(params.max_tokens + 1)
-        if worst_case > engine.blocks.num_blocks:
-            raise ValueError(
-                f"max_tokens: one sequence of {params.max_tokens} tokens needs {worst_case} KV blocks, "
-                f"the pool has {engine.blocks.num_blocks}; lower max_tokens or raise kv_budget_bytes"
-            )
+        worst_case = self._worst_case(params)
         for i, prompt in enumerate(ids):
             self._check_prompt(f"prompts[{i}]", prompt, params, worst_case)
-        results = [RequestOutput(p if isinstance(p, str) else None, i)
-                   for p, i in zip(prompts, ids)]
-        # A seeded call numbers its sequences from 0 (the same call replays its samples); an
-        # unseeded one goes on from the previous unseeded call, in a range of its own, so it
-        # never repeats the streams of a seeded call or a search in between.
-        seeded = params.seed is not None
-        engine.number_sequences_from(0 if seeded else self._unseeded_next)
-        added: list = []  # problems prefilled by this call
-        waiting = deque(range(len(ids)))  # prompts not yet prefilled
-        queued: deque[tuple[int, int, Sequence]] = deque()  # (prompt, sample index, sequence)
-        running: list[tuple[int, int, Sequence]] = []
-        left = [params.n] * len(ids)
+        requests = [self._request(p, i, params, None, stream=k, public=False)
+                    for k, (p, i) in enumerate(zip(prompts, ids, strict=True))]
         progress = tqdm(total=len(ids) * params.n, desc="generate", unit="seq", disable=not use_tqdm)
-        start, tokens_before = time.perf_counter(), engine.generated_tokens
-        limits: dict[Sequence, int] = {}
+        start, tokens_before = time.perf_counter(), self.engine.generated_tokens
+        done = 0
         try:
-            while waiting or queued or running:
-                # Start sequences while the pool can take each to max_tokens (no deadlock later).
-                committed = sum(worst_case - len(s.block_table) for _, _, s in running)
-                while queued or waiting:
-                    if not queued:  # prefill the next prompt once its blocks and one sample fit
-                        prompt_blocks = engine.blocks.blocks_for(len(ids[waiting[0]]) - 1)
-                        if engine.blocks.num_free - committed < prompt_blocks + worst_case:
-                            break
-                        index = waiting.popleft()
-                        problem = engine.add(ids[index])
-                        added.append(problem)
-                        queued.extend((index, k, s) for k, s in enumerate(engine.fork(problem, params.n)))
-                    if engine.blocks.num_free - committed < worst_case:
-                        break
-                    item = queued.popleft()
-                    running.append(item)
-                    limits[item[2]] = params.max_tokens
-                    committed += worst_case
-                if not running:
-                    raise RuntimeError("generate: no sequence fits in the KV pool (see max_tokens)")
-                still = set(engine.step([s for _, _, s in running], params, params.stop_strings, limits))
-                for item in [r for r in running if r[2] not in still]:
-                    p, k, seq = item
-                    results[p].outputs.append(self._completion(k, seq, params))
-                    engine.free([seq])
-                    del limits[seq]
-                    left[p] -= 1
-                    if left[p] == 0:
-                        engine.free_problem(seq.problem)
-                    progress.update(1)
-                running = [r for r in running if r[2] in still]
+            for request in requests:
+                self.scheduler.add(request)
+            while not all(r.finished for r in requests):
+                progressed = self.scheduler.step()
+                with self.scheduler.lock:
+                    for request in progressed:  # other callers' requests: reported by their step()
+                        if request.public:
+                            self._to_report[request.request_id] = request
+                finished = sum(s.finish_reason is not None for r in requests for s in r.seqs)
+                progress.update(finished - done)
+                done = finished
                 elapsed = time.perf_counter() - start
-                progress.set_postfix(tok_s=f"{(engine.generated_tokens - tokens_before) / max(elapsed, 1e-9):.0f}")
+                progress.set_postfix(tok_s=f"{(self.engine.generated_tokens - tokens_before) / max(elapsed, 1e-9):.0f}")
         except BaseException:
-            # nothing of a failed call stays in the pool
-            engine.free([s for _, _, s in running + list(queued)])
-            for problem in added:
-                if problem.num_sequences == 0:
-                    engine.free_problem(problem)
+            for request in requests:  # nothing of a failed call stays in the pool
+                if not request.finished:
+                    self.scheduler.abort(request.request_id)
             raise
         finally:
             progress.close()
-            if not seeded:
-                self._unseeded_next = engine.next_sequence_number
-        for r in results:
-            r.outputs.sort(key=lambda c: c.index)
-        return results
+        return [self._output(r) for r in requests]
+
+    # ------------------------------------------------------------------------------------------
+
+    def _check_params(self, params, name: str) -> SamplingParams:
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise invalid(name, f"expected SamplingParams, got {type(params).__name__}")
+        if params.stop_strings and self.tokenizer is None:
+            raise invalid(name, "stop strings need a tokenizer.json in the model directory")
+        return params
+
+    def _worst_case(self, params: SamplingParams) -> int:
+        """KV blocks one sample needs at ``max_tokens``: the least a request needs to progress."""
+        blocks = self.engine.blocks
+        worst_case = blocks.blocks_for(params.max_tokens + 1)
+        if worst_case > blocks.num_blocks:
+            raise invalid(
+                "max_tokens", f"one sequence of {params.max_tokens} tokens needs {worst_case} KV "
+                f"blocks, the pool has {blocks.num_blocks}; lower max_tokens or raise kv_budget_bytes")
+        return worst_case
+
+    def _request(self, prompt, ids: list[int], params: SamplingParams, request_id: str | None,
+                 stream: int, public: bool = True) -> Request:
+        if request_id is None:
+            request_id = str(next(self._request_ids))
+        if params.seed is not None:
+            seed, stream = params.seed, stream
+        else:
+            seed, stream = self.seed, (1 << 40) + next(self._unseeded_streams)
+        return Request(request_id, prompt if isinstance(prompt, str) else None, ids, params,
+                       seed=seed, stream=stream, public=public)
+
+    def _output(self, request: Request) -> RequestOutput:
+        params = request.params
+        if request.seqs:
+            outputs = [self._completion(k, seq, params) for k, seq in enumerate(request.seqs)]
+        else:
+            outputs = [CompletionOutput(k, "", [], 0.0, None, [] if params.logprobs else None)
+                       for k in range(params.n)]
+        return RequestOutput(request.prompt, request.prompt_ids, outputs, request.request_id,
+                             request.finished)
 
     def _check_prompt(self, name: str, ids: list[int], params: SamplingParams,
                       worst_case: int) -> None:
         """A prompt's ids, its length with ``max_tokens`` against the model's positions, and its
         room in the KV pool beside one sample, checked before a call starts."""
         engine = self.engine
-        engine.check_prompt(name, ids)
+        try:
+            engine.check_prompt(name, ids)
+        except InvalidArgument:
+            raise
+        except ValueError as error:
+            raise InvalidArgument(str(error), param=name) from None
         positions = self.model.max_positions
         if len(ids) + params.max_tokens - 1 > positions:
-            raise ValueError(
-                f"max_tokens: {name} has {len(ids)} tokens, so at most {positions - len(ids) + 1} "
-                f"new tokens fit the model's {positions} positions, got {params.max_tokens}"
-            )
+            raise invalid(
+                "max_tokens", f"{name} has {len(ids)} tokens, so at most {positions - len(ids) + 1} "
+                f"new tokens fit the model's {positions} positions, got {params.max_tokens}")
         need = engine.blocks.blocks_for(len(ids) - 1) + worst_case
         if need > engine.blocks.num_blocks:
-            raise ValueError(
-                f"{name}: its prompt and one sample of max_tokens={params.max_tokens} need {need} "
-                f"KV blocks, the pool has {engine.blocks.num_blocks}; raise kv_budget_bytes"
-            )
+            raise invalid(
+                name, f"its prompt and one sample of max_tokens={params.max_tokens} need {need} "
+                f"KV blocks, the pool has {engine.blocks.num_blocks}; raise kv_budget_bytes")
 
     def _completion(self, index: int, seq: Sequence, params: SamplingParams) -> CompletionOutput:
         token_ids = seq.output_ids

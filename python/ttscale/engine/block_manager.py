@@ -12,10 +12,7 @@ equals the number of tables that hold it; after any sequence of operations nothi
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-
-class PoolExhausted(RuntimeError):
-    """Not enough free blocks for a request; the engine queues work and retries after frees."""
+from ttscale.errors import PoolExhausted  # re-exported here
 
 
 @dataclass

@@ -151,10 +151,11 @@ class DecodeGraph:
         put(self.suffix_lens, suffix_lens, torch.int32)
         put(self.prompt_lens, prompt_lens, torch.int32)
         self.live[:rows] = True
-        self.temperature[:rows] = sampling.temperature
-        self.top_k[:rows] = sampling.top_k
-        self.top_p[:rows] = sampling.top_p
-        self.min_p[:rows] = sampling.min_p
+        per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * rows
+        put(self.temperature, [p.temperature for p in per_row], torch.float32)
+        put(self.top_k, [p.top_k for p in per_row], torch.int32)
+        put(self.top_p, [p.top_p for p in per_row], torch.float32)
+        put(self.min_p, [p.min_p for p in per_row], torch.float32)
         self.prompt_tables[:problems, : prompt_tables.shape[1]].copy_(prompt_tables)
         self.suffix_tables[:rows, : suffix_tables.shape[1]].copy_(suffix_tables)
 

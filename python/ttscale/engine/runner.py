@@ -50,6 +50,7 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.device = model.device
         self.graphs = None
+        self.host_reads = 0  # device-to-host reads of decode results (stats().host_reads)
         if cuda_graphs:
             from ttscale.engine.graphs import DecodeGraphs
 
@@ -152,26 +153,35 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------
     # Decode: `window` steps on the device, one read-back.
 
-    def decode_window(self, seqs: list[Sequence], window: int, sampling: SamplingParams, seed: int,
-                      offsets: list[int], stop_table: torch.Tensor | None):
+    def decode_window(self, seqs: list[Sequence], window: int, sampling, seed: int,
+                      offsets: list[int], stop_table: torch.Tensor | None, groups: list[int] | None = None):
         """Feed each sequence's one pending token, sample, and repeat ``window`` times.
 
+        ``sampling``: one SamplingParams for every row, or a list of one per row (requests with
+        different settings share the step). ``stop_table``: ``[V]`` bool, the stop-string tokens
+        of every row; or, with ``groups`` (a group index per row), ``[G, V]``, one table per group.
+        End-of-sequence tokens are added per row unless its ``ignore_eos``.
+
         Returns per sequence: its ``window`` sampled tokens, their log-probabilities, their top
-        log-probabilities (or None), and per token whether it is a stop or EOS token.
+        log-probabilities (as many as the most any row asked for, or None), and per token
+        whether it is a stop or EOS token.
         """
-        if self.graphs is not None:
-            return self._decode_window_graphed(seqs, window, sampling, seed, offsets, stop_table)
         B = len(seqs)
+        rows = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
+        stop_matrix, group_index = self._stop_matrix(rows, stop_table, groups)
+        if self.graphs is not None:
+            return self._decode_window_graphed(seqs, window, rows, seed, offsets, stop_matrix, group_index)
         bs = self.block_size
         slots = [[slot_of(s.block_table, s.kv_len + j, bs) for s in seqs] for j in range(window)]
         base = self._sequence_batch(
             "decode", seqs, [1] * B, [s.context_len - 1 for s in seqs], slots[0], [s.kv_len + 1 for s in seqs]
         )
-        full = lambda v, dt: torch.full((B,), v, dtype=dt, device=self.device)
-        temperature, top_p, min_p = (full(x, torch.float32) for x in (sampling.temperature, sampling.top_p, sampling.min_p))
-        top_k = full(sampling.top_k, torch.int32)
+        temperature = self._tensor([p.temperature for p in rows], torch.float32)
+        top_p = self._tensor([p.top_p for p in rows], torch.float32)
+        min_p = self._tensor([p.min_p for p in rows], torch.float32)
+        top_k = self._tensor([p.top_k for p in rows], torch.int32)
+        num_logprobs = max(p.logprobs for p in rows)
         offsets_t = self._tensor(offsets)
-        stop_ids = self._stop_ids(sampling, stop_table)
         tokens_in = self._tensor([s.tokens[-1] for s in seqs])
         all_slots = self._tensor(slots)
         out_tokens, out_lp, out_stop, out_top = [], [], [], []
@@ -185,25 +195,43 @@ class ModelRunner:
             hidden = self.model(tokens_in, batch, self.kv_cache)
             logits = self.model.compute_logits(hidden)
             tokens, logprobs, top = ops.sample(
-                logits, temperature, top_k, top_p, min_p, seed, offsets_t + j, num_logprobs=sampling.logprobs
+                logits, temperature, top_k, top_p, min_p, seed, offsets_t + j, num_logprobs=num_logprobs
             )
             out_tokens.append(tokens)
             out_lp.append(logprobs)
-            out_stop.append(stop_ids[tokens])
+            out_stop.append(stop_matrix[group_index, tokens])
             if top is not None:
                 out_top.append(top)
             tokens_in = tokens
+        return self._read_back(out_tokens, out_lp, out_stop, out_top, B, window)
+
+    def _read_back(self, out_tokens, out_lp, out_stop, out_top, B: int, window: int):
+        """The window's one device-to-host read (counted in ``host_reads``)."""
+        self.host_reads += 1
         return _read_back(out_tokens, out_lp, out_stop, out_top, B, window)
 
-    def _stop_ids(self, sampling: SamplingParams, stop_table: torch.Tensor | None) -> torch.Tensor:
-        stop_ids = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
-        if stop_table is not None:
-            stop_ids |= stop_table
-        if not sampling.ignore_eos:
-            stop_ids[list(self.model.config.eos_token_ids)] = True
-        return stop_ids.to(self.device)
+    def _stop_matrix(self, rows: list[SamplingParams], stop_table: torch.Tensor | None,
+                     groups: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[G, V]`` stop flags on the device (stop strings' tokens, and EOS where the row's
+        settings keep it) and each row's index into it."""
+        vocab = self.model.config.vocab_size
+        if groups is None:
+            groups = [0] * len(rows)
+            tables = [torch.zeros(vocab, dtype=torch.bool) if stop_table is None else stop_table.cpu()]
+        else:
+            tables = list(stop_table.cpu())
+        # a group's rows share their stop strings; EOS may differ (ignore_eos), so split on it
+        keys: dict[tuple[int, bool], int] = {}
+        index = [keys.setdefault((g, p.ignore_eos), len(keys)) for g, p in zip(groups, rows, strict=True)]
+        matrix = torch.zeros(max(len(keys), 1), vocab, dtype=torch.bool)
+        eos = list(self.model.config.eos_token_ids)
+        for (g, ignore_eos), row in keys.items():
+            matrix[row] = tables[g]
+            if not ignore_eos:
+                matrix[row, eos] = True
+        return matrix.to(self.device), self._tensor(index)
 
-    def _decode_window_graphed(self, seqs, window, sampling, seed, offsets, stop_table):
+    def _decode_window_graphed(self, seqs, window, rows, seed, offsets, stop_matrix, group_index):
         """decode_window through a captured step (see :mod:`ttscale.engine.graphs`)."""
         from ttscale.engine.graphs import GraphKey, bucket, width_bucket
 
@@ -214,13 +242,14 @@ class ModelRunner:
         prompt_tables = padded_tables([p.block_table for p in problems], self.device)
         suffix_tables = padded_tables([s.block_table for s in seqs], self.device)
         key = GraphKey(bucket(B), bucket(len(problems)), width_bucket(prompt_tables.shape[1]),
-                       width_bucket(suffix_tables.shape[1]), seed, sampling.logprobs, self.backend)
+                       width_bucket(suffix_tables.shape[1]), seed, max(p.logprobs for p in rows),
+                       self.backend)
         graph = self.graphs.get(key)
         graph.load(
             tokens_in=[s.tokens[-1] for s in seqs], positions=[s.context_len - 1 for s in seqs],
             prompt_tables=prompt_tables, prompt_lens=[p.kv_len for p in problems],
             problem_ids=[problems[s.problem] for s in seqs], suffix_tables=suffix_tables,
-            suffix_lens=[s.kv_len + 1 for s in seqs], offsets=offsets, sampling=sampling,
+            suffix_lens=[s.kv_len + 1 for s in seqs], offsets=offsets, sampling=rows,
         )
         out_tokens, out_lp, out_top = [], [], []
         for _ in range(window):
@@ -229,9 +258,8 @@ class ModelRunner:
             out_lp.append(logprobs[:B].clone())
             if top is not None:
                 out_top.append((top[0][:B].clone(), top[1][:B].clone()))
-        stop_ids = self._stop_ids(sampling, stop_table)
-        out_stop = [stop_ids[t] for t in out_tokens]
-        return _read_back(out_tokens, out_lp, out_stop, out_top, B, window)
+        out_stop = [stop_matrix[group_index, t] for t in out_tokens]
+        return self._read_back(out_tokens, out_lp, out_stop, out_top, B, window)
 
     def copy_blocks(self, copies) -> None:
         """Perform copy-on-write block copies in every layer."""

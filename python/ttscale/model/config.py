@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from ttscale.errors import ConfigError, ModelLoadError  # re-exported here
 
 # architecture -> (family, head kind)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -34,14 +35,6 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
 DEFAULT_NUM_LABELS = {"Qwen2ForProcessRewardModel": 2, "Qwen2ForRewardModel": 1}
 
 ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class ModelLoadError(ValueError):
-    """A model directory is missing something, or holds something ttscale cannot use."""
-
-
-class ConfigError(ModelLoadError):
-    """config.json is missing, malformed, or describes a model this transformer cannot run."""
 
 
 @dataclass(frozen=True)

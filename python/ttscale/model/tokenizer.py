@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as FastTokenizer
+from ttscale.errors import TokenizerError  # re-exported here
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
-
-
-class TokenizerError(ValueError):
-    """The tokenizer files are missing or malformed, or a chat template cannot be rendered."""
 
 
 class Tokenizer:

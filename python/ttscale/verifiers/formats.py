@@ -58,6 +58,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from ttscale.errors import FormatError  # re-exported here
 
 MATH_SHEPHERD_TAG = "ки"
 QWEN_PRM_STEP_TAG = "<extra_0>"
@@ -69,10 +70,6 @@ def math_shepherd_text(question: str, steps: Sequence[str]) -> str:
     """Math-Shepherd: ``question`` then each step followed by `` ки`` and a newline; the PRM reads
     the ``+``/``-`` logits at each tag."""
     return f"{question} " + "".join(f"{step} {MATH_SHEPHERD_TAG}\n" for step in steps)
-
-
-class FormatError(ValueError):
-    """A tokenizer or chat template cannot express a format exactly."""
 
 
 @dataclass(frozen=True)

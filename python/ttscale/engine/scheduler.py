@@ -1,0 +1,263 @@
+"""The scheduler: requests join the running batch at any step.
+
+    scheduler.add(request)        # queued; its prompt is prefilled when it is admitted
+    progressed = scheduler.step() # one decode window for every sequence that fits
+    scheduler.abort(request_id)   # its blocks return to the pool at once
+
+One step admits work in arrival order (requests, then each request's samples by index). Admission
+is optimistic, as in vLLM: a sequence runs when its next window fits the pool, not its whole
+``max_tokens``, so a request with more samples than the pool can hold at once runs them
+piecewise. When growth runs the pool short, the newest work is preempted: a sequence's own blocks
+are freed and its tokens recomputed when it resumes; if that is not enough, the newest request's
+prompt goes too. Nothing of this changes a result: each sample's random stream is keyed by its
+request (seed and stream) and its index, never by the batch it runs in.
+
+What is not here yet (see docs/DESIGN.md): search work items (strategies still run closed
+batches through ``Engine.decode``), the pool on the device, prefix caching across requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ttscale.engine.engine import DRAWS_PER_SEQUENCE, Engine
+from ttscale.engine.sequence import Problem, Sequence
+from ttscale.errors import PoolExhausted, UnknownRequest, invalid
+from ttscale.sampling_params import SamplingParams
+
+STREAM_BITS = 39  # a sample's stream number; times DRAWS_PER_SEQUENCE (2**24) stays below 2**63
+
+
+def sample_stream(seed: int, stream: int, index: int) -> int:
+    """The first random offset of sample ``index`` of a request keyed by (``seed``, ``stream``):
+    a hash, so that requests never share a stream whatever runs beside them."""
+    digest = hashlib.blake2b(f"{seed}:{stream}:{index}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> (64 - STREAM_BITS)) * DRAWS_PER_SEQUENCE
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt and its ``params.n`` samples, as the scheduler tracks them."""
+
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    stream: int
+    arrival: int = 0
+    problem: Problem | None = None  # the prefilled prompt, while admitted
+    seqs: list[Sequence] = field(default_factory=list)  # one per sample, from the first admission
+    stream_offsets: dict[Sequence, int] = field(default_factory=dict)  # each sample's first offset
+    finished: bool = False
+    aborted: bool = False
+    preempted: bool = False  # work of this request was evicted and waits to be recomputed
+    public: bool = True  # added through the step API (its progress is reported by step())
+
+    @property
+    def unfinished(self) -> list[Sequence]:
+        return [s for s in self.seqs if s.finish_reason is None] if self.seqs else []
+
+
+@dataclass
+class EngineStats:
+    """What the scheduler holds, as of the last step (reading it touches no device)."""
+
+    running: int  # requests with a prefilled prompt and samples still to finish
+    waiting: int  # requests not yet admitted
+    preempted: int  # requests with work evicted, waiting to be recomputed
+    free_blocks: int  # KV blocks a new request could take now
+    total_blocks: int
+    prefix_hit_tokens: int  # prompt tokens served from other requests' blocks (no prefix cache yet: 0)
+    steps: int
+    host_reads: int  # device-to-host reads of decode results since the engine started
+
+
+class Scheduler:
+    """Admission, the decode batch, preemption and the pool budget for requests on one engine.
+
+    Thread-safe: ``add``, ``step``, ``abort`` and ``stats`` take one lock, so requests added
+    from other threads join at the next step.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.requests: dict[str, Request] = {}  # live, in arrival order
+        self.lock = threading.RLock()
+        self.steps = 0
+        self._arrivals = 0
+        self._stop_tables: dict[tuple[str, ...], int] = {}
+        self._stop_rows: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        with self.lock:
+            if request.request_id in self.requests:
+                raise invalid("request_id", f"{request.request_id!r} is already running")
+            request.arrival = self._arrivals
+            self._arrivals += 1
+            self.requests[request.request_id] = request
+
+    def abort(self, request_id: str) -> Request:
+        with self.lock:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                raise UnknownRequest(request_id)
+            self._release(request)
+            request.aborted = request.finished = True
+            return request
+
+    def has_unfinished(self) -> bool:
+        with self.lock:
+            return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        with self.lock:
+            live = list(self.requests.values())
+            return EngineStats(
+                running=sum(r.problem is not None for r in live),
+                waiting=sum(r.problem is None and not r.preempted for r in live),
+                preempted=sum(r.preempted for r in live),
+                free_blocks=self.engine.blocks.num_free,
+                total_blocks=self.engine.blocks.num_blocks,
+                prefix_hit_tokens=0,
+                steps=self.steps,
+                host_reads=self.engine.runner.host_reads,
+            )
+
+    # ------------------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """One decode window for every sequence that fits; the requests that progressed."""
+        with self.lock:
+            if not self.requests:
+                return []
+            self.steps += 1
+            admitted, copies = self._schedule()
+            if not admitted:
+                first = next(iter(self.requests.values()))
+                raise PoolExhausted(
+                    f"request {first.request_id!r} cannot run: {self.engine.blocks.num_free} of "
+                    f"{self.engine.blocks.num_blocks} KV blocks are free")
+            self.engine.runner.copy_blocks(copies)
+            self.engine.run_pending([s for s, _ in admitted], keep_last=True)
+            self._decode(admitted)
+            progressed = list(dict.fromkeys(r for _, r in admitted))
+            for request in progressed:
+                for seq in request.seqs:
+                    if seq.finish_reason is not None and not seq.freed:
+                        self.engine.free([seq])
+                if not request.unfinished:
+                    self._finish(request)
+            return progressed
+
+    def _schedule(self):
+        """The sequences of this step, in arrival order, with room reserved for their window."""
+        engine = self.engine
+        limit = engine.max_decode_seqs or float("inf")
+        admitted: list[tuple[Sequence, Request]] = []
+        copies = []
+        for request in list(self.requests.values()):
+            if request.problem is None and not self._admit_prompt(request):
+                break  # first come, first served: later requests wait too
+            for seq in request.unfinished:
+                if len(admitted) >= limit:
+                    return admitted, copies
+                new = seq.pending - 1 + min(engine.window, request.params.max_tokens - seq.generated)
+                need = engine.blocks.blocks_needed(seq.block_table, seq.kv_len, new)
+                if need > engine.blocks.num_free and not self._make_room(need, (request.arrival, seq)):
+                    return admitted, copies
+                copies += engine.blocks.reserve(seq.block_table, seq.kv_len, new)
+                admitted.append((seq, request))
+            request.preempted = False
+        return admitted, copies
+
+    def _admit_prompt(self, request: Request) -> bool:
+        """Prefill the prompt of a request that starts (or resumes) when it fits with one window."""
+        engine = self.engine
+        blocks = engine.blocks
+        need = blocks.blocks_for(len(request.prompt_ids) - 1) + blocks.blocks_for(engine.window + 1)
+        if need > blocks.num_free and not self._make_room(need, (request.arrival, None)):
+            return False
+        problem = engine.add(request.prompt_ids)
+        request.problem = problem
+        if not request.seqs:
+            request.seqs = engine.fork(problem, request.params.n)
+            request.stream_offsets = {seq: sample_stream(request.seed, request.stream, k)
+                                      for k, seq in enumerate(request.seqs)}
+        else:  # resuming after its prompt was preempted: its samples keep their tokens
+            for seq in request.unfinished:
+                seq.problem, seq.freed, seq.kv_len, seq.block_table = problem, False, 0, []
+                problem.num_sequences += 1
+        return True
+
+    def _make_room(self, need: int, before: tuple[int, Sequence | None]) -> bool:
+        """Preempt work newer than ``before`` (arrival, sequence) until ``need`` blocks are free:
+        first the newest sequences' own blocks, then the newest requests' prompts."""
+        blocks = self.engine.blocks
+        arrival, mine = before
+        for request in reversed(list(self.requests.values())):
+            if request.arrival < arrival:
+                break
+            for seq in reversed(request.unfinished):
+                if seq is mine:
+                    break
+                if blocks.num_free >= need:
+                    return True
+                if seq.block_table:  # recomputed from its tokens when it runs again
+                    blocks.free(seq.block_table)
+                    seq.kv_len = 0
+                    request.preempted = True
+            if request.arrival == arrival:
+                break
+            if blocks.num_free >= need:
+                return True
+            if request.problem is not None and all(not s.block_table for s in request.unfinished):
+                self._release(request)
+                request.preempted = True
+        return blocks.num_free >= need
+
+    def _decode(self, admitted: list[tuple[Sequence, Request]]) -> None:
+        engine = self.engine
+        window = min([engine.window] + [r.params.max_tokens - s.generated for s, r in admitted])
+        seqs = [s for s, _ in admitted]
+        rows = [r.params for _, r in admitted]
+        offsets = [r.stream_offsets[s] + s.generated for s, r in admitted]
+        groups = [self._stop_group(r.params.stop_strings) for _, r in admitted]
+        stop_table = torch.stack(self._stop_rows)
+        tokens, logprobs, top, stopped = engine.runner.decode_window(
+            seqs, window, rows, 0, offsets, stop_table, groups)
+        for i, (seq, request) in enumerate(admitted):
+            asked = request.params.logprobs
+            row_top = None if top is None or not asked else [t[:asked] for t in top[i]]
+            engine._accept(seq, tokens[i], logprobs[i], row_top, stopped[i],
+                           request.params.stop_strings, request.params.max_tokens)
+            engine.peak_sequences = max(engine.peak_sequences, len(admitted))
+
+    def _stop_group(self, stops: tuple[str, ...]) -> int:
+        """The row of the stop-token table for these stop strings (built once per set)."""
+        if stops not in self._stop_tables:
+            vocab = self.engine.model.config.vocab_size
+            table = (self.engine._texts.table(stops).cpu() if stops
+                     else torch.zeros(vocab, dtype=torch.bool))
+            self._stop_tables[stops] = len(self._stop_rows)
+            self._stop_rows.append(table)
+        return self._stop_tables[stops]
+
+    def _release(self, request: Request) -> None:
+        """Free every block the request holds (its samples' tokens stay readable)."""
+        live = [s for s in request.seqs if not s.freed]
+        self.engine.free(live)
+        if request.problem is not None:
+            self.engine.free_problem(request.problem)
+            request.problem = None
+
+    def _finish(self, request: Request) -> None:
+        self._release(request)
+        request.finished = True
+        self.requests.pop(request.request_id, None)
