@@ -269,6 +269,8 @@ def test_a_failed_generate_call_frees_its_blocks(model_dir, monkeypatch):
     with pytest.raises(RuntimeError, match="device lost"):
         llm.generate([PROMPT, PROMPT[:7]], SamplingParams(n=4, max_tokens=30, ignore_eos=True),
                      use_tqdm=False)
+    assert llm.stats().free_blocks == blocks.num_blocks  # free, or held by the prefix cache alone
+    llm.scheduler.cache.clear()
     assert blocks.num_free == blocks.num_blocks
     monkeypatch.undo()
     outs = llm.generate([PROMPT], SamplingParams(n=2, max_tokens=5), use_tqdm=False)  # still usable
@@ -332,15 +334,17 @@ def test_a_prefill_that_fails_frees_its_blocks(model_dir, monkeypatch):
     blocks, prefill = llm.engine.blocks, llm.engine.runner.prefill_prompts
     calls = []
 
-    def failing_prefill(problems):
+    def failing_prefill(problems, start=None):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return prefill(problems)
+        return prefill(problems, start)
 
     monkeypatch.setattr(llm.engine.runner, "prefill_prompts", failing_prefill)
     with pytest.raises(KeyboardInterrupt):
         llm.generate([PROMPT, PROMPT[:9]], SamplingParams(max_tokens=5), use_tqdm=False)
+    assert llm.stats().free_blocks == blocks.num_blocks
+    llm.scheduler.cache.clear()
     assert blocks.num_free == blocks.num_blocks
 
 

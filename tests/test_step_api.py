@@ -263,3 +263,92 @@ def test_the_step_api_and_errors_are_exported_from_the_package_top():
         assert getattr(ttscale, name).__name__ == name
     assert issubclass(ttscale.UnknownRequest, KeyError) and issubclass(ttscale.InvalidArgument, ValueError)
     assert issubclass(ttscale.PoolExhausted, ttscale.TTScaleError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix caching across requests
+
+
+def test_sixteen_n1_requests_prefill_their_prompt_once(model_dir):
+    params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=4)
+    cold = make_llm(model_dir)
+    cached = make_llm(model_dir)
+    uncached = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=BLOCK, prefix_caching=False)
+    outs = {}
+    for llm in (cached, uncached):
+        ids = [llm.add_request(PROMPT, params) for _ in range(16)]  # all arrive in one step
+        last = run_all(llm)
+        outs[llm] = [last[i] for i in ids]
+    full_blocks = (len(PROMPT) - 1) // BLOCK
+    assert cached.stats().prefix_hit_tokens == 15 * full_blocks * BLOCK
+    assert uncached.stats().prefix_hit_tokens == 0
+    assert cached.engine.prefilled_tokens == uncached.engine.prefilled_tokens - 15 * full_blocks * BLOCK
+    assert tokens(outs[cached]) == tokens(outs[uncached])  # the shared KV is the same KV
+    rid = cold.add_request(PROMPT, params)
+    assert tokens([run_all(cold)[rid]]) == tokens(outs[cached][:1])
+
+
+def test_requests_sharing_a_system_prompt_share_its_blocks(model_dir):
+    system = list(range(2, 2 + 4 * BLOCK))  # four full blocks
+    questions = [[3 + i % 40, 3 + (7 * i) % 40, 3] for i in range(64)]
+    params = SamplingParams(temperature=0.9, max_tokens=4, ignore_eos=True, seed=2)
+    results, hits = {}, {}
+    for caching in (True, False):
+        llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=BLOCK, prefix_caching=caching)
+        results[caching] = llm.generate([system + q for q in questions], params, use_tqdm=False)
+        hits[caching] = llm.stats().prefix_hit_tokens
+    assert tokens(results[True]) == tokens(results[False])
+    assert hits == {True: 63 * len(system), False: 0}  # the system prompt, prefilled once
+
+
+def test_the_cache_gives_its_blocks_back_when_the_pool_runs_short(model_dir):
+    llm = make_llm(model_dir, blocks=24)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=20, ignore_eos=True, seed=9)
+    prompts = [[1] + [(7 * i + j) % (VOCAB - 3) + 3 for j in range(30)] for i in range(12)]
+    for prompt in prompts:  # each distinct: the cache fills, then must give way
+        llm.add_request(prompt, params)
+    outs = run_all(llm)
+    assert len(outs) == 12 and all(o.finished for o in outs.values())
+    assert llm.stats().free_blocks == 24
+    cache = llm.scheduler.cache
+    assert cache.key_of and all(llm.engine.blocks.ref_counts[b] == 1 for b in cache.key_of)
+    cache.clear()
+    assert llm.engine.blocks.num_free == 24
+
+
+def test_prefix_cache_keeps_the_pool_invariants_over_random_use():
+    import random
+
+    from ttscale.engine.block_manager import BlockManager
+    from ttscale.engine.prefix_cache import PrefixCache
+
+    rng = random.Random(0)
+    blocks = BlockManager(40, 4)
+    cache = PrefixCache(blocks)
+    tables: list[list[int]] = []
+    prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
+    for _ in range(2000):
+        action = rng.random()
+        if action < 0.5:
+            prompt = rng.choice(prefixes)[: rng.randrange(1, 13)] + [rng.randrange(50) for _ in range(rng.randrange(6))]
+            hit = cache.match(prompt)
+            need = blocks.blocks_for(len(prompt) - 1) - len(hit)
+            cache.evict(need)
+            if need > blocks.num_free:
+                blocks.free(hit)
+                continue
+            table = hit + blocks.allocate(need)
+            cache.insert(prompt, table)
+            tables.append(table)
+        elif tables:
+            blocks.free(tables.pop(rng.randrange(len(tables))))
+        indexed = list(cache.key_of)
+        blocks.check(tables + [[b] for b in indexed])  # the cache's own reference counts too
+        for block in indexed:
+            parent = cache.key_of[block][0]
+            assert parent == -1 or parent in cache.key_of  # a chain never loses its head
+        assert cache.evictable() + blocks.num_free <= blocks.num_blocks
+    for table in tables:
+        blocks.free(table)
+    cache.clear()
+    assert blocks.num_free == blocks.num_blocks

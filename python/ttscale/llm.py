@@ -81,12 +81,15 @@ class LLM:
         Passed to :class:`~ttscale.engine.Engine` (KV block size, decode steps per host read,
         attention backend, CUDA-graph replay of decode steps: on by default on a GPU, most
         sequences in one decode step: 4096 by default on a GPU).
+    prefix_caching : bool
+        Share the full KV blocks of identical prompt prefixes across requests (default on).
     """
 
     def __init__(self, model: str | Path, device=None, dtype=None, seed: int = 0, *,
                  kv_budget_bytes: int | None = None, memory_share: float | None = None,
                  block_size: int = 16, window: int | None = None, backend: str | None = None,
-                 cuda_graphs: bool | None = None, max_decode_seqs: int | None = None):
+                 cuda_graphs: bool | None = None, max_decode_seqs: int | None = None,
+                 prefix_caching: bool = True):
         model_dir = Path(model)
         self.model = load_model(model_dir, device=device, dtype=dtype)
         self.tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
@@ -95,7 +98,7 @@ class LLM:
                              window=window, backend=backend, cuda_graphs=cuda_graphs,
                              max_decode_seqs=max_decode_seqs)
         self.seed = seed
-        self.scheduler = Scheduler(self.engine)
+        self.scheduler = Scheduler(self.engine, prefix_caching=prefix_caching)
         self._request_ids = itertools.count()
         self._unseeded_streams = itertools.count()  # unseeded requests never share a stream
         self._to_report: dict[str, Request] = {}  # add_request's requests that progressed

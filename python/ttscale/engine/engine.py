@@ -144,9 +144,13 @@ class Engine:
         """Prefill one prompt (all but its last token, which each sequence feeds itself)."""
         return self.add_many([prompt_ids])[0]
 
-    def add_many(self, prompts: Seq[Seq[int]]) -> list[Problem]:
-        """Prefill several prompts together; each is stored once."""
+    def add_many(self, prompts: Seq[Seq[int]], cached: Seq[list[int]] | None = None) -> list[Problem]:
+        """Prefill several prompts together; each is stored once.
+
+        ``cached``: per prompt, blocks already holding its first full blocks (a prefix cache's
+        hit, referenced for this prompt's table); only the rest is prefilled."""
         problems = []
+        cached = list(cached) if cached is not None else [[] for _ in prompts]
         for i, prompt in enumerate(prompts):
             ids = self.check_prompt(f"prompts[{i}]", prompt)
             need = self.blocks.blocks_for(len(ids) - 1)
@@ -154,11 +158,15 @@ class Engine:
                 raise PoolExhausted(f"prompts[{i}]: needs {need} KV blocks, the pool has {self.blocks.num_blocks}")
             problems.append(Problem(self._next_problem_id, ids))
             self._next_problem_id += 1
+        start = {}
         try:
+            for problem, hit in zip(problems, cached, strict=True):
+                problem.block_table = list(hit)  # referenced by the caller for this table
+                start[problem] = len(hit) * self.blocks.block_size
             for problem in problems:
-                problem.block_table = self.blocks.allocate(
-                    self.blocks.blocks_for(len(problem.prompt_ids) - 1))
-            self.runner.prefill_prompts(problems)
+                problem.block_table += self.blocks.allocate(
+                    self.blocks.blocks_for(len(problem.prompt_ids) - 1) - len(problem.block_table))
+            self.runner.prefill_prompts(problems, start)
         except BaseException:  # a full pool, an interrupt, a device error: nothing stays held
             for problem in problems:
                 self.blocks.free(problem.block_table)
@@ -166,7 +174,7 @@ class Engine:
             raise
         for problem in problems:
             problem.kv_len = len(problem.prompt_ids) - 1
-            self.prefilled_tokens += problem.kv_len
+            self.prefilled_tokens += problem.kv_len - start[problem]
         return problems
 
     def fork(self, parent: Problem | Sequence, k: int) -> list[Sequence]:

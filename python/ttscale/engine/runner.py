@@ -62,9 +62,10 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------
     # Prefill: chunks of known tokens, no sampling.
 
-    def prefill_prompts(self, problems: list[Problem]) -> None:
-        """Write each problem's prompt (all but the last token) into its blocks, in chunks."""
-        done = {p: 0 for p in problems}
+    def prefill_prompts(self, problems: list[Problem], start: dict[Problem, int] | None = None) -> None:
+        """Write each problem's prompt (all but the last token) into its blocks, in chunks, from
+        ``start[problem]`` on (tokens before it are already in its blocks: a prefix-cache hit)."""
+        done = {p: (start or {}).get(p, 0) for p in problems}
         while True:
             chunk, budget = [], self.max_batch_tokens
             for p in problems:

@@ -12,8 +12,11 @@ are freed and its tokens recomputed when it resumes; if that is not enough, the 
 prompt goes too. Nothing of this changes a result: each sample's random stream is keyed by its
 request (seed and stream) and its index, never by the batch it runs in.
 
+Prompts share their full blocks across requests (:mod:`ttscale.engine.prefix_cache`): a request
+whose prompt starts like an earlier one's prefills only the rest.
+
 What is not here yet (see docs/DESIGN.md): search work items (strategies still run closed
-batches through ``Engine.decode``), the pool on the device, prefix caching across requests.
+batches through ``Engine.decode``), the pool on the device.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ttscale.engine.engine import DRAWS_PER_SEQUENCE, Engine
+from ttscale.engine.prefix_cache import PrefixCache
 from ttscale.engine.sequence import Problem, Sequence
 from ttscale.errors import PoolExhausted, UnknownRequest, invalid
 from ttscale.sampling_params import SamplingParams
@@ -72,7 +76,7 @@ class EngineStats:
     preempted: int  # requests with work evicted, waiting to be recomputed
     free_blocks: int  # KV blocks a new request could take now
     total_blocks: int
-    prefix_hit_tokens: int  # prompt tokens served from other requests' blocks (no prefix cache yet: 0)
+    prefix_hit_tokens: int  # prompt tokens served from other requests' blocks
     steps: int
     host_reads: int  # device-to-host reads of decode results since the engine started
 
@@ -84,8 +88,9 @@ class Scheduler:
     from other threads join at the next step.
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, prefix_caching: bool = True):
         self.engine = engine
+        self.cache = PrefixCache(engine.blocks) if prefix_caching else None
         self.requests: dict[str, Request] = {}  # live, in arrival order
         self.lock = threading.RLock()
         self.steps = 0
@@ -123,9 +128,9 @@ class Scheduler:
                 running=sum(r.problem is not None for r in live),
                 waiting=sum(r.problem is None and not r.preempted for r in live),
                 preempted=sum(r.preempted for r in live),
-                free_blocks=self.engine.blocks.num_free,
+                free_blocks=self.engine.blocks.num_free + (self.cache.evictable() if self.cache else 0),
                 total_blocks=self.engine.blocks.num_blocks,
-                prefix_hit_tokens=0,
+                prefix_hit_tokens=self.cache.hit_tokens if self.cache else 0,
                 steps=self.steps,
                 host_reads=self.engine.runner.host_reads,
             )
@@ -178,13 +183,21 @@ class Scheduler:
         return admitted, copies
 
     def _admit_prompt(self, request: Request) -> bool:
-        """Prefill the prompt of a request that starts (or resumes) when it fits with one window."""
+        """Prefill the prompt of a request that starts (or resumes) when it fits with one window;
+        full blocks another request already prefilled are shared, not prefilled again."""
         engine = self.engine
         blocks = engine.blocks
-        need = blocks.blocks_for(len(request.prompt_ids) - 1) + blocks.blocks_for(engine.window + 1)
+        hit = self.cache.match(request.prompt_ids) if self.cache else []
+        need = (blocks.blocks_for(len(request.prompt_ids) - 1) - len(hit)
+                + blocks.blocks_for(engine.window + 1))
         if need > blocks.num_free and not self._make_room(need, (request.arrival, None)):
+            blocks.free(list(hit))
+            if self.cache:
+                self.cache.hit_tokens -= len(hit) * blocks.block_size
             return False
-        problem = engine.add(request.prompt_ids)
+        (problem,) = engine.add_many([request.prompt_ids], cached=[hit])
+        if self.cache:
+            self.cache.insert(request.prompt_ids, problem.block_table)
         request.problem = problem
         if not request.seqs:
             request.seqs = engine.fork(problem, request.params.n)
@@ -201,6 +214,8 @@ class Scheduler:
         first the newest sequences' own blocks, then the newest requests' prompts."""
         blocks = self.engine.blocks
         arrival, mine = before
+        if self.cache:  # first what only the prefix cache holds
+            self.cache.evict(need)
         for request in reversed(list(self.requests.values())):
             if request.arrival < arrival:
                 break
