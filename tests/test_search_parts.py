@@ -126,8 +126,14 @@ def test_seconds_split_in_proportion_and_evenly_without_work():
 # Prompts and waves
 
 
-def test_prompt_without_chat_template_is_the_system_prompt_and_problem_text(policy_dir):
-    tok = load_tokenizer(policy_dir)
+def test_prompt_without_chat_template_is_the_system_prompt_and_problem_text(policy_dir, tmp_path):
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes((policy_dir / f).read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)  # the toy tokenizer has one
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path)
+    assert tok.chat_template is None
     assert build_prompt(tok, "Q: 1+2\n") == tok.encode("Q: 1+2\n")
     assert build_prompt(tok, "Q: 1+2\n", "A:") == tok.encode("A:\n\nQ: 1+2\n")
 

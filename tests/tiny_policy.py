@@ -33,5 +33,5 @@ def save_tiny_policy(directory: Path) -> Path:
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else 0.3)
     model.save_pretrained(directory)
-    save_tokenizer(directory)
+    save_tokenizer(directory, chat_template=False)  # prompts as the tests were written for
     return directory

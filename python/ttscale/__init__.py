@@ -35,6 +35,7 @@ _EXPORTS = {
     "rejection_best_of_n": "ttscale.search.rejection",
     "compute_optimal": "ttscale.search.compute_optimal",
     "revisions": "ttscale.search.revisions",
+    "AsyncLLM": "ttscale.serve.async_llm",
     "RequestOutput": "ttscale.llm",
     "CompletionOutput": "ttscale.llm",
     "EngineStats": "ttscale.engine.scheduler",

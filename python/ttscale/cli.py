@@ -422,6 +422,59 @@ def _budgets(text: str) -> tuple[int, ...]:
     return values
 
 
+def _add_serve_parser(commands) -> argparse.ArgumentParser:
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (needs ttscale[serve])",
+        description="Serve MODEL over the OpenAI API: /v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics. Every request shares the engine's decode steps.")
+    serve.add_argument("model", help="a local Hugging Face model folder, or 'toy' for the embedded policy")
+    serve.add_argument("--prm", default=None, help="a PRM folder for searches, or 'toy'")
+    serve.add_argument("--prm-format", default=None,
+                       choices=["math-shepherd", "rlhflow", "qwen2.5-math-prm", "skywork"])
+    serve.add_argument("--step-delimiter", default=None,
+                       help="text between a solution's steps (default '\\n\\n'; '\\n' for toy)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
+                       "(also TTSCALE_API_KEY)")
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--max-queue", type=_positive("--max-queue"), default=1024,
+                       help="waiting requests beyond which new ones get 429 (default 1024)")
+    serve.add_argument("--max-n", type=_positive("--max-n"), default=1024,
+                       help="most samples a request may ask for (default 1024)")
+    serve.add_argument("--max-tokens", type=_positive("--max-tokens"), default=256,
+                       help="max_tokens when a request gives none (default 256)")
+    serve.add_argument("--grace", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish after SIGTERM (default 30)")
+    serve.add_argument("--device", type=_device, default=None)
+    serve.add_argument("--dtype", default=None, choices=DTYPES)
+    serve.add_argument("--seed", type=int, default=0)
+    return serve
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {port}")
+    return port
+
+
+def _positive(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected >= 1, got {value}")
+        return value
+
+    return parse
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -448,7 +501,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--models", type=Path, default=None, metavar="DIR",
                       help="policy/ and prm/ from python -m ttscale.toy.train --out DIR "
                            "(default: the embedded models)")
+    serve = _add_serve_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        if args.prm is not None and args.prm != "toy" and args.prm_format is None:
+            serve.error("argument --prm-format: required with --prm DIR")
+        _check_device_available(args.device, serve)
+        from ttscale.serve.server import run as run_server
+
+        return run_server(args)
     if args.command == "demo":
         from ttscale.demo import STRATEGIES, model_dirs, run_demo
 

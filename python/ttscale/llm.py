@@ -19,6 +19,7 @@ steps, so concurrent calls from several threads share them.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class LLM:
         self._request_ids = itertools.count()
         self._unseeded_streams = itertools.count()  # unseeded requests never share a stream
         self._to_report: dict[str, Request] = {}  # add_request's requests that progressed
+        self._report_lock = threading.Lock()
 
     def encode(self, prompt: str | Seq[int], name: str = "prompts") -> list[int]:
         if isinstance(prompt, str):
@@ -137,7 +139,7 @@ class LLM:
         added with :meth:`add_request` that progressed (since the last step), each with all its
         ``n`` completions so far; ``finished`` says whether it is done."""
         progressed = self.scheduler.step()
-        with self.scheduler.lock:
+        with self._report_lock:
             for request in progressed:
                 if request.public:
                     self._to_report[request.request_id] = request
@@ -148,7 +150,8 @@ class LLM:
         """Stop a request and free its KV blocks at once. Unknown id: ``UnknownRequest``, a
         ``KeyError`` (and ``InvalidArgument``) naming it."""
         self.scheduler.abort(request_id)
-        self._to_report.pop(request_id, None)
+        with self._report_lock:
+            self._to_report.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -189,7 +192,7 @@ class LLM:
                 self.scheduler.add(request)
             while not all(r.finished for r in requests):
                 progressed = self.scheduler.step()
-                with self.scheduler.lock:
+                with self._report_lock:
                     for request in progressed:  # other callers' requests: reported by their step()
                         if request.public:
                             self._to_report[request.request_id] = request

@@ -79,67 +79,110 @@ class EngineStats:
     prefix_hit_tokens: int  # prompt tokens served from other requests' blocks
     steps: int
     host_reads: int  # device-to-host reads of decode results since the engine started
+    preemptions: int = 0  # sequences or prompts evicted to make room, since the start
 
 
 class Scheduler:
     """Admission, the decode batch, preemption and the pool budget for requests on one engine.
 
-    Thread-safe: ``add``, ``step``, ``abort`` and ``stats`` take one lock, so requests added
-    from other threads join at the next step.
+    Thread-safe: requests added (or aborted) from any thread join (or leave) at the next step;
+    adding and aborting never wait for a running step.
     """
 
     def __init__(self, engine: Engine, prefix_caching: bool = True):
         self.engine = engine
         self.cache = PrefixCache(engine.blocks) if prefix_caching else None
         self.requests: dict[str, Request] = {}  # live, in arrival order
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # held through a step: the engine's state
+        # Arrivals and aborts wait here for the next step, behind a lock that is never held
+        # through a step, so that adding or aborting from an event loop never waits for one.
+        self._inbox_lock = threading.Lock()
+        self._incoming: dict[str, Request] = {}
+        self._aborting: set[str] = set()
         self.steps = 0
+        self.preemptions = 0  # sequences or prompts evicted to make room, since the start
         self._arrivals = 0
         self._stop_tables: dict[tuple[str, ...], int] = {}
         self._stop_rows: list[torch.Tensor] = []
+        self._last_stats = self._stats()
 
     # ------------------------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        with self.lock:
-            if request.request_id in self.requests:
-                raise invalid("request_id", f"{request.request_id!r} is already running")
+        """Queue a request for the next step (never waits for a running step)."""
+        with self._inbox_lock:
+            rid = request.request_id
+            if (rid in self.requests and rid not in self._aborting) or rid in self._incoming:
+                raise invalid("request_id", f"{rid!r} is already running")
             request.arrival = self._arrivals
             self._arrivals += 1
-            self.requests[request.request_id] = request
+            self._incoming[rid] = request
 
-    def abort(self, request_id: str) -> Request:
-        with self.lock:
-            request = self.requests.pop(request_id, None)
-            if request is None:
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks return to the pool before the next step runs (at once when
+        no step is running). Unknown id: :class:`UnknownRequest`."""
+        with self._inbox_lock:
+            if self._incoming.pop(request_id, None) is not None:
+                return
+            if request_id not in self.requests or request_id in self._aborting:
                 raise UnknownRequest(request_id)
-            self._release(request)
-            request.aborted = request.finished = True
-            return request
+            self._aborting.add(request_id)
+        if self.lock.acquire(blocking=False):
+            try:
+                self._take_inbox()
+            finally:
+                self.lock.release()
 
     def has_unfinished(self) -> bool:
-        with self.lock:
-            return bool(self.requests)
+        """Requests to run, or aborts still to apply (the next step applies them)."""
+        with self._inbox_lock:
+            return bool(self._incoming or self._aborting or self.requests)
+
+    def _take_inbox(self) -> None:
+        """Apply the arrivals and aborts queued since the last step (the lock is held)."""
+        with self._inbox_lock:
+            incoming, self._incoming = self._incoming, {}
+            aborting, self._aborting = self._aborting, set()
+        for rid in aborting:
+            request = self.requests.pop(rid, None)
+            if request is not None:
+                self._release(request)
+                request.aborted = request.finished = True
+        self.requests.update(incoming)
 
     def stats(self) -> EngineStats:
-        with self.lock:
-            live = list(self.requests.values())
-            return EngineStats(
-                running=sum(r.problem is not None for r in live),
-                waiting=sum(r.problem is None and not r.preempted for r in live),
-                preempted=sum(r.preempted for r in live),
-                free_blocks=self.engine.blocks.num_free + (self.cache.evictable() if self.cache else 0),
-                total_blocks=self.engine.blocks.num_blocks,
-                prefix_hit_tokens=self.cache.hit_tokens if self.cache else 0,
-                steps=self.steps,
-                host_reads=self.engine.runner.host_reads,
-            )
+        """The figures now, or as of the last step's end while a step runs (never waits for one)."""
+        if not self.lock.acquire(blocking=False):
+            return self._last_stats
+        try:
+            self._take_inbox()
+            self._last_stats = self._stats()
+            return self._last_stats
+        finally:
+            self.lock.release()
+
+    def _stats(self) -> EngineStats:
+        with self._inbox_lock:
+            waiting_new = len(self._incoming)
+        live = list(self.requests.values())
+        return EngineStats(
+            running=sum(r.problem is not None for r in live),
+            waiting=waiting_new + sum(r.problem is None and not r.preempted for r in live),
+            preempted=sum(r.preempted for r in live),
+            free_blocks=self.engine.blocks.num_free + (self.cache.evictable() if self.cache else 0),
+            total_blocks=self.engine.blocks.num_blocks,
+            prefix_hit_tokens=self.cache.hit_tokens if self.cache else 0,
+            steps=self.steps,
+            host_reads=self.engine.runner.host_reads,
+            preemptions=self.preemptions,
+        )
 
     # ------------------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
         """One decode window for every sequence that fits; the requests that progressed."""
         with self.lock:
+            self._take_inbox()
             if not self.requests:
                 return []
             self.steps += 1
@@ -159,6 +202,7 @@ class Scheduler:
                         self.engine.free([seq])
                 if not request.unfinished:
                     self._finish(request)
+            self._last_stats = self._stats()
             return progressed
 
     def _schedule(self):
@@ -228,6 +272,7 @@ class Scheduler:
                     blocks.free(seq.block_table)
                     seq.kv_len = 0
                     request.preempted = True
+                    self.preemptions += 1
             if request.arrival == arrival:
                 break
             if blocks.num_free >= need:
@@ -235,6 +280,7 @@ class Scheduler:
             if request.problem is not None and all(not s.block_table for s in request.unfinished):
                 self._release(request)
                 request.preempted = True
+                self.preemptions += 1
         return blocks.num_free >= need
 
     def _decode(self, admitted: list[tuple[Sequence, Request]]) -> None:

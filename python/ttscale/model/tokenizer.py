@@ -64,17 +64,40 @@ class Tokenizer:
             try:
                 from transformers import PreTrainedTokenizerFast
             except ImportError:
-                raise TokenizerError(
-                    "chat template: rendering it needs transformers (pip install transformers), "
-                    "or pass prompts already formatted"
-                ) from None
-            self._renderer = PreTrainedTokenizerFast(
-                tokenizer_object=self._tokenizer,
-                chat_template=self.chat_template,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-            )
+                self._renderer = _JinjaRenderer(self.chat_template, self.bos_token, self.eos_token)
+            else:
+                self._renderer = PreTrainedTokenizerFast(
+                    tokenizer_object=self._tokenizer,
+                    chat_template=self.chat_template,
+                    bos_token=self.bos_token,
+                    eos_token=self.eos_token,
+                )
         return self._renderer
+
+
+class _JinjaRenderer:
+    """A chat template rendered with jinja2 alone, as transformers renders it (a sandbox that
+    trims blocks, ``raise_exception``), for installs without transformers (``ttscale[serve]``)."""
+
+    def __init__(self, template: str, bos_token: str | None, eos_token: str | None):
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise TokenizerError(
+                "chat template: rendering it needs jinja2 (pip install 'ttscale[serve]') or "
+                "transformers, or pass prompts already formatted") from None
+
+        def raise_exception(message):
+            raise TokenizerError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        self.template = env.from_string(template)
+        self.tokens = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
+
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool, tokenize: bool) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                    **self.tokens)
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:

@@ -27,9 +27,20 @@ def build_tokenizer() -> Tokenizer:
     return tok
 
 
-def save_tokenizer(directory: Path) -> None:
-    """``tokenizer.json`` and a ``tokenizer_config.json`` naming the special tokens."""
+# One user message becomes the task's own prompt, "<s>Q: <problem>\n" (what the demo and the
+# training data feed the policy), so chat requests work on the toy models too.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ 'Q: ' + message['content'] + '\\n' }}{% endif %}{% endfor %}"
+)
+
+
+def save_tokenizer(directory: Path, chat_template: bool = True) -> None:
+    """``tokenizer.json`` and a ``tokenizer_config.json`` naming the special tokens (and the
+    chat template, unless ``chat_template`` is false)."""
     directory.mkdir(parents=True, exist_ok=True)
     build_tokenizer().save(str(directory / "tokenizer.json"))
     config = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "add_bos_token": True}
+    if chat_template:
+        config["chat_template"] = CHAT_TEMPLATE
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
