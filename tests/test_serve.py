@@ -331,3 +331,20 @@ def test_json_error_shape_helper():
 
     assert json.loads(json.dumps(error_body("m", "t", "p", 400))) == {
         "error": {"message": "m", "type": "t", "param": "p", "code": 400}}
+
+
+def test_a_streamed_search_sends_the_answer_then_done(server):
+    chunks = list(server.client().completions.create(
+        model="toy", prompt=PROMPT, max_tokens=60, stream=True,
+        extra_body={"ttscale": {"strategy": "best_of_n", "n": 4}}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices).endswith("answer: 65\n")
+    assert chunks[0].model_extra["ttscale"]["answer"] == "65"
+
+
+def test_completion_logprobs_and_echo(server):
+    r = server.client().completions.create(model="toy", prompt=PROMPT, max_tokens=60, temperature=0,
+                                           logprobs=2, echo=True)
+    choice = r.choices[0]
+    assert choice.text == PROMPT + "88-5=83\n83-18=65\nanswer: 65\n"
+    assert len(choice.logprobs.tokens) == len(choice.logprobs.top_logprobs) == r.usage.completion_tokens
+    assert all(len(top) <= 2 and all(lp <= 0 for lp in top.values()) for top in choice.logprobs.top_logprobs)

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from ttscale.errors import InvalidArgument
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -30,20 +32,20 @@ def check_tensor(
 ) -> torch.Tensor:
     """Check one tensor argument; ``None`` in ``shape`` means any size for that dimension."""
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        raise InvalidArgument(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+        raise InvalidArgument(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtype is not None:
         allowed = dtype if isinstance(dtype, tuple) else (dtype,)
         if t.dtype not in allowed:
             names = " or ".join(str(d).removeprefix("torch.") for d in allowed)
-            raise ValueError(f"{name}: expected dtype {names}, got {str(t.dtype).removeprefix('torch.')}")
+            raise InvalidArgument(f"{name}: expected dtype {names}, got {str(t.dtype).removeprefix('torch.')}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+        raise InvalidArgument(f"{name}: expected device {device}, got {t.device}")
     if shape is not None:
         if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-            raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+            raise InvalidArgument(f"{name}: expected shape {want}, got {list(t.shape)}")
     return t
 
 
@@ -54,7 +56,7 @@ def check_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
     lo, hi = int(t.min()), int(t.max())
     if lo < low or hi >= high:
         bad = lo if lo < low else hi
-        raise ValueError(f"{name}: value {bad} outside [{low}, {high})")
+        raise InvalidArgument(f"{name}: value {bad} outside [{low}, {high})")
 
 
 def check_block_table(
@@ -64,7 +66,7 @@ def check_block_table(
     capacity = block_table.shape[1] * block_size
     if lens.numel() and int(lens.max()) > capacity:
         row = int(lens.argmax())
-        raise ValueError(
+        raise InvalidArgument(
             f"{name}: row {row} needs {int(lens[row])} tokens but the table holds "
             f"{block_table.shape[1]} blocks of {block_size} ({capacity} tokens)"
         )

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ttscale._checks import check_range, check_tensor, check_values
+from ttscale.errors import InvalidArgument
 from ttscale.reference import POOL_EXHAUSTED
 
 __all__ = ["BlockPool", "POOL_EXHAUSTED"]
@@ -60,7 +61,7 @@ class BlockPool:
         check_tensor("free_top", self.free_top, dtype=torch.int32, device=device, shape=(1,))
         check_tensor("status", self.status, dtype=torch.int32, device=device, shape=(1,))
         if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size: expected a positive int, got {self.block_size!r}")
+            raise InvalidArgument(f"block_size: expected a positive int, got {self.block_size!r}")
         if check_values(self.free_top):
             check_range("free_top", self.free_top, 0, shape[0] + 1)
 
@@ -70,7 +71,7 @@ class BlockPool:
     ) -> BlockPool:
         """An empty pool: every block free, handed out as 0, 1, 2, ... by the first pops."""
         if not isinstance(num_blocks, int) or num_blocks < 0:
-            raise ValueError(f"num_blocks: expected an int >= 0, got {num_blocks!r}")
+            raise InvalidArgument(f"num_blocks: expected an int >= 0, got {num_blocks!r}")
         int32 = dict(dtype=torch.int32, device=device)
         return cls(
             ref_counts=torch.zeros(num_blocks, **int32),
@@ -112,7 +113,7 @@ class BlockPool:
         """
         if isinstance(wanted, int):
             if wanted < 0:
-                raise ValueError(f"wanted: expected an int >= 0, got {wanted}")
+                raise InvalidArgument(f"wanted: expected an int >= 0, got {wanted}")
             wanted = torch.ones(wanted, dtype=torch.bool, device=self.device)
         check_tensor("wanted", wanted, ndim=1, dtype=torch.bool, device=self.device)
         if self.num_blocks == 0:

@@ -11,7 +11,8 @@ from typing import Any
 
 import ttscale
 from ttscale.errors import UsageError  # re-exported here
-from ttscale.search.select import AGGREGATIONS, REVISION_SELECTIONS as SELECTIONS
+from ttscale.search.select import AGGREGATIONS
+from ttscale.search.select import REVISION_SELECTIONS as SELECTIONS
 
 # What ``ttscale run --strategy`` can run: name -> "module:function", imported only when chosen
 # (or the function itself). Every function has the signature of ``ttscale.search.best_of_n``.

@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ttscale.engine.memory import pair_shares
+from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
 from ttscale.search.select import aggregate, choose
 
@@ -72,18 +73,18 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     started = time.perf_counter()
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
-        raise ValueError(f"strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
+        raise InvalidArgument(f"strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
     if not ns or any(n < 1 for n in ns):
-        raise ValueError(f"n: expected positive budgets, got {list(ns)}")
+        raise InvalidArgument(f"n: expected positive budgets, got {list(ns)}")
     tree = [s for s in strategies if s in ("beam_search", "dvts")]
     uneven = [n for n in ns if tree and n % beam_width(n)]
     if uneven:
-        raise ValueError(f"n: {', '.join(tree)} keep beam width min(4, N), which must divide N; "
+        raise InvalidArgument(f"n: {', '.join(tree)} keep beam width min(4, N), which must divide N; "
                          f"{uneven} is not a multiple of {BEAM_WIDTH}")
     if num_problems < 1:
-        raise ValueError(f"problems: expected >= 1, got {num_problems}")
+        raise InvalidArgument(f"problems: expected >= 1, got {num_problems}")
     if revision_lengths is not None and any(s < 1 or revision_budget(ns) % s for s in revision_lengths):
-        raise ValueError(f"revision_lengths: expected divisors of the revision budget "
+        raise InvalidArgument(f"revision_lengths: expected divisors of the revision budget "
                          f"{revision_budget(ns)}, got {list(revision_lengths)}")
     policy, verifier = model_dirs(models) if models is not None else (policy_dir(), prm_dir())
     out = Path(out)
@@ -180,7 +181,7 @@ def model_dirs(models: Path) -> tuple[Path, Path]:
     dirs = (Path(models) / "policy", Path(models) / "prm")
     missing = [str(d) for d in dirs if not (d / "config.json").is_file()]
     if missing:
-        raise ValueError(f"models: expected a folder with policy/ and prm/ as python -m "
+        raise InvalidArgument(f"models: expected a folder with policy/ and prm/ as python -m "
                          f"ttscale.toy.train --out writes it; no model in {', '.join(missing)}")
     return dirs
 

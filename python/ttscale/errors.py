@@ -16,6 +16,8 @@ A server maps ``InvalidArgument`` to an HTTP 400 whose ``param`` is the argument
 
 from __future__ import annotations
 
+import re
+
 
 class TTScaleError(Exception):
     """The base of every error ttscale raises on purpose."""
@@ -29,8 +31,17 @@ class InvalidArgument(TTScaleError, ValueError):
 
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
+        if param is None and type(self).param is None:
+            param = _leading_name(message)
         if param is not None:
-            self.param = param
+            self.param = re.sub(r"(\[[^\]]*\])+$", "", param)  # prompts[3] -> prompts
+
+
+def _leading_name(message: str) -> str | None:
+    """The argument a message starts by naming (``"top_p: expected ..."`` -> ``"top_p"``;
+    ``"prompts[3]: ..."`` -> ``"prompts"``), or None."""
+    match = re.match(r"([A-Za-z_][\w.-]*)(\[[^\]]*\])*: ", message)
+    return match.group(1) if match else None
 
 
 class UnknownRequest(InvalidArgument, KeyError):

@@ -19,6 +19,7 @@ steps, so concurrent calls from several threads share them.
 from __future__ import annotations
 
 import itertools
+import numbers
 import threading
 import time
 from collections.abc import Sequence as Seq
@@ -91,6 +92,8 @@ class LLM:
                  block_size: int = 16, window: int | None = None, backend: str | None = None,
                  cuda_graphs: bool | None = None, max_decode_seqs: int | None = None,
                  prefix_caching: bool = True):
+        _check_arguments(model, device, dtype, seed, kv_budget_bytes, memory_share, block_size,
+                         window, max_decode_seqs)
         model_dir = Path(model)
         self.model = load_model(model_dir, device=device, dtype=dtype)
         self.tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
@@ -106,12 +109,24 @@ class LLM:
         self._report_lock = threading.Lock()
 
     def encode(self, prompt: str | Seq[int], name: str = "prompts") -> list[int]:
+        """A prompt's token ids: text through the tokenizer, or token ids as given (integers:
+        a float, a bool or a string is not a token id; integer tensors and arrays are taken)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise invalid(name, "text prompts need a tokenizer.json in the model directory")
+            if not prompt:
+                raise invalid(name, "empty prompt")
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, torch.Tensor):
-            return [int(t) for t in prompt.reshape(-1)]
+        if hasattr(prompt, "tolist") and hasattr(prompt, "dtype"):  # a tensor or an array
+            if getattr(prompt.dtype, "is_floating_point", False) or str(prompt.dtype).startswith(
+                    ("float", "bool", "torch.bool", "complex")):
+                raise invalid(name, f"token ids must be integers, got a {prompt.dtype} array")
+            prompt = prompt.reshape(-1).tolist()
+        if not isinstance(prompt, (list, tuple)):
+            raise invalid(name, f"expected text or a list of token ids, got {type(prompt).__name__}")
+        bad = [t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if bad:
+            raise invalid(name, f"token ids must be integers, got {bad[0]!r}")
         return [int(t) for t in prompt]
 
     # ------------------------------------------------------------------------------------------
@@ -174,10 +189,15 @@ class LLM:
         scheduler's steps like any other, so calls from several threads share them.
         """
         params = self._check_params(sampling_params, "sampling_params")
-        if hasattr(prompts, "tolist") and not isinstance(prompts, str):
-            prompts = prompts.tolist()  # a tensor or array: one prompt's ids, or one per row
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if hasattr(prompts, "tolist") and hasattr(prompts, "dtype"):  # a tensor or an array
+            prompts = [prompts] if prompts.ndim == 1 else list(prompts)  # one prompt, or one a row
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], numbers.Integral)
+                                        and not isinstance(prompts[0], bool)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise invalid("prompts", "expected a prompt (text or token ids) or a non-empty list of them, "
+                                     f"got {prompts!r:.60}")
         ids = [self.encode(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         worst_case = self._worst_case(params)
         for i, prompt in enumerate(ids):
@@ -283,3 +303,46 @@ class LLM:
             index=index, text=text, token_ids=token_ids, cumulative_logprob=float(sum(seq.logprobs)),
             finish_reason=seq.finish_reason, logprobs=seq.top_logprobs if params.logprobs else None,
         )
+
+
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half")
+
+
+def _check_arguments(model, device, dtype, seed, kv_budget_bytes, memory_share, block_size,
+                     window, max_decode_seqs) -> None:
+    """The constructor's arguments, checked before anything is loaded."""
+    import numbers
+    import os
+
+    from ttscale.sampling_params import check_seed
+
+    def count(name, value, low=1):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+                                  or value < low):
+            raise invalid(name, f"expected an integer >= {low}, got {value!r}")
+
+    if not isinstance(model, (str, os.PathLike)):
+        raise invalid("model", f"expected a model directory (a path), got {type(model).__name__}")
+    if device is not None:
+        if not isinstance(device, (str, torch.device)):
+            raise invalid("device", f"expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise invalid("device", f"expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise invalid("device", f"{device!r}: this machine has no CUDA device")
+    if dtype is not None and not isinstance(dtype, torch.dtype) and dtype not in DTYPE_NAMES:
+        raise invalid("dtype", f"expected one of {', '.join(DTYPE_NAMES)} or a torch dtype, got {dtype!r}")
+    check_seed(seed)
+    count("kv_budget_bytes", kv_budget_bytes)
+    if memory_share is not None and (not isinstance(memory_share, numbers.Real)
+                                     or isinstance(memory_share, bool) or not 0 < memory_share <= 1):
+        raise invalid("memory_share", f"expected a share in (0, 1], got {memory_share!r}")
+    if (not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool)
+            or block_size not in (8, 16, 32, 64, 128)):
+        raise invalid("block_size", f"expected a power of two from 8 to 128, got {block_size!r}")
+    count("window", window)
+    count("max_decode_seqs", max_decode_seqs)

@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from ttscale import backends
-from ttscale._checks import FLOAT_DTYPES, INDEX_DTYPES, check_block_table, check_range, check_tensor, check_values
+from ttscale._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_block_table,
+    check_range,
+    check_tensor,
+    check_values,
+)
+from ttscale.errors import InvalidArgument
 
 __all__ = [
     "CascadePlan",
@@ -67,7 +75,7 @@ def plan_cascade_decode(problem_ids: Tensor, num_problems: int) -> CascadePlan:
     """
     check_tensor("problem_ids", problem_ids, ndim=1, dtype=torch.int32)
     if num_problems < 0:
-        raise ValueError(f"num_problems: expected >= 0, got {num_problems}")
+        raise InvalidArgument(f"num_problems: expected >= 0, got {num_problems}")
     if check_values(problem_ids):
         check_range("problem_ids", problem_ids, 0, max(num_problems, 1))
     order = torch.argsort(problem_ids, stable=True)
@@ -91,32 +99,32 @@ def _check_paged_attention(
     check_tensor("v_cache", v_cache, dtype=q.dtype, device=device, shape=tuple(k_cache.shape))
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
     if head_dim != q.shape[2]:
-        raise ValueError(f"k_cache: expected head_dim {q.shape[2]} (q's), got {head_dim}")
+        raise InvalidArgument(f"k_cache: expected head_dim {q.shape[2]} (q's), got {head_dim}")
     if kv_heads == 0 or q.shape[1] % kv_heads != 0:
-        raise ValueError(
+        raise InvalidArgument(
             f"q: number of query heads ({q.shape[1]}) must be a multiple of k_cache's kv heads ({kv_heads})"
         )
     if block_size < 8 or block_size > 128 or block_size & (block_size - 1):
-        raise ValueError(f"k_cache: block_size must be a power of two from 8 to 128, got {block_size}")
+        raise InvalidArgument(f"k_cache: block_size must be a power of two from 8 to 128, got {block_size}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache/v_cache: the pool must be contiguous")
     num_problems = check_tensor("prompt_lens", prompt_lens, ndim=1, dtype=torch.int32, device=device).shape[0]
     check_tensor("prompt_block_tables", prompt_block_tables, ndim=2, dtype=torch.int32, device=device)
     if prompt_block_tables.shape[0] != num_problems:
-        raise ValueError(
+        raise InvalidArgument(
             f"prompt_block_tables: expected {num_problems} rows (one per prompt_lens entry), "
             f"got {prompt_block_tables.shape[0]}"
         )
     batch = check_tensor("problem_ids", problem_ids, ndim=1, dtype=torch.int32, device=device).shape[0]
     if num_seqs is not None and batch != num_seqs:
-        raise ValueError(f"problem_ids: expected {num_seqs} entries (one per query), got {batch}")
+        raise InvalidArgument(f"problem_ids: expected {num_seqs} entries (one per query), got {batch}")
     check_tensor("suffix_lens", suffix_lens, dtype=torch.int32, device=device, shape=(batch,))
     check_tensor("suffix_block_tables", suffix_block_tables, ndim=2, dtype=torch.int32, device=device)
     if suffix_block_tables.shape[0] != batch:
-        raise ValueError(f"suffix_block_tables: expected {batch} rows (one per sequence), got {suffix_block_tables.shape[0]}")
+        raise InvalidArgument(f"suffix_block_tables: expected {batch} rows (one per sequence), got {suffix_block_tables.shape[0]}")
     if check_values(problem_ids, prompt_lens, suffix_lens):
         if batch and num_problems == 0:
-            raise ValueError("prompt_lens: empty, but problem_ids names problems")
+            raise InvalidArgument("prompt_lens: empty, but problem_ids names problems")
         check_range("problem_ids", problem_ids, 0, max(num_problems, 1))
         check_range("prompt_lens", prompt_lens, 0, 2**31 - 1)
         check_range("suffix_lens", suffix_lens, 0, 2**31 - 1)
@@ -129,7 +137,7 @@ def _scale(scale: float | None, head_dim: int) -> float:
         return head_dim**-0.5
     scale = float(scale)
     if not scale > 0 or scale == float("inf"):
-        raise ValueError(f"scale: expected a positive finite number, got {scale}")
+        raise InvalidArgument(f"scale: expected a positive finite number, got {scale}")
     return scale
 
 
@@ -322,12 +330,12 @@ def _check_paged_prefill(q, k_cache, v_cache, prompt_block_tables, prompt_lens, 
         check_range("q_lens", q_lens, 0, 2**31 - 1)
         total = int(q_lens.sum())
         if total != q.shape[0]:
-            raise ValueError(f"q_lens: sums to {total}, but q has {q.shape[0]} rows")
+            raise InvalidArgument(f"q_lens: sums to {total}, but q has {q.shape[0]} rows")
         context = prompt_lens[problem_ids.long()] + suffix_lens if batch else suffix_lens
         over = q_lens > context
         if bool(over.any()):
             b = int(over.nonzero()[0, 0])
-            raise ValueError(
+            raise InvalidArgument(
                 f"q_lens: sequence {b} has {int(q_lens[b])} new tokens but its context holds "
                 f"only {int(context[b])} (prompt + suffix)"
             )
@@ -517,15 +525,15 @@ def prm_step_scores(
         prod, whose kernels may group the additions or products differently).
     """
     if kind not in PRM_KINDS:
-        raise ValueError(f"kind: expected one of {', '.join(PRM_KINDS)}, got {kind!r}")
+        raise InvalidArgument(f"kind: expected one of {', '.join(PRM_KINDS)}, got {kind!r}")
     if agg not in PRM_AGGS:
-        raise ValueError(f"agg: expected one of {', '.join(PRM_AGGS)}, got {agg!r}")
+        raise InvalidArgument(f"agg: expected one of {', '.join(PRM_AGGS)}, got {agg!r}")
     check_tensor("hidden", hidden, ndim=2, dtype=FLOAT_DTYPES)
     device, (steps, hidden_size) = hidden.device, hidden.shape
     check_tensor("weight", weight, ndim=2, dtype=hidden.dtype, device=device)
     rows = 1 if kind == "value" else 2
     if tuple(weight.shape) != (rows, hidden_size):
-        raise ValueError(
+        raise InvalidArgument(
             f"weight: expected shape [{rows}, {hidden_size}] for kind {kind!r} (hidden size "
             f"{hidden_size}), got {list(weight.shape)}"
         )
@@ -533,18 +541,18 @@ def prm_step_scores(
         check_tensor("bias", bias, dtype=hidden.dtype, device=device, shape=(rows,))
     check_tensor("seq_ids", seq_ids, ndim=1, dtype=INDEX_DTYPES, device=device)
     if seq_ids.shape[0] != steps:
-        raise ValueError(
+        raise InvalidArgument(
             f"seq_ids: expected {steps} entries (one per row of hidden), got {seq_ids.shape[0]}"
         )
     if num_seqs is not None and (type(num_seqs) is not int or num_seqs < 0):
-        raise ValueError(f"num_seqs: expected an int >= 0, got {num_seqs!r}")
+        raise InvalidArgument(f"num_seqs: expected an int >= 0, got {num_seqs!r}")
     if state is not None:
         check_tensor("state", state, ndim=2, dtype=torch.float32, device=device, shape=(None, 2))
         if num_seqs is not None and num_seqs != state.shape[0]:
-            raise ValueError(f"num_seqs: {num_seqs} disagrees with state's {state.shape[0]} rows")
+            raise InvalidArgument(f"num_seqs: {num_seqs} disagrees with state's {state.shape[0]} rows")
     if state is None and num_seqs is None:
         if steps and int(seq_ids.min()) < 0:
-            raise ValueError(f"seq_ids: value {int(seq_ids.min())} is negative")
+            raise InvalidArgument(f"seq_ids: value {int(seq_ids.min())} is negative")
         num_seqs = int(seq_ids.max()) + 1 if steps else 0
     seqs = state.shape[0] if state is not None else num_seqs
     if check_values(seq_ids):
@@ -630,18 +638,18 @@ def _(scores, group_offsets, keep, children, block_tables, lens, ref_counts, fre
 def _per_group(name: str, value, bound, bound_name: str, groups: int, device) -> tuple[Tensor, int]:
     """``keep`` or ``children`` as int32 ``[G]`` on the device, and its host-known maximum."""
     if isinstance(value, bool) or not isinstance(value, (int, Tensor)):
-        raise ValueError(f"{name}: expected an int or an int32 tensor, got {type(value).__name__}")
+        raise InvalidArgument(f"{name}: expected an int or an int32 tensor, got {type(value).__name__}")
     if bound is not None and (not isinstance(bound, int) or bound < 0):
-        raise ValueError(f"{bound_name}: expected an int >= 0, got {bound!r}")
+        raise InvalidArgument(f"{bound_name}: expected an int >= 0, got {bound!r}")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"{name}: expected >= 0, got {value}")
+            raise InvalidArgument(f"{name}: expected >= 0, got {value}")
         if bound is not None and value > bound:
-            raise ValueError(f"{name}: {value} exceeds {bound_name} ({bound})")
+            raise InvalidArgument(f"{name}: {value} exceeds {bound_name} ({bound})")
         return torch.full((groups,), value, dtype=torch.int32, device=device), value
     check_tensor(name, value, dtype=torch.int32, device=device, shape=(groups,))
     if bound is None:
-        raise ValueError(
+        raise InvalidArgument(
             f"{bound_name}: required when {name} is a tensor (a host-known bound sizes the outputs)"
         )
     if check_values(value):
@@ -653,12 +661,12 @@ def _check_fork_values(group_offsets, block_tables, lens, pool, num_candidates: 
     """Value checks of select_and_fork's inputs (they read memory: CPU, or TTSCALE_DEBUG=1)."""
     offsets = group_offsets.tolist()
     if offsets[0] != 0 or offsets[-1] != num_candidates:
-        raise ValueError(
+        raise InvalidArgument(
             f"group_offsets: expected to run from 0 to {num_candidates} (the candidates), "
             f"got {offsets[0]} to {offsets[-1]}"
         )
     if any(b < a for a, b in zip(offsets, offsets[1:], strict=False)):
-        raise ValueError("group_offsets: expected non-decreasing offsets")
+        raise InvalidArgument("group_offsets: expected non-decreasing offsets")
     check_range("lens", lens, 0, 2**31 - 1)
     check_block_table("block_tables", block_tables, lens, pool.block_size, pool.num_blocks)
     check_range("pool.free_top", pool.free_top, 0, pool.num_blocks + 1)
@@ -669,7 +677,7 @@ def _check_fork_values(group_offsets, block_tables, lens, pool, num_candidates: 
         return
     held = pool.ref_counts[torch.where(in_use, block_tables, 0).long()]
     if bool((in_use & (held < 1)).any()):
-        raise ValueError(
+        raise InvalidArgument(
             "block_tables: a table holds a block whose reference count in pool.ref_counts is 0"
         )
 
@@ -755,29 +763,29 @@ def select_and_fork(
     num_candidates = scores.shape[0]
     check_tensor("group_offsets", group_offsets, ndim=1, dtype=torch.int32, device=device)
     if group_offsets.shape[0] == 0:
-        raise ValueError("group_offsets: expected at least one entry ([G + 1]), got shape [0]")
+        raise InvalidArgument("group_offsets: expected at least one entry ([G + 1]), got shape [0]")
     groups = group_offsets.shape[0] - 1
     keep, max_keep = _per_group("keep", keep, max_keep, "max_keep", groups, device)
     children, max_children = _per_group("children", children, max_children, "max_children",
                                         groups, device)
     check_tensor("block_tables", block_tables, ndim=2, dtype=torch.int32, device=device)
     if block_tables.shape[0] != num_candidates:
-        raise ValueError(
+        raise InvalidArgument(
             f"block_tables: expected {num_candidates} rows (one per score), "
             f"got {block_tables.shape[0]}"
         )
     check_tensor("lens", lens, dtype=torch.int32, device=device, shape=(num_candidates,))
     if not isinstance(pool, BlockPool):
-        raise ValueError(f"pool: expected a BlockPool, got {type(pool).__name__}")
+        raise InvalidArgument(f"pool: expected a BlockPool, got {type(pool).__name__}")
     if pool.device != device:
-        raise ValueError(f"pool: expected device {device} (the scores'), got {pool.device}")
+        raise InvalidArgument(f"pool: expected device {device} (the scores'), got {pool.device}")
     if check_values(group_offsets, lens, keep, children, *pool.tensors()):
         _check_fork_values(group_offsets, block_tables, lens, pool, num_candidates)
     max_keep = min(max_keep, num_candidates)
     forked = min(num_candidates, groups * max_keep)
     num_slots, num_copies = forked * max_children, forked * max(max_children - 1, 0)
     if num_slots >= 2**31:
-        raise ValueError(
+        raise InvalidArgument(
             f"max_children: {max_children} children of {forked} candidates overflow int32 slots"
         )
     chosen = backends.resolve("select_and_fork", device, backend)
@@ -820,7 +828,7 @@ def copy_blocks(
     """
     check_tensor("k_cache", k_cache)
     if k_cache.dim() not in (4, 5):
-        raise ValueError(
+        raise InvalidArgument(
             "k_cache: expected 4 dimensions (one layer) or 5 (layers first), "
             f"got shape {tuple(k_cache.shape)}"
         )
@@ -837,9 +845,9 @@ def copy_blocks(
         active = (src >= 0) & (dst >= 0)
         targets = dst[active]
         if targets.unique().numel() != targets.numel():
-            raise ValueError("dst: a block is the destination of two copies")
+            raise InvalidArgument("dst: a block is the destination of two copies")
         if bool(torch.isin(targets, src[active]).any()):
-            raise ValueError("dst: a destination block is also the source of a copy")
+            raise InvalidArgument("dst: a destination block is also the source of a copy")
     chosen = backends.resolve("copy_blocks", k_cache.device, backend)
     src, dst = src.to(torch.int32).contiguous(), dst.to(torch.int32).contiguous()
     _run(_copy_blocks, "copy_blocks", k_cache, v_cache, src, dst, chosen)
@@ -888,16 +896,16 @@ def _check_sampling_values(logits, temperature, top_k, top_p, min_p) -> None:
     for name, values, bad, want in checks:
         row = _first_bad_row(bad)
         if row is not None:
-            raise ValueError(f"{name}: expected {want}, got {values[row].item()} at row {row}")
+            raise InvalidArgument(f"{name}: expected {want}, got {values[row].item()} at row {row}")
     if bool(torch.isfinite(logits.sum(dtype=torch.float32))):
         return  # no NaN or infinity anywhere: one pass
     row_max = logits.amax(dim=1)  # NaN propagates: one pass finds every bad row
     row = _first_bad_row(torch.isnan(row_max) | torch.isposinf(row_max))
     if row is not None:
-        raise ValueError(f"logits: row {row} contains NaN or +inf")
+        raise InvalidArgument(f"logits: row {row} contains NaN or +inf")
     row = _first_bad_row(torch.isneginf(row_max))
     if row is not None:
-        raise ValueError(f"logits: row {row} is all -inf (no token can be drawn)")
+        raise InvalidArgument(f"logits: row {row} is all -inf (no token can be drawn)")
 
 
 def sample(
@@ -972,21 +980,21 @@ def sample(
     check_tensor("logits", logits, ndim=2, dtype=FLOAT_DTYPES)
     batch, vocab = logits.shape
     if vocab == 0:
-        raise ValueError("logits: expected at least one token per row, got V = 0")
+        raise InvalidArgument("logits: expected at least one token per row, got V = 0")
     device = logits.device
     for name, t in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
         check_tensor(name, t, dtype=torch.float32, device=device, shape=(batch,))
     check_tensor("top_k", top_k, dtype=torch.int32, device=device, shape=(batch,))
     check_tensor("offsets", offsets, dtype=torch.int64, device=device, shape=(batch,))
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed: expected an int, got {type(seed).__name__}")
+        raise InvalidArgument(f"seed: expected an int, got {type(seed).__name__}")
     if not 0 <= seed < 2**64:
-        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed}")
+        raise InvalidArgument(f"seed: expected an int in [0, 2**64), got {seed}")
     if not isinstance(num_logprobs, int) or isinstance(num_logprobs, bool):
-        raise ValueError(f"num_logprobs: expected an int, got {type(num_logprobs).__name__}")
+        raise InvalidArgument(f"num_logprobs: expected an int, got {type(num_logprobs).__name__}")
     most = min(MAX_LOGPROBS, vocab)
     if not 0 <= num_logprobs <= most:
-        raise ValueError(f"num_logprobs: expected 0 to {most}, got {num_logprobs}")
+        raise InvalidArgument(f"num_logprobs: expected 0 to {most}, got {num_logprobs}")
     if check_values(logits, temperature, top_k, top_p, min_p):
         _check_sampling_values(logits, temperature, top_k, top_p, min_p)
     chosen = backends.resolve("sample", device, backend)

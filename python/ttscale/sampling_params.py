@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-
+import numbers
 from dataclasses import dataclass
+
+from ttscale.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -48,28 +50,32 @@ class SamplingParams:
     logprobs: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n: expected an integer >= 1, got {self.n!r}")
+        # Types are checked, not coerced: a bool is not a count, a string is not a number.
+        _integer("n", self.n, low=1)
+        _real("temperature", self.temperature)
         tiny = 1.1754943508222875e-38  # float32's smallest normal: the sampler divides by it
         if not (self.temperature == 0 or tiny <= self.temperature < math.inf):
-            raise ValueError(f"temperature: expected 0 or a finite value >= {tiny:.3g}, "
-                             f"got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
-            raise ValueError(
-                f"top_k: expected an integer in [0, 2**31) (0 is off), got {self.top_k!r}")
+            raise InvalidArgument(f"temperature: expected 0 or a finite value >= {tiny:.3g}, "
+                                  f"got {self.temperature!r}")
+        _integer("top_k", self.top_k, low=0, high=2**31 - 1, note=" (0 is off)")
+        _real("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
+            raise InvalidArgument(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
+        _real("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p: expected a value in [0, 1], got {self.min_p!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs: expected an integer in [0, 20], got {self.logprobs!r}")
+            raise InvalidArgument(f"min_p: expected a value in [0, 1], got {self.min_p!r}")
+        _integer("max_tokens", self.max_tokens, low=1)
+        _integer("logprobs", self.logprobs, low=0, high=20)
         if self.seed is not None:
             check_seed(self.seed)
-        stops = self.stop_strings
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError(f"stop: expected non-empty strings, got {self.stop!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidArgument(f"ignore_eos: expected True or False, got {self.ignore_eos!r}")
+        stop = self.stop
+        if stop is not None and not isinstance(stop, str) and not (
+                isinstance(stop, (list, tuple)) and all(isinstance(x, str) for x in stop)):
+            raise InvalidArgument(f"stop: expected a string or a list of strings, got {stop!r}")
+        if any(not s for s in self.stop_strings):
+            raise InvalidArgument(f"stop: expected non-empty strings, got {self.stop!r}")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -78,8 +84,21 @@ class SamplingParams:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+def _integer(name: str, value, low: int | None = None, high: int | None = None, note: str = "") -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise InvalidArgument(f"{name}: expected an integer{note}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise InvalidArgument(f"{name}: expected an integer {bounds}{note}, got {value!r}")
+
+
+def _real(name: str, value) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
+        raise InvalidArgument(f"{name}: expected a number, got {value!r}")
+
+
 def check_seed(seed) -> None:
     """A seed the sampler takes: an integer (not a bool) in [0, 2**64); else a ValueError
     naming ``seed``."""
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
+        raise InvalidArgument(f"seed: expected an integer in [0, 2**64), got {seed!r}")

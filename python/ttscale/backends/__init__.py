@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from ttscale.errors import InvalidArgument
+
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 
 # op -> backend -> module defining a function named after the op.
@@ -76,7 +78,7 @@ PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 
 FORCED = os.environ.get("TTSCALE_BACKEND") or None
 if FORCED is not None and FORCED not in BACKENDS:
-    raise ValueError(f"TTSCALE_BACKEND: expected one of {', '.join(BACKENDS)}, got {FORCED!r}")
+    raise InvalidArgument(f"TTSCALE_BACKEND: expected one of {', '.join(BACKENDS)}, got {FORCED!r}")
 
 
 def _triton_interpreted() -> bool:
@@ -121,11 +123,11 @@ def resolve(op: str, device: torch.device, requested: str | None = None) -> str:
     want = requested or FORCED
     if want is not None:
         if want not in BACKENDS:
-            raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {want!r}")
+            raise InvalidArgument(f"backend: expected one of {', '.join(BACKENDS)}, got {want!r}")
         if not _runs_on(want, device):
-            raise ValueError(f"backend: {want!r} cannot run on {device.type} tensors in this build")
+            raise InvalidArgument(f"backend: {want!r} cannot run on {device.type} tensors in this build")
         if _load(op, want) is None:
-            raise ValueError(f"backend: {want!r} has no kernel for {op}")
+            raise InvalidArgument(f"backend: {want!r} has no kernel for {op}")
         return want
     choices = available(op, device)
     if not choices:
@@ -136,7 +138,7 @@ def resolve(op: str, device: torch.device, requested: str | None = None) -> str:
 def implementation(op: str, backend: str) -> Callable:
     fn = _load(op, backend)
     if fn is None:
-        raise ValueError(f"backend: {backend!r} has no kernel for {op}")
+        raise InvalidArgument(f"backend: {backend!r} has no kernel for {op}")
     return fn
 
 

@@ -12,7 +12,11 @@ equals the number of tables that hold it; after any sequence of operations nothi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ttscale.errors import PoolExhausted  # re-exported here
+
+from ttscale.errors import (
+    InvalidArgument,
+    PoolExhausted,  # re-exported here
+)
 
 
 @dataclass
@@ -36,9 +40,9 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1:
-            raise ValueError(f"num_blocks: expected >= 1, got {num_blocks}")
+            raise InvalidArgument(f"num_blocks: expected >= 1, got {num_blocks}")
         if block_size < 1:
-            raise ValueError(f"block_size: expected >= 1, got {block_size}")
+            raise InvalidArgument(f"block_size: expected >= 1, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks

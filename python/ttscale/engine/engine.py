@@ -21,12 +21,14 @@ import weakref
 from collections.abc import Sequence as Seq
 
 import torch
+
 from ttscale import _checks, backends, ops
 from ttscale.engine import memory
 from ttscale.engine.block_manager import BlockManager, PoolExhausted
 from ttscale.engine.runner import ModelRunner
 from ttscale.engine.sequence import Problem, Sequence
 from ttscale.engine.stops import TokenTexts, find_stop
+from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
 
 # A draw's RNG offset is seq_id * DRAWS_PER_SEQUENCE + its index in the sequence, so a sequence's
@@ -80,27 +82,27 @@ class Engine:
                  backend: str | None = None, cuda_graphs: bool | None = None,
                  max_decode_seqs: int | None = None):
         if max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens: expected >= 1, got {max_batch_tokens}")
+            raise InvalidArgument(f"max_batch_tokens: expected >= 1, got {max_batch_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed
         device = model.device
         self.window = window if window is not None else (1 if device.type == "cpu" else 8)
         if self.window < 1:
-            raise ValueError(f"window: expected >= 1, got {self.window}")
+            raise InvalidArgument(f"window: expected >= 1, got {self.window}")
         if max_decode_seqs is None:
             max_decode_seqs = DEFAULT_GPU_DECODE_SEQS if device.type != "cpu" else None
         elif (not isinstance(max_decode_seqs, int) or isinstance(max_decode_seqs, bool)
               or max_decode_seqs < 1):
-            raise ValueError(f"max_decode_seqs: expected an int >= 1, got {max_decode_seqs!r}")
+            raise InvalidArgument(f"max_decode_seqs: expected an int >= 1, got {max_decode_seqs!r}")
         graphs_ok, why_not = _graphs_possible(device, backend)
         if cuda_graphs is None:
             cuda_graphs = graphs_ok
         elif cuda_graphs and not graphs_ok:
-            raise ValueError(f"cuda_graphs: {why_not}")
+            raise InvalidArgument(f"cuda_graphs: {why_not}")
         self.memory_lease: memory.Lease | None = None
         if kv_budget_bytes is not None and memory_share is not None:
-            raise ValueError("memory_share: give kv_budget_bytes or memory_share, not both")
+            raise InvalidArgument("memory_share: give kv_budget_bytes or memory_share, not both")
         if kv_budget_bytes is None and (device.type != "cpu" or memory_share is not None):
             owner = f"the engine of a {model.config.architecture}"
             self.memory_lease = memory.lease(device, memory_share, owner)
@@ -180,9 +182,9 @@ class Engine:
     def fork(self, parent: Problem | Sequence, k: int) -> list[Sequence]:
         """``k`` new sequences sharing ``parent``'s KV (a problem's prompt, or a sequence's path)."""
         if not isinstance(k, int) or k < 0:
-            raise ValueError(f"k: expected an integer >= 0, got {k!r}")
+            raise InvalidArgument(f"k: expected an integer >= 0, got {k!r}")
         if parent.freed:
-            raise ValueError("parent: already freed")
+            raise InvalidArgument("parent: already freed")
         children = []
         for _ in range(k):
             if isinstance(parent, Problem):
@@ -296,7 +298,7 @@ class Engine:
         takes its place in the sequence's random stream."""
         self._check_live([seq])
         if not seq.pending or not seq.sampled_at or seq.sampled_at[-1] != len(seq.tokens) - 1:
-            raise ValueError(f"seq: sequence {seq.seq_id}'s last token is not a pending sample")
+            raise InvalidArgument(f"seq: sequence {seq.seq_id}'s last token is not a pending sample")
         seq.tokens.pop()
         seq.sampled_at.pop()
         seq.logprobs.pop()
@@ -315,7 +317,7 @@ class Engine:
     def free_problem(self, problem: Problem) -> None:
         """Release a prompt's blocks once none of its sequences is live."""
         if problem.num_sequences:
-            raise ValueError(f"problem: {problem.num_sequences} of its sequences are still live")
+            raise InvalidArgument(f"problem: {problem.num_sequences} of its sequences are still live")
         if not problem.freed:
             self.blocks.free(problem.block_table)
             problem.freed = True
@@ -347,7 +349,7 @@ class Engine:
             self._next_seq_id += 1
             return self._next_seq_id - 1
         if not 0 <= key < MAX_STREAM_KEY:
-            raise ValueError(f"problem: stream key {key} outside [0, {MAX_STREAM_KEY})")
+            raise InvalidArgument(f"problem: stream key {key} outside [0, {MAX_STREAM_KEY})")
         k = self._stream_forks.get(key, 0)
         self._stream_forks[key] = k + 1
         return (key << STREAM_BITS) + k
@@ -355,7 +357,7 @@ class Engine:
     def text(self, seq: Sequence) -> str:
         """The sequence's text after the prompt."""
         if self.tokenizer is None:
-            raise ValueError("text: the engine has no tokenizer")
+            raise InvalidArgument("text: the engine has no tokenizer")
         return self.tokenizer.decode(seq.output_ids)
 
     # ------------------------------------------------------------------------------------------
@@ -392,20 +394,20 @@ class Engine:
         for all, or one per sequence), or at ``sampling.max_tokens`` sampled tokens in its life.
         """
         if not isinstance(sampling, SamplingParams):
-            raise ValueError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
+            raise InvalidArgument(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
         if not isinstance(max_new_tokens, (list, tuple)):
             max_new_tokens = [max_new_tokens] * len(seqs)
         elif len(max_new_tokens) != len(seqs):
-            raise ValueError(f"max_new_tokens: expected one per sequence ({len(seqs)}), "
+            raise InvalidArgument(f"max_new_tokens: expected one per sequence ({len(seqs)}), "
                              f"got {len(max_new_tokens)}")
         for i, n in enumerate(max_new_tokens):
             if n is not None and (not isinstance(n, numbers.Integral) or isinstance(n, bool)
                                   or n < 1):
                 where = "" if len(set(max_new_tokens)) == 1 else f" at {i}"
-                raise ValueError(f"max_new_tokens: expected an int >= 1, got {n!r}{where}")
+                raise InvalidArgument(f"max_new_tokens: expected an int >= 1, got {n!r}{where}")
         stops = tuple(stop) if stop is not None else sampling.stop_strings
         if stops and self._texts is None:
-            raise ValueError("stop: stop strings need a tokenizer")
+            raise InvalidArgument("stop: stop strings need a tokenizer")
         self._check_live(seqs)
         limits = {}
         for seq, most in zip(seqs, max_new_tokens, strict=True):
@@ -521,9 +523,9 @@ class Engine:
         """A prompt's ids as ints: in the vocabulary, not empty, within the model's positions."""
         ids = self._check_ids(name, prompt)
         if not ids:
-            raise ValueError(f"{name}: empty prompt")
+            raise InvalidArgument(f"{name}: empty prompt")
         if len(ids) > self.model.max_positions:
-            raise ValueError(
+            raise InvalidArgument(
                 f"{name}: {len(ids)} tokens, the model serves {self.model.max_positions}")
         return ids
 
@@ -532,14 +534,14 @@ class Engine:
         vocab = self.model.config.vocab_size
         bad = next((i for i in ids if not 0 <= i < vocab), None)
         if bad is not None:
-            raise ValueError(f"{name}: token id {bad} outside the vocabulary [0, {vocab})")
+            raise InvalidArgument(f"{name}: token id {bad} outside the vocabulary [0, {vocab})")
         return ids
 
     @staticmethod
     def _check_live(seqs: Seq[Sequence]) -> None:
         for seq in seqs:
             if seq.freed:
-                raise ValueError(f"seqs: sequence {seq.seq_id} was freed")
+                raise InvalidArgument(f"seqs: sequence {seq.seq_id} was freed")
 
 
 CPU_KV_BYTES = 2 << 30  # the CPU pool when no budget is given

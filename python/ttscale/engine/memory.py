@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ttscale.errors import InvalidArgument
+
 DEFAULT_FRACTION = 0.9  # of the free memory when a device's budget is measured
 POLICY_SHARE = 0.6
 PRM_SHARE = 0.4
@@ -52,8 +54,8 @@ def free_memory(device: torch.device) -> int:
                         return int(line.split()[1]) * 1024
         except OSError:
             pass
-        raise ValueError("memory_share: this CPU's free memory is unknown; pass kv_budget_bytes")
-    raise ValueError(f"memory_share: no free-memory query for device type {device.type!r}")
+        raise InvalidArgument("memory_share: this CPU's free memory is unknown; pass kv_budget_bytes")
+    raise InvalidArgument(f"memory_share: no free-memory query for device type {device.type!r}")
 
 
 @dataclass
@@ -87,7 +89,7 @@ class DeviceBudget:
     def lease(self, share: float | None, owner: str, free: Callable[[torch.device], int]) -> Lease:
         """Take ``share`` of the budget (None: all that is left) for ``owner``."""
         if share is not None and not 0 < share <= 1:
-            raise ValueError(f"memory_share: expected a fraction in (0, 1], got {share!r}")
+            raise InvalidArgument(f"memory_share: expected a fraction in (0, 1], got {share!r}")
         free_now = free(self.device)
         if not self.leases:
             self.total_bytes = int(self.fraction * free_now)
@@ -95,7 +97,7 @@ class DeviceBudget:
         wanted = left if share is None else share
         if wanted <= 1e-9 or wanted > left + 1e-9:
             held = ", ".join(f"{x.owner} holds {x.share:.2f}" for x in self.leases.values())
-            raise ValueError(
+            raise InvalidArgument(
                 f"memory_share: {owner} asks for {wanted:.2f} of the {self.device} KV budget "
                 f"({self.total_bytes / 2**30:.1f} GiB), but only {left:.2f} is left ({held}); give "
                 f"each engine an explicit memory_share (e.g. {POLICY_SHARE} for the policy, "
@@ -139,6 +141,6 @@ def token_balanced_shares(*bytes_per_token: int) -> tuple[float, ...]:
     KV takes these bytes per token (e.g. a policy's and its PRM's, which cache the same
     sequences)."""
     if not bytes_per_token or any(b <= 0 for b in bytes_per_token):
-        raise ValueError(f"bytes_per_token: expected positive byte counts, got {bytes_per_token}")
+        raise InvalidArgument(f"bytes_per_token: expected positive byte counts, got {bytes_per_token}")
     total = sum(bytes_per_token)
     return tuple(b / total for b in bytes_per_token)

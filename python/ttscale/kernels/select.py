@@ -31,7 +31,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from ttscale.backends import new_output
+from ttscale.errors import InvalidArgument
 
 MAX_KEEP = 4096  # the top-k vector of one program: keys of 8 bytes
 NO_KEY = tl.constexpr(-(2**63))  # below every candidate's key
@@ -202,7 +204,7 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
 def select_and_fork(scores, group_offsets, keep, children, block_tables, lens, ref_counts,
                     free_stack, free_top, status, block_size, max_keep, num_slots, num_copies):
     if max_keep > MAX_KEEP:
-        raise ValueError(
+        raise InvalidArgument(
             f"max_keep: the Triton kernel keeps at most {MAX_KEEP} per group, got {max_keep}"
         )
     device = scores.device

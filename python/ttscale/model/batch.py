@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ttscale import ops
+from ttscale.errors import InvalidArgument
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -98,23 +99,23 @@ class AttentionBatch:
             if value is not None:
                 setattr(self, name, value.to(torch.int32))
         if self.slots.shape != self.positions.shape:
-            raise ValueError(
+            raise InvalidArgument(
                 f"slots: expected shape {list(self.positions.shape)} (positions'), "
                 f"got {list(self.slots.shape)}"
             )
         if self.mode == PREFILL:
             if self.q_lens is None:
-                raise ValueError("q_lens: a prefill step needs the new tokens per sequence")
+                raise InvalidArgument("q_lens: a prefill step needs the new tokens per sequence")
         elif self.mode == DECODE:
             if self.num_tokens != self.problem_ids.shape[0]:
-                raise ValueError(
+                raise InvalidArgument(
                     f"positions: a decode step has one new token per sequence, expected "
                     f"{self.problem_ids.shape[0]} (problem_ids'), got {self.num_tokens}"
                 )
             if self.plan is None:
                 self.plan = ops.plan_cascade_decode(self.problem_ids, self.prompt_lens.shape[0])
         else:
-            raise ValueError(f"mode: expected {PREFILL!r} or {DECODE!r}, got {self.mode!r}")
+            raise InvalidArgument(f"mode: expected {PREFILL!r} or {DECODE!r}, got {self.mode!r}")
 
     @property
     def num_tokens(self) -> int:

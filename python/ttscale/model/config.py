@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from ttscale.errors import ConfigError, ModelLoadError  # re-exported here
 
 # architecture -> (family, head kind)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ttscale.errors import InvalidArgument
 from ttscale.model.config import ModelConfig
 
 
@@ -50,9 +51,9 @@ class KVCache:
     ) -> KVCache:
         """``num_blocks`` blocks for every layer, zeroed, in one allocation."""
         if num_blocks <= 0:
-            raise ValueError(f"num_blocks: expected a positive count, got {num_blocks}")
+            raise InvalidArgument(f"num_blocks: expected a positive count, got {num_blocks}")
         if block_size < 8 or block_size > 128 or block_size & (block_size - 1):
-            raise ValueError(f"block_size: expected a power of two from 8 to 128, got {block_size}")
+            raise InvalidArgument(f"block_size: expected a power of two from 8 to 128, got {block_size}")
         pool = torch.zeros(
             config.num_layers,
             2,
@@ -79,7 +80,7 @@ class KVCache:
         per_block = block_bytes(config, block_size, dtype)
         num_blocks = int(budget_bytes) // per_block
         if num_blocks < 1:
-            raise ValueError(
+            raise InvalidArgument(
                 f"budget_bytes: {int(budget_bytes)} bytes hold no KV block "
                 f"(one block of {block_size} tokens over {config.num_layers} layers takes "
                 f"{per_block} bytes)"

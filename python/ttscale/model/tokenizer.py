@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as FastTokenizer
+
 from ttscale.errors import TokenizerError  # re-exported here
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ttscale import ops
 from ttscale._checks import check_range, check_values
+from ttscale.errors import InvalidArgument
 from ttscale.model import cpu_linear
 from ttscale.model.batch import DECODE, AttentionBatch
 from ttscale.model.config import ModelConfig
@@ -171,7 +172,7 @@ def _check_uniform_layers(kv_cache: KVCache) -> None:
             if (cache.shape != first.shape or cache.dtype != first.dtype
                     or cache.device != first.device or not cache.is_contiguous()):
                 layout = "" if cache.is_contiguous() else " (not contiguous)"
-                raise ValueError(
+                raise InvalidArgument(
                     f"kv_cache: {name}[{i}] is {list(cache.shape)} {cache.dtype} on "
                     f"{cache.device}{layout}, expected every layer like k[0]: "
                     f"{list(first.shape)} {first.dtype} on {first.device}, contiguous"
@@ -277,12 +278,12 @@ class Transformer(nn.Module):
             ``[R, H]`` after the final norm, in the model's dtype.
         """
         if input_ids.dim() != 1 or input_ids.shape[0] != batch.num_tokens:
-            raise ValueError(
+            raise InvalidArgument(
                 f"input_ids: expected shape [{batch.num_tokens}] (one per position), "
                 f"got {list(input_ids.shape)}"
             )
         if len(kv_cache.k) != len(self.layers):
-            raise ValueError(f"kv_cache: expected {len(self.layers)} layers, got {len(kv_cache.k)}")
+            raise InvalidArgument(f"kv_cache: expected {len(self.layers)} layers, got {len(kv_cache.k)}")
         _check_uniform_layers(kv_cache)
         if check_values(batch.positions):
             check_range("positions", batch.positions, 0, self.max_positions)
@@ -305,7 +306,7 @@ class Transformer(nn.Module):
         logits, not the vocabulary's.
         """
         if self.lm_head is None:
-            raise ValueError(f"compute_logits: a {self.config.architecture} has no LM head")
+            raise InvalidArgument(f"compute_logits: a {self.config.architecture} has no LM head")
         if token_ids is None and self.lm_head_packed is not None:
             return cpu_linear.linear(hidden, self.lm_head_packed, None)
         weight = self.lm_head if token_ids is None else self.lm_head[token_ids]
@@ -319,7 +320,7 @@ class Transformer(nn.Module):
         ``[R]`` values before any sigmoid.
         """
         if self.score_out is None:
-            raise ValueError(f"compute_scores: a {self.config.architecture} has no reward head")
+            raise InvalidArgument(f"compute_scores: a {self.config.architecture} has no reward head")
         if self.score_hidden is not None:
             return self.score_out(F.relu(self.score_hidden(hidden))).float()
         return self.score_out(hidden).squeeze(-1).float()

@@ -11,6 +11,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ttscale.engine.engine import MAX_STREAM_KEY
+from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams, check_seed
 from ttscale.search.prompts import PromptFn, build_prompts
 from ttscale.search.result import SearchResult
@@ -116,20 +117,20 @@ def prepare(
     """Check a strategy's common arguments (ValueErrors name them) and build its prompts;
     ``selections`` are the ``select`` values the strategy knows."""
     if getattr(llm, "engine", None) is None:
-        raise ValueError(f"llm: expected a ttscale.LLM, got {type(llm).__name__}")
+        raise InvalidArgument(f"llm: expected a ttscale.LLM, got {type(llm).__name__}")
     if llm.tokenizer is None:
-        raise ValueError("llm: the model directory has no tokenizer.json; strategies work on text")
+        raise InvalidArgument("llm: the model directory has no tokenizer.json; strategies work on text")
     if isinstance(problems, str) or not isinstance(problems, Sequence) or not problems:
-        raise ValueError("problems: expected a non-empty list of strings")
+        raise InvalidArgument("problems: expected a non-empty list of strings")
     if len(problems) > MAX_STREAM_KEY:
-        raise ValueError(f"problems: at most {MAX_STREAM_KEY} in one call (each numbers its own "
+        raise InvalidArgument(f"problems: at most {MAX_STREAM_KEY} in one call (each numbers its own "
                          f"random streams), got {len(problems)}; search them in batches")
     bad = next((i for i, p in enumerate(problems) if not isinstance(p, str)), None)
     if bad is not None:
         raise ValueError(f"problems[{bad}]: expected a string, got {type(problems[bad]).__name__}")
     check_count("n", n)
     if references is not None and len(references) != len(problems):
-        raise ValueError(
+        raise InvalidArgument(
             f"references: expected one per problem ({len(problems)}), got {len(references)}"
         )
     if references is not None:
@@ -139,19 +140,19 @@ def prepare(
                              f"{type(references[bad]).__name__}")
     for name, fn in (("prompt_fn", prompt_fn), ("extract", extract), ("equal", equal)):
         if fn is not None and not callable(fn):
-            raise ValueError(f"{name}: expected a function, got {type(fn).__name__}")
+            raise InvalidArgument(f"{name}: expected a function, got {type(fn).__name__}")
     if verifier is not None and not isinstance(verifier, Verifier):
-        raise ValueError(f"verifier: expected a ttscale Verifier, got {type(verifier).__name__}")
+        raise InvalidArgument(f"verifier: expected a ttscale Verifier, got {type(verifier).__name__}")
     if needs_verifier and verifier is None:
-        raise ValueError(f"verifier: {strategy} needs a verifier to score steps")
+        raise InvalidArgument(f"verifier: {strategy} needs a verifier to score steps")
     select = check_select(select, agg, verifier is not None, selections)
     if not isinstance(step_delimiter, str) or not step_delimiter:
-        raise ValueError(f"step_delimiter: expected a non-empty string, got {step_delimiter!r}")
+        raise InvalidArgument(f"step_delimiter: expected a non-empty string, got {step_delimiter!r}")
     sampling = DEFAULT_SAMPLING if sampling is None else sampling
     if not isinstance(sampling, SamplingParams):
-        raise ValueError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
+        raise InvalidArgument(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
     if sampling.stop_strings:
-        raise ValueError(
+        raise InvalidArgument(
             f"sampling: stop strings are not supported in search (got {sampling.stop!r}); "
             "steps end at step_delimiter, solutions at end-of-sequence or max_tokens"
         )
@@ -190,7 +191,7 @@ def prepare(
 
 def check_count(name: str, value, minimum: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+        raise InvalidArgument(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -207,7 +208,7 @@ def plan_waves(
     for p, prompt in enumerate(prompts):
         need = blocks.blocks_for(len(prompt)) + seqs_per_problem * per_sequence
         if need > free:
-            raise ValueError(
+            raise InvalidArgument(
                 f"n: {seqs_per_problem} sequences of up to {max_tokens} tokens for problems[{p}] "
                 f"need {need} KV blocks, {free} are free; lower n or sampling.max_tokens, or give "
                 "the LLM a larger kv_budget_bytes"
@@ -250,5 +251,5 @@ def check_beams(n: int, beam_width: int, max_iterations: int) -> None:
     """Beam search and DVTS: ``beam_width`` divides ``n``; at least one iteration."""
     check_count("beam_width", beam_width)
     if n % beam_width:
-        raise ValueError(f"beam_width: expected a divisor of n={n}, got {beam_width}")
+        raise InvalidArgument(f"beam_width: expected a divisor of n={n}, got {beam_width}")
     check_count("max_iterations", max_iterations)

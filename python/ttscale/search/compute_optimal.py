@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
 from ttscale.search.beam_search import beam_search
 from ttscale.search.best_of_n import best_of_n
@@ -116,7 +117,7 @@ def check_revision_ratios(ratios: Sequence[int], sizes: Sequence[int]) -> list[i
     for ratio in ratios:
         check_count("revision_ratios", ratio)
         if all(n % ratio for n in sizes):
-            raise ValueError(
+            raise InvalidArgument(
                 f"revision_ratios: {ratio} divides no N measured ({', '.join(map(str, sizes))})"
             )
     return ratios
@@ -180,26 +181,26 @@ def fit_compute_optimal(
     ``equal``, ``progress``).
     """
     if len(calibration_references) != len(calibration_problems) or not calibration_problems:
-        raise ValueError(
+        raise InvalidArgument(
             f"calibration_references: expected one per calibration problem "
             f"({len(calibration_problems)}, at least one), got {len(calibration_references)}"
         )
     check_count("budget", budget)
     check_count("num_bins", num_bins)
     if not isinstance(pilot_n, int) or not 1 <= pilot_n <= budget:
-        raise ValueError(f"pilot_n: expected an integer in [1, budget={budget}], got {pilot_n!r}")
+        raise InvalidArgument(f"pilot_n: expected an integer in [1, budget={budget}], got {pilot_n!r}")
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
-        raise ValueError(
+        raise InvalidArgument(
             f"strategies: expected names among {', '.join(STRATEGIES)}, got {list(strategies)}"
         )
     sizes = sorted({1 << k for k in range(budget.bit_length()) if 1 << k <= budget} | {budget})
     ratios = check_revision_ratios(revision_ratios, sizes)
     check_count("window", window)
     if "best_of_n" not in strategies and not ratios and all(n % beam_width for n in sizes):
-        raise ValueError(f"budget: no N up to {budget} is a multiple of beam_width={beam_width}")
+        raise InvalidArgument(f"budget: no N up to {budget} is a multiple of beam_width={beam_width}")
     if verifier is None:
-        raise ValueError("verifier: compute_optimal needs a verifier to estimate difficulty")
+        raise InvalidArgument("verifier: compute_optimal needs a verifier to estimate difficulty")
     chosen_rule = check_select(select, agg, True)
     equal = common.get("equal")
     if equal is None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from ttscale.engine.sequence import Sequence
+from ttscale.errors import InvalidArgument
 
 
 @dataclass
@@ -53,7 +54,7 @@ def best_per_group(
         best.append(members[:k])
         start += size
     if start != len(scores):
-        raise ValueError(
+        raise InvalidArgument(
             f"group_sizes: expected them to sum to {len(scores)} candidates, got {start}"
         )
     return best
@@ -94,11 +95,11 @@ def select_and_fork(
     Forked
     """
     if len(scores) != len(seqs):
-        raise ValueError(f"scores: expected {len(seqs)} (one per sequence), got {len(scores)}")
+        raise InvalidArgument(f"scores: expected {len(seqs)} (one per sequence), got {len(scores)}")
     keep = _per_group("keep", keep, len(group_sizes))
     children = _per_group("children", children, len(group_sizes))
     if sum(group_sizes) != len(scores):
-        raise ValueError(
+        raise InvalidArgument(
             f"group_sizes: expected them to sum to {len(scores)} candidates, got {sum(group_sizes)}"
         )
     # The op ranks NaN below every number, as a missing score should be.
@@ -124,7 +125,7 @@ def consecutive_groups(keys: Seq[object]) -> tuple[list[object], list[int]]:
 def _per_group(name: str, value: int | Seq[int], groups: int) -> list[int]:
     values = [value] * groups if isinstance(value, int) else list(value)
     if len(values) != groups:
-        raise ValueError(f"{name}: expected one value per group ({groups}), got {len(values)}")
+        raise InvalidArgument(f"{name}: expected one value per group ({groups}), got {len(values)}")
     if any(v < 0 for v in values):
-        raise ValueError(f"{name}: expected values >= 0, got {values}")
+        raise InvalidArgument(f"{name}: expected values >= 0, got {values}")
     return values

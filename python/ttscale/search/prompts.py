@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from ttscale.errors import InvalidArgument
+
 PromptFn = Callable[[str], "str | list[int]"]
 
 
@@ -28,7 +30,7 @@ def build_prompt(
         if not isinstance(prompt, list | tuple) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
-            raise ValueError(f"prompt_fn: expected a string or a list of token ids, got "
+            raise InvalidArgument(f"prompt_fn: expected a string or a list of token ids, got "
                              f"{type(prompt).__name__} for {problem[:40]!r}")
         return list(prompt)
     if tokenizer.chat_template is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
 from ttscale.search.common import check_count, prepare, run_waves, with_common_docs
 from ttscale.search.fork import consecutive_groups
@@ -83,7 +84,7 @@ def rejection_best_of_n(
     )
     check_count("check_every", check_every)
     if not isinstance(reject_fraction, (int, float)) or not 0 <= reject_fraction < 1:
-        raise ValueError(f"reject_fraction: expected a number in [0, 1), got {reject_fraction!r}")
+        raise InvalidArgument(f"reject_fraction: expected a number in [0, 1), got {reject_fraction!r}")
 
     def search(run: SearchRun) -> list[SearchResult]:
         lines = run.start(n)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
 from ttscale.search.common import check_count, prepare, run_waves, with_common_docs
 from ttscale.search.prompts import PromptFn
@@ -84,7 +85,7 @@ def separator_ids(tokenizer, revision_fn: RevisionFn | None, count: int) -> list
             else [int(t) for t in text]
         )
         if not ids:
-            raise ValueError(
+            raise InvalidArgument(
                 f"revision_fn: gave no tokens after the attempt at position {position}"
             )
         separators.append(ids)
@@ -151,7 +152,7 @@ def revisions(
     check_count("n", n)
     check_count("sequential", sequential)
     if n % sequential:
-        raise ValueError(f"sequential: expected a divisor of n={n}, got {sequential}")
+        raise InvalidArgument(f"sequential: expected a divisor of n={n}, got {sequential}")
     check_count("window", window)
     inputs = prepare(
         "revisions",
@@ -182,7 +183,7 @@ def revisions(
         inputs.sampling.max_tokens, (room - held * longest_separator) // (held + 1)
     )
     if attempt_tokens < 1:
-        raise ValueError(
+        raise InvalidArgument(
             f"window: {held} earlier attempts with their separators leave no room for a new one "
             f"in the model's context of {llm.engine.model.max_positions}; lower window"
         )

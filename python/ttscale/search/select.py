@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from ttscale.errors import InvalidArgument
 from ttscale.search.result import Candidate
 
 AGGREGATIONS = ("last", "min", "prod", "mean")
@@ -25,13 +26,13 @@ REVISION_SELECTIONS = (*SELECTIONS, "hierarchical")
 def check_select(select: str | None, agg: str, has_verifier: bool, allowed=SELECTIONS) -> str:
     """Validate ``select``/``agg`` and resolve ``select=None`` (majority without a verifier)."""
     if agg not in AGGREGATIONS:
-        raise ValueError(f"agg: expected one of {', '.join(AGGREGATIONS)}, got {agg!r}")
+        raise InvalidArgument(f"agg: expected one of {', '.join(AGGREGATIONS)}, got {agg!r}")
     if select is None:
         return "weighted" if has_verifier else "majority"
     if select not in allowed:
-        raise ValueError(f"select: expected one of {', '.join(allowed)}, got {select!r}")
+        raise InvalidArgument(f"select: expected one of {', '.join(allowed)}, got {select!r}")
     if select != "majority" and not has_verifier:
-        raise ValueError(f"select: {select!r} needs a verifier (without one use 'majority')")
+        raise InvalidArgument(f"select: {select!r} needs a verifier (without one use 'majority')")
     return select
 
 
@@ -47,7 +48,7 @@ def aggregate(step_scores: Sequence[float], agg: str) -> float | None:
         return float(math.prod(step_scores))
     if agg == "mean":
         return float(sum(step_scores) / len(step_scores))
-    raise ValueError(f"agg: expected one of {', '.join(AGGREGATIONS)}, got {agg!r}")
+    raise InvalidArgument(f"agg: expected one of {', '.join(AGGREGATIONS)}, got {agg!r}")
 
 
 def group_answers(answers: Sequence[str | None], equal: Callable[[str, str], bool]) -> list[int | None]:

@@ -181,7 +181,10 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     async def serve(request: Request, parsed: protocol.ParsedRequest, chat: bool):
         admit()
         if parsed.search is not None:
-            return await run_search(parsed, chat)
+            body = await run_search(parsed, chat)
+            if not parsed.stream:
+                return body
+            return EventSourceResponse(search_events(body, chat, parsed.include_usage), ping=15)
         kind = "chat.completion" if chat else "text_completion"
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         params = parsed.params
@@ -204,8 +207,13 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
             finals = await asyncio.gather(*[_last(s, metrics, started) for s in streams])
         except InvalidArgument as error:
             raise HTTPError(400, str(error), "invalid_request_error", error.param) from None
+        if parsed.best_of is not None:  # ranked off the event loop (the PRM computes)
+            ranked = await asyncio.gather(*[asyncio.to_thread(_best_of, out, parsed.params.n)
+                                            for out in finals])
+        else:
+            ranked = [out.outputs for out in finals]
         metrics.latency.observe(time.perf_counter() - started)
-        return _response(rid, kind, parsed, finals, chat)
+        return _response(rid, kind, parsed, finals, ranked, chat)
 
     async def stream(rid, kind, parsed, streams, chat):
         """Server-sent events: each step's new text per choice, then usage, then [DONE]."""
@@ -269,15 +277,26 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
             for generator in streams:
                 await generator.aclose()
 
-    def _response(rid, kind, parsed, finals, chat):
+    async def search_events(body: dict, chat: bool, include_usage: bool):
+        """A finished search as a stream: the chosen text (and the ``ttscale`` result) in one
+        chunk, then usage and [DONE]. Per-step progress events are not streamed yet."""
+        choice = body["choices"][0]
+        text = choice["message"]["content"] if chat else choice["text"]
+        delta = ({"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                 if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"})
+        head = {"id": body["id"], "object": f"{body['object']}.chunk", "created": body["created"],
+                "model": body["model"]}
+        yield json.dumps({**head, "choices": [delta], "ttscale": body["ttscale"]})
+        if include_usage:
+            yield json.dumps({**head, "choices": [], "usage": body["usage"]})
+        yield "[DONE]"
+
+    def _response(rid, kind, parsed, finals, ranked_outputs, chat):
         choices, prompt_tokens, completion_tokens = [], 0, 0
         n = parsed.params.n
-        for i, out in enumerate(finals):
+        for i, (out, ranked) in enumerate(zip(finals, ranked_outputs, strict=True)):
             prompt_tokens += len(out.prompt_token_ids)
             completion_tokens += sum(len(c.token_ids) for c in out.outputs)
-            ranked = out.outputs
-            if parsed.best_of is not None:  # the n best of best_of by cumulative log-probability
-                ranked = sorted(out.outputs, key=lambda c: -c.cumulative_logprob)[:n]
             for k, c in enumerate(ranked):
                 if chat:
                     choices.append({"index": i * n + k, "finish_reason": _finish(c.finish_reason),
@@ -290,6 +309,23 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
                                     "logprobs": protocol.completion_logprobs(engine.tokenizer, c)})
         return {"id": rid, "object": kind, "created": parsed.created, "model": config.model_name,
                 "choices": choices, "usage": protocol.usage(prompt_tokens, completion_tokens)}
+
+    def _best_of(out, n: int):
+        """The ``n`` best of a best_of request's samples: by PRM score (the last step's), or by
+        cumulative log-probability without a PRM."""
+        if config.prm is None or not isinstance(out.prompt, str):
+            return sorted(out.outputs, key=lambda c: -c.cumulative_logprob)[:n]
+        from ttscale.search.select import aggregate
+        from ttscale.verifiers.base import split_steps
+
+        # the PRM is used by searches too, which hold the scheduler's lock: take it as well
+        with engine.llm.scheduler.lock:
+            scores = []
+            for c in out.outputs:
+                step_scores = config.prm.score_solution(out.prompt, split_steps(c.text, config.step_delimiter))
+                scores.append(aggregate([x for x in step_scores if x is not None], "last") or 0.0)
+        order = sorted(range(len(out.outputs)), key=lambda k: -scores[k])[:n]
+        return [out.outputs[k] for k in order]
 
     async def run_search(parsed: protocol.ParsedRequest, chat: bool):
         options = dict(parsed.search)

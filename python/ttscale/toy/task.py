@@ -27,6 +27,8 @@ import re
 import zlib
 from dataclasses import dataclass
 
+from ttscale.errors import InvalidArgument
+
 OPS = ("+", "-", "*")
 MAX_VALUE = 9999
 MAX_OPS = 5  # operations in a problem: 2 to MAX_OPS
@@ -103,7 +105,7 @@ def apply(a: int, op: str, b: int) -> int:
         return a - b
     if op == "*":
         return a * b
-    raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+    raise InvalidArgument(f"op: expected one of {OPS}, got {op!r}")
 
 
 def difficulty_level(problem: Problem) -> int:
@@ -141,9 +143,9 @@ def _operand(rng: random.Random) -> int:
 def problems(split: str, count: int, seed: int = 0) -> list[Problem]:
     """``count`` distinct problems of ``split`` (``"train"`` or ``"heldout"``), reproducible from ``seed``."""
     if split not in ("train", "heldout"):
-        raise ValueError(f"split: expected 'train' or 'heldout', got {split!r}")
+        raise InvalidArgument(f"split: expected 'train' or 'heldout', got {split!r}")
     if count < 0:
-        raise ValueError(f"count: expected >= 0, got {count}")
+        raise InvalidArgument(f"count: expected >= 0, got {count}")
     rng = random.Random(f"{split}:{seed}")
     seen: set[str] = set()
     out: list[Problem] = []
@@ -160,7 +162,7 @@ def parse_problem(text: str) -> Problem:
     expr = text.strip().removeprefix("Q:").strip().replace("(", "").replace(")", "")
     tokens = re.findall(r"\d+|[+\-*]", expr)
     if len(tokens) < 3 or len(tokens) % 2 == 0:
-        raise ValueError(f"text: not an arithmetic chain: {text!r}")
+        raise InvalidArgument(f"text: not an arithmetic chain: {text!r}")
     first = int(tokens[0])
     ops = tuple((tokens[i], int(tokens[i + 1])) for i in range(1, len(tokens), 2))
     return Problem(first, ops)

@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ttscale
+from ttscale.errors import InvalidArgument
 from ttscale.llm import LLM
 from ttscale.sampling_params import SamplingParams
 from ttscale.toy import task
@@ -183,7 +184,7 @@ def fit(model: TinyLlama, examples: list[Example], *, steps: int, batch_size: in
     with a warm-up of its own for the fresh optimizer)."""
     offset, total = schedule if schedule is not None else (0, steps)
     if not (0 <= offset and offset + steps <= total):
-        raise ValueError(f"schedule: expected 0 <= offset and offset + {steps} steps <= total, "
+        raise InvalidArgument(f"schedule: expected 0 <= offset and offset + {steps} steps <= total, "
                          f"got {schedule}")
     generator = torch.Generator().manual_seed(seed)
     parameters = list(model.parameters())
@@ -342,7 +343,7 @@ def _both_layouts(problems: list[task.Problem], worked: float = 0.0) -> list[Exa
 def multiplication_rich(count: int, minimum: int, seen: set[str], seed: int) -> list[task.Problem]:
     """``count`` train problems with at least ``minimum`` multiplications, none of ``seen``."""
     if not 1 <= minimum <= task.MAX_OPS:
-        raise ValueError(f"minimum: expected 1 to {task.MAX_OPS} multiplications, got {minimum}")
+        raise InvalidArgument(f"minimum: expected 1 to {task.MAX_OPS} multiplications, got {minimum}")
     drawn = 5 * count
     while True:
         rich = [p for p in task.problems("train", drawn, seed=seed + 11)

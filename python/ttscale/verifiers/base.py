@@ -15,6 +15,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+from ttscale.errors import InvalidArgument
+
 
 class Verifier(ABC):
     """Scores solution steps for strategies; see the module docstring."""
@@ -50,5 +52,5 @@ def split_steps(text: str, delimiter: str = "\n\n") -> list[str]:
     """A solution's steps: the text between delimiters, stripped of surrounding whitespace and
     the delimiters themselves; a trailing delimiter (or blank text between two) makes no step."""
     if not delimiter:
-        raise ValueError("delimiter: expected a non-empty string")
+        raise InvalidArgument("delimiter: expected a non-empty string")
     return [part.strip() for part in text.split(delimiter) if part.strip()]

@@ -58,7 +58,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ttscale.errors import FormatError  # re-exported here
+
+from ttscale.errors import (
+    FormatError,  # re-exported here
+    InvalidArgument,
+)
 
 MATH_SHEPHERD_TAG = "ки"
 QWEN_PRM_STEP_TAG = "<extra_0>"
@@ -274,11 +278,11 @@ FORMATS = {cls.name: cls for cls in (MathShepherd, RLHFlow, QwenMathPRM, Skywork
 def make_format(name: str, tokenizer, **options) -> PRMFormat:
     """The format ``name`` bound to ``tokenizer``; ``options`` that are None take the defaults."""
     if name not in FORMATS:
-        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {name!r}")
+        raise InvalidArgument(f"format: expected one of {', '.join(FORMATS)}, got {name!r}")
     cls = FORMATS[name]
     given = {key: value for key, value in options.items() if value is not None}
     for key in given:
         if key not in cls.options:
-            raise ValueError(f"{key}: the {name!r} format takes no {key} "
+            raise InvalidArgument(f"{key}: the {name!r} format takes no {key} "
                              f"(it takes: {', '.join(cls.options) or 'no options'})")
     return cls(tokenizer, **given)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ttscale import ops
 from ttscale.engine.engine import Engine
 from ttscale.engine.sequence import Problem, Sequence
+from ttscale.errors import InvalidArgument
 from ttscale.model import load_model, load_tokenizer, read_config
 from ttscale.verifiers.base import Verifier, split_steps
 from ttscale.verifiers.formats import FORMATS, PRMFormat, Segment, make_format
@@ -103,17 +104,17 @@ class PRM(Verifier):
         config = read_config(model_dir)
         if format is None:
             if config.head not in FORMAT_OF_HEAD:
-                raise ValueError(f"format: a {config.architecture} PRM reads token logits; name "
+                raise InvalidArgument(f"format: a {config.architecture} PRM reads token logits; name "
                                  "its format ('math-shepherd' or 'rlhflow')")
             format = FORMAT_OF_HEAD[config.head]
         if format not in FORMATS:
-            raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
+            raise InvalidArgument(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
         kind = FORMATS[format].kind
         if config.head != HEAD_OF_KIND[kind]:
-            raise ValueError(f"format: {format!r} reads a {HEAD_OF_KIND[kind]!r} head, but "
+            raise InvalidArgument(f"format: {format!r} reads a {HEAD_OF_KIND[kind]!r} head, but "
                              f"{model_dir} holds a {config.architecture} ({config.head!r} head)")
         if kind == "two_class" and config.num_labels != 2:
-            raise ValueError(f"format: {format!r} reads two classes, {model_dir} has "
+            raise InvalidArgument(f"format: {format!r} reads two classes, {model_dir} has "
                              f"{config.num_labels}")
         self.tokenizer = load_tokenizer(model_dir)
         self.format: PRMFormat = make_format(format, self.tokenizer, system_prompt=system_prompt,
@@ -138,7 +139,7 @@ class PRM(Verifier):
             vocab, names = model.config.vocab_size, ("good_token", "bad_token")
             for name, token in zip(names, self.format.head_tokens, strict=True):
                 if token >= vocab:
-                    raise ValueError(f"{name}: token id {token} is outside the model's "
+                    raise InvalidArgument(f"{name}: token id {token} is outside the model's "
                                      f"vocabulary of {vocab}")
             return model.lm_head[list(self.format.head_tokens)].contiguous(), None
         return model.score_out.weight, model.score_out.bias
@@ -149,7 +150,7 @@ class PRM(Verifier):
     def start(self, problems, references=None) -> list[PRMPath]:
         """Prefill each problem's prefix once; one root path (no steps) per problem."""
         if isinstance(problems, str):
-            raise ValueError("problems: expected a sequence of strings, got one string")
+            raise InvalidArgument("problems: expected a sequence of strings, got one string")
         prefixes = [self.format.prefix(problem) for problem in problems]
         before = self.engine.prefilled_tokens
         engine_problems = self.engine.add_many([p.ids for p in prefixes])
@@ -163,7 +164,7 @@ class PRM(Verifier):
         for parent_index in parents:
             parent = paths[parent_index]
             if parent.freed:
-                raise ValueError(f"parents: path {parent_index} was freed")
+                raise InvalidArgument(f"parents: path {parent_index} was freed")
             (seq,) = self.engine.fork(parent.seq, 1)
             children.append(PRMPath(seq, parent.last, parent.num_steps, list(parent.tag_positions)))
         return children
@@ -191,20 +192,20 @@ class PRM(Verifier):
     def _append(self, paths: Seq[PRMPath], steps: Seq[str], final: Seq[bool]) -> None:
         """Extend each path by its step's segment (pending: not yet run through the model)."""
         if not len(paths) == len(steps) == len(final):
-            raise ValueError(f"steps: expected one step and one final flag per path "
+            raise InvalidArgument(f"steps: expected one step and one final flag per path "
                              f"({len(paths)} paths, {len(steps)} steps, {len(final)} flags)")
         if len({id(p) for p in paths}) != len(paths):
-            raise ValueError("paths: a path appears twice; fork it to extend it two ways")
+            raise InvalidArgument("paths: a path appears twice; fork it to extend it two ways")
         limit = self.model.max_positions
         segments = []
         for i, (path, step) in enumerate(zip(paths, steps, strict=True)):
             if path.freed:
-                raise ValueError(f"paths: path {i} was freed")
+                raise InvalidArgument(f"paths: path {i} was freed")
             if not isinstance(step, str):
-                raise ValueError(f"steps: expected strings, got {type(step).__name__} at {i}")
+                raise InvalidArgument(f"steps: expected strings, got {type(step).__name__} at {i}")
             segment = self.format.step(step, path.num_steps, path.last)
             if path.seq.context_len + len(segment.ids) > limit:
-                raise ValueError(f"steps: path {i} would reach "
+                raise InvalidArgument(f"steps: path {i} would reach "
                                  f"{path.seq.context_len + len(segment.ids)} tokens, the PRM "
                                  f"serves {limit}")
             segments.append(segment)

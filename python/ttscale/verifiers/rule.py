@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ttscale.errors import InvalidArgument
 from ttscale.verifiers.base import Verifier
 
 
@@ -40,7 +41,7 @@ class RuleVerifier(Verifier):
 
     def start(self, problems, references=None):
         if references is None or len(references) != len(problems):
-            raise ValueError("references: the rule verifier needs one known answer per problem")
+            raise InvalidArgument("references: the rule verifier needs one known answer per problem")
         return [_Path(ref) for ref in references]
 
     def fork(self, paths, parents):
