@@ -35,13 +35,14 @@ class FakeStrategy:
 
     def __call__(self, llm, problems, n, verifier=None, sampling=None, *, select=None, agg="last",
                  seed=0, references=None, system_prompt=None, step_delimiter="\n\n",
-                 progress=True, **options):
+                 problem_ids=None, progress=True, **options):
         if self.kill_after is not None and len(self.searched) + len(problems) > self.kill_after:
             raise KeyboardInterrupt
         self.searched.extend(problems)
         self.calls.append({"n": n, "verifier": verifier, "sampling": sampling, "seed": seed,
                            "references": references, "system_prompt": system_prompt,
-                           "step_delimiter": step_delimiter, "options": options})
+                           "step_delimiter": step_delimiter, "problem_ids": problem_ids,
+                           "options": options})
         results = []
         for problem in problems:
             answer = re.search(r"What is (\w+)\?", problem).group(1)
@@ -252,26 +253,27 @@ def test_truncated_last_line_is_redone_with_a_warning(fake, tmp_path, capsys):
     fake.searched = []
     code, _, err = run(tmp_path, capsys)
     assert code == 0 and "line 4 is incomplete" in err
-    assert fake.searched == ["What is 2?", "What is 3?"]  # its batch is searched whole again
+    assert fake.searched == ["What is 3?"]  # only the lost problem: results do not depend on batches
     assert [r["index"] for r in read_jsonl(out)] == [0, 1, 2, 3]
 
 
 def test_resumed_run_answers_as_an_unbroken_one(fake, tmp_path, capsys, monkeypatch):
-    """A search's samples depend on the problems searched together (their position in the
-    call): a resumed run searches the unbroken run's batches, so its answers are the same."""
-    def batch_sensitive(llm, problems, n, **kwargs):
+    """A problem's samples are keyed by its index in the data file (``problem_ids``), so a run
+    resumed with another batch size gives the unbroken run's answers."""
+    def id_keyed(llm, problems, n, problem_ids=None, **kwargs):
         results = fake(llm, problems, n, **kwargs)
-        return [SearchResult(r.problem, f"{r.answer}@{i}/{len(problems)}", 0, r.candidates,
-                             r.cost, "fake") for i, r in enumerate(results)]
+        return [SearchResult(r.problem, f"{r.answer}@{k}", 0, r.candidates, r.cost, "fake")
+                for k, r in zip(problem_ids, results, strict=True)]
 
-    monkeypatch.setitem(cli.STRATEGIES, "fake", batch_sensitive)
+    monkeypatch.setitem(cli.STRATEGIES, "fake", id_keyed)
     write_jsonl(tmp_path / "data.jsonl", rows(7))
     assert run(tmp_path, capsys, "--batch-size", "3")[0] == 0
     out = tmp_path / "out.jsonl"
     unbroken = [r["predicted"] for r in read_jsonl(out)]
+    assert unbroken == [f"{i}@{i}" for i in range(7)]
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:4]) + lines[4][:30])  # the second batch cut after one line
-    assert run(tmp_path, capsys, "--batch-size", "3")[0] == 0
+    assert run(tmp_path, capsys, "--batch-size", "2")[0] == 0
     assert [r["predicted"] for r in read_jsonl(out)] == unbroken
 
 
@@ -295,11 +297,14 @@ def test_a_problem_refused_in_a_later_batch_is_named_by_its_data_index(fake, tmp
     assert [r["index"] for r in read_jsonl(tmp_path / "out.jsonl")] == [0, 1, 2, 3]
 
 
-def test_rerun_with_another_batch_size_is_reported(fake, tmp_path, capsys):
+def test_rerun_with_another_batch_size_goes_on(fake, tmp_path, capsys):
+    """The batch size cannot change a result, so it is not a setting: a rerun may change it."""
     write_jsonl(tmp_path / "data.jsonl", rows(4))
     assert run(tmp_path, capsys, "--limit", "2")[0] == 0
-    code, _, err = run(tmp_path, capsys, "--batch-size", "3")
-    assert code == 2 and "other settings" in err and "batch_size: 2 written, 3 now" in err
+    fake.searched = []
+    assert run(tmp_path, capsys, "--batch-size", "3")[0] == 0
+    assert fake.searched == ["What is 2?", "What is 3?"]
+    assert all("batch_size" not in r["settings"] for r in read_jsonl(tmp_path / "out.jsonl"))
 
 
 def test_changed_data_is_reported_not_mixed(fake, tmp_path, capsys):
@@ -460,3 +465,33 @@ def test_python_dash_m_ttscale_is_the_ttscale_command(argv):
     command = subprocess.run([script, *argv], capture_output=True, text=True, timeout=120)
     assert module.returncode == command.returncode == 0, module.stderr + command.stderr
     assert module.stdout == command.stdout and module.stdout
+
+
+@pytest.mark.parametrize("strategy", ["best_of_n", "beam_search"])
+def test_result_lines_do_not_depend_on_the_batch_size(tiny_model, tmp_path, strategy):
+    """The same problems searched in batches of 1, 7 and 16 give the same lines (up to timing)."""
+    data = write_jsonl(tmp_path / "toy.jsonl", [
+        {"problem": f"Q: {a}+{b}\n", "answer": str(a + b), "level": 1}
+        for a, b in [(3, 4), (2, 9), (5, 5), (8, 1), (7, 7), (1, 6), (4, 4), (9, 3), (6, 2)]])
+    lines = {}
+    for batch in (1, 7, 16):
+        out = tmp_path / f"{strategy}-{batch}.jsonl"
+        assert cli.main([
+            "run", "--model", str(tiny_model), "--oracle", "--strategy", strategy, "--n", "4",
+            "--data", str(data), "--out", str(out), "--batch-size", str(batch),
+            "--max-tokens", "12", "--step-delimiter", "\\n", "--device", "cpu",
+            "--kv-budget", "0.01", "--save-candidates", "--temperature", "1.0",
+            *(["--beam-width", "2"] if strategy == "beam_search" else []),
+        ]) == 0
+        lines[batch] = [_untimed(r) for r in read_jsonl(out)]
+    assert len(lines[1]) == 9
+    assert lines[1] == lines[7] == lines[16]
+
+
+def _untimed(record: dict) -> dict:
+    record = dict(record)
+    record.pop("wall_seconds", None)
+    record["cost"] = {k: v for k, v in record["cost"].items() if k != "seconds"}
+    if "search" in record:
+        record["search"] = {k: v for k, v in record["search"].items() if k not in ("cost", "seconds")}
+    return record

@@ -100,6 +100,9 @@ def searching(llm, prm):
         (lambda: ttscale.beam_search(llm, [PROBLEM], 6, verifier=prm, beam_width=4, **common), "beam_width"),
         (lambda: ttscale.beam_search(llm, [PROBLEM], 8, verifier=None, **common), "verifier"),
         (lambda: ttscale.revisions(llm, [PROBLEM], 4, 3, verifier=prm, **common), "sequential"),
+        (lambda: ttscale.best_of_n(llm, [PROBLEM], 4, problem_ids=[1, 2], **common), "problem_ids"),
+        (lambda: ttscale.best_of_n(llm, [PROBLEM, PROBLEM], 4, problem_ids=[3, 3], **common), "problem_ids"),
+        (lambda: ttscale.best_of_n(llm, [PROBLEM], 4, problem_ids=[-1], **common), "problem_ids"),
     ]
 
 
@@ -127,7 +130,7 @@ def test_generation(llm, row):
     check(*generating(llm)[row])
 
 
-@pytest.mark.parametrize("row", range(8))
+@pytest.mark.parametrize("row", range(11))
 def test_strategies(llm, prm, row):
     check(*searching(llm, prm)[row])
 

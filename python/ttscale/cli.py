@@ -274,8 +274,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "agg": args.agg,
         "system_prompt": args.system_prompt,
         "step_delimiter": args.step_delimiter,
-        # problems searched together share random streams; precision and KV pool change them too
-        "batch_size": args.batch_size,
+        # precision and the device change results (float sums); the batch does not: a problem's
+        # random streams are keyed by its index in the data file
         "device": args.device,
         "dtype": args.dtype,
         "kv_budget": args.kv_budget,
@@ -359,6 +359,7 @@ class _Search:
             references=[p.reference for p in batch] if args.oracle else None,
             system_prompt=args.system_prompt,
             step_delimiter=args.step_delimiter,
+            problem_ids=[p.index for p in batch],  # streams keyed by the data file's index
             progress=False,
             **self.options,
         )

@@ -336,11 +336,11 @@ def run_evaluation(
 ) -> Summary:
     """Search ``problems`` a batch at a time, appending graded result lines to ``out``.
 
-    Problems already answered in ``out`` are skipped (see :func:`read_results`). Batches are
-    fixed slices of ``problems``, and a slice with any problem left is searched whole (its
-    answered problems' results are dropped): a search's random streams depend on the problems
-    searched together, so a resumed run gives the answers an unbroken one gives. (A run with a
-    smaller ``--limit`` ends on a shorter batch, so extending it changes that batch's answers.)
+    Problems already answered in ``out`` are skipped (see :func:`read_results`); the rest are
+    searched ``batch_size`` at a time. ``search`` must give a problem the result it would give
+    it in any batch (the strategies do, with ``problem_ids`` set to the problems' indices), so
+    a resumed run, a run with another batch size or a longer ``--limit`` gives the answers an
+    unbroken one gives.
 
     Parameters
     ----------
@@ -371,10 +371,9 @@ def run_evaluation(
     start, generated = time.perf_counter(), 0
     try:
         with out.open("a", encoding="utf-8") as file:
-            for first in range(0, len(problems), batch_size):
-                batch = list(problems[first : first + batch_size])
-                if all(p.index in done for p in batch):
-                    continue
+            todo = [p for p in problems if p.index not in done]
+            for first in range(0, len(todo), batch_size):
+                batch = todo[first : first + batch_size]
                 batch_start = time.perf_counter()
                 results = search(batch)
                 if len(results) != len(batch):
@@ -383,7 +382,7 @@ def run_evaluation(
                     )
                 share = (time.perf_counter() - batch_start) / len(batch)
                 lines = []
-                left = [(p, r) for p, r in zip(batch, results, strict=True) if p.index not in done]
+                left = list(zip(batch, results, strict=True))
                 for problem, result in left:
                     record = result_record(problem, result, share, settings, save_candidates)
                     summary.add(record)

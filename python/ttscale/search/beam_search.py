@@ -33,6 +33,7 @@ def beam_search(
     step_delimiter: str = "\n\n",
     extract=None,
     equal=None,
+    problem_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[SearchResult]:
     """Search step by step with ``n`` beams, keeping the ``n / beam_width`` best and expanding
@@ -81,6 +82,7 @@ def beam_search(
         step_delimiter=step_delimiter,
         extract=extract,
         equal=equal,
+        problem_ids=problem_ids,
         needs_verifier=True,
     )
     check_beams(n, beam_width, max_iterations)

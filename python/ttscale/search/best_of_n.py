@@ -29,6 +29,7 @@ def best_of_n(
     step_delimiter: str = "\n\n",
     extract=None,
     equal=None,
+    problem_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[SearchResult]:
     """Sample ``n`` solutions per problem and choose an answer among them.
@@ -67,6 +68,7 @@ def best_of_n(
         step_delimiter=step_delimiter,
         extract=extract,
         equal=equal,
+        problem_ids=problem_ids,
         needs_verifier=False,
     )
 

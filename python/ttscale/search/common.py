@@ -4,6 +4,7 @@ waves of problems that fit the KV pool together, run them, and collect the resul
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,10 @@ COMMON_TAIL = """\
         How a candidate's step scores become its score, for ranking and for weighted votes.
     seed : int, optional
         Sampling seed (default ``sampling.seed``, else 0); the same seed gives the same result.
+    problem_ids : list of int, optional
+        Each problem's key to its random streams, e.g. its index in its data file (default its
+        position in ``problems``): a problem's result depends on (seed, its id, the settings)
+        only, not on which problems are searched with it.
     references : list of str, optional
         Known answers, one per problem (None entries allowed): a rule verifier's ground truth.
     system_prompt : str, optional
@@ -92,6 +97,7 @@ class Inputs:
     delimiter: str
     extract: Callable[[str], str | None]
     equal: Callable[[str, str], bool] | None
+    problem_ids: list[int]  # each problem's key to its random streams (default: its position)
 
 
 def prepare(
@@ -113,6 +119,7 @@ def prepare(
     equal,
     needs_verifier: bool,
     selections: Sequence[str] = SELECTIONS,
+    problem_ids: Sequence[int] | None = None,
 ) -> Inputs:
     """Check a strategy's common arguments (ValueErrors name them) and build its prompts;
     ``selections`` are the ``select`` values the strategy knows."""
@@ -129,6 +136,7 @@ def prepare(
     if bad is not None:
         raise ValueError(f"problems[{bad}]: expected a string, got {type(problems[bad]).__name__}")
     check_count("n", n)
+    problem_ids = check_problem_ids(problem_ids, len(problems))
     if references is not None and len(references) != len(problems):
         raise InvalidArgument(
             f"references: expected one per problem ({len(problems)}), got {len(references)}"
@@ -186,7 +194,27 @@ def prepare(
         step_delimiter,
         extract,
         equal,
+        problem_ids,
     )
+
+
+def check_problem_ids(problem_ids, count: int) -> list[int]:
+    """The problems' stream keys: distinct integers in [0, MAX_STREAM_KEY), one per problem
+    (default: their positions in the call)."""
+    if problem_ids is None:
+        return list(range(count))
+    if isinstance(problem_ids, str) or not isinstance(problem_ids, Sequence):
+        raise InvalidArgument(f"problem_ids: expected one integer per problem, got {problem_ids!r:.60}")
+    ids = list(problem_ids)
+    if len(ids) != count:
+        raise InvalidArgument(f"problem_ids: expected one per problem ({count}), got {len(ids)}")
+    bad = next((i for i in ids if not isinstance(i, numbers.Integral) or isinstance(i, bool)
+                or not 0 <= i < MAX_STREAM_KEY), None)
+    if bad is not None:
+        raise InvalidArgument(f"problem_ids: expected integers in [0, {MAX_STREAM_KEY}), got {bad!r}")
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("problem_ids: expected distinct ids (each keys its problem's random streams)")
+    return [int(i) for i in ids]
 
 
 def check_count(name: str, value, minimum: int = 1) -> int:

@@ -19,7 +19,7 @@ from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
 from ttscale.search.beam_search import beam_search
 from ttscale.search.best_of_n import best_of_n
-from ttscale.search.common import check_count
+from ttscale.search.common import check_count, check_problem_ids
 from ttscale.search.dvts import dvts
 from ttscale.search.lookahead import lookahead
 from ttscale.search.result import Candidate, SearchResult
@@ -331,7 +331,7 @@ def compute_optimal(
         As for every strategy (``references`` belong to ``problems``).
     **common
         ``system_prompt``, ``prompt_fn``, ``step_delimiter``, ``extract``, ``equal``,
-        ``progress``, as for every strategy.
+        ``problem_ids`` (of ``problems``), ``progress``, as for every strategy.
 
     Returns
     -------
@@ -340,6 +340,8 @@ def compute_optimal(
         ``extra["compute_optimal"]`` holds the ``pilot_score``, the ``bin``, the chosen
         ``strategy`` and ``n``, and the ``table`` (as a dict).
     """
+    # the problems' stream keys (the calibration set keys its own by position)
+    ids = check_problem_ids(common.pop("problem_ids", None), len(problems))
     if table is None:
         table = fit_compute_optimal(
             llm,
@@ -362,7 +364,8 @@ def compute_optimal(
         )
     shared = dict(select=select, agg=agg, seed=seed, **common)
     refs = None if references is None else list(references)
-    pilot = best_of_n(llm, problems, table.pilot_n, verifier, sampling, references=refs, **shared)
+    pilot = best_of_n(llm, problems, table.pilot_n, verifier, sampling, references=refs,
+                      problem_ids=ids, **shared)
     scores = [pilot_score(r.candidates) for r in pilot]
     bins = [table.bin_of(s) for s in scores]
     results: list[SearchResult | None] = [None] * len(problems)
@@ -379,6 +382,7 @@ def compute_optimal(
             max_iterations=max_iterations,
             window=table.window,
             references=None if refs is None else [refs[i] for i in chosen],
+            problem_ids=[ids[i] for i in chosen],
             **shared,
         )
         for i, result in zip(chosen, runs, strict=True):

@@ -32,6 +32,7 @@ def dvts(
     step_delimiter: str = "\n\n",
     extract=None,
     equal=None,
+    problem_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[SearchResult]:
     """Split ``n`` beams into ``n / beam_width`` independent subtrees and grow each greedily.
@@ -77,6 +78,7 @@ def dvts(
         step_delimiter=step_delimiter,
         extract=extract,
         equal=equal,
+        problem_ids=problem_ids,
         needs_verifier=True,
     )
     check_beams(n, beam_width, max_iterations)

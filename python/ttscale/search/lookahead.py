@@ -32,6 +32,7 @@ def lookahead(
     step_delimiter: str = "\n\n",
     extract=None,
     equal=None,
+    problem_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[SearchResult]:
     """Beam search (:func:`ttscale.beam_search`) whose beams are ranked after ``lookahead``
@@ -79,6 +80,7 @@ def lookahead(
         step_delimiter=step_delimiter,
         extract=extract,
         equal=equal,
+        problem_ids=problem_ids,
         needs_verifier=True,
     )
     check_beams(n, beam_width, max_iterations)

@@ -34,6 +34,7 @@ def rejection_best_of_n(
     step_delimiter: str = "\n\n",
     extract=None,
     equal=None,
+    problem_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[SearchResult]:
     """Best-of-N whose partial samples are scored every ``check_every`` tokens, the lowest
@@ -80,6 +81,7 @@ def rejection_best_of_n(
         step_delimiter=step_delimiter,
         extract=extract,
         equal=equal,
+        problem_ids=problem_ids,
         needs_verifier=True,
     )
     check_count("check_every", check_every)

@@ -112,6 +112,7 @@ def revisions(
     step_delimiter: str = "\n\n",
     extract=None,
     equal=None,
+    problem_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[SearchResult]:
     """Spend ``n`` attempts per problem as ``n // sequential`` chains of ``sequential``
@@ -170,6 +171,7 @@ def revisions(
         step_delimiter=step_delimiter,
         extract=extract,
         equal=equal,
+        problem_ids=problem_ids,
         needs_verifier=False,
         selections=REVISION_SELECTIONS,
     )

@@ -120,7 +120,9 @@ class SearchRun:
         engine_problems = self.engine.add_many([self.inputs.prompts[p] for p in self.wave])
         self._engine_problems += engine_problems
         for p, problem in zip(self.wave, engine_problems, strict=True):
-            problem.stream_key = p  # its samples follow from its place in the call, not its wave
+            # its samples follow from its id (default: its place in the call), not from its wave
+            # or the problems searched with it
+            problem.stream_key = self.inputs.problem_ids[p]
             self.costs[p].prefilled_tokens += problem.kv_len
         roots = [None] * len(self.wave)
         if self.verifier is not None:
