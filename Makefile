@@ -11,11 +11,11 @@ demo:
 	$(PY) -m ttscale demo
 
 test:
-	./scripts/setup_env.sh test,triton,serve $(PINS)
+	./scripts/setup_env.sh test,triton,serve,ray $(PINS)
 	$(PY) -m pytest -q
 
 test-latest:
-	./scripts/setup_env.sh test,triton,serve --latest
+	./scripts/setup_env.sh test,triton,serve,ray --latest
 	.venv-latest/bin/python -m pytest -q
 
 # After a green `make test-latest`: pin what it ran with (README.md, "Pinned versions").
@@ -23,7 +23,7 @@ pins:
 	./scripts/freeze_constraints.sh .venv-latest >$(PINS)
 
 bench:
-	./scripts/setup_env.sh test,triton,serve $(PINS)
+	./scripts/setup_env.sh test,triton,serve,ray $(PINS)
 	$(PY) -m pytest bench -q --benchmark-enable --benchmark-only -s
 
 gpu:

@@ -132,6 +132,16 @@ def _add_run_parser(commands) -> argparse.ArgumentParser:
         help="problems searched together, and written together (default 16)",
     )
     run.add_argument(
+        "--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+        help="search on Ray workers: a cluster's address, 'auto', or nothing for a local cluster "
+             "(needs ttscale[ray])")
+    run.add_argument("--num-workers", type=_positive_int, default=None, metavar="K",
+                     help="Ray workers, each with the models loaded once (default: one per GPU, "
+                          "else 2)")
+    run.add_argument("--worker-resources", default=None, metavar="CPU=N,GPU=M",
+                     help="what each Ray worker takes (default: one GPU where there are GPUs, "
+                          "else one CPU)")
+    run.add_argument(
         "--temperature", type=_float_in(0, float("inf"), False, True), default=0.8, metavar="T"
     )
     run.add_argument("--top-p", type=_float_in(0, 1, True, False), default=1.0, metavar="P")
@@ -385,6 +395,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(
             f"argument --strategy: {args.strategy} is not available in this installation ({error})"
         )
+    execute = _ray_executor(args, parser) if args.ray is not None else None
     try:
         every_problem = read_problems(args.data)
         problems = every_problem[: args.limit]
@@ -397,7 +408,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             batch_size=args.batch_size,
             settings=_settings(args),
             save_candidates=args.save_candidates,
-            setup=search.load_models,  # not at all when a rerun finds every problem answered
+            # the models load where the search runs: here, or once on each Ray worker; not at
+            # all when a rerun finds every problem answered
+            setup=None if execute else search.load_models,
+            execute=execute,
         )
     except (DataError, UsageError) as error:
         print(f"ttscale run: error: {error}", file=sys.stderr)
@@ -412,6 +426,18 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"{args.strategy}, n={args.n}, on {summary.problems} problems of {args.data}")
     print(format_summary(summary))
     return 0
+
+
+def _ray_executor(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from ttscale import distributed
+
+    if distributed.ray_module() is None:
+        parser.error(f"argument --ray: Ray is not installed: {distributed.RAY_HINT}")
+    try:
+        resources = distributed.parse_resources(args.worker_resources)
+    except ValueError as error:
+        parser.error(f"argument --worker-resources: {error}")
+    return distributed.executor(args, args.num_workers, resources, args.ray)
 
 
 def _budgets(text: str) -> tuple[int, ...]:

@@ -322,6 +322,16 @@ def format_summary(summary: Summary) -> str:
     )
 
 
+def _in_turn(search):
+    def execute(batches):
+        for batch in batches:
+            start = time.perf_counter()
+            results = search(batch)
+            yield batch, results, time.perf_counter() - start
+
+    return execute
+
+
 def run_evaluation(
     search: Callable[[list[Problem]], list[SearchResult]],
     problems: Sequence[Problem],
@@ -333,6 +343,7 @@ def run_evaluation(
     save_candidates: bool = False,
     progress: bool = True,
     setup: Callable[[], None] | None = None,
+    execute: Callable[[list[list[Problem]]], Any] | None = None,
 ) -> Summary:
     """Search ``problems`` a batch at a time, appending graded result lines to ``out``.
 
@@ -351,6 +362,9 @@ def run_evaluation(
     settings : what the result lines record of this run (strategy, n, seed, ...); JSON values.
     setup : called once before the first search, outside the timed part (loading the models);
         not at all when every problem is answered already.
+    execute : ``batches -> iterator of (batch, results, seconds)``, for searches that run
+        elsewhere (:mod:`ttscale.distributed`); default: ``search`` on each batch in turn. It
+        may yield batches in any order; lines are written as batches come back.
 
     Returns
     -------
@@ -372,15 +386,13 @@ def run_evaluation(
     try:
         with out.open("a", encoding="utf-8") as file:
             todo = [p for p in problems if p.index not in done]
-            for first in range(0, len(todo), batch_size):
-                batch = todo[first : first + batch_size]
-                batch_start = time.perf_counter()
-                results = search(batch)
+            batches = [todo[first : first + batch_size] for first in range(0, len(todo), batch_size)]
+            for batch, results, seconds in (execute or _in_turn(search))(batches):
                 if len(results) != len(batch):
                     raise RuntimeError(
                         f"search returned {len(results)} results for {len(batch)} problems"
                     )
-                share = (time.perf_counter() - batch_start) / len(batch)
+                share = seconds / len(batch)
                 lines = []
                 left = list(zip(batch, results, strict=True))
                 for problem, result in left:
