@@ -147,7 +147,7 @@ else:
     }
     HEADLINE = Workload(LLAMA32_1B, 128, 1024, 700, 256, temperature=0.6)
     HEADLINE_SEQS = None  # the engine's default budget
-    # Knobs for a short device call: TTSCALE_BENCH_ENGINE_ROWS="Llama-3.2-1B:256,Qwen2.5-0.5B:64"
+    # Knobs for a short GPU run: TTSCALE_BENCH_ENGINE_ROWS="Llama-3.2-1B:256,Qwen2.5-0.5B:64"
     # keeps those GPU rows only; TTSCALE_BENCH_HEADLINE_PROBLEMS=16 runs the headline workload on
     # that many problems (the table says so), every other dimension unchanged; 0 skips it.
     if os.environ.get("TTSCALE_BENCH_ENGINE_ROWS"):

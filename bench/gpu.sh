@@ -3,16 +3,17 @@
 # GPU-marked test, compute-sanitizer memcheck over a subset of the CUDA kernels' tests, and every
 # GPU benchmark row; logs and a machine-readable results.json under $OUT.
 #
-# Through the device tool: one call from the repository root, OUT set by the tool:
-#     run(command="bash bench/gpu.sh", carry=[".whl"])
-# (carry .whl only when bench/fetch_wheels.sh has filled it: wheels the GPU machine lacks, such as
-# scikit-build-core, hypothesis, safetensors, tokenizers, math-verify and transformers.)
+# On the GPU machine, from the repository root:
+#     OUT=/path/to/logs bash bench/gpu.sh
+# (with .whl/ beside the checkout when bench/fetch_wheels.sh has filled it: wheels a machine
+# without a package index lacks, such as scikit-build-core, hypothesis, safetensors, tokenizers,
+# math-verify and transformers.)
 # Dry run on a CPU machine: every stage that can run there, tiny shapes, GPU-only parts skipped
 # with a logged reason:
 #     OUT=/tmp/gpu-dry bash bench/gpu.sh --dry-run        (or GPU_SH_DRY_RUN=1)
 #
 # $OUT gets (flat, 6 files): env.txt build.log tests.log sanitizer.log bench.log results.json.
-# Time: GPU_SH_BUDGET seconds in all (default 570; the device call allows 600). Every stage has
+# Time: GPU_SH_BUDGET seconds in all (default 570, within a 10-minute run). Every stage has
 # its own timeout, and stages before the benchmarks leave them at least GPU_SH_BENCH_MIN seconds
 # (default 150), so one hang cannot eat the run. The last lines printed are the benchmark tables
 # and the summary of which stages passed.

@@ -495,3 +495,61 @@ def _untimed(record: dict) -> dict:
     if "search" in record:
         record["search"] = {k: v for k, v in record["search"].items() if k not in ("cost", "seconds")}
     return record
+
+
+# A user's mistake is one line naming the flag; a failure one line; --debug the traceback -------
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["demo", "--n", "6", "--strategies", "beam_search"], "--n"),
+    (["demo", "--strategies", "nope"], "--strategies"),
+    (["selfcheck", "--device", "tpu"], "--device"),
+], ids=["demo-n", "demo-strategies", "selfcheck-device"])
+def test_usage_errors_are_one_line_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and f"argument {flag}" in err and "Traceback" not in err
+
+
+def test_demo_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["demo", "--out", str(tmp_path / "file")])
+    assert caught.value.code == 2 and "argument --out" in capsys.readouterr().err
+
+
+def test_run_out_that_cannot_be_written_is_refused_before_models_load(fake, tmp_path, capsys):
+    write_jsonl(tmp_path / "data.jsonl", rows(2))
+    argv = ["run", "--model", str(tmp_path / "model"), "--strategy", "fake", "--n", "2",
+            "--data", str(tmp_path / "data.jsonl"), "--out", "/proc/ttscale-out.jsonl"]
+    with pytest.raises(SystemExit) as caught:
+        cli.main(argv)
+    assert caught.value.code == 2 and "argument --out: cannot write" in capsys.readouterr().err
+    assert FakeLLM.loaded == []
+
+
+def test_a_failing_run_is_one_line_and_debug_shows_the_traceback(fake, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device fell over")
+
+    monkeypatch.setitem(cli.STRATEGIES, "fake", broken)
+    write_jsonl(tmp_path / "data.jsonl", rows(2))
+    code, _, err = run(tmp_path, capsys)
+    assert code == 1 and "RuntimeError: the device fell over" in err and "Traceback" not in err
+    assert "--debug" in err
+    with pytest.raises(RuntimeError, match="fell over"):
+        run(tmp_path, capsys, "--debug")
+
+
+@pytest.mark.parametrize("argv", [["demo", "--n", "6", "--strategies", "beam_search"],
+                                  ["selfcheck", "--device", "cuda:0"] if not __import__("torch").cuda.is_available()
+                                  else ["selfcheck", "--device", "tpu"]])
+def test_usage_errors_in_a_real_process_print_no_traceback(argv):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ttscale", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("ttscale ")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import ttscale
-from ttscale.errors import UsageError  # re-exported here
+from ttscale.errors import InvalidArgument, UsageError  # UsageError re-exported here
 from ttscale.search.select import AGGREGATIONS
 from ttscale.search.select import REVISION_SELECTIONS as SELECTIONS
 
@@ -232,6 +234,8 @@ def _check_run_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         parser.error(f"argument --out: not a file in an existing directory: {out}")
     if out.exists() and out.resolve() == data.resolve():
         parser.error("argument --out: is the data file; results would be appended to it")
+    if not _writable(out):
+        parser.error(f"argument --out: cannot write {out} (checked before any model loads)")
     allowed = STRATEGY_OPTIONS.get(args.strategy, ())
     every_option = sorted({option for options in STRATEGY_OPTIONS.values() for option in options})
     for option in every_option:
@@ -250,6 +254,17 @@ def _check_run_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             "without one use 'majority'"
         )
     _check_device_available(args.device, parser)
+
+
+def _writable(path: Path) -> bool:
+    """Whether ``path`` (a file, existing or not) can be written: tried, not guessed from modes."""
+    if path.exists():
+        return os.access(path, os.W_OK) and path.is_file()
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".ttscale-check-"):
+            return True
+    except OSError:
+        return False
 
 
 def _check_device_available(device: str | None, parser: argparse.ArgumentParser) -> None:
@@ -508,8 +523,36 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``ttscale`` command. A user's mistake is one line on stderr naming the flag (exit 2);
+    a failure of the run itself one line too (exit 1); ``--debug`` or ``TTSCALE_DEBUG=1`` shows
+    the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("TTSCALE_DEBUG", "0") not in ("", "0")
+    try:
+        return _main([a for a in argv if a != "--debug"])
+    except (UsageError, InvalidArgument) as error:
+        if debug:
+            raise
+        print(f"ttscale: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("ttscale: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001  (one line, not a traceback; --debug shows it)
+        if debug:
+            raise
+        print(f"ttscale: error: {type(error).__name__}: {error} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ttscale", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ttscale {ttscale.__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also TTSCALE_DEBUG=1)")
     commands = parser.add_subparsers(dest="command")
     check = commands.add_parser("selfcheck", help="run every op on every available backend against the reference")
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, and cpu)")
@@ -544,19 +587,35 @@ def main(argv: list[str] | None = None) -> int:
         strategies = args.strategies or STRATEGIES
         bad = [s for s in strategies if s not in STRATEGIES]
         if bad or args.problems < 1:
-            demo.error(f"--strategies: unknown {bad}" if bad else f"--problems: expected >= 1, got {args.problems}")
+            demo.error(f"argument --strategies: unknown {bad}; choose from {', '.join(STRATEGIES)}"
+                       if bad else f"argument --problems: expected >= 1, got {args.problems}")
         _check_device_available(args.device, demo)
         if args.models is not None:
             try:
                 model_dirs(args.models)
             except ValueError as error:
                 demo.error(f"argument --{error}")
-        run_demo(ns=args.n, strategies=strategies, num_problems=args.problems, device=args.device,
-                 out=args.out, seed=args.seed, models=args.models)
+        if args.out.exists() and not args.out.is_dir():
+            demo.error(f"argument --out: {args.out} is a file; the demo writes a folder")
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            demo.error(f"argument --out: cannot create {args.out}: {error.strerror}")
+        try:
+            run_demo(ns=args.n, strategies=strategies, num_problems=args.problems,
+                     device=args.device, out=args.out, seed=args.seed, models=args.models)
+        except InvalidArgument as error:  # the demo checks its options before any model work
+            if error.param in ("n", "strategies", "problems"):
+                demo.error(f"argument --{error.param}: {str(error).split(': ', 1)[-1]}")
+            raise
         return 0
     if args.command == "selfcheck":
         from ttscale.selfcheck import run_selfcheck
 
+        if args.device is not None and args.device not in ("cpu", "cuda") and not re.fullmatch(
+                r"cuda:\d+", args.device):
+            check.error(f"argument --device: expected cpu or cuda, got {args.device!r}")
+        _check_device_available(args.device, check)
         return run_selfcheck(device=args.device, seed=args.seed)
     if args.command == "run":
         return _run(args, run)
