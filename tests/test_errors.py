@@ -142,3 +142,29 @@ def test_the_engine_keeps_serving_after_bad_inputs(llm):
     (out,) = llm.generate(PROBLEM, SP(temperature=0, max_tokens=60), use_tqdm=False)
     assert out.outputs[0].text == "88-5=83\n83-18=65\nanswer: 65\n"
     assert not llm.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("strategy", ["best_of_n", "beam_search"])
+def test_a_verifier_that_raises_fails_its_search_only(llm, prm, strategy, monkeypatch):
+    """The search fails with the verifier's error; every KV block it took (policy and PRM) goes
+    back, and the next search gives what it gives on fresh engines."""
+    common = dict(verifier=prm, prompt_fn=lambda p: p, step_delimiter="\n", progress=False, seed=3,
+                  sampling=SP(temperature=1.0, max_tokens=60))
+    extra = {"beam_width": 2} if strategy == "beam_search" else {}
+    search = getattr(ttscale, strategy)
+    expected = [r.answer for r in search(llm, [PROBLEM, "Q: (12+7)*3\n"], 4, **common, **extra)]
+    calls, score = [], prm.score
+
+    def flaky(paths, steps, final):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the PRM's device fell over")
+        return score(paths, steps, final)
+
+    monkeypatch.setattr(prm, "score", flaky)
+    with pytest.raises(RuntimeError, match="fell over"):
+        search(llm, [PROBLEM, "Q: (12+7)*3\n"], 4, **common, **extra)
+    monkeypatch.undo()
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+    assert prm.engine.blocks.num_free == prm.engine.blocks.num_blocks
+    assert [r.answer for r in search(llm, [PROBLEM, "Q: (12+7)*3\n"], 4, **common, **extra)] == expected
