@@ -1,4 +1,4 @@
-"""Eager calls of the ops skip the custom-op dispatch (``ops._run``); the custom ops stay what
+"""Eager calls of the ops skip the custom-op dispatch (``ops.dispatch.run``); the custom ops stay what
 torch.compile traces. Running the same work through the custom ops, their registered bodies
 and schemas, must give the same results, element for element."""
 
@@ -9,22 +9,31 @@ import torch
 
 import ttscale
 from ttscale import ops
+from ttscale.ops import dispatch
+from ttscale.ops.cascade_decode import _cascade_decode_attention
+from ttscale.ops.copy_blocks import _copy_blocks
+from ttscale.ops.merge import _merge_attention_states
+from ttscale.ops.paged_prefill import _paged_prefill_attention
+from ttscale.ops.prm_step_scores import _prm_step_scores
+from ttscale.ops.sample import _sample
+from ttscale.ops.select_and_fork import _select_and_fork
+from ttscale.ops.write_kv import _write_kv
 from ttscale.sampling_params import SamplingParams
 from ttscale.toy import policy_dir, prm_dir, task
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread, restored
 
 CUSTOM_OPS = {
-    "cascade_decode_attention": ops._cascade_decode_attention,
-    "paged_prefill_attention": ops._paged_prefill_attention,
-    "merge_attention_states": ops._merge_attention_states,
-    "write_kv": ops._write_kv,
-    "prm_step_scores": ops._prm_step_scores,
-    "select_and_fork": ops._select_and_fork,
-    "copy_blocks": ops._copy_blocks,
-    "sample": ops._sample,
+    "cascade_decode_attention": _cascade_decode_attention,
+    "paged_prefill_attention": _paged_prefill_attention,
+    "merge_attention_states": _merge_attention_states,
+    "write_kv": _write_kv,
+    "prm_step_scores": _prm_step_scores,
+    "select_and_fork": _select_and_fork,
+    "copy_blocks": _copy_blocks,
+    "sample": _sample,
 }
-EAGER = ops._run
+EAGER = dispatch.run
 
 
 @pytest.fixture
@@ -37,7 +46,7 @@ def through_custom_ops(monkeypatch):
         called.add(name)
         return op(*args)
 
-    monkeypatch.setattr(ops, "_run", run)
+    monkeypatch.setattr(dispatch, "run", run)
     return called
 
 
@@ -58,7 +67,7 @@ def test_a_search_through_the_custom_ops_is_the_same(through_custom_ops, monkeyp
     through = _search()
     assert {"cascade_decode_attention", "paged_prefill_attention", "write_kv", "sample",
             "prm_step_scores", "select_and_fork"} <= through_custom_ops
-    monkeypatch.setattr(ops, "_run", EAGER)
+    monkeypatch.setattr(dispatch, "run", EAGER)
     assert _search() == through
 
 
@@ -77,7 +86,7 @@ def test_copy_blocks_and_merge_through_the_custom_ops_are_the_same(through_custo
     lse_a, lse_b = (torch.randn(5, 2, generator=generator) for _ in range(2))
     merged = ops.merge_attention_states(o_a, lse_a, o_b, lse_b, backend="cpu")
     assert through_custom_ops == {"copy_blocks", "merge_attention_states"}
-    monkeypatch.setattr(ops, "_run", EAGER)
+    monkeypatch.setattr(dispatch, "run", EAGER)
     direct = ops.merge_attention_states(o_a, lse_a, o_b, lse_b, backend="cpu")
     assert all(torch.equal(a, b) for a, b in zip(merged, direct, strict=True))
 
@@ -92,4 +101,4 @@ def test_sample_passes_opcheck(backend, num_logprobs):
     args = (torch.randn(rows, vocab), torch.ones(rows), torch.zeros(rows, dtype=torch.int32),
             torch.ones(rows), torch.zeros(rows), 3, torch.zeros(rows, dtype=torch.int64),
             num_logprobs, backend)
-    torch.library.opcheck(ops._sample, args)
+    torch.library.opcheck(_sample, args)

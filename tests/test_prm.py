@@ -7,6 +7,7 @@ import torch
 from paged import assert_close, backend_params
 
 from ttscale import ops, reference
+from ttscale.ops.prm_step_scores import _prm_step_scores
 from ttscale.testing import make_prm_case
 
 KINDS = ["two_token", "two_class", "value"]
@@ -285,7 +286,7 @@ def test_strided_inputs(backend, device):
 def test_custom_op_registration():
     case = make_prm_case(7, 32, 3, kind="two_class")
     seq_ids = case.seq_ids.to(torch.int64)
-    torch.library.opcheck(ops._prm_step_scores, (case.hidden, seq_ids, case.weight, case.bias,
+    torch.library.opcheck(_prm_step_scores, (case.hidden, seq_ids, case.weight, case.bias,
                                                  "two_class", "mean", case.state, "cpu"))
 
 
