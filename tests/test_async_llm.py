@@ -145,3 +145,27 @@ def test_a_full_queue_is_429_with_retry_after(engine, monkeypatch):
     response = run(main())
     assert response.status_code == 429 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_a_search_and_requests_in_one_loop_both_finish(engine):
+    """A search's thread runs steps too: requests it advances (or finishes) are still handed to
+    their tasks."""
+    import ttscale
+
+    prm = ttscale.PRM(prm_dir(), format="math-shepherd", device="cpu")
+
+    async def request(i):
+        last = None
+        async for out in engine.generate(PROMPT, SamplingParams(n=2, max_tokens=30, seed=i)):
+            last = out
+        return last.finished
+
+    async def main():
+        search = engine.search("beam_search", PROMPT, n=8, beam_width=2, verifier=prm,
+                               prompt_fn=lambda p: p, step_delimiter="\n",
+                               sampling=SamplingParams(temperature=1.0, max_tokens=60))
+        done = await asyncio.wait_for(asyncio.gather(search, *[request(i) for i in range(6)]), 120)
+        return done
+
+    result, *finished = run(main())
+    assert result.answer == "65" and all(finished)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import numbers
-import threading
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -105,8 +104,6 @@ class LLM:
         self.scheduler = Scheduler(self.engine, prefix_caching=prefix_caching)
         self._request_ids = itertools.count()
         self._unseeded_streams = itertools.count()  # unseeded requests never share a stream
-        self._to_report: dict[str, Request] = {}  # add_request's requests that progressed
-        self._report_lock = threading.Lock()
 
     def encode(self, prompt: str | Seq[int], name: str = "prompts") -> list[int]:
         """A prompt's token ids: text through the tokenizer, or token ids as given (integers:
@@ -153,20 +150,13 @@ class LLM:
         """One scheduler step: a decode window for every sequence that fits. Returns the requests
         added with :meth:`add_request` that progressed (since the last step), each with all its
         ``n`` completions so far; ``finished`` says whether it is done."""
-        progressed = self.scheduler.step()
-        with self._report_lock:
-            for request in progressed:
-                if request.public:
-                    self._to_report[request.request_id] = request
-            reported, self._to_report = list(self._to_report.values()), {}
-        return [self._output(r) for r in reported]
+        self.scheduler.step()
+        return [self._output(r) for r in self.scheduler.take_progressed()]
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks at once. Unknown id: ``UnknownRequest``, a
         ``KeyError`` (and ``InvalidArgument``) naming it."""
         self.scheduler.abort(request_id)
-        with self._report_lock:
-            self._to_report.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -211,11 +201,7 @@ class LLM:
             for request in requests:
                 self.scheduler.add(request)
             while not all(r.finished for r in requests):
-                progressed = self.scheduler.step()
-                with self._report_lock:
-                    for request in progressed:  # other callers' requests: reported by their step()
-                        if request.public:
-                            self._to_report[request.request_id] = request
+                self.scheduler.step()  # other callers' requests advance too: their step() reports them
                 finished = sum(s.finish_reason is not None for r in requests for s in r.seqs)
                 progress.update(finished - done)
                 done = finished

@@ -16,7 +16,9 @@ their stop inside a window keep computing until it ends; their extra tokens are 
 
 from __future__ import annotations
 
+import functools
 import numbers
+import threading
 import weakref
 from collections.abc import Sequence as Seq
 
@@ -39,6 +41,17 @@ DRAWS_PER_SEQUENCE = 1 << 24
 # the seed and that problem's own forks only, not on which problems share its call or its wave.
 STREAM_BITS = 16
 MAX_STREAM_KEY = 1 << 18  # keeps seq_id * DRAWS_PER_SEQUENCE below 2**63
+
+
+def _locked(method):
+    """Run ``method`` holding the engine's lock."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class Engine:
@@ -131,6 +144,10 @@ class Engine:
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self._texts = TokenTexts(lambda i: tokenizer.decode([i], skip_special_tokens=False),
                                  model.config.vocab_size) if tokenizer is not None else None
+        # One lock over the pool and the sequences: every method that changes them takes it, and
+        # so does a scheduler step, so searches and requests on several threads interleave safely.
+        self.lock = threading.RLock()
+        self.scheduler = None  # set by the Scheduler that drives this engine, if any
         self._next_problem_id = 0
         self._next_seq_id = 0
         self._stream_forks: dict[int, int] = {}  # sequences numbered per stream key
@@ -146,6 +163,7 @@ class Engine:
         """Prefill one prompt (all but its last token, which each sequence feeds itself)."""
         return self.add_many([prompt_ids])[0]
 
+    @_locked
     def add_many(self, prompts: Seq[Seq[int]], cached: Seq[list[int]] | None = None) -> list[Problem]:
         """Prefill several prompts together; each is stored once.
 
@@ -179,6 +197,7 @@ class Engine:
             self.prefilled_tokens += problem.kv_len - start[problem]
         return problems
 
+    @_locked
     def fork(self, parent: Problem | Sequence, k: int) -> list[Sequence]:
         """``k`` new sequences sharing ``parent``'s KV (a problem's prompt, or a sequence's path)."""
         if not isinstance(k, int) or k < 0:
@@ -198,8 +217,10 @@ class Engine:
             children.append(child)
         problem = parent if isinstance(parent, Problem) else parent.problem
         problem.num_sequences += k
+        problem.live.update(children)
         return children
 
+    @_locked
     def select_and_fork(self, candidates: Seq[Sequence], scores: Seq[float], group_sizes: Seq[int],
                         keep: int | Seq[int], children: int | Seq[int]) -> tuple[list[Sequence], list[int], list[int]]:
         """One search step's selection through the on-device ``ops.select_and_fork``.
@@ -277,20 +298,24 @@ class Engine:
                            table, kv_len, list(parent.logprobs), list(parent.top_logprobs),
                            list(parent.sampled_at), parent.finish_reason)
             kid.problem.num_sequences += 1
+            kid.problem.live.add(kid)
             kids.append(kid)
         for p, seq in enumerate(candidates):
             if p not in continuing:
                 seq.block_table = []
                 seq.freed = True
                 seq.problem.num_sequences -= 1
+                seq.problem.live.discard(seq)
         return kids, parents, child_offsets
 
+    @_locked
     def extend(self, seq: Sequence, token_ids: Seq[int]) -> None:
         """Append tokens to a sequence (text the caller inserts); they are prefilled at its next step."""
         self._check_live([seq])
         seq.tokens.extend(self._check_ids("token_ids", token_ids))
         seq.finish_reason = None
 
+    @_locked
     def drop_last_sample(self, seq: Sequence) -> None:
         """Take back a sequence's last sampled token while it is still pending (not yet in the KV
         cache), as if it had never been sampled: a revision drops the end-of-sequence token that
@@ -306,6 +331,7 @@ class Engine:
             seq.top_logprobs.pop()
         seq.finish_reason = None
 
+    @_locked
     def free(self, seqs: Seq[Sequence]) -> None:
         """Release sequences' blocks; their tokens stay readable."""
         for seq in seqs:
@@ -313,7 +339,9 @@ class Engine:
                 self.blocks.free(seq.block_table)
                 seq.freed = True
                 seq.problem.num_sequences -= 1
+                seq.problem.live.discard(seq)
 
+    @_locked
     def free_problem(self, problem: Problem) -> None:
         """Release a prompt's blocks once none of its sequences is live."""
         if problem.num_sequences:
@@ -350,8 +378,9 @@ class Engine:
             return self._next_seq_id - 1
         if not 0 <= key < MAX_STREAM_KEY:
             raise InvalidArgument(f"problem: stream key {key} outside [0, {MAX_STREAM_KEY})")
-        k = self._stream_forks.get(key, 0)
-        self._stream_forks[key] = k + 1
+        counters = problem.stream_counters if problem.stream_counters is not None else self._stream_forks
+        k = counters.get(key, 0)
+        counters[key] = k + 1
         return (key << STREAM_BITS) + k
 
     def text(self, seq: Sequence) -> str:
@@ -363,6 +392,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # Running
 
+    @_locked
     def run_pending(
         self, seqs: Seq[Sequence], keep_last: bool = False,
         hidden_at: dict[Sequence, Seq[int]] | None = None,
@@ -417,9 +447,16 @@ class Engine:
             limits[seq] = limit
             seq.finish_reason = "length" if seq.generated >= limit else None
         active = [s for s in seqs if s.finish_reason is None]
+        if self.scheduler is not None and active:
+            # one piece of work for the scheduler: these rows join the steps every other request
+            # and search runs, and this thread drives steps until they stop
+            seed = sampling.seed if sampling.seed is not None else self.seed
+            self.scheduler.run_decode(active, sampling, stops, limits, seed)
+            return
         while active:
             active = self.step(active, sampling, stops, limits)
 
+    @_locked
     def step(self, active: list[Sequence], sampling: SamplingParams, stops: tuple[str, ...],
              limits: dict[Sequence, int]) -> list[Sequence]:
         """Advance the sequences that fit in the pool by one window; return those still running."""

@@ -154,12 +154,14 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------
     # Decode: `window` steps on the device, one read-back.
 
-    def decode_window(self, seqs: list[Sequence], window: int, sampling, seed: int,
+    def decode_window(self, seqs: list[Sequence], window: int, sampling, seed,
                       offsets: list[int], stop_table: torch.Tensor | None, groups: list[int] | None = None):
         """Feed each sequence's one pending token, sample, and repeat ``window`` times.
 
         ``sampling``: one SamplingParams for every row, or a list of one per row (requests with
-        different settings share the step). ``stop_table``: ``[V]`` bool, the stop-string tokens
+        different settings share the step). ``seed``: one sampler seed, or one per row (rows of
+        each seed are sampled together, so every row draws from its own stream whatever shares
+        its step). ``stop_table``: ``[V]`` bool, the stop-string tokens
         of every row; or, with ``groups`` (a group index per row), ``[G, V]``, one table per group.
         End-of-sequence tokens are added per row unless its ``ignore_eos``.
 
@@ -169,9 +171,15 @@ class ModelRunner:
         """
         B = len(seqs)
         rows = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
         stop_matrix, group_index = self._stop_matrix(rows, stop_table, groups)
-        if self.graphs is not None:
-            return self._decode_window_graphed(seqs, window, rows, seed, offsets, stop_matrix, group_index)
+        if self.graphs is not None and len(set(seeds)) == 1:  # a captured step has one seed
+            return self._decode_window_graphed(seqs, window, rows, seeds[0], offsets, stop_matrix,
+                                               group_index)
+        by_seed: dict[int, list[int]] = {}
+        for i, s_ in enumerate(seeds):
+            by_seed.setdefault(s_, []).append(i)
+        seed_rows = [(s_, None if len(by_seed) == 1 else self._tensor(idx)) for s_, idx in by_seed.items()]
         bs = self.block_size
         slots = [[slot_of(s.block_table, s.kv_len + j, bs) for s in seqs] for j in range(window)]
         base = self._sequence_batch(
@@ -195,9 +203,8 @@ class ModelRunner:
             )
             hidden = self.model(tokens_in, batch, self.kv_cache)
             logits = self.model.compute_logits(hidden)
-            tokens, logprobs, top = ops.sample(
-                logits, temperature, top_k, top_p, min_p, seed, offsets_t + j, num_logprobs=num_logprobs
-            )
+            tokens, logprobs, top = self._sample(logits, temperature, top_k, top_p, min_p, seed_rows,
+                                                 offsets_t + j, num_logprobs)
             out_tokens.append(tokens)
             out_lp.append(logprobs)
             out_stop.append(stop_matrix[group_index, tokens])
@@ -205,6 +212,26 @@ class ModelRunner:
                 out_top.append(top)
             tokens_in = tokens
         return self._read_back(out_tokens, out_lp, out_stop, out_top, B, window)
+
+    @staticmethod
+    def _sample(logits, temperature, top_k, top_p, min_p, seed_rows, offsets, num_logprobs):
+        """``ops.sample`` once per seed, each on its rows, put back in row order."""
+        if len(seed_rows) == 1:
+            return ops.sample(logits, temperature, top_k, top_p, min_p, seed_rows[0][0], offsets,
+                              num_logprobs=num_logprobs)
+        tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        top = None
+        if num_logprobs:
+            top = (torch.empty(logits.shape[0], num_logprobs, dtype=torch.int64, device=logits.device),
+                   torch.empty(logits.shape[0], num_logprobs, dtype=torch.float32, device=logits.device))
+        for seed, idx in seed_rows:
+            t, lp, tp = ops.sample(logits[idx], temperature[idx], top_k[idx], top_p[idx], min_p[idx],
+                                   seed, offsets[idx], num_logprobs=num_logprobs)
+            tokens[idx], logprobs[idx] = t.to(tokens.dtype), lp
+            if top is not None:
+                top[0][idx], top[1][idx] = tp[0].to(top[0].dtype), tp[1]
+        return tokens, logprobs, top
 
     def _read_back(self, out_tokens, out_lp, out_stop, out_top, B: int, window: int):
         """The window's one device-to-host read (counted in ``host_reads``)."""

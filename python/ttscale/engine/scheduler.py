@@ -67,6 +67,22 @@ class Request:
         return [s for s in self.seqs if s.finish_reason is None] if self.seqs else []
 
 
+@dataclass(eq=False)
+class DecodeItem:
+    """A search's piece of work: decode these sequences until each stops (a step delimiter, EOS,
+    its limit). Its rows join the same steps as requests and other searches' rows; the search
+    owns the sequences (the scheduler never frees or preempts them)."""
+
+    active: list[Sequence]
+    sampling: SamplingParams
+    stops: tuple[str, ...]
+    limits: dict[Sequence, int]
+    seed: int
+    arrival: int = 0
+    done: bool = False
+    error: BaseException | None = None
+
+
 @dataclass
 class EngineStats:
     """What the scheduler holds, as of the last step (reading it touches no device)."""
@@ -91,14 +107,19 @@ class Scheduler:
 
     def __init__(self, engine: Engine, prefix_caching: bool = True):
         self.engine = engine
+        engine.scheduler = self  # the engine's decode calls become this scheduler's work
         self.cache = PrefixCache(engine.blocks) if prefix_caching else None
         self.requests: dict[str, Request] = {}  # live, in arrival order
-        self.lock = threading.RLock()  # held through a step: the engine's state
+        self.items: list[DecodeItem] = []  # searches' decode work, in arrival order
+        self.lock = engine.lock  # held through a step: the engine's state
         # Arrivals and aborts wait here for the next step, behind a lock that is never held
         # through a step, so that adding or aborting from an event loop never waits for one.
         self._inbox_lock = threading.Lock()
         self._incoming: dict[str, Request] = {}
+        self._incoming_items: list[DecodeItem] = []
         self._aborting: set[str] = set()
+        # requests of the step API that progressed in any thread's step, not yet reported
+        self._progressed: dict[str, Request] = {}
         self.steps = 0
         self.preemptions = 0  # sequences or prompts evicted to make room, since the start
         self._arrivals = 0
@@ -122,6 +143,7 @@ class Scheduler:
         """Stop a request; its blocks return to the pool before the next step runs (at once when
         no step is running). Unknown id: :class:`UnknownRequest`."""
         with self._inbox_lock:
+            self._progressed.pop(request_id, None)
             if self._incoming.pop(request_id, None) is not None:
                 return
             if request_id not in self.requests or request_id in self._aborting:
@@ -138,11 +160,45 @@ class Scheduler:
         with self._inbox_lock:
             return bool(self._incoming or self._aborting or self.requests)
 
+    def take_progressed(self) -> list[Request]:
+        """The step API's requests that progressed since the last call, whichever thread's step
+        advanced them (a search's, a generate call's, or the caller's own)."""
+        with self._inbox_lock:
+            progressed, self._progressed = list(self._progressed.values()), {}
+        return progressed
+
+    def has_progress(self) -> bool:
+        with self._inbox_lock:
+            return bool(self._progressed)
+
+    def run_decode(self, active: list[Sequence], sampling: SamplingParams, stops: tuple[str, ...],
+                   limits: dict[Sequence, int], seed: int) -> None:
+        """Decode a search's sequences until each stops, as rows of the shared steps: queue the
+        work, then drive steps (any thread's step advances it) until it is done."""
+        item = DecodeItem(list(active), sampling, tuple(stops), limits, seed)
+        with self._inbox_lock:
+            item.arrival = self._arrivals
+            self._arrivals += 1
+            self._incoming_items.append(item)
+        try:
+            while not item.done:
+                self.step()
+        except BaseException:
+            with self.lock:
+                if item in self.items:
+                    self.items.remove(item)
+                with self._inbox_lock:
+                    if item in self._incoming_items:
+                        self._incoming_items.remove(item)
+            raise
+
     def _take_inbox(self) -> None:
         """Apply the arrivals and aborts queued since the last step (the lock is held)."""
         with self._inbox_lock:
             incoming, self._incoming = self._incoming, {}
+            items, self._incoming_items = self._incoming_items, []
             aborting, self._aborting = self._aborting, set()
+        self.items += items
         for rid in aborting:
             request = self.requests.pop(rid, None)
             if request is not None:
@@ -183,19 +239,27 @@ class Scheduler:
         """One decode window for every sequence that fits; the requests that progressed."""
         with self.lock:
             self._take_inbox()
-            if not self.requests:
+            if not self.requests and not self.items:
                 return []
             self.steps += 1
             admitted, copies = self._schedule()
             if not admitted:
-                first = next(iter(self.requests.values()))
                 raise PoolExhausted(
-                    f"request {first.request_id!r} cannot run: {self.engine.blocks.num_free} of "
-                    f"{self.engine.blocks.num_blocks} KV blocks are free")
+                    f"no sequence fits: {self.engine.blocks.num_free} of "
+                    f"{self.engine.blocks.num_blocks} KV blocks are free, and the next sequence "
+                    "needs more free KV blocks; free finished work or give the engine a larger "
+                    "kv_budget_bytes")
             self.engine.runner.copy_blocks(copies)
             self.engine.run_pending([s for s, _ in admitted], keep_last=True)
             self._decode(admitted)
-            progressed = list(dict.fromkeys(r for _, r in admitted))
+            for item in dict.fromkeys(o for _, o in admitted if isinstance(o, DecodeItem)):
+                item.active = [s for s in item.active if s.finish_reason is None]
+                if not item.active:
+                    item.done = True
+                    self.items.remove(item)
+            progressed = list(dict.fromkeys(r for _, r in admitted if isinstance(r, Request)))
+            with self._inbox_lock:
+                self._progressed.update((r.request_id, r) for r in progressed if r.public)
             for request in progressed:
                 for seq in request.seqs:
                     if seq.finish_reason is not None and not seq.freed:
@@ -209,21 +273,27 @@ class Scheduler:
         """The sequences of this step, in arrival order, with room reserved for their window."""
         engine = self.engine
         limit = engine.max_decode_seqs or float("inf")
-        admitted: list[tuple[Sequence, Request]] = []
+        admitted: list[tuple[Sequence, Request | DecodeItem]] = []
         copies = []
-        for request in list(self.requests.values()):
-            if request.problem is None and not self._admit_prompt(request):
-                break  # first come, first served: later requests wait too
-            for seq in request.unfinished:
+        work = sorted([*self.requests.values(), *self.items], key=lambda w: w.arrival)
+        for owner in work:
+            if isinstance(owner, DecodeItem):
+                rows = [(seq, owner.limits[seq]) for seq in owner.active]
+            else:
+                if owner.problem is None and not self._admit_prompt(owner):
+                    break  # first come, first served: later work waits too
+                rows = [(seq, owner.params.max_tokens) for seq in owner.unfinished]
+            for seq, most in rows:
                 if len(admitted) >= limit:
                     return admitted, copies
-                new = seq.pending - 1 + min(engine.window, request.params.max_tokens - seq.generated)
+                new = seq.pending - 1 + min(engine.window, most - seq.generated)
                 need = engine.blocks.blocks_needed(seq.block_table, seq.kv_len, new)
-                if need > engine.blocks.num_free and not self._make_room(need, (request.arrival, seq)):
+                if need > engine.blocks.num_free and not self._make_room(need, (owner.arrival, seq)):
                     return admitted, copies
                 copies += engine.blocks.reserve(seq.block_table, seq.kv_len, new)
-                admitted.append((seq, request))
-            request.preempted = False
+                admitted.append((seq, owner))
+            if isinstance(owner, Request):
+                owner.preempted = False
         return admitted, copies
 
     def _admit_prompt(self, request: Request) -> bool:
@@ -251,6 +321,7 @@ class Scheduler:
             for seq in request.unfinished:
                 seq.problem, seq.freed, seq.kv_len, seq.block_table = problem, False, 0, []
                 problem.num_sequences += 1
+                problem.live.add(seq)
         return True
 
     def _make_room(self, need: int, before: tuple[int, Sequence | None]) -> bool:
@@ -283,22 +354,35 @@ class Scheduler:
                 self.preemptions += 1
         return blocks.num_free >= need
 
-    def _decode(self, admitted: list[tuple[Sequence, Request]]) -> None:
+    def _decode(self, admitted: list[tuple[Sequence, Request | DecodeItem]]) -> None:
+        """One window for every admitted row. A request's rows draw from its own streams (seed,
+        stream, sample index); a search's from its seed and each sequence's number."""
         engine = self.engine
-        window = min([engine.window] + [r.params.max_tokens - s.generated for s, r in admitted])
+        rows, seeds, offsets, stops, limits = [], [], [], [], []
+        for seq, owner in admitted:
+            if isinstance(owner, DecodeItem):
+                rows.append(owner.sampling)
+                seeds.append(owner.seed)
+                offsets.append(seq.seq_id * DRAWS_PER_SEQUENCE + seq.generated)
+                stops.append(owner.stops)
+                limits.append(owner.limits[seq])
+            else:
+                rows.append(owner.params)
+                seeds.append(0)
+                offsets.append(owner.stream_offsets[seq] + seq.generated)
+                stops.append(owner.params.stop_strings)
+                limits.append(owner.params.max_tokens)
+        window = min([engine.window] + [most - s.generated for (s, _), most in zip(admitted, limits)])
         seqs = [s for s, _ in admitted]
-        rows = [r.params for _, r in admitted]
-        offsets = [r.stream_offsets[s] + s.generated for s, r in admitted]
-        groups = [self._stop_group(r.params.stop_strings) for _, r in admitted]
+        groups = [self._stop_group(stop) for stop in stops]
         stop_table = torch.stack(self._stop_rows)
         tokens, logprobs, top, stopped = engine.runner.decode_window(
-            seqs, window, rows, 0, offsets, stop_table, groups)
-        for i, (seq, request) in enumerate(admitted):
-            asked = request.params.logprobs
+            seqs, window, rows, seeds, offsets, stop_table, groups)
+        for i, (seq, _) in enumerate(admitted):
+            asked = rows[i].logprobs
             row_top = None if top is None or not asked else [t[:asked] for t in top[i]]
-            engine._accept(seq, tokens[i], logprobs[i], row_top, stopped[i],
-                           request.params.stop_strings, request.params.max_tokens)
-            engine.peak_sequences = max(engine.peak_sequences, len(admitted))
+            engine._accept(seq, tokens[i], logprobs[i], row_top, stopped[i], stops[i], limits[i])
+        engine.peak_sequences = max(engine.peak_sequences, len(admitted))
 
     def _stop_group(self, stops: tuple[str, ...]) -> int:
         """The row of the stop-token table for these stop strings (built once per set)."""

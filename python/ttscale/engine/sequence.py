@@ -23,6 +23,10 @@ class Problem:
     # Numbers this problem's sequences from ``stream_key << STREAM_BITS`` on (see Engine.fork),
     # so that their random streams do not depend on other problems; None: the engine's count.
     stream_key: int | None = None
+    # The fork counts by stream key that number this problem's sequences: one dict per search,
+    # so that searches running at once never share numbers; None: the engine's own.
+    stream_counters: dict[int, int] | None = None
+    live: set = field(default_factory=set)  # its sequences not yet freed (to free all on failure)
 
 
 @dataclass(eq=False)

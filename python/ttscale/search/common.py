@@ -261,31 +261,29 @@ def run_waves(
     """Run ``body`` (one search over a wave, returning its problems' results in order) on each
     wave; sequence numbering restarts once per call, so a seed replays the same samples."""
     engine = inputs.llm.engine
-    engine.restart_sequence_ids()
     scheduler = getattr(inputs.llm, "scheduler", None)
     if scheduler is not None and scheduler.cache is not None:
-        scheduler.cache.clear()  # a search plans with the free pool: give back what only the cache holds
-    # A search holds its engines (the policy's, and the verifier's if it has one) while it runs:
-    # if it fails (a verifier that raises, an interrupt), every block it took goes back, and
-    # the engines serve on as before it started.
-    pools = [e.blocks for e in (engine, getattr(inputs.verifier, "engine", None)) if e is not None]
-    saved = [(list(p.ref_counts), list(p.free_stack)) for p in pools]
+        with engine.lock:  # a search plans with the free pool: give back what only the cache holds
+            scheduler.cache.clear()
+    # This call's own fork counters: its sequences' numbers (and so their random streams) depend
+    # on its problems' ids and forks only, even while other searches run on the engine.
+    counters: dict[int, int] = {}
     results: list[SearchResult] = []
-    try:
-        waves = plan_waves(engine, inputs.prompts, seqs_per_problem, inputs.sampling.max_tokens)
-        with tqdm(
-            total=len(inputs.problems), desc=inputs.strategy, unit="problem", disable=not progress
-        ) as bar:
-            for wave in waves:
-                run = SearchRun(inputs, wave, tree=tree)
+    waves = plan_waves(engine, inputs.prompts, seqs_per_problem, inputs.sampling.max_tokens)
+    with tqdm(
+        total=len(inputs.problems), desc=inputs.strategy, unit="problem", disable=not progress
+    ) as bar:
+        for wave in waves:
+            run = SearchRun(inputs, wave, tree=tree, stream_counters=counters)
+            try:
                 results += body(run)
-                run.close()
-                bar.update(len(wave))
-    except BaseException:
-        for pool, (ref_counts, free_stack) in zip(pools, saved, strict=True):
-            pool.ref_counts[:] = ref_counts
-            pool.free_stack[:] = free_stack
-        raise
+            except BaseException:
+                # a verifier that raises, an interrupt: every block this wave took goes back,
+                # and the engines serve on
+                run.abandon()
+                raise
+            run.close()
+            bar.update(len(wave))
     return results
 
 

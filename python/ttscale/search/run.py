@@ -96,7 +96,8 @@ class SearchRun:
         Record each problem's search tree.
     """
 
-    def __init__(self, inputs, wave: list[int], *, tree: bool = False):
+    def __init__(self, inputs, wave: list[int], *, tree: bool = False,
+                 stream_counters: dict[int, int] | None = None):
         self.inputs = inputs
         self.engine = inputs.llm.engine
         self.verifier = inputs.verifier
@@ -106,6 +107,8 @@ class SearchRun:
         self.costs = {p: Cost() for p in wave}
         self.trees = {p: [TreeNode(0, None, "", None, 0)] for p in wave} if tree else None
         self._engine_problems = []
+        self._verifier_problems = []  # the verifier engine's problems this run started
+        self.stream_counters = {} if stream_counters is None else stream_counters
         self._roots: dict[int, object] = {}  # kept verifier roots, by problem (see start)
         self._started = time.perf_counter()
 
@@ -123,6 +126,7 @@ class SearchRun:
             # its samples follow from its id (default: its place in the call), not from its wave
             # or the problems searched with it
             problem.stream_key = self.inputs.problem_ids[p]
+            problem.stream_counters = self.stream_counters
             self.costs[p].prefilled_tokens += problem.kv_len
         roots = [None] * len(self.wave)
         if self.verifier is not None:
@@ -135,6 +139,8 @@ class SearchRun:
             roots = self._verify(
                 self.wave, [len(t) + 1 for t in texts], self.verifier.start, texts, refs
             )
+            self._verifier_problems += [root.seq.problem for root in roots
+                                        if getattr(root, "seq", None) is not None]
         lines = []
         for p, problem, root in zip(self.wave, engine_problems, roots, strict=True):
             seqs = self.engine.fork(problem, n)
@@ -278,6 +284,18 @@ class SearchRun:
             tree=None if self.trees is None else self.trees[p],
             extra=dict(extra or {}),
         )
+
+    def abandon(self) -> None:
+        """After a failure: free every sequence and prompt this run holds, on the policy's
+        engine and on the verifier's, whatever state the lines were left in."""
+        verifier_engine = getattr(self.verifier, "engine", None)
+        for engine, problems in ((self.engine, self._engine_problems),
+                                 (verifier_engine, self._verifier_problems)):
+            for problem in problems:
+                engine.free(list(problem.live))
+                if not problem.freed:
+                    engine.free_problem(problem)
+        self._engine_problems, self._verifier_problems, self._roots = [], [], {}
 
     def close(self) -> None:
         """Free the wave's prompts and kept verifier roots (every line must be freed by now) and

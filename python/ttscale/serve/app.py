@@ -318,12 +318,10 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
         from ttscale.search.select import aggregate
         from ttscale.verifiers.base import split_steps
 
-        # the PRM is used by searches too, which hold the scheduler's lock: take it as well
-        with engine.llm.scheduler.lock:
-            scores = []
-            for c in out.outputs:
-                step_scores = config.prm.score_solution(out.prompt, split_steps(c.text, config.step_delimiter))
-                scores.append(aggregate([x for x in step_scores if x is not None], "last") or 0.0)
+        scores = []  # the PRM's engine takes its own lock per call: searches may run beside
+        for c in out.outputs:
+            step_scores = config.prm.score_solution(out.prompt, split_steps(c.text, config.step_delimiter))
+            scores.append(aggregate([x for x in step_scores if x is not None], "last") or 0.0)
         order = sorted(range(len(out.outputs)), key=lambda k: -scores[k])[:n]
         return [out.outputs[k] for k in order]
 

@@ -91,10 +91,9 @@ class AsyncLLM:
         self.llm.abort(request_id)
 
     async def search(self, strategy: str, problem: str, **options):
-        """Run a strategy of :mod:`ttscale.search` on one problem; its ``SearchResult``.
-
-        A search runs its own batches on the engine (its work does not yet join the scheduler's
-        steps), so it holds the engine for its run: requests wait meanwhile."""
+        """Run a strategy of :mod:`ttscale.search` on one problem, on a worker thread; its
+        ``SearchResult``. Its decoding joins the scheduler's steps beside every request and
+        every other search."""
         import ttscale
 
         fn = getattr(ttscale, strategy, None) if strategy in STRATEGIES else None
@@ -102,8 +101,7 @@ class AsyncLLM:
             raise invalid("strategy", f"unknown {strategy!r}; choose from {', '.join(STRATEGIES)}")
 
         def run():
-            with self.llm.scheduler.lock:
-                return fn(self.llm, [problem], progress=False, **options)[0]
+            return fn(self.llm, [problem], progress=False, **options)[0]
 
         return await asyncio.to_thread(run)
 
@@ -123,8 +121,9 @@ class AsyncLLM:
         """The step loop: one scheduler step at a time while any request is live."""
         while True:
             with self._wake:
-                while not self._closing and not self.llm.has_unfinished_requests():
-                    self._wake.wait(timeout=1.0)
+                while not self._closing and not (self.llm.has_unfinished_requests()
+                                                 or self.llm.scheduler.has_progress()):
+                    self._wake.wait(timeout=0.05)
                 if self._closing:
                     return
             generated, prefilled = self.llm.engine.generated_tokens, self.llm.engine.prefilled_tokens
