@@ -29,7 +29,10 @@ def beam(llm, prm, problems, seed):
 
 
 def summary(results):
-    return [(r.answer, [(c.text, c.step_scores) for c in r.candidates]) for r in results]
+    """Answers, candidates and token costs (each search charged its own work only)."""
+    return [(r.answer, [(c.text, c.step_scores) for c in r.candidates],
+             (r.cost.generated_tokens, r.cost.prefilled_tokens, r.cost.scored_tokens))
+            for r in results]
 
 
 def test_two_beam_searches_started_apart_share_steps(models):

@@ -411,6 +411,7 @@ class Engine:
         hidden = self.runner.prefill_sequences(todo, hidden_at=hidden_at)
         for seq, n in todo:
             seq.kv_len += n
+            seq.prefilled += n
             self.prefilled_tokens += n
         return hidden
 

@@ -49,6 +49,7 @@ class Sequence:
     sampled_at: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "eos" or "length" after the last decode call
     freed: bool = False
+    prefilled: int = 0  # tokens of its own put into the KV cache without sampling (cost accounting)
 
     @property
     def generated(self) -> int:

@@ -174,16 +174,16 @@ class SearchRun:
             return
         before = [line.seq.generated for line in lines]
         # Text a strategy appended (a revision's context) is prefilled inside decode, all of a
-        # line's pending tokens but the one it feeds itself: measured, split by those counts.
-        prefilled = self.engine.prefilled_tokens
-        pending = [max(line.seq.pending - 1, 0) for line in lines]
+        # line's pending tokens but the one it feeds itself: counted per sequence, so that other
+        # work sharing the engine's steps is not charged here.
+        prefilled = [line.seq.prefilled for line in lines]
         self.engine.decode(
             [line.seq for line in lines],
             sampling,
             stop=[] if whole else [self.delimiter],
             max_new_tokens=max_new_tokens if budget is None else budget,
         )
-        shares = split_tokens(self.engine.prefilled_tokens - prefilled, pending)
+        shares = [line.seq.prefilled - p for line, p in zip(lines, prefilled, strict=True)]
         for line, generated, share in zip(lines, before, shares, strict=True):
             self.costs[line.problem].generated_tokens += line.seq.generated - generated
             self.costs[line.problem].prefilled_tokens += share
@@ -394,11 +394,10 @@ class SearchRun:
 
     def _verify(self, owners: Seq[int], weights: Seq[int], call: Callable, *args):
         """Run a verifier call and charge the tokens it scored to ``owners`` by ``weights``."""
-        before = self.verifier.scored_tokens
+        scored = getattr(self.verifier, "scored_in_thread", lambda: self.verifier.scored_tokens)
+        before = scored()
         out = call(*args)
-        for p, share in zip(
-            owners, split_tokens(self.verifier.scored_tokens - before, weights), strict=True
-        ):
+        for p, share in zip(owners, split_tokens(scored() - before, weights), strict=True):
             self.costs[p].scored_tokens += share
         return out
 

@@ -13,6 +13,8 @@ tokens through the model, and reads the head at the step's tag through the fused
 
 from __future__ import annotations
 
+import threading
+
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +131,8 @@ class PRM(Verifier):
                              backend=backend, cuda_graphs=False, max_decode_seqs=1)
         self.backend = backend
         self._weight, self._bias = self._head()
-        self.scored_tokens = 0
+        self.scored_tokens = 0  # every token scored since the start
+        self._thread = threading.local()  # and those scored by each thread (a search's own)
 
     def _head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rows :func:`ops.prm_step_scores` reads: ``+``/``-`` LM-head rows, ``score.2``, or
@@ -152,9 +155,10 @@ class PRM(Verifier):
         if isinstance(problems, str):
             raise InvalidArgument("problems: expected a sequence of strings, got one string")
         prefixes = [self.format.prefix(problem) for problem in problems]
-        before = self.engine.prefilled_tokens
-        engine_problems = self.engine.add_many([p.ids for p in prefixes])
-        self.scored_tokens += self.engine.prefilled_tokens - before
+        with self.engine.lock:  # the count is this call's, whatever other threads score
+            before = self.engine.prefilled_tokens
+            engine_problems = self.engine.add_many([p.ids for p in prefixes])
+            self._count(self.engine.prefilled_tokens - before)
         return [PRMPath(self.engine.fork(problem, 1)[0], prefix)
                 for problem, prefix in zip(engine_problems, prefixes, strict=True)]
 
@@ -216,15 +220,25 @@ class PRM(Verifier):
             # The segment's last token, in token_ids (the prefix, then seq.tokens after its first).
             path.tag_positions.append(len(path.problem.prompt_ids) + len(path.seq.tokens) - 2)
 
+    def _count(self, tokens: int) -> None:
+        self.scored_tokens += tokens
+        self._thread.scored = getattr(self._thread, "scored", 0) + tokens
+
+    def scored_in_thread(self) -> int:
+        """Tokens scored by the calling thread: what a search charges itself, while other
+        searches may score on this PRM at the same time."""
+        return getattr(self._thread, "scored", 0)
+
     def _read(self, paths: list[PRMPath]) -> list[float]:
         """Run the paths' pending tokens and score each one's latest step."""
         if not paths:
             return []
         seqs = [p.seq for p in paths]
-        before = self.engine.prefilled_tokens
         hidden_at = {p.seq: [len(p.seq.tokens) - 1] for p in paths}
-        hidden = self.engine.run_pending(seqs, hidden_at=hidden_at)
-        self.scored_tokens += self.engine.prefilled_tokens - before
+        with self.engine.lock:
+            before = self.engine.prefilled_tokens
+            hidden = self.engine.run_pending(seqs, hidden_at=hidden_at)
+            self._count(self.engine.prefilled_tokens - before)
         rows = torch.cat([hidden[s] for s in seqs])  # [P, H]
         if self.format.kind == "two_class":
             rows = F.relu(self.model.score_hidden(rows))
