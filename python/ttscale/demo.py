@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,25 +110,40 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         rows.append(Row(strategy, n, acc, len(results), tokens, seconds, by))
         bar.set_postfix(last=f"{strategy}@{n}={acc:.2f}")
 
-    # Every run is submitted at once, each on its own thread: their decoding shares the engine's
-    # steps (the scheduler batches every live search's rows into one forward), so beams and
-    # revision chains, which decode few sequences each, fill the batch together. Each run's
-    # result is what it gives alone (same seeds); its seconds overlap the others'.
-    jobs: list[tuple[str, int, object]] = []  # (strategy, n, () -> results)
     if "greedy" in strategies:
-        greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-        jobs.append(("greedy", 1, lambda: ttscale.best_of_n(llm, texts, 1, sampling=greedy, **common)))
+        start = time.perf_counter()
+        results = ttscale.best_of_n(llm, texts, 1, sampling=SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS),
+                                    **common)
+        record("greedy", 1, results, _tokens(results), time.perf_counter() - start)
+        wall["greedy"] = time.perf_counter() - start
+        bar.update(1)
+
     pooled = [s for s in ("majority", "best_of_n", "weighted") if s in strategies]
     if pooled:
-        jobs.append(("pool", max(ns), lambda: ttscale.best_of_n(llm, texts, max(ns), verifier=prm,
-                                                                sampling=sampling, agg=AGG, **common)))
+        start = time.perf_counter()
+        pool = ttscale.best_of_n(llm, texts, max(ns), verifier=prm, sampling=sampling, agg=AGG, **common)
+        seconds = time.perf_counter() - start
+        wall[f"one pool of {max(ns)} ({', '.join(pooled)})"] = seconds
+        total_tokens = _tokens(pool)
+        for n in ns:
+            for strategy in pooled:
+                select = {"majority": "majority", "best_of_n": "best", "weighted": "weighted"}[strategy]
+                chosen = [_choose_first(r, n, select) for r in pool]
+                share = n / max(ns)  # the first n of the pool cost this share of it
+                record(strategy, n, chosen, int(total_tokens * share), seconds * share)
+            bar.update(len(pooled))
+
     for strategy in ("beam_search", "dvts"):
-        if strategy in strategies:
-            fn = getattr(ttscale, strategy)
-            for n in ns:
-                jobs.append((strategy, n, lambda fn=fn, n=n: fn(
-                    llm, texts, n, verifier=prm, sampling=sampling, beam_width=beam_width(n),
-                    agg=AGG, **common)))
+        if strategy not in strategies:
+            continue
+        fn = getattr(ttscale, strategy)
+        for n in ns:
+            start = time.perf_counter()
+            results = fn(llm, texts, n, verifier=prm, sampling=sampling, beam_width=beam_width(n), agg=AGG, **common)
+            record(strategy, n, results, _tokens(results), time.perf_counter() - start)
+            wall[strategy] = wall.get(strategy, 0.0) + time.perf_counter() - start
+            bar.update(1)
+
     if "revisions" in strategies:
         from ttscale.toy.evaluate import MAX_REVISION_TOKENS
 
@@ -138,34 +152,13 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         revising = SamplingParams(temperature=1.0, max_tokens=MAX_REVISION_TOKENS)
         budget = revision_budget(ns)
         for sequential in revision_ratios(budget) if revision_lengths is None else revision_lengths:
-            jobs.append((f"revisions-{sequential}", budget, lambda s=sequential: ttscale.revisions(
-                llm, texts, budget, s, verifier=prm, sampling=revising, agg=AGG, **common)))
-
-    def timed(job):
-        start = time.perf_counter()
-        results = job()
-        return results, time.perf_counter() - start
-
-    with ThreadPoolExecutor(max_workers=max(len(jobs), 1)) as pool_of_threads:
-        futures = [pool_of_threads.submit(timed, job) for _, _, job in jobs]
-        for future in as_completed(futures):
-            future.result()  # the first failure stops the demo
+            start = time.perf_counter()
+            results = ttscale.revisions(llm, texts, budget, sequential, verifier=prm, sampling=revising,
+                                        agg=AGG, **common)
+            record(f"revisions-{sequential}", budget, results, _tokens(results),
+                   time.perf_counter() - start)
+            wall["revisions"] = wall.get("revisions", 0.0) + time.perf_counter() - start
             bar.update(1)
-    for (strategy, n, _), future in zip(jobs, futures, strict=True):
-        results, seconds = future.result()
-        if strategy == "pool":
-            wall[f"one pool of {max(ns)} ({', '.join(pooled)})"] = seconds
-            total_tokens = _tokens(results)
-            for k in ns:
-                for name in pooled:
-                    select = {"majority": "majority", "best_of_n": "best", "weighted": "weighted"}[name]
-                    chosen = [_choose_first(r, k, select) for r in results]
-                    share = k / max(ns)  # the first k of the pool cost this share of it
-                    record(name, k, chosen, int(total_tokens * share), seconds * share)
-            continue
-        record(strategy, n, results, _tokens(results), seconds)
-        group = "revisions" if strategy.startswith("revisions-") else strategy
-        wall[group] = max(wall.get(group, 0.0), seconds)
     bar.close()
 
     (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
@@ -228,12 +221,11 @@ def revision_ratios(budget: int) -> list[int]:
 
 
 def _work(ns, strategies, revision_lengths=None) -> int:
-    """The demo's runs: greedy, one pool for the votes, a tree search per N, a revision ratio each."""
-    pooled = any(s in strategies for s in ("majority", "best_of_n", "weighted"))
+    pooled = len([s for s in ("majority", "best_of_n", "weighted") if s in strategies])
     searched = len([s for s in ("beam_search", "dvts") if s in strategies])
     lengths = revision_ratios(revision_budget(ns)) if revision_lengths is None else revision_lengths
     revised = len(lengths) if "revisions" in strategies else 0
-    return ("greedy" in strategies) + pooled + searched * len(ns) + revised
+    return ("greedy" in strategies) + pooled * len(ns) + searched * len(ns) + revised
 
 
 def print_table(rows: list[Row]) -> None:
@@ -252,9 +244,8 @@ def print_table(rows: list[Row]) -> None:
 
 
 def print_wall_time(wall: dict[str, float], total: float) -> None:
-    """Where the demo's time went: each strategy's wall seconds (the longest of its runs; the
-    runs overlap, sharing the engine's steps) and the demo's in total."""
-    print("\nwall time (the runs overlap: each strategy's longest run, then the whole demo):")
+    """Where the demo's time went: wall seconds per strategy (all its N together) and in total."""
+    print("\nwall time:")
     width = max(len(name) for name in wall)
     for name, seconds in wall.items():
         print(f"  {name.ljust(width)}  {seconds:7.1f} s")
