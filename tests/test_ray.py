@@ -16,7 +16,7 @@ import pytest
 from ttscale import cli, distributed
 from ttscale.toy import policy_dir, prm_dir
 
-ray = pytest.importorskip("ray", exc_type=ImportError)
+ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
 

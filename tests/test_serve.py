@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-openai = pytest.importorskip("openai", exc_type=ImportError)
-httpx = pytest.importorskip("httpx", exc_type=ImportError)
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Q: (88-5)-18\n"  # the toy task's own prompt format

@@ -79,3 +79,4 @@ def test_requests_and_a_search_share_steps(models):
     thread.join(300)
     assert out["search"] == alone
     assert [c.token_ids for c in during.outputs] == [c.token_ids for c in expected.outputs]
+

@@ -352,6 +352,18 @@ class Scheduler:
                 self._release(request)
                 request.preempted = True
                 self.preemptions += 1
+        # Last, the rows of newer searches' decode work: their blocks are freed and their tokens
+        # recomputed when they run again (searches that together outgrow the pool take turns).
+        for item in reversed(self.items):
+            if item.arrival < arrival or blocks.num_free >= need:
+                break
+            for seq in reversed(item.active):
+                if seq is mine or blocks.num_free >= need:
+                    break
+                if seq.block_table:
+                    blocks.free(seq.block_table)
+                    seq.kv_len = 0
+                    self.preemptions += 1
         return blocks.num_free >= need
 
     def _decode(self, admitted: list[tuple[Sequence, Request | DecodeItem]]) -> None:
