@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import build_tiny_llama
 
 from ttscale.engine.block_manager import PoolExhausted
 from ttscale.engine.engine import Engine
 from ttscale.llm import LLM
 from ttscale.model import load_model, load_tokenizer
 from ttscale.sampling_params import SamplingParams
-from ttscale.toy.tokenizer import build_tokenizer, save_tokenizer
+from ttscale.toy.tokenizer import build_tokenizer
 
 VOCAB = build_tokenizer().get_vocab_size()
 EOS = build_tokenizer().token_to_id("</s>")
@@ -19,22 +20,7 @@ EOS = build_tokenizer().token_to_id("</s>")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import transformers
-
-    directory = tmp_path_factory.mktemp("tiny_llama")
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, eos_token_id=EOS,
-        bos_token_id=1,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else 0.3)
-    model.save_pretrained(directory)
-    save_tokenizer(directory)
-    return directory
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")

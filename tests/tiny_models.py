@@ -213,3 +213,26 @@ class PagedDriver:
 
 def _width(tables: list[list[int]]) -> int:
     return max([len(t) for t in tables] + [1])
+
+
+def build_tiny_llama(directory: Path) -> Path:
+    """A two-layer random Llama on the toy tokenizer (45 tokens), weights far from identity so
+    that samples differ: the engine and step-API tests' model."""
+    import transformers
+
+    from ttscale.toy.tokenizer import build_tokenizer, save_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=512,
+        eos_token_id=tokenizer.token_to_id("</s>"), bos_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else 0.3)
+    model.save_pretrained(directory)
+    save_tokenizer(directory)
+    return directory
