@@ -481,11 +481,11 @@ def _add_serve_parser(commands) -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
                        "(also TTSCALE_API_KEY)")
     serve.add_argument("--served-model-name", default=None)
-    serve.add_argument("--max-queue", type=_positive("--max-queue"), default=1024,
+    serve.add_argument("--max-queue", type=_positive_int, default=1024,
                        help="waiting requests beyond which new ones get 429 (default 1024)")
-    serve.add_argument("--max-n", type=_positive("--max-n"), default=1024,
+    serve.add_argument("--max-n", type=_positive_int, default=1024,
                        help="most samples a request may ask for (default 1024)")
-    serve.add_argument("--max-tokens", type=_positive("--max-tokens"), default=256,
+    serve.add_argument("--max-tokens", type=_positive_int, default=256,
                        help="max_tokens when a request gives none (default 256)")
     serve.add_argument("--grace", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM (default 30)")
@@ -503,19 +503,6 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {port}")
     return port
-
-
-def _positive(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected >= 1, got {value}")
-        return value
-
-    return parse
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -291,15 +291,13 @@ class LLM:
         )
 
 
-DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half")
-
-
 def _check_arguments(model, device, dtype, seed, kv_budget_bytes, memory_share, block_size,
                      window, max_decode_seqs) -> None:
     """The constructor's arguments, checked before anything is loaded."""
     import numbers
     import os
 
+    from ttscale.model.loader import DTYPE_NAMES
     from ttscale.sampling_params import check_seed
 
     def count(name, value, low=1):
@@ -320,7 +318,8 @@ def _check_arguments(model, device, dtype, seed, kv_budget_bytes, memory_share, 
             raise invalid("device", f"expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         if kind == "cuda" and not torch.cuda.is_available():
             raise invalid("device", f"{device!r}: this machine has no CUDA device")
-    if dtype is not None and not isinstance(dtype, torch.dtype) and dtype not in DTYPE_NAMES:
+    if dtype is not None and not isinstance(dtype, torch.dtype) and not (
+            isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPE_NAMES):
         raise invalid("dtype", f"expected one of {', '.join(DTYPE_NAMES)} or a torch dtype, got {dtype!r}")
     check_seed(seed)
     count("kv_budget_bytes", kv_budget_bytes)

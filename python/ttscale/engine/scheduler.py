@@ -125,6 +125,7 @@ class Scheduler:
         self._arrivals = 0
         self._stop_tables: dict[tuple[str, ...], int] = {}
         self._stop_rows: list[torch.Tensor] = []
+        self._stop_table: torch.Tensor | None = None  # _stop_rows stacked, rebuilt when one is added
         self._last_stats = self._stats()
 
     # ------------------------------------------------------------------------------------------
@@ -387,7 +388,9 @@ class Scheduler:
         window = min([engine.window] + [most - s.generated for (s, _), most in zip(admitted, limits)])
         seqs = [s for s, _ in admitted]
         groups = [self._stop_group(stop) for stop in stops]
-        stop_table = torch.stack(self._stop_rows)
+        if self._stop_table is None or len(self._stop_table) != len(self._stop_rows):
+            self._stop_table = torch.stack(self._stop_rows)
+        stop_table = self._stop_table
         tokens, logprobs, top, stopped = engine.runner.decode_window(
             seqs, window, rows, seeds, offsets, stop_table, groups)
         for i, (seq, _) in enumerate(admitted):

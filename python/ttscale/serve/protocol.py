@@ -74,7 +74,7 @@ def sampling_params(body: dict, *, max_n: int, default_max_tokens: int, logprobs
             n=n,
             temperature=float(_number(body, "temperature", 1.0, low=0.0, high=100.0)),
             top_p=float(_number(body, "top_p", 1.0, low=0.0, high=1.0)),
-            top_k=int(_number(body, "top_k", 0, low=-1, integer=True)) if body.get("top_k") != -1 else 0,
+            top_k=max(int(_number(body, "top_k", 0, low=-1, integer=True)), 0),  # vLLM's -1: off
             min_p=float(_number(body, "min_p", 0.0, low=0.0, high=1.0)),
             max_tokens=int(max_tokens),
             stop=_stop(body),
