@@ -90,7 +90,7 @@ def test_revision_ratios():
     [(dict(strategies=("greedy", "bogus")), "strategies"), (dict(ns=(0, 4)), "n"),
      (dict(ns=()), "n"), (dict(num_problems=0), "problems"),
      (dict(ns=(2, 6), strategies=("greedy", "beam_search")),
-      r"n: beam_search keep beam width .*\[6\]")],
+      r"n: beam_search cannot run at N=6 \(beam_width: expected a divisor of n=6")],
 )
 def test_demo_rejects_bad_options_by_name(kwargs, name, tmp_path):
     with pytest.raises(ValueError, match=name):

@@ -292,3 +292,43 @@ def test_compute_optimal_reuses_a_fitted_table(llm):
     again = ttscale.compute_optimal(*args, table=table, references=["3"], **common)
     assert summary(first) == summary(again)
     assert first[0].extra["compute_optimal"]["table"] == table.to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_on_progress_reports_every_step_of_every_problem(llm, name):
+    events = []
+    results = run(name, llm, prefers("a"), on_progress=events.append)
+    for p, result in enumerate(results):
+        mine = [e for e in events if e.problem == p]
+        assert [e.step for e in mine] == list(range(1, len(mine) + 1))
+        tokens = [e.generated_tokens for e in mine]
+        assert tokens == sorted(tokens) and 0 < tokens[-1] <= result.cost.generated_tokens
+        if name != "lookahead":  # (its probes' tokens, after its last step, count in its cost)
+            assert tokens[-1] == result.cost.generated_tokens
+        assert mine[-1].finished >= len(result.candidates)
+        assert all(0 <= e.live <= N and (e.best_score is None or 0.0 <= e.best_score <= 1.0)
+                   for e in mine)
+    if name in ("beam_search", "dvts", "lookahead"):
+        assert max(e.step for e in events) > 1  # a step-by-step search reports each step
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["beam_search", "rejection_best_of_n"])
+def test_on_progress_can_stop_a_search_and_every_block_comes_back(llm, name):
+    def stop_at_second_step(progress):
+        if progress.step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(name, llm, prefers("a"), on_progress=stop_at_second_step)
+    assert engine_is_empty(llm.engine)  # (a PRM's own engine is emptied the same way)
+    assert run(name, llm, prefers("a"))  # and the engine searches on
+
+
+def test_on_progress_that_is_not_a_function_is_refused(llm):
+    with pytest.raises(ttscale.InvalidArgument) as caught:
+        run("best_of_n", llm, prefers("a"), on_progress="print")
+    assert caught.value.param == "on_progress"
