@@ -25,6 +25,8 @@ EXPECTED = {  # name -> its own options
     "best_of_n": (),
     "dvts": ("beam_width", "max_iterations"),
     "lookahead": ("beam_width", "max_iterations", "lookahead"),
+    "particle_filtering": ("resample_temperature", "max_iterations"),
+    "rebase": ("balance_temperature", "max_iterations"),
     "rejection_best_of_n": ("check_every", "reject_fraction"),
     "revisions": ("sequential", "window", "revision_fn"),
 }

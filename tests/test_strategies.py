@@ -24,8 +24,11 @@ STRATEGIES = {
     "dvts": (ttscale.dvts, dict(beam_width=2, max_iterations=6)),
     "lookahead": (ttscale.lookahead, dict(beam_width=2, max_iterations=6, lookahead=1)),
     "rejection_best_of_n": (ttscale.rejection_best_of_n, dict(check_every=4, reject_fraction=0.5)),
+    "particle_filtering": (ttscale.particle_filtering, dict(max_iterations=6)),
+    "rebase": (ttscale.rebase, dict(max_iterations=6)),
 }
-CANDIDATES_PER_PROBLEM = {"best_of_n": N, "beam_search": N, "dvts": N // 2, "lookahead": N}
+CANDIDATES_PER_PROBLEM = {"best_of_n": N, "beam_search": N, "dvts": N // 2, "lookahead": N,
+                          "particle_filtering": N, "rebase": N}
 
 
 def last_digit(text: str) -> str | None:
@@ -332,3 +335,48 @@ def test_on_progress_that_is_not_a_function_is_refused(llm):
     with pytest.raises(ttscale.InvalidArgument) as caught:
         run("best_of_n", llm, prefers("a"), on_progress="print")
     assert caught.value.param == "on_progress"
+
+
+@pytest.mark.parametrize("name", ["particle_filtering", "rebase"])
+def test_resampling_forks_and_never_prefills_again(llm, name, monkeypatch):
+    """Every particle drawn (every child of a node) is a fork: the only prefill is each prompt."""
+    from ttscale.search.run import SearchRun
+
+    children = []
+    select = SearchRun.select
+
+    def spy(self, lines, scores, group_sizes, keep, counts):
+        children.append(list(counts))
+        return select(self, lines, scores, group_sizes, keep, counts)
+
+    monkeypatch.setattr(SearchRun, "select", spy)
+    results = run(name, llm, prefers("a"))
+    prompts = [r.cost.prefilled_tokens for r in run("best_of_n", llm, prefers("a"))]
+    assert [r.cost.prefilled_tokens for r in results] == prompts
+    assert any(max(counts) > 1 for counts in children)  # some particle (node) was drawn twice
+    assert engine_is_empty(llm.engine)
+
+
+def test_a_cold_resampling_keeps_the_particles_the_verifier_prefers(llm):
+    """At a low temperature every particle is drawn from the best ones: the final population
+    holds the preferred character in (nearly) every candidate's steps."""
+    warm = run("particle_filtering", llm, prefers("a"), resample_temperature=100.0)
+    cold = run("particle_filtering", llm, prefers("a"), resample_temperature=0.01)
+    share = lambda results: sum(any("a" in s for s in c.steps)  # noqa: E731
+                                for r in results for c in r.candidates) / (len(results) * N)
+    assert share(cold) > share(warm)
+
+
+def test_rebase_splits_the_width_by_largest_remainder():
+    import numpy as np
+
+    from ttscale.search.particle_filtering import softmax
+    from ttscale.search.rebase import split
+
+    assert split(8, np.array([0.5, 0.25, 0.25])) == [4, 2, 2]
+    assert split(5, np.array([0.45, 0.45, 0.1])) == [2, 2, 1]
+    weights = softmax([0.9, 0.1, 0.5, 0.5], 0.1)
+    for width in range(1, 20):
+        counts = split(width, weights)
+        assert sum(counts) == width and counts[0] >= max(counts[1:])
+    assert np.allclose(softmax([1.0, 1.0], 0.5), [0.5, 0.5])

@@ -42,11 +42,13 @@ KINDS = ("int", "float", "function", "any")  # "any": documented, checked by its
 
 
 def option(default: Any = dataclasses.MISSING, doc: str = "", *, kind: str = "int",
-           low: float | None = None, high: float | None = None, high_open: bool = False,
+           low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False,
            metavar: str | None = None, flag: bool = True, label: str | None = None) -> Any:
     """A field of an options dataclass: its default (none: the caller must give it), what it
     means, its kind (``"int"``, ``"float"``, ``"function"`` or ``"any"``) and range (``low``
-    inclusive, ``high`` inclusive unless ``high_open``; ints default to ``low=1``); ``flag`` says
+    inclusive unless ``low_open``, ``high`` inclusive unless ``high_open``; ints default to
+    ``low=1``); ``flag`` says
     whether ``ttscale run`` offers it (``--name-with-dashes``, showing ``metavar``); ``label`` is
     the type its documentation shows (default: the kind)."""
     if kind not in KINDS:
@@ -54,7 +56,8 @@ def option(default: Any = dataclasses.MISSING, doc: str = "", *, kind: str = "in
     if kind == "int" and low is None:
         low = 1
     label = label or {"function": "callable, optional"}.get(kind, kind)
-    meta = dict(doc=doc, kind=kind, low=low, high=high, high_open=high_open, metavar=metavar,
+    meta = dict(doc=doc, kind=kind, low=low, high=high, low_open=low_open, high_open=high_open,
+                metavar=metavar,
                 flag=flag and kind in ("int", "float"), label=label)
     return dataclasses.field(default=default, metadata=meta)
 
@@ -75,7 +78,7 @@ def check_option(name: str, value: Any, meta: dict[str, Any]) -> Any:
     if not (integral if kind == "int" else real and math.isfinite(value)):
         raise InvalidArgument(f"{name}: expected {'an integer' if kind == 'int' else 'a number'}"
                               f"{describe_range(meta)}, got {value!r}", param=name)
-    above = low is None or value >= low
+    above = low is None or (value > low if meta["low_open"] else value >= low)
     below = high is None or (value < high if meta["high_open"] else value <= high)
     if not (above and below):
         raise InvalidArgument(f"{name}: expected a value{describe_range(meta)}, got {value!r}",
@@ -86,8 +89,8 @@ def check_option(name: str, value: Any, meta: dict[str, Any]) -> Any:
 def describe_range(meta: dict[str, Any]) -> str:
     low, high = meta["low"], meta["high"]
     if high is not None:
-        return f" in [{low}, {high}{')' if meta['high_open'] else ']'}"
-    return "" if low is None else f" >= {low}"
+        return f" in {'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}"
+    return "" if low is None else f" {'>' if meta['low_open'] else '>='} {low}"
 
 
 @dataclass(frozen=True)
