@@ -83,8 +83,8 @@ def _grow(run: SearchRun, n: int, options: RebaseOptions) -> list[SearchResult]:
         for p, size in zip(problems, sizes, strict=True):
             group = lines[start : start + size]
             start += size
-            weights = softmax([_score(line, run.agg) for line in group], options.balance_temperature)
-            counts += split(n - len(done[p]), weights)
+            scores = [_score(line, run.agg) for line in group]
+            counts += split(n - len(done[p]), softmax(scores, options.balance_temperature))
         lines = run.select(lines, [0.0] * len(lines), [1] * len(lines), 1, counts)
     run.advance(lines, sampling, whole=True)  # out of depths: the live nodes to their end
     for line in lines:

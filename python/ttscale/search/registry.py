@@ -89,7 +89,8 @@ def check_option(name: str, value: Any, meta: dict[str, Any]) -> Any:
 def describe_range(meta: dict[str, Any]) -> str:
     low, high = meta["low"], meta["high"]
     if high is not None:
-        return f" in {'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}"
+        left, right = "(" if meta["low_open"] else "[", ")" if meta["high_open"] else "]"
+        return f" in {left}{low}, {high}{right}"
     return "" if low is None else f" {'>' if meta['low_open'] else '>='} {low}"
 
 
