@@ -24,7 +24,7 @@ from ttscale.toy.tokenizer import build_tokenizer, save_tokenizer
 from ttscale.verifiers.base import split_steps
 
 RESULT_KEYS = {"index", "id", "problem_hash", "problem", "reference", "predicted", "correct",
-               "level", "num_candidates", "cost", "wall_seconds", "settings"}
+               "level", "num_candidates", "num_correct", "cost", "wall_seconds", "settings"}
 
 
 class FakeStrategy:
@@ -404,6 +404,7 @@ def test_end_to_end_on_a_tiny_model_with_the_oracle(tiny_model, monkeypatch, tmp
     assert run_tiny(tiny_model, tmp_path, "tiny", "a.jsonl") == 0
     out = capsys.readouterr().out
     assert re.search(r"accuracy\s+\S+%\s+\d/3", out) and "level 2" in out
+    assert re.search(r"coverage@1\s+\S+%", out) and re.search(r"coverage@3\s+\S+%", out)
     records = read_jsonl(tmp_path / "a.jsonl")
     assert [r["index"] for r in records] == [0, 1, 2]
     for record in records:

@@ -540,8 +540,9 @@ def _main(argv: list[str]) -> int:
     demo.add_argument("--n", type=_budgets, default=(1, 4, 16, 64), metavar="N[,N...]",
                       help="budgets N (default 1,4,16,64)")
     demo.add_argument("--strategies", type=_names, default=None, metavar="NAME[,NAME...]",
-                      help="greedy, majority, best_of_n, weighted, beam_search, dvts, revisions "
-                           "(default all)")
+                      help="rows: greedy, majority, best_of_n, weighted (with coverage, from one "
+                           "pool) and any strategy of ttscale run, or 'all' (default greedy, "
+                           "majority, best_of_n, weighted, beam_search, dvts, revisions)")
     demo.add_argument("--problems", type=int, default=200, help="held-out problems (default 200)")
     demo.add_argument("--device", type=_device, default=None,
                       help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -563,6 +564,7 @@ def _main(argv: list[str]) -> int:
         from ttscale.demo import STRATEGIES, choices, model_dirs, run_demo
 
         strategies = args.strategies or STRATEGIES
+        strategies = choices() if "all" in strategies else strategies
         bad = [s for s in strategies if s not in choices()]
         if bad or args.problems < 1:
             demo.error(f"argument --strategies: unknown {bad}; choose from {', '.join(choices())}"

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ttscale.engine.memory import pair_shares
 from ttscale.errors import InvalidArgument
+from ttscale.grading import coverage_at_k
 from ttscale.sampling_params import SamplingParams
 from ttscale.search import registry
 from ttscale.search.select import aggregate, choose
@@ -45,6 +46,13 @@ class Row:
     tokens: int
     seconds: float
     by_difficulty: dict[str, float]
+
+
+def _mean_by(values: Sequence[float], levels: Sequence[int]) -> dict[str, float]:
+    by: dict[str, list[float]] = {}
+    for value, level in zip(values, levels):
+        by.setdefault(str(level), []).append(value)
+    return {k: sum(v) / len(v) for k, v in sorted(by.items())}
 
 
 def _accuracy(correct: Sequence[bool], levels: Sequence[int]) -> tuple[float, dict[str, float]]:
@@ -136,11 +144,18 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         seconds = time.perf_counter() - start
         wall[f"one pool of {max(ns)} ({', '.join(pooled)})"] = seconds
         total_tokens = _tokens(pool)
+        right = [sum(c.answer is not None and _same(c.answer, ref) for c in r.candidates)
+                 for r, ref in zip(pool, references)]
         for n in ns:
+            share = n / max(ns)  # the first n of the pool cost this share of it
             for strategy in pooled:
                 chosen = [_choose_first(r, n, POOLED[strategy]) for r in pool]
-                share = n / max(ns)  # the first n of the pool cost this share of it
                 record(strategy, n, chosen, int(total_tokens * share), seconds * share)
+            # the oracle line: is any of n samples right (unbiased over the pool's samples)
+            covered = [coverage_at_k(max(ns), c, n) for c in right]
+            rows.append(Row("coverage", n, sum(covered) / len(covered), len(pool),
+                            int(total_tokens * share), seconds * share,
+                            _mean_by(covered, levels)))
             bar.update(len(pooled))
 
     for strategy in _searched(strategies):
@@ -174,7 +189,9 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     plot = _plot(rows, out / "scaling.png")
     ratio_plot = _plot_revisions(rows, out / "revisions.png")
     print_table(rows)
-    print(f"\nBest-of-N, weighted and majority take the first N of one pool of {max(ns)} samples per problem.")
+    print(f"\nBest-of-N, weighted and majority take the first N of one pool of {max(ns)} samples "
+          "per problem;\ncoverage is the chance that any N of its samples hold a right one "
+          "(pass@N, unbiased): their ceiling.")
     if ratio_plot is not None:
         print("revisions-S: N attempts as N/S parallel chains of S attempts (S sequential), "
               "weighted vote with the PRM over all attempts.")
@@ -297,7 +314,10 @@ def _plot(rows: list[Row], path: Path) -> Path:
         if strategy == "greedy" or strategy.startswith("revisions-"):
             continue  # a line of its own, and a plot of its own
         points = sorted((r.n, r.accuracy) for r in rows if r.strategy == strategy)
-        if points:
+        if strategy == "coverage":  # the ceiling every verifier and vote is measured against
+            ax.plot(*zip(*points), color="black", linestyle="--", marker="",
+                    label="coverage (any of N right)")
+        elif points:
             ax.plot(*zip(*points), marker="o", label=strategy)
     return _finish(fig, ax, rows, path, title="Test-time scaling of the toy policy with its PRM",
                    xlabel="N (samples / beams per problem)", greedy_style="--")
