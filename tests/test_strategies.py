@@ -26,6 +26,7 @@ STRATEGIES = {
     "rejection_best_of_n": (ttscale.rejection_best_of_n, dict(check_every=4, reject_fraction=0.5)),
     "particle_filtering": (ttscale.particle_filtering, dict(max_iterations=6)),
     "rebase": (ttscale.rebase, dict(max_iterations=6)),
+    "mcts": (ttscale.mcts, dict(branching=4, max_generated_tokens=200)),
 }
 CANDIDATES_PER_PROBLEM = {"best_of_n": N, "beam_search": N, "dvts": N // 2, "lookahead": N,
                           "particle_filtering": N, "rebase": N}
@@ -380,3 +381,31 @@ def test_rebase_splits_the_width_by_largest_remainder():
         counts = split(width, weights)
         assert sum(counts) == width and counts[0] >= max(counts[1:])
     assert np.allclose(softmax([1.0, 1.0], 0.5), [0.5, 0.5])
+
+
+def test_mcts_tree_holds_its_statistics_and_its_budget(llm):
+    results = run("mcts", llm, prefers("a"), max_generated_tokens=60)
+    for r in results:
+        # an expansion decodes at most branching steps of max_tokens; the budget is checked
+        # before each one
+        assert r.cost.generated_tokens <= 60 + 2 * SAMPLING.max_tokens
+        assert r.candidates and all(c.finished for c in r.candidates) or len(r.candidates) == 1
+        nodes = {node.id: node for node in r.tree}
+        root = nodes[0]
+        assert root.visits >= 1 and root.prior is None
+        counted = [node for node in r.tree if node.visits is not None]
+        for node in counted:
+            children = [c for c in counted if c.parent == node.id]
+            if children:  # a node's visits: its own valuation and every one below it (a child
+                # that wrote no step, an immediate end, is counted but has no node to show)
+                assert node.visits >= sum(c.visits for c in children) + (node.id != 0)
+                assert sum(c.prior for c in children) <= 1.0 + 1e-9
+                assert 0.0 <= node.value <= 1.0
+        assert r.extra["expansions"] >= 1
+    assert engine_is_empty(llm.engine)
+
+
+def test_mcts_refuses_a_tree_without_choices(llm):
+    with pytest.raises(ttscale.InvalidArgument) as caught:
+        run("mcts", llm, prefers("a"), branching=1)
+    assert caught.value.param == "branching"

@@ -101,8 +101,10 @@ class Options:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            value = check_option(field.name, getattr(self, field.name), field.metadata)
-            object.__setattr__(self, field.name, value)
+            value = getattr(self, field.name)
+            if value is None and field.default is None:  # an option that is off by default
+                continue
+            object.__setattr__(self, field.name, check_option(field.name, value, field.metadata))
 
     def check(self, n: int) -> None:
         """Checks that involve the budget ``n`` (InvalidArgument naming the option)."""
