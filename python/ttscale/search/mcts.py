@@ -5,14 +5,17 @@ Step-level MCTS in the AlphaZero form (PUCT; Silver et al. 2017), as the LLM-rea
 that followed uses it (e.g. Zhang et al. 2024, "ReST-MCTS*"; Wan et al. 2024, "AlphaZero-like
 tree-search can guide large language model decoding and training"). A node is a partial
 solution ending at a step delimiter. Each simulation walks from the root to a leaf, at each node
-taking the child that maximises ``Q + exploration * P * sqrt(N_parent) / (1 + N_child)``; the
-leaf is expanded by sampling ``branching`` next steps; each new child is valued by the PRM (the
+taking the unfinished child that maximises ``Q + exploration * P * sqrt(N_parent) / (1 +
+N_child)``, down to a node with no unfinished child (a leaf, or a node all of whose children
+have finished, which is expanded again: the policy samples, so it may find another way); that
+node is expanded by sampling ``branching`` next steps; each new child is valued by the PRM (the
 aggregate of its step scores) and that value is backed up along the path. ``P`` is the softmax,
 over siblings, of the policy's log-probability of each child's step. A child that ends its
-solution is a candidate and is never expanded. Siblings that sampled the same step are one
-child (their priors summed), so a confident policy's tree does not fill with copies.
+solution is a candidate and is never expanded. A sampled step that a sibling already wrote is
+not a new child but one more visit of that sibling, so a confident policy's tree does not fill
+with copies.
 
-Here a node's children are forks of its sequence (the first child continues it): the tree's
+Here every unfinished node keeps its sequence and its children are forks of it: the tree's
 shared past is one set of KV blocks, and an expansion decodes and scores only the new steps.
 Simulations of all problems of a wave are expanded in one batch.
 """
@@ -50,15 +53,18 @@ class MCTSOptions(Options):
 
 @dataclass(eq=False)
 class Node:
-    """A partial solution in the tree; ``line`` is live while the node is an unexpanded leaf."""
+    """A partial solution in the tree; ``line`` holds its sequence (forked at each expansion)
+    until it finishes."""
 
     line: Line | None
     parent: Node | None
+    logprob: float = 0.0  # of its step, under the policy
     prior: float = 1.0
+    key: tuple = ()  # its tokens and whether it finished: siblings with the same are one
     visits: int = 0
     value_sum: float = 0.0
     children: list[Node] = field(default_factory=list)
-    closed: bool = False  # finished, or every child closed: nothing left to expand below it
+    closed: bool = False  # a finished solution: never expanded
     tree_id: int | None = 0  # its node in the result's tree
 
     @property
@@ -74,16 +80,16 @@ def mcts(inputs: Inputs, n: int, options: MCTSOptions) -> list[SearchResult]:
 
     See :mod:`ttscale.search.mcts`. A problem stops when its tokens reach
     ``max_generated_tokens`` (default ``n`` times the mean length of the solutions it has
-    finished, so that it spends what best-of-``n`` would), when its tree holds nothing left to
-    expand, or at ``8 * n`` expansions. If no solution has finished by then, the best leaf (by
-    value) is decoded to its end. The answer is chosen among the finished solutions as ``select``
+    finished, so that it spends what best-of-``n`` would), at ``8 * n`` expansions, or when its
+    tree's live sequences would pass ``branching * n`` (the KV the search plans for). If no
+    solution has finished by then, the best open node (by value) is decoded to its end. The answer is chosen among the finished solutions as ``select``
     says (by default a vote weighted by their aggregate scores).
 
     Returns:
     Candidates are the finished solutions in the order they finished; ``tree`` holds every
     node with its ``visits``, mean ``value`` and ``prior``; ``extra`` holds ``expansions``.
     """
-    # the frontier: at most branching * n live leaves per problem
+    # the tree: at most branching * n live sequences per problem
     return run_waves(inputs, options.branching * n, lambda run: _search(run, n, options),
                      tree=True)
 
@@ -94,7 +100,7 @@ def _search(run: SearchRun, n: int, options: MCTSOptions) -> list[SearchResult]:
     candidates: dict[int, list[Candidate]] = {p: [] for p in run.wave}
     lengths: dict[int, list[int]] = {p: [] for p in run.wave}
     expansions = {p: 0 for p in run.wave}
-    live_leaves = {p: 1 for p in run.wave}
+    live = {p: 1 for p in run.wave}  # sequences the problem's tree holds
 
     def spent(p: int) -> bool:
         tokens = run.costs[p].generated_tokens
@@ -102,56 +108,37 @@ def _search(run: SearchRun, n: int, options: MCTSOptions) -> list[SearchResult]:
             budget = options.max_generated_tokens
         else:
             budget = n * sum(lengths[p]) / len(lengths[p]) if lengths[p] else math.inf
-        return (tokens >= budget or roots[p].closed or expansions[p] >= 8 * n
-                or live_leaves[p] + k - 1 > k * n)
+        return tokens >= budget or expansions[p] >= 8 * n or live[p] + k > k * n
 
     while True:
-        leaves = [_select(roots[p], options.exploration) for p in run.wave if not spent(p)]
-        if not leaves:
+        nodes = [_select(roots[p], options.exploration) for p in run.wave if not spent(p)]
+        if not nodes:
             break
-        for leaf in leaves:
-            expansions[leaf.line.problem] += 1
-            live_leaves[leaf.line.problem] += k - 1
-        lines = run.select([leaf.line for leaf in leaves], [0.0] * len(leaves),
-                           [1] * len(leaves), 1, k)
-        starts = [line.seq.generated for line in lines]
-        run.advance(lines, sampling)
-        for i, leaf in enumerate(leaves):
-            leaf.line = None  # its sequence lives on in its first child
-            group = lines[i * k : (i + 1) * k]
-            logprobs = [sum(line.seq.logprobs[start:])
-                        for line, start in zip(group, starts[i * k : (i + 1) * k], strict=True)]
-            priors = softmax(logprobs, 1.0)
-            # siblings that wrote the same step are one child, with their priors summed
-            distinct: dict[tuple, tuple[Line, float]] = {}
-            for line, prior in zip(group, priors, strict=True):
-                key = (tuple(line.seq.output_ids), line.finished)
-                kept, mass = distinct.get(key, (line, 0.0))
-                distinct[key] = (kept, mass + float(prior))
-                if kept is not line:
-                    run.free([line])
-                    live_leaves[line.problem] -= 1
-            for line, prior in distinct.values():
-                # (a child that wrote no step, an immediate end, has no tree node of its own)
-                child = Node(line, leaf, prior,
-                             tree_id=line.node if line.node != leaf.tree_id else None)
-                leaf.children.append(child)
-                _backup(child, _score(line, run.agg))
-                if line.finished:
-                    p = line.problem
-                    candidates[p].append(run.candidate(line))
-                    lengths[p].append(len(line.seq.output_ids))
-                    live_leaves[p] -= 1
-                    child.line, child.closed = None, True
-                    run.free([line])
-            _close(leaf)
-    for p in run.wave:  # nothing finished: the best leaf, to its end
+        for node in nodes:
+            expansions[node.line.problem] += 1
+            live[node.line.problem] += k
+        # each node's sequence, kept (to be expanded again later), and k forks of it
+        lines = run.select([node.line for node in nodes], [0.0] * len(nodes),
+                           [1] * len(nodes), 1, k + 1)
+        groups = [lines[i * (k + 1) : (i + 1) * (k + 1)] for i in range(len(nodes))]
+        new = [line for group in groups for line in group[1:]]
+        starts = [line.seq.generated for line in new]
+        run.advance(new, sampling)
+        steps = iter(zip(new, starts, strict=True))
+        for node, group in zip(nodes, groups, strict=True):
+            node.line = group[0]
+            for _ in range(k):
+                line, start = next(steps)
+                _add_child(run, node, line, sum(line.seq.logprobs[start:]), candidates, lengths,
+                           live)
+            _set_priors(node)
+    for p in run.wave:  # nothing finished: the best open node, to its end
         if not candidates[p]:
-            best = max(_leaves(roots[p]), key=lambda node: node.value, default=None)
+            best = max(_open(roots[p]), key=lambda node: node.value, default=None)
             if best is not None:
                 run.advance([best.line], sampling, whole=True)
                 candidates[p].append(run.candidate(best.line))
-    run.free([node.line for p in run.wave for node in _leaves(roots[p])])
+    run.free([node.line for p in run.wave for node in _open(roots[p])])
     results = []
     for p in run.wave:
         _record(run.trees[p], roots[p])
@@ -159,14 +146,48 @@ def _search(run: SearchRun, n: int, options: MCTSOptions) -> list[SearchResult]:
     return results
 
 
+def _add_child(run: SearchRun, node: Node, line: Line, logprob: float, candidates, lengths,
+               live) -> None:
+    """A sampled step below ``node``: a new child valued by the verifier, or, when a sibling
+    already wrote the same tokens, one more visit of that sibling (the copy is freed)."""
+    p, key = line.problem, (tuple(line.seq.output_ids), line.finished)
+    value = _score(line, run.agg)
+    same = next((c for c in node.children if c.key == key), None)
+    if same is not None:
+        run.free([line])
+        live[p] -= 1
+        _backup(same, value)
+        return
+    # (a child that wrote no step, an immediate end, has no tree node of its own)
+    child = Node(line, node, logprob=logprob, key=key,
+                 tree_id=line.node if line.node != node.tree_id else None)
+    node.children.append(child)
+    _backup(child, value)
+    if line.finished:
+        candidates[p].append(run.candidate(line))
+        lengths[p].append(len(line.seq.output_ids))
+        run.free([line])
+        live[p] -= 1
+        child.line, child.closed = None, True
+
+
+def _set_priors(node: Node) -> None:
+    """Each child's prior: the softmax of its step's log-probability over its siblings."""
+    priors = softmax([c.logprob for c in node.children], 1.0)
+    for child, prior in zip(node.children, priors, strict=True):
+        child.prior = float(prior)
+
+
 def _select(root: Node, exploration: float) -> Node:
-    """The leaf a simulation reaches: PUCT at each node, skipping closed children."""
+    """The node a simulation expands: PUCT at each node over its unfinished children, down to
+    a node with none (a leaf, or a node whose children all finished: it is expanded again)."""
     node = root
-    while node.children:
+    while True:
         open_children = [c for c in node.children if not c.closed]
+        if not open_children:
+            return node
         scale = exploration * math.sqrt(node.visits)
         node = max(open_children, key=lambda c: c.value + scale * c.prior / (1 + c.visits))
-    return node
 
 
 def _backup(node: Node | None, value: float) -> None:
@@ -176,15 +197,8 @@ def _backup(node: Node | None, value: float) -> None:
         node = node.parent
 
 
-def _close(node: Node | None) -> None:
-    """Mark nodes whose children are all closed, upwards."""
-    while node is not None and node.children and all(c.closed for c in node.children):
-        node.closed = True
-        node = node.parent
-
-
-def _leaves(root: Node) -> list[Node]:
-    """The open leaves under ``root`` that hold a live sequence."""
+def _open(root: Node) -> list[Node]:
+    """The nodes under ``root`` that hold a live sequence (every unfinished one)."""
     out, stack = [], [root]
     while stack:
         node = stack.pop()
