@@ -82,8 +82,9 @@ def mcts(inputs: Inputs, n: int, options: MCTSOptions) -> list[SearchResult]:
     ``max_generated_tokens`` (default ``n`` times the mean length of the solutions it has
     finished, so that it spends what best-of-``n`` would), at ``8 * n`` expansions, or when its
     tree's live sequences would pass ``branching * n`` (the KV the search plans for). If no
-    solution has finished by then, the best open node (by value) is decoded to its end. The answer is chosen among the finished solutions as ``select``
-    says (by default a vote weighted by their aggregate scores).
+    solution has finished by then, the best open node (by value) is decoded to its end. The
+    answer is chosen among the finished solutions as ``select`` says (by default a vote
+    weighted by their aggregate scores).
 
     Returns:
     Candidates are the finished solutions in the order they finished; ``tree`` holds every
