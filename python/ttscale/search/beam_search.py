@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from ttscale.sampling_params import SamplingParams
-from ttscale.search.common import check_beams, prepare, run_waves, with_common_docs
+from ttscale.search.common import check_beams, check_count, prepare, run_waves, with_common_docs
 from ttscale.search.fork import best_per_group, consecutive_groups
 from ttscale.search.prompts import PromptFn
 from ttscale.search.result import SearchResult
@@ -66,6 +66,7 @@ def beam_search(
     {returns}
             ``tree`` holds the search tree: every scored step of every beam, with its parent.
     """
+    n = check_count("n", n)  # an int from here on (a numpy integer passes too)
     inputs = prepare(
         "beam_search",
         llm,
@@ -85,7 +86,7 @@ def beam_search(
         problem_ids=problem_ids,
         needs_verifier=True,
     )
-    check_beams(n, beam_width, max_iterations)
+    beam_width, max_iterations = check_beams(n, beam_width, max_iterations)
     return run_waves(
         inputs,
         n,

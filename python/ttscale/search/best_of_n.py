@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ttscale.sampling_params import SamplingParams
-from ttscale.search.common import prepare, run_waves, with_common_docs
+from ttscale.search.common import check_count, prepare, run_waves, with_common_docs
 from ttscale.search.prompts import PromptFn
 from ttscale.search.result import SearchResult
 from ttscale.search.run import SearchRun
@@ -52,6 +52,7 @@ def best_of_n(
     {returns}
             Each has ``n`` candidates, in sample order.
     """
+    n = check_count("n", n)  # an int from here on (a numpy integer passes too)
     inputs = prepare(
         "best_of_n",
         llm,

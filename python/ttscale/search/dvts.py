@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ttscale.sampling_params import SamplingParams
-from ttscale.search.common import check_beams, prepare, run_waves, with_common_docs
+from ttscale.search.common import check_beams, check_count, prepare, run_waves, with_common_docs
 from ttscale.search.fork import best_per_group, consecutive_groups
 from ttscale.search.prompts import PromptFn
 from ttscale.search.result import Candidate, SearchResult
@@ -62,6 +62,7 @@ def dvts(
             Each has one finished candidate per subtree, in subtree order; ``tree`` holds every
             subtree under the problem's root.
     """
+    n = check_count("n", n)  # an int from here on (a numpy integer passes too)
     inputs = prepare(
         "dvts",
         llm,
@@ -81,7 +82,7 @@ def dvts(
         problem_ids=problem_ids,
         needs_verifier=True,
     )
-    check_beams(n, beam_width, max_iterations)
+    beam_width, max_iterations = check_beams(n, beam_width, max_iterations)
 
     def search(run: SearchRun) -> list[SearchResult]:
         sampling = run.inputs.sampling

@@ -64,6 +64,7 @@ def lookahead(
     {returns}
             ``tree`` holds the search tree, as for beam search.
     """
+    n = check_count("n", n)  # an int from here on (a numpy integer passes too)
     inputs = prepare(
         "lookahead",
         llm,
@@ -83,8 +84,8 @@ def lookahead(
         problem_ids=problem_ids,
         needs_verifier=True,
     )
-    check_beams(n, beam_width, max_iterations)
-    check_count("lookahead", lookahead, minimum=0)
+    beam_width, max_iterations = check_beams(n, beam_width, max_iterations)
+    lookahead = check_count("lookahead", lookahead, minimum=0)
     # Each beam's probe holds its own sequence while it looks ahead: twice the sequences.
     return run_waves(
         inputs,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ttscale.errors import InvalidArgument
+from ttscale._checks import check_real
 from ttscale.sampling_params import SamplingParams
 from ttscale.search.common import check_count, prepare, run_waves, with_common_docs
 from ttscale.search.fork import consecutive_groups
@@ -65,6 +65,7 @@ def rejection_best_of_n(
             Candidates are the samples that finished, in sample order; ``extra["dropped"]`` counts
             the others.
     """
+    n = check_count("n", n)  # an int from here on (a numpy integer passes too)
     inputs = prepare(
         "rejection_best_of_n",
         llm,
@@ -84,9 +85,8 @@ def rejection_best_of_n(
         problem_ids=problem_ids,
         needs_verifier=True,
     )
-    check_count("check_every", check_every)
-    if not isinstance(reject_fraction, (int, float)) or not 0 <= reject_fraction < 1:
-        raise InvalidArgument(f"reject_fraction: expected a number in [0, 1), got {reject_fraction!r}")
+    check_every = check_count("check_every", check_every)
+    reject_fraction = check_real("reject_fraction", reject_fraction, low=0, high=1, high_open=True)
 
     def search(run: SearchRun) -> list[SearchResult]:
         lines = run.start(n)

@@ -32,8 +32,10 @@ path forked from the problem's root and scored step by step like any other solut
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Sequence
 
+from ttscale._checks import check_function
 from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
 from ttscale.search.common import check_count, prepare, run_waves, with_common_docs
@@ -79,11 +81,15 @@ def separator_ids(tokenizer, revision_fn: RevisionFn | None, count: int) -> list
     separators = []
     for position in range(count):
         text = REVISION_SEPARATOR if revision_fn is None else revision_fn(position)
-        ids = (
-            tokenizer.encode(text, add_special_tokens=False)
-            if isinstance(text, str)
-            else [int(t) for t in text]
-        )
+        if isinstance(text, str):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        elif isinstance(text, list | tuple) and all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in text
+        ):
+            ids = [int(t) for t in text]
+        else:
+            raise InvalidArgument(f"revision_fn: expected a string or a list of token ids, got "
+                                  f"{text!r:.40} at position {position}")
         if not ids:
             raise InvalidArgument(
                 f"revision_fn: gave no tokens after the attempt at position {position}"
@@ -150,11 +156,12 @@ def revisions(
             ``rebuilt_tokens``, the tokens prefilled again to drop attempts out of the window
             (included in ``cost.prefilled_tokens``).
     """
-    check_count("n", n)
-    check_count("sequential", sequential)
+    n = check_count("n", n)
+    sequential = check_count("sequential", sequential)
     if n % sequential:
         raise InvalidArgument(f"sequential: expected a divisor of n={n}, got {sequential}")
-    check_count("window", window)
+    window = check_count("window", window)
+    check_function("revision_fn", revision_fn)
     inputs = prepare(
         "revisions",
         llm,
@@ -177,6 +184,10 @@ def revisions(
     )
     chains = n // sequential
     separators = separator_ids(llm.tokenizer, revision_fn, sequential - 1)
+    vocab = llm.engine.model.config.vocab_size
+    bad = next((t for separator in separators for t in separator if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidArgument(f"revision_fn: token id {bad} outside the vocabulary [0, {vocab})")
     # A chain's own tokens at most: `held` earlier attempts with their separators, then one more.
     held = min(window, sequential - 1)
     longest_separator = max(map(len, separators), default=0)
