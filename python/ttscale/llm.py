@@ -106,8 +106,6 @@ class LLM:
         check_engine_arguments(kv_budget_bytes=kv_budget_bytes, memory_share=memory_share,
                                block_size=block_size, window=window, backend=backend,
                                cuda_graphs=cuda_graphs, max_decode_seqs=max_decode_seqs)
-        if block_size not in (8, 16, 32, 64, 128):
-            raise invalid("block_size", f"expected a power of two from 8 to 128, got {block_size!r}")
         seed = check_seed(seed)
         check_flag("prefix_caching", prefix_caching)
         self.max_n = check_int("max_n", max_n, low=1)

@@ -133,6 +133,8 @@ class Engine:
         except InvalidArgument as error:  # the pool's size came from one of the two arguments
             if self.memory_lease is not None:
                 self.memory_lease.release()
+            if error.param != "budget_bytes":
+                raise
             name = "kv_budget_bytes" if self.memory_lease is None else "memory_share"
             reason = str(error).removeprefix(f"{error.param}: ")
             raise InvalidArgument(f"{name}: {reason}", param=name) from None
@@ -603,6 +605,9 @@ def decode_row_bytes(config, dtype: torch.dtype) -> int:
             + 8 * config.hidden_size * 4)
 
 
+BLOCK_SIZES = (8, 16, 32, 64, 128)  # what the attention kernels take
+
+
 def check_engine_arguments(*, kv_budget_bytes=None, memory_share=None, block_size=16,
                            window=None, max_batch_tokens=4096, backend=None, cuda_graphs=None,
                            max_decode_seqs=None) -> None:
@@ -614,7 +619,8 @@ def check_engine_arguments(*, kv_budget_bytes=None, memory_share=None, block_siz
         _checks.check_real("memory_share", memory_share, low=0, high=1, low_open=True)
     if kv_budget_bytes is not None and memory_share is not None:
         raise InvalidArgument("memory_share: give kv_budget_bytes or memory_share, not both")
-    _checks.check_int("block_size", block_size, low=1)
+    if _checks.check_int("block_size", block_size) not in BLOCK_SIZES:
+        raise InvalidArgument(f"block_size: expected a power of two from 8 to 128, got {block_size!r}")
     for name, value in (("window", window), ("max_decode_seqs", max_decode_seqs)):
         if value is not None:
             _checks.check_int(name, value, low=1)
