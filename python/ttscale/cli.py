@@ -57,6 +57,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed: an integer in [0, 2**64), as every ttscale seed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**64), got {value}")
+    return value
+
+
+def _text(text: str) -> str:
+    """A non-empty string (an empty one would silently mean 'none')."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a non-empty string")
+    return text
+
+
 def _float_in(low: float, high: float, low_open: bool, high_open: bool):
     def parse(text: str) -> float:
         try:
@@ -124,7 +142,7 @@ def _add_run_parser(commands) -> argparse.ArgumentParser:
     run.add_argument(
         "--out", required=True, metavar="FILE.jsonl", help="result lines are appended here"
     )
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=_seed, default=0)
     run.add_argument("--limit", type=_positive_int, metavar="K", help="only the first K problems")
     run.add_argument(
         "--batch-size",
@@ -245,6 +263,15 @@ def _check_run_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                 f"argument --{option.replace('_', '-')}: not an option of {args.strategy} "
                 f"(only of {', '.join(users)})"
             )
+    from ttscale.llm import DEFAULT_MAX_N  # the LLM this command loads bounds n with it
+
+    if args.n > DEFAULT_MAX_N:
+        parser.error(f"argument --n: at most {DEFAULT_MAX_N} samples (or beams) a problem, "
+                     f"got {args.n}")
+    for flag, value in (("--num-workers", args.num_workers),
+                        ("--worker-resources", args.worker_resources)):
+        if value is not None and args.ray is None:
+            parser.error(f"argument {flag}: only with --ray")
     if args.strategy == "revisions" and args.sequential is None:
         parser.error("argument --sequential: required with --strategy revisions")
     has_verifier = args.prm is not None or args.oracle
@@ -308,10 +335,18 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# The command-line flag of a model argument, where it is not the model's own flag.
+FLAG_OF_PARAM = {"kv_budget_bytes": "--kv-budget", "dtype": "--dtype", "device": "--device",
+                 "seed": "--seed", "format": "--prm-format"}
+
+
 def _load(flag: str, build):
-    """``build()``, with a load failure (missing or malformed files) reported against ``flag``."""
+    """``build()``, with a load failure (missing or malformed files) reported against ``flag``,
+    or against the flag of the argument the error names (``--dtype``, ``--kv-budget``, ...)."""
     try:
         return build()
+    except InvalidArgument as error:
+        raise UsageError(f"argument {FLAG_OF_PARAM.get(error.param, flag)}: {error}") from None
     except (ValueError, OSError) as error:
         raise UsageError(f"argument {flag}: {error}") from None
 
@@ -474,25 +509,39 @@ def _add_serve_parser(commands) -> argparse.ArgumentParser:
     serve.add_argument("--prm", default=None, help="a PRM folder for searches, or 'toy'")
     serve.add_argument("--prm-format", default=None,
                        choices=["math-shepherd", "rlhflow", "qwen2.5-math-prm", "skywork"])
-    serve.add_argument("--step-delimiter", default=None,
-                       help="text between a solution's steps (default '\\n\\n'; '\\n' for toy)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--step-delimiter", type=_escaped, default=None,
+                       help="text between a solution's steps, backslash escapes allowed (default "
+                            "'\\n\\n'; '\\n' for toy)")
+    serve.add_argument("--host", type=_text, default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
+    serve.add_argument("--api-key", type=_text, default=None, help="require 'Authorization: Bearer KEY' "
                        "(also TTSCALE_API_KEY)")
-    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--served-model-name", type=_text, default=None)
     serve.add_argument("--max-queue", type=_positive_int, default=1024,
                        help="waiting requests beyond which new ones get 429 (default 1024)")
     serve.add_argument("--max-n", type=_positive_int, default=1024,
                        help="most samples a request may ask for (default 1024)")
     serve.add_argument("--max-tokens", type=_positive_int, default=256,
                        help="max_tokens when a request gives none (default 256)")
-    serve.add_argument("--grace", type=float, default=30.0,
+    serve.add_argument("--grace", type=_float_in(0, float("inf"), False, True), default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     serve.add_argument("--device", type=_device, default=None)
     serve.add_argument("--dtype", default=None, choices=DTYPES)
-    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--seed", type=_seed, default=0)
     return serve
+
+
+def _check_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """What argparse cannot see, before any model loads: folders exist, flags that need another
+    are given with it."""
+    for flag, folder in (("model", args.model), ("--prm", args.prm)):
+        if folder is not None and folder != "toy" and not Path(folder).is_dir():
+            parser.error(f"argument {flag}: no such directory: {folder} (or 'toy')")
+    if args.prm is not None and args.prm != "toy" and args.prm_format is None:
+        parser.error("argument --prm-format: required with --prm DIR")
+    if args.prm is None and args.prm_format is not None:
+        parser.error("argument --prm-format: only with --prm")
+    _check_device_available(args.device, parser)
 
 
 def _port(text: str) -> int:
@@ -543,7 +592,7 @@ def _main(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="command")
     check = commands.add_parser("selfcheck", help="run every op on every available backend against the reference")
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, and cpu)")
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--seed", type=_seed, default=0)
     run = _add_run_parser(commands)
     demo = commands.add_parser("demo", help="test-time scaling of the embedded toy policy and PRM (CPU, no download)")
     demo.add_argument("--n", type=_budgets, default=(1, 4, 16, 64), metavar="N[,N...]",
@@ -551,31 +600,31 @@ def _main(argv: list[str]) -> int:
     demo.add_argument("--strategies", type=_names, default=None, metavar="NAME[,NAME...]",
                       help="greedy, majority, best_of_n, weighted, beam_search, dvts, revisions "
                            "(default all)")
-    demo.add_argument("--problems", type=int, default=200, help="held-out problems (default 200)")
+    demo.add_argument("--problems", type=_positive_int, default=200,
+                      help="held-out problems (default 200)")
     demo.add_argument("--device", type=_device, default=None,
                       help="cpu, cuda or cuda:N (default: cuda when available)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for results.json and the plot")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--models", type=Path, default=None, metavar="DIR",
                       help="policy/ and prm/ from python -m ttscale.toy.train --out DIR "
                            "(default: the embedded models)")
     serve = _add_serve_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        if args.prm is not None and args.prm != "toy" and args.prm_format is None:
-            serve.error("argument --prm-format: required with --prm DIR")
-        _check_device_available(args.device, serve)
+        _check_serve_args(args, serve)
         from ttscale.serve.server import run as run_server
 
         return run_server(args)
     if args.command == "demo":
         from ttscale.demo import STRATEGIES, model_dirs, run_demo
 
+        if args.strategies is not None and not args.strategies:
+            demo.error(f"argument --strategies: expected names among {', '.join(STRATEGIES)}")
         strategies = args.strategies or STRATEGIES
         bad = [s for s in strategies if s not in STRATEGIES]
-        if bad or args.problems < 1:
-            demo.error(f"argument --strategies: unknown {bad}; choose from {', '.join(STRATEGIES)}"
-                       if bad else f"argument --problems: expected >= 1, got {args.problems}")
+        if bad:
+            demo.error(f"argument --strategies: unknown {bad}; choose from {', '.join(STRATEGIES)}")
         _check_device_available(args.device, demo)
         if args.models is not None:
             try:

@@ -53,6 +53,11 @@ def _accuracy(correct: Sequence[bool], levels: Sequence[int]) -> tuple[float, di
     return overall, {k: sum(v) / len(v) for k, v in sorted(by.items())}
 
 
+# Held-out problems a demo takes at most: they are drawn before the first search, and 10,000
+# already take hours of search on a CPU (200 take minutes); a larger count is a typo, not a demo.
+MAX_PROBLEMS = 10_000
+
+
 def beam_width(n: int) -> int:
     """The beams beam search and DVTS keep at budget ``n``."""
     return min(BEAM_WIDTH, n)
@@ -68,6 +73,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     writes it (default: the embedded models). ``revision_lengths``: the chain lengths S of the
     ``revisions-S`` rows (default every power of two that divides the revision budget)."""
     import ttscale
+    from ttscale.llm import DEFAULT_MAX_N
     from ttscale.toy import policy_dir, prm_dir, task
 
     started = time.perf_counter()
@@ -76,13 +82,17 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         raise InvalidArgument(f"strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
     if not ns or any(n < 1 for n in ns):
         raise InvalidArgument(f"n: expected positive budgets, got {list(ns)}")
+    if max(ns) > DEFAULT_MAX_N:  # what the demo's LLM takes
+        raise InvalidArgument(f"n: at most {DEFAULT_MAX_N}, got {max(ns)}")
     tree = [s for s in strategies if s in ("beam_search", "dvts")]
     uneven = [n for n in ns if tree and n % beam_width(n)]
     if uneven:
         raise InvalidArgument(f"n: {', '.join(tree)} keep beam width min(4, N), which must divide N; "
                          f"{uneven} is not a multiple of {BEAM_WIDTH}")
-    if num_problems < 1:
-        raise InvalidArgument(f"problems: expected >= 1, got {num_problems}")
+    if (not isinstance(num_problems, int) or isinstance(num_problems, bool)
+            or not 1 <= num_problems <= MAX_PROBLEMS):
+        raise InvalidArgument(f"problems: expected an integer in [1, {MAX_PROBLEMS}], got "
+                              f"{num_problems!r}")
     if revision_lengths is not None and any(s < 1 or revision_budget(ns) % s for s in revision_lengths):
         raise InvalidArgument(f"revision_lengths: expected divisors of the revision budget "
                          f"{revision_budget(ns)}, got {list(revision_lengths)}")
