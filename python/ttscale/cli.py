@@ -39,6 +39,13 @@ PRM_FORMATS = ("math-shepherd", "rlhflow", "qwen2.5-math-prm", "skywork")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one line on stderr (exit 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def resolve(target: Any) -> Any:
     """The object a ``"module:name"`` string names; anything else is returned as it is."""
     if not isinstance(target, str):
@@ -446,8 +453,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"argument --strategy: {args.strategy} is not available in this installation ({error})"
         )
     execute = _ray_executor(args, parser) if args.ray is not None else None
+    # Errors are UsageErrors naming the flag: one line from main (exit 2), a traceback with --debug.
     try:
         every_problem = read_problems(args.data)
+    except DataError as error:
+        raise UsageError(f"argument --data: {error}") from error
+    try:
         problems = every_problem[: args.limit]
         search = _Search(args, strategy)
         summary = run_evaluation(
@@ -463,9 +474,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             setup=None if execute else search.load_models,
             execute=execute,
         )
-    except (DataError, UsageError) as error:
-        print(f"ttscale run: error: {error}", file=sys.stderr)
-        return 2
+    except DataError as error:  # the output file's lines: another run's, or damaged
+        raise UsageError(f"argument --out: {error}") from error
     except KeyboardInterrupt:
         print(
             f"ttscale run: interrupted; finished batches are in {args.out}: rerun the same command "
@@ -585,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ttscale", description=__doc__)
+    parser = _Parser(prog="ttscale", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ttscale {ttscale.__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also TTSCALE_DEBUG=1)")
