@@ -363,7 +363,33 @@ VERIFYING = [
     ("start a blank problem", lambda m: m.prm.start([""]), "problems"),
     ("rule start without references", lambda m: ttscale.RuleVerifier().start([PROBLEM]),
      "references"),
+    ("fork from parent -1", lambda m: _forked(m.prm, [-1]), "parents"),
+    ("fork from a parent past the paths", lambda m: _forked(m.prm, [1]), "parents"),
+    ("fork from parent True", lambda m: _forked(m.prm, [True]), "parents"),
+    ("rule fork from parent -1", lambda m: _forked(ttscale.RuleVerifier(), [-1]), "parents"),
+    ("score final=str", lambda m: _scored(m.prm, ["1+1=2"], "y"), "final"),
+    ("score final of ints", lambda m: _scored(m.prm, ["1+1=2"], [1]), "final"),
+    ("score steps of another length", lambda m: _scored(m.prm, ["a", "b"], [True]), "steps"),
+    ("rule score final=str", lambda m: _scored(ttscale.RuleVerifier(), ["x"], "y"), "final"),
+    ("score paths of text", lambda m: m.prm.score(["x"], ["1+1=2"], [True]), "paths"),
+    ("free paths of text", lambda m: m.prm.free(["x"]), "paths"),
 ]
+
+
+def _forked(verifier, parents):
+    (root,) = verifier.start([PROBLEM], ["65"])
+    try:
+        return verifier.fork([root], parents)
+    finally:
+        verifier.free([root])
+
+
+def _scored(verifier, steps, final):
+    (root,) = verifier.start([PROBLEM], ["65"])
+    try:
+        return verifier.score([root], steps, final)
+    finally:
+        verifier.free([root])
 
 EVALUATING = [
     ("read_problems None", lambda m: evaluate.read_problems(None), "path"),
@@ -453,8 +479,9 @@ def test_numpy_integers_and_arrays_are_taken(models):
     by_list = models.llm.generate([ids], params, use_tqdm=False)
     by_array = models.llm.generate(np.array(ids), params, use_tqdm=False)
     by_tensor = models.llm.generate(torch.tensor([ids]), params, use_tqdm=False)
-    texts = [[c.text for c in out[0].outputs] for out in (by_list, by_array, by_tensor)]
-    assert texts[0] == texts[1] == texts[2]
+    by_text = models.llm.generate(np.str_(PROBLEM), params, use_tqdm=False)  # a str subclass
+    texts = [[c.text for c in out[0].outputs] for out in (by_list, by_array, by_tensor, by_text)]
+    assert texts[0] == texts[1] == texts[2] == texts[3]
     results = ttscale.best_of_n(models.llm, [PROBLEM], np.int64(2), seed=np.int64(3),
                                 problem_ids=np.array([5]), sampling=SP(max_tokens=8),
                                 **models.search())

@@ -206,7 +206,8 @@ class LLM:
         """
         params = self._check_params(sampling_params, "sampling_params")
         check_flag("use_tqdm", use_tqdm)
-        if hasattr(prompts, "tolist") and hasattr(prompts, "dtype"):  # a tensor or an array
+        if not isinstance(prompts, str) and hasattr(prompts, "tolist") and hasattr(prompts, "dtype"):
+            # a tensor or an array (a numpy string is a str, taken as text)
             if prompts.ndim not in (1, 2):
                 raise invalid("prompts", "expected token ids as a 1-D array (one prompt) or a 2-D "
                                          f"one (a prompt a row), got shape {tuple(prompts.shape)}")

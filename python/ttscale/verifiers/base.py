@@ -12,6 +12,7 @@ about a step (an outcome model before the final step). Aggregating a path's step
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -77,6 +78,34 @@ class Verifier(ABC):
         finally:
             self.free(paths)
         return scores
+
+
+def check_parents(paths: Sequence[object], parents) -> list[int]:
+    """:meth:`Verifier.fork`'s ``parents``: indices into ``paths`` (a negative index would
+    silently fork from the end)."""
+    if isinstance(parents, str) or not isinstance(parents, Sequence):
+        raise InvalidArgument(f"parents: expected a list of indices into paths, got {parents!r:.60}")
+    for parent in parents:
+        if (not isinstance(parent, numbers.Integral) or isinstance(parent, bool)
+                or not 0 <= parent < len(paths)):
+            raise InvalidArgument(f"parents: expected indices in [0, {len(paths)}), got {parent!r}")
+    return [int(parent) for parent in parents]
+
+
+def check_steps(paths: Sequence[object], steps, final) -> None:
+    """:meth:`Verifier.score`'s arguments: one step (a string) and one final flag (a bool) per
+    path."""
+    for name, values in (("steps", steps), ("final", final)):
+        if isinstance(values, str) or not isinstance(values, Sequence):
+            raise InvalidArgument(f"{name}: expected one per path, got {values!r:.60}")
+    if not len(paths) == len(steps) == len(final):
+        raise InvalidArgument(f"steps: expected one step and one final flag per path "
+                              f"({len(paths)} paths, {len(steps)} steps, {len(final)} flags)")
+    for i, (step, last) in enumerate(zip(steps, final, strict=True)):
+        if not isinstance(step, str):
+            raise InvalidArgument(f"steps: expected strings, got {type(step).__name__} at {i}")
+        if not isinstance(last, bool):
+            raise InvalidArgument(f"final: expected True or False, got {last!r} at {i}")
 
 
 def split_steps(text: str, delimiter: str = "\n\n") -> list[str]:

@@ -29,7 +29,7 @@ from ttscale.engine.sequence import Problem, Sequence
 from ttscale.errors import InvalidArgument, ModelLoadError, TokenizerError
 from ttscale.model import load_model, load_tokenizer, read_config
 from ttscale.model.loader import check_load_arguments
-from ttscale.verifiers.base import Verifier, split_steps
+from ttscale.verifiers.base import Verifier, check_parents, check_steps, split_steps
 from ttscale.verifiers.formats import (
     FORMATS,
     PRMFormat,
@@ -196,7 +196,7 @@ class PRM(Verifier):
     def fork(self, paths, parents) -> list[PRMPath]:
         """Children sharing their parents' KV blocks (a block table copy each)."""
         children = []
-        for parent_index in parents:
+        for parent_index in check_parents(self._checked_paths(paths), parents):
             parent = paths[parent_index]
             if parent.freed:
                 raise InvalidArgument(f"parents: path {parent_index} was freed")
@@ -211,7 +211,7 @@ class PRM(Verifier):
 
     def free(self, paths) -> None:
         """Release paths; a problem's prefix is released with its last path."""
-        for path in paths:
+        for path in self._checked_paths(paths):
             if path.freed:
                 continue
             self.engine.free([path.seq])
@@ -251,11 +251,7 @@ class PRM(Verifier):
 
     def _append(self, paths: Seq[PRMPath], steps: Seq[str], final: Seq[bool]) -> None:
         """Extend each path by its step's segment (pending: not yet run through the model)."""
-        if isinstance(steps, str):
-            raise InvalidArgument("steps: expected one step (a string) per path, got one string")
-        if not len(paths) == len(steps) == len(final):
-            raise InvalidArgument(f"steps: expected one step and one final flag per path "
-                             f"({len(paths)} paths, {len(steps)} steps, {len(final)} flags)")
+        check_steps(self._checked_paths(paths), steps, final)
         if len({id(p) for p in paths}) != len(paths):
             raise InvalidArgument("paths: a path appears twice; fork it to extend it two ways")
         limit = self.model.max_positions
@@ -263,8 +259,6 @@ class PRM(Verifier):
         for i, (path, step) in enumerate(zip(paths, steps, strict=True)):
             if path.freed:
                 raise InvalidArgument(f"paths: path {i} was freed")
-            if not isinstance(step, str):
-                raise InvalidArgument(f"steps: expected strings, got {type(step).__name__} at {i}")
             segment = self.format.step(step, path.num_steps, path.last)
             if path.seq.context_len + len(segment.ids) > limit:
                 raise InvalidArgument(f"steps: path {i} would reach "
@@ -277,6 +271,17 @@ class PRM(Verifier):
             path.num_steps += 1
             # The segment's last token, in token_ids (the prefix, then seq.tokens after its first).
             path.tag_positions.append(len(path.problem.prompt_ids) + len(path.seq.tokens) - 2)
+
+    @staticmethod
+    def _checked_paths(paths) -> Seq[PRMPath]:
+        """``paths`` as this PRM's start and fork make them (not text, not another verifier's)."""
+        if isinstance(paths, str) or not isinstance(paths, Seq):
+            raise InvalidArgument(f"paths: expected a list of PRM paths, got {paths!r:.60}")
+        bad = next((p for p in paths if not isinstance(p, PRMPath)), None)
+        if bad is not None:
+            raise InvalidArgument(f"paths: expected PRM paths (from start or fork), got "
+                                  f"{type(bad).__name__}")
+        return paths
 
     def _count(self, tokens: int) -> None:
         self.scored_tokens += tokens

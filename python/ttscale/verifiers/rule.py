@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ttscale._checks import check_function, check_real
 from ttscale.errors import InvalidArgument
-from ttscale.verifiers.base import Verifier
+from ttscale.verifiers.base import Verifier, check_parents, check_steps
 
 
 @dataclass(eq=False)
@@ -54,9 +54,10 @@ class RuleVerifier(Verifier):
         return [_Path(ref) for ref in references]
 
     def fork(self, paths, parents):
-        return [_Path(paths[p].reference, list(paths[p].steps)) for p in parents]
+        return [_Path(paths[p].reference, list(paths[p].steps)) for p in check_parents(paths, parents)]
 
     def score(self, paths: Sequence[_Path], steps, final):
+        check_steps(paths, steps, final)
         scores: list[float | None] = []
         for path, step, last in zip(paths, steps, final, strict=True):
             path.steps.append(step)
