@@ -246,9 +246,9 @@ class Engine:
 
         self._check_live(candidates)
         if len(scores) != len(candidates) or sum(group_sizes) != len(candidates):
-            raise ValueError(
+            raise InvalidArgument(
                 f"scores/group_sizes: expected {len(candidates)} scores and group sizes summing to it, "
-                f"got {len(scores)} scores and sizes summing to {sum(group_sizes)}"
+                f"got {len(scores)} scores and sizes summing to {sum(group_sizes)}", param="scores"
             )
         device = self.model.device
         int32 = dict(dtype=torch.int32, device=device)
