@@ -615,8 +615,9 @@ def check_engine_arguments(*, kv_budget_bytes=None, memory_share=None, block_siz
     or a pool allocated; what needs the device (a backend's kernels, graphs) is checked later."""
     if kv_budget_bytes is not None:
         _checks.check_int("kv_budget_bytes", kv_budget_bytes, low=1)
-    if memory_share is not None:
-        _checks.check_real("memory_share", memory_share, low=0, high=1, low_open=True)
+    if memory_share is not None and not (
+            _checks.check_real("memory_share", memory_share) > 0 and memory_share <= 1):
+        raise InvalidArgument(f"memory_share: expected a fraction in (0, 1], got {memory_share!r}")
     if kv_budget_bytes is not None and memory_share is not None:
         raise InvalidArgument("memory_share: give kv_budget_bytes or memory_share, not both")
     if _checks.check_int("block_size", block_size) not in BLOCK_SIZES:
