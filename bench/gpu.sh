@@ -20,7 +20,8 @@
 # Other knobs: PYTHON (default python3; .venv/bin/python in a dry run when it exists),
 # TTSCALE_CUDA (ON; OFF in a dry run), GPU_SH_BUILD=cmake (skip pip, build with CMake directly),
 # GPU_SH_SANITIZER_TESTS (how many tests run under memcheck, default 12), GPU_SH_BENCH (the
-# benchmark files to run, in order, by name: "attention engine"; default every bench/bench_*.py),
+# benchmark files to run, in order, by name: "attention engine"; default every bench/bench_*.py
+# but the command-line bench_serve.py),
 # GPU_SH_TESTS_LIMIT (seconds for the GPU tests, default 180), GPU_SH_BENCH_FILE_LIMIT (seconds
 # for one benchmark file, default 300), GPU_SH_BENCH_LIMIT (seconds for the whole benchmark
 # stage, default 420), GPU_SH_STAGES (the stages to run,
@@ -214,7 +215,9 @@ stage_sanitizer() {
 
 stage_bench() {
   "$PYTHON" -c "import pytest_benchmark" 2>/dev/null || { note "skipped: pytest-benchmark missing"; return 77; }
-  local files=(bench/bench_*.py) failed=0 passed=0 deadline=$(( SECONDS + ${STAGE_LIMIT:-600} - 5 ))
+  local files=() failed=0 passed=0 deadline=$(( SECONDS + ${STAGE_LIMIT:-600} - 5 )) file
+  # bench_serve.py is a command-line script (it starts its own server), not a pytest file
+  for file in bench/bench_*.py; do [ "$file" = bench/bench_serve.py ] || files+=("$file"); done
   if [ -n "${GPU_SH_BENCH:-}" ]; then
     files=(); for name in $GPU_SH_BENCH; do files+=("bench/bench_${name}.py"); done
   fi

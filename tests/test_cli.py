@@ -1,7 +1,7 @@
 """``ttscale run``: arguments, malformed input, resumable output, the summary, one real run.
 
-Most tests search with a fake strategy and a fake policy (registered through the command line's
-strategy table and ``ttscale.llm.LLM``), so they take milliseconds; the last ones run a tiny
+Most tests search with a fake strategy and a fake policy (registered in the strategy registry,
+``ttscale.search.registry``, and as ``ttscale.llm.LLM``), so they take milliseconds; the last ones run a tiny
 random model end to end.
 """
 
@@ -16,13 +16,15 @@ import pytest
 from jsonl_files import read_jsonl, rows, write_jsonl
 
 from ttscale import cli
+from ttscale.search import registry
+from ttscale.search.beam_search import BeamOptions
 from ttscale.grading import extract_answer
 from ttscale.search.result import Candidate, Cost, SearchResult
 from ttscale.toy.tokenizer import build_tokenizer, save_tokenizer
 from ttscale.verifiers.base import split_steps
 
 RESULT_KEYS = {"index", "id", "problem_hash", "problem", "reference", "predicted", "correct",
-               "level", "num_candidates", "cost", "wall_seconds", "settings"}
+               "level", "num_candidates", "num_correct", "cost", "wall_seconds", "settings"}
 
 
 class FakeStrategy:
@@ -61,11 +63,18 @@ class FakeLLM:
         FakeLLM.loaded.append(self)
 
 
+def use_strategy(monkeypatch, name, function, options=registry.Options):
+    """Register ``function`` as strategy ``name`` for one test."""
+    registry.strategies()  # the real ones first, so that they do not load later over the fake
+    spec = registry.Strategy(name, function, options, needs_verifier=False, budget="n", summary=name)
+    monkeypatch.setitem(registry._REGISTRY, name, spec)
+
+
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     """FakeStrategy() as strategy "fake", FakeLLM as the policy; returns the strategy."""
     strategy = FakeStrategy()
-    monkeypatch.setitem(cli.STRATEGIES, "fake", strategy)
+    use_strategy(monkeypatch, "fake", strategy)
     monkeypatch.setattr("ttscale.llm.LLM", FakeLLM)
     FakeLLM.loaded = []
     (tmp_path / "model").mkdir()
@@ -118,25 +127,8 @@ def test_bad_argument_exits_2_naming_it(fake, tmp_path, capsys, extra, named):
     assert fake.searched == []
 
 
-def test_strategy_that_cannot_be_imported_is_named(fake, monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(cli.STRATEGIES, "fake", "ttscale.search.no_such_module:fn")
-    write_jsonl(tmp_path / "data.jsonl", rows(2))
-    code, _, err = run(tmp_path, capsys)
-    assert code == 2 and "argument --strategy: fake is not available" in err
-
-
-FAKE_BY_PATH = FakeStrategy()
-
-
-def test_strategies_are_resolved_lazily_by_module_path(fake, monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(cli.STRATEGIES, "fake", f"{__name__}:FAKE_BY_PATH")
-    write_jsonl(tmp_path / "data.jsonl", rows(3))
-    assert run(tmp_path, capsys)[0] == 0
-    assert FAKE_BY_PATH.searched == [f"What is {i}?" for i in range(3)]
-
-
 def test_model_that_does_not_load_is_a_usage_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(cli.STRATEGIES, "fake", FakeStrategy())
+    use_strategy(monkeypatch, "fake", FakeStrategy())
     (tmp_path / "model").mkdir()  # no config.json
     write_jsonl(tmp_path / "data.jsonl", rows(2))
     code, _, err = run(tmp_path, capsys)
@@ -149,7 +141,7 @@ def test_strategy_value_error_on_the_first_batch_is_a_usage_error(fake, monkeypa
     def picky(*args, **kwargs):
         raise ValueError("beam_width: expected a divisor of n, got 3")
 
-    monkeypatch.setitem(cli.STRATEGIES, "fake", picky)
+    use_strategy(monkeypatch, "fake", picky)
     write_jsonl(tmp_path / "data.jsonl", rows(2))
     code, _, err = run(tmp_path, capsys)
     assert code == 2 and "--strategy fake: beam_width: expected a divisor of n" in err
@@ -169,10 +161,10 @@ def test_strategy_receives_the_run_arguments(fake, tmp_path, capsys):
 
 
 def test_strategy_options_reach_the_strategies_that_take_them(fake, monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(cli.STRATEGY_OPTIONS, "fake", ("beam_width",))
+    use_strategy(monkeypatch, "fake", fake, BeamOptions)
     write_jsonl(tmp_path / "data.jsonl", rows(2))
-    assert run(tmp_path, capsys, "--beam-width", "4")[0] == 0
-    assert fake.calls[0]["options"] == {"beam_width": 4}
+    assert run(tmp_path, capsys, "--beam-width", "2")[0] == 0
+    assert fake.calls[0]["options"] == {"beam_width": 2}
 
 
 def test_references_are_withheld_without_oracle(fake, tmp_path, capsys):
@@ -265,7 +257,7 @@ def test_resumed_run_answers_as_an_unbroken_one(fake, tmp_path, capsys, monkeypa
         return [SearchResult(r.problem, f"{r.answer}@{k}", 0, r.candidates, r.cost, "fake")
                 for k, r in zip(problem_ids, results, strict=True)]
 
-    monkeypatch.setitem(cli.STRATEGIES, "fake", id_keyed)
+    use_strategy(monkeypatch, "fake", id_keyed)
     write_jsonl(tmp_path / "data.jsonl", rows(7))
     assert run(tmp_path, capsys, "--batch-size", "3")[0] == 0
     out = tmp_path / "out.jsonl"
@@ -289,7 +281,7 @@ def test_a_problem_refused_in_a_later_batch_is_named_by_its_data_index(fake, tmp
             raise ValueError(template.format(problems.index("What is 5?")))
         return fake(llm, problems, n, **kwargs)
 
-    monkeypatch.setitem(cli.STRATEGIES, "fake", refuses_five)
+    use_strategy(monkeypatch, "fake", refuses_five)
     write_jsonl(tmp_path / "data.jsonl", rows(7))
     code, _, err = run(tmp_path, capsys)
     assert code == 2 and "Traceback" not in err
@@ -408,10 +400,11 @@ def run_tiny(tiny_model, tmp_path, strategy: str, out: str) -> int:
 
 
 def test_end_to_end_on_a_tiny_model_with_the_oracle(tiny_model, monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(cli.STRATEGIES, "tiny", f"{__name__}:tiny_best_of_n")
+    use_strategy(monkeypatch, "tiny", tiny_best_of_n)
     assert run_tiny(tiny_model, tmp_path, "tiny", "a.jsonl") == 0
     out = capsys.readouterr().out
     assert re.search(r"accuracy\s+\S+%\s+\d/3", out) and "level 2" in out
+    assert re.search(r"coverage@1\s+\S+%", out) and re.search(r"coverage@3\s+\S+%", out)
     records = read_jsonl(tmp_path / "a.jsonl")
     assert [r["index"] for r in records] == [0, 1, 2]
     for record in records:
@@ -533,7 +526,7 @@ def test_a_failing_run_is_one_line_and_debug_shows_the_traceback(fake, tmp_path,
     def broken(*args, **kwargs):
         raise RuntimeError("the device fell over")
 
-    monkeypatch.setitem(cli.STRATEGIES, "fake", broken)
+    use_strategy(monkeypatch, "fake", broken)
     write_jsonl(tmp_path / "data.jsonl", rows(2))
     code, _, err = run(tmp_path, capsys)
     assert code == 1 and "RuntimeError: the device fell over" in err and "Traceback" not in err

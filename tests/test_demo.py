@@ -44,7 +44,8 @@ def test_demo_writes_every_row_and_both_plots(tiny_models, tmp_path, capsys):
     assert saved == [r.__dict__ for r in rows]
     names = [(r["strategy"], r["n"]) for r in saved]
     expected = [("greedy", 1)]
-    expected += [(s, n) for n in (1, 2, 4) for s in ("majority", "best_of_n", "weighted")]
+    pooled = ("majority", "best_of_n", "weighted", "coverage")
+    expected += [(s, n) for n in (1, 2, 4) for s in pooled]
     expected += [(s, n) for s in ("beam_search", "dvts") for n in (1, 2, 4)]
     expected += [(f"revisions-{s}", 4) for s in (1, 2, 4)]  # budget min(16, max N) = 4
     assert names == expected
@@ -53,6 +54,8 @@ def test_demo_writes_every_row_and_both_plots(tiny_models, tmp_path, capsys):
         assert 0.0 <= row["accuracy"] <= 1.0 and row["problems"] == 3
         assert row["tokens"] >= 0 and row["seconds"] >= 0
         assert row["by_difficulty"] and all(0.0 <= v <= 1.0 for v in row["by_difficulty"].values())
+    coverage = [r["accuracy"] for r in saved if r["strategy"] == "coverage"]
+    assert coverage == sorted(coverage)  # any of N right can only grow with N
     for plot in ("scaling.png", "revisions.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
@@ -90,7 +93,7 @@ def test_revision_ratios():
     [(dict(strategies=("greedy", "bogus")), "strategies"), (dict(ns=(0, 4)), "n"),
      (dict(ns=()), "n"), (dict(num_problems=0), "problems"),
      (dict(ns=(2, 6), strategies=("greedy", "beam_search")),
-      r"n: beam_search keep beam width .*\[6\]")],
+      r"n: beam_search cannot run at N=6 \(beam_width: expected a divisor of n=6")],
 )
 def test_demo_rejects_bad_options_by_name(kwargs, name, tmp_path):
     with pytest.raises(ValueError, match=name):
@@ -134,3 +137,14 @@ def test_cli_demo_names_a_bad_device(device, message, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "argument --device" in err and message in err
+
+
+def test_strategies_all_runs_every_row_the_demo_knows(monkeypatch, tmp_path):
+    from ttscale import cli
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: seen.update(kwargs))
+    assert cli.main(["demo", "--strategies", "all", "--out", str(tmp_path / "out")]) == 0
+    assert list(seen["strategies"]) == demo.choices()
+    assert {"coverage", "particle_filtering", "rebase", "rejection_best_of_n"} - set(
+        demo.choices()) == {"coverage"}  # coverage comes with the pool, not as a row to ask for

@@ -15,6 +15,7 @@ import torch
 
 from ttscale import cli
 from ttscale.errors import UsageError
+from ttscale.search import registry
 from ttscale.toy import policy_dir, prm_dir
 
 GPU = torch.cuda.is_available()
@@ -178,7 +179,10 @@ def no_server(monkeypatch):
         raise AssertionError("a bad serve argument must be refused before the server starts")
 
     monkeypatch.setattr("ttscale.serve.server.run", started)
-    monkeypatch.setitem(cli.STRATEGIES, "broken", broken_strategy)
+    registry.strategies()  # the real ones first, so that they do not load later over this one
+    monkeypatch.setitem(registry._REGISTRY, "broken", registry.Strategy(
+        "broken", broken_strategy, registry.Options, needs_verifier=False, budget="n",
+        summary="broken"))
 
 
 def main(argv: list[str], capsys) -> tuple[int, str]:

@@ -105,3 +105,19 @@ def test_levels_sort_numbers_first_then_names():
 
 def test_summary_without_levels_has_no_level_rows():
     assert "level" not in format_summary(summarize([record(True, None, 1, 0.0)]))
+
+
+def test_summary_reports_coverage_from_each_problems_right_candidates():
+    from ttscale.grading import coverage_at_k
+
+    lines = [dict(record(True, 1, 10, 1.0), num_candidates=4, num_correct=c) for c in (0, 1, 4)]
+    summary = summarize(lines)
+    coverage = summary.coverage()
+    assert list(coverage) == [1, 2, 4]
+    assert coverage[4] == pytest.approx(2 / 3)  # any of all 4 right: two problems of three
+    assert coverage[2] == pytest.approx((coverage_at_k(4, 1, 2) + 1.0) / 3)
+    assert coverage[1] == pytest.approx((0.25 + 1.0) / 3)  # coverage@1 is the mean right share
+    table = format_summary(summary)
+    assert re.search(r"coverage@4\s+66\.7%", table) and summary.to_dict()["coverage"]["1"] > 0
+    # lines written before num_correct existed: no coverage rather than a wrong one
+    assert summarize(lines + [record(True, 1, 10, 1.0)]).coverage() == {}

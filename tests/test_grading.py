@@ -257,3 +257,30 @@ def test_gsm8k_references_equal_their_comma_formatted_form():
     rows = _load_jsonl("gsm8k_test.jsonl")
     refs = [_gsm8k_reference(r["answer"]).replace(",", "") for r in rows]
     assert all(answers_equal(f"{int(ref):,}", ref) for ref in refs)
+
+
+@pytest.mark.parametrize("samples", [1, 2, 5, 8])
+def test_coverage_at_k_is_the_share_of_k_subsets_with_a_right_sample(samples):
+    """The estimator against a brute-force count over every k-subset of the samples."""
+    from itertools import combinations
+
+    from ttscale.grading import coverage_at_k
+
+    for correct in range(samples + 1):
+        right = [True] * correct + [False] * (samples - correct)
+        for k in range(1, samples + 1):
+            subsets = list(combinations(right, k))
+            expected = sum(any(s) for s in subsets) / len(subsets)
+            assert coverage_at_k(samples, correct, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_coverage_at_k_refuses_impossible_counts_by_name():
+    from ttscale.errors import InvalidArgument
+    from ttscale.grading import coverage_at_k
+
+    for args, param in [((4, 5, 1), "k"), ((4, 1, 0), "k"), ((4, 1, 5), "k"),
+                        ((4, -1, 1), "correct"), ((True, 0, 1), "samples"), ((4, 1, 2.0), "k")]:
+        with pytest.raises(InvalidArgument) as caught:
+            coverage_at_k(*args)
+        assert caught.value.param == param
+    assert coverage_at_k(1024, 1, 1024) == 1.0 and 0.0 < coverage_at_k(1024, 1, 1) < 0.001

@@ -231,6 +231,14 @@ BAD = [  # (route, body or raw bytes, status, param)
     ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": {"strategy": "beam_search",
                                                                        "beam_width": "wide"}}, 400, None),
     ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": "beam"}, 400, "ttscale.strategy"),
+    ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": {"strategy": "beam_search", "n": 8,
+                                                                       "beam_width": 3}}, 400,
+     "ttscale.beam_width"),
+    ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": {"strategy": "revisions", "n": 4}},
+     400, "ttscale.sequential"),
+    ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": {"strategy": "best_of_n",
+                                                                       "temperature": 1}}, 400,
+     "ttscale.temperature"),
     ("/v1/completions", b"{not json", 400, None),
     ("/v1/completions", b"[1, 2]", 400, None),
     ("/v1/chat/completions", {"model": "toy", "messages": []}, 400, "messages"),
@@ -338,7 +346,46 @@ def test_a_streamed_search_sends_the_answer_then_done(server):
         model="toy", prompt=PROMPT, max_tokens=60, stream=True,
         extra_body={"ttscale": {"strategy": "best_of_n", "n": 4}}))
     assert "".join(c.choices[0].text for c in chunks if c.choices).endswith("answer: 65\n")
-    assert chunks[0].model_extra["ttscale"]["answer"] == "65"
+    assert chunks[-1].model_extra["ttscale"]["event"] == "result"
+    assert chunks[-1].model_extra["ttscale"]["answer"] == "65"
+
+
+def test_a_streamed_search_reports_each_step_before_the_answer(server):
+    chunks = list(server.client().chat.completions.create(
+        model="toy", messages=[{"role": "user", "content": "(88-5)-18"}], max_tokens=60, stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ttscale": {"strategy": "beam_search", "n": 8, "beam_width": 4, "agg": "min"}}))
+    events = [c.model_extra.get("ttscale") for c in chunks]
+    progress = [e for e in events if e and e["event"] == "progress"]
+    # beam search: one event per iteration (the toy's solutions are three steps), in order
+    assert len(progress) >= 3 and [e["step"] for e in progress] == list(range(1, len(progress) + 1))
+    assert all(set(e) == {"event", "problem", "step", "live", "finished", "best_score",
+                          "generated_tokens"} for e in progress)
+    assert all(0 <= e["live"] <= 8 and 0.0 <= e["best_score"] <= 1.0 for e in progress)
+    tokens = [e["generated_tokens"] for e in progress]
+    assert tokens == sorted(tokens) and tokens[0] > 0
+    assert progress[-1]["finished"] >= 8 and progress[0]["finished"] < 8
+    # progress chunks carry no choices; then the answer, then usage
+    assert all(not c.choices for c, e in zip(chunks, events) if e and e["event"] == "progress")
+    result = next(i for i, e in enumerate(events) if e and e["event"] == "result")
+    assert result > max(i for i, e in enumerate(events) if e and e["event"] == "progress")
+    assert events[result]["answer"] == "65" and chunks[result].choices[0].delta.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_a_streamed_search_whose_client_leaves_frees_its_blocks(server):
+    idle = server.metrics()["ttscale_kv_blocks_used"]
+    body = {"model": "toy", "prompt": PROMPT, "max_tokens": 60, "stream": True,
+            "ttscale": {"strategy": "beam_search", "n": 64, "beam_width": 4, "max_iterations": 40}}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        first = next(line for line in r.iter_lines() if line.startswith("data:"))
+        assert json.loads(first[5:])["ttscale"]["event"] == "progress"
+    deadline = time.time() + 30  # the search stops at its next step
+    while server.metrics()["ttscale_kv_blocks_used"] != idle and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.metrics()["ttscale_kv_blocks_used"] == idle
+    assert server.client().completions.create(model="toy", prompt=PROMPT, max_tokens=8).choices
 
 
 def test_completion_logprobs_and_echo(server):

@@ -24,8 +24,12 @@ STRATEGIES = {
     "dvts": (ttscale.dvts, dict(beam_width=2, max_iterations=6)),
     "lookahead": (ttscale.lookahead, dict(beam_width=2, max_iterations=6, lookahead=1)),
     "rejection_best_of_n": (ttscale.rejection_best_of_n, dict(check_every=4, reject_fraction=0.5)),
+    "particle_filtering": (ttscale.particle_filtering, dict(max_iterations=6)),
+    "rebase": (ttscale.rebase, dict(max_iterations=6)),
+    "mcts": (ttscale.mcts, dict(branching=4, max_generated_tokens=200)),
 }
-CANDIDATES_PER_PROBLEM = {"best_of_n": N, "beam_search": N, "dvts": N // 2, "lookahead": N}
+CANDIDATES_PER_PROBLEM = {"best_of_n": N, "beam_search": N, "dvts": N // 2, "lookahead": N,
+                          "particle_filtering": N, "rebase": N}
 
 
 def last_digit(text: str) -> str | None:
@@ -292,3 +296,116 @@ def test_compute_optimal_reuses_a_fitted_table(llm):
     again = ttscale.compute_optimal(*args, table=table, references=["3"], **common)
     assert summary(first) == summary(again)
     assert first[0].extra["compute_optimal"]["table"] == table.to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_on_progress_reports_every_step_of_every_problem(llm, name):
+    events = []
+    results = run(name, llm, prefers("a"), on_progress=events.append)
+    for p, result in enumerate(results):
+        mine = [e for e in events if e.problem == p]
+        assert [e.step for e in mine] == list(range(1, len(mine) + 1))
+        tokens = [e.generated_tokens for e in mine]
+        assert tokens == sorted(tokens) and 0 < tokens[-1] <= result.cost.generated_tokens
+        if name != "lookahead":  # (its probes' tokens, after its last step, count in its cost)
+            assert tokens[-1] == result.cost.generated_tokens
+        assert mine[-1].finished >= len(result.candidates)
+        assert all(0 <= e.live <= N and (e.best_score is None or 0.0 <= e.best_score <= 1.0)
+                   for e in mine)
+    if name in ("beam_search", "dvts", "lookahead"):
+        assert max(e.step for e in events) > 1  # a step-by-step search reports each step
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["beam_search", "rejection_best_of_n"])
+def test_on_progress_can_stop_a_search_and_every_block_comes_back(llm, name):
+    def stop_at_second_step(progress):
+        if progress.step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(name, llm, prefers("a"), on_progress=stop_at_second_step)
+    assert engine_is_empty(llm.engine)  # (a PRM's own engine is emptied the same way)
+    assert run(name, llm, prefers("a"))  # and the engine searches on
+
+
+def test_on_progress_that_is_not_a_function_is_refused(llm):
+    with pytest.raises(ttscale.InvalidArgument) as caught:
+        run("best_of_n", llm, prefers("a"), on_progress="print")
+    assert caught.value.param == "on_progress"
+
+
+@pytest.mark.parametrize("name", ["particle_filtering", "rebase"])
+def test_resampling_forks_and_never_prefills_again(llm, name, monkeypatch):
+    """Every particle drawn (every child of a node) is a fork: the only prefill is each prompt."""
+    from ttscale.search.run import SearchRun
+
+    children = []
+    select = SearchRun.select
+
+    def spy(self, lines, scores, group_sizes, keep, counts):
+        children.append(list(counts))
+        return select(self, lines, scores, group_sizes, keep, counts)
+
+    monkeypatch.setattr(SearchRun, "select", spy)
+    results = run(name, llm, prefers("a"))
+    prompts = [r.cost.prefilled_tokens for r in run("best_of_n", llm, prefers("a"))]
+    assert [r.cost.prefilled_tokens for r in results] == prompts
+    assert any(max(counts) > 1 for counts in children)  # some particle (node) was drawn twice
+    assert engine_is_empty(llm.engine)
+
+
+def test_a_cold_resampling_keeps_the_particles_the_verifier_prefers(llm):
+    """At a low temperature every particle is drawn from the best ones: the final population
+    holds the preferred character in (nearly) every candidate's steps."""
+    warm = run("particle_filtering", llm, prefers("a"), resample_temperature=100.0)
+    cold = run("particle_filtering", llm, prefers("a"), resample_temperature=0.01)
+    share = lambda results: sum(any("a" in s for s in c.steps)  # noqa: E731
+                                for r in results for c in r.candidates) / (len(results) * N)
+    assert share(cold) > share(warm)
+
+
+def test_rebase_splits_the_width_by_largest_remainder():
+    import numpy as np
+
+    from ttscale.search.particle_filtering import softmax
+    from ttscale.search.rebase import split
+
+    assert split(8, np.array([0.5, 0.25, 0.25])) == [4, 2, 2]
+    assert split(5, np.array([0.45, 0.45, 0.1])) == [2, 2, 1]
+    weights = softmax([0.9, 0.1, 0.5, 0.5], 0.1)
+    for width in range(1, 20):
+        counts = split(width, weights)
+        assert sum(counts) == width and counts[0] >= max(counts[1:])
+    assert np.allclose(softmax([1.0, 1.0], 0.5), [0.5, 0.5])
+
+
+def test_mcts_tree_holds_its_statistics_and_its_budget(llm):
+    results = run("mcts", llm, prefers("a"), max_generated_tokens=60)
+    for r in results:
+        # an expansion decodes at most branching steps of max_tokens; the budget is checked
+        # before each one
+        assert r.cost.generated_tokens <= 60 + 2 * SAMPLING.max_tokens
+        assert r.candidates and all(c.finished for c in r.candidates) or len(r.candidates) == 1
+        nodes = {node.id: node for node in r.tree}
+        root = nodes[0]
+        assert root.visits >= 1 and root.prior is None
+        counted = [node for node in r.tree if node.visits is not None]
+        for node in counted:
+            children = [c for c in counted if c.parent == node.id]
+            if children:  # a node's visits: its own valuation and every one below it (a child
+                # that wrote no step, an immediate end, is counted but has no node to show)
+                assert node.visits >= sum(c.visits for c in children) + (node.id != 0)
+                assert sum(c.prior for c in children) <= 1.0 + 1e-9
+                assert 0.0 <= node.value <= 1.0
+        assert r.extra["expansions"] >= 1
+    assert engine_is_empty(llm.engine)
+
+
+def test_mcts_refuses_a_tree_without_choices(llm):
+    with pytest.raises(ttscale.InvalidArgument) as caught:
+        run("mcts", llm, prefers("a"), branching=1)
+    assert caught.value.param == "branching"

@@ -14,6 +14,7 @@ The public names are imported on first use, so ``import ttscale`` stays cheap.
 
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 
 try:
     __version__ = version("ttscale")
@@ -28,13 +29,7 @@ _EXPORTS = {
     "RuleVerifier": "ttscale.verifiers.rule",
     "ORM": "ttscale.verifiers.orm",
     "PRM": "ttscale.verifiers.prm",
-    "best_of_n": "ttscale.search.best_of_n",
-    "beam_search": "ttscale.search.beam_search",
-    "dvts": "ttscale.search.dvts",
-    "lookahead": "ttscale.search.lookahead",
-    "rejection_best_of_n": "ttscale.search.rejection",
     "compute_optimal": "ttscale.search.compute_optimal",
-    "revisions": "ttscale.search.revisions",
     "AsyncLLM": "ttscale.serve.async_llm",
     "RequestOutput": "ttscale.llm",
     "CompletionOutput": "ttscale.llm",
@@ -45,16 +40,32 @@ _EXPORTS = {
     "PoolExhausted": "ttscale.errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+# ... and every search strategy by its name (``ttscale.best_of_n``, ``ttscale.beam_search``, ...),
+# as ttscale.search.registry declares them.
+
+
+def _strategies() -> dict:
+    return import_module("ttscale.search.registry").strategies()
+
+
+def _is_strategy(name: str) -> bool:
+    # a submodule's name is left to the import system (``from ttscale import ops``)
+    return (not name.startswith("_") and find_spec(f"{__name__}.{name}") is None
+            and name in _strategies())
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    if name == "__all__":  # ``from ttscale import *``
+        return ["__version__", *_EXPORTS, *_strategies()]
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+    elif _is_strategy(name):
+        value = _strategies()[name].function
+    else:
         raise AttributeError(f"module 'ttscale' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted(["__version__", *_EXPORTS, *_strategies()])

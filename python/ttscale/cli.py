@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import re
@@ -13,27 +14,10 @@ from typing import Any
 
 import ttscale
 from ttscale.errors import InvalidArgument, UsageError  # UsageError re-exported here
+from ttscale.search import registry
 from ttscale.search.select import AGGREGATIONS
 from ttscale.search.select import REVISION_SELECTIONS as SELECTIONS
 
-# What ``ttscale run --strategy`` can run: name -> "module:function", imported only when chosen
-# (or the function itself). Every function has the signature of ``ttscale.search.best_of_n``.
-STRATEGIES: dict[str, Any] = {
-    "best_of_n": "ttscale.search.best_of_n:best_of_n",
-    "beam_search": "ttscale.search.beam_search:beam_search",
-    "dvts": "ttscale.search.dvts:dvts",
-    "lookahead": "ttscale.search.lookahead:lookahead",
-    "rejection_best_of_n": "ttscale.search.rejection:rejection_best_of_n",
-    "revisions": "ttscale.search.revisions:revisions",
-}
-# The keyword options each strategy takes beyond the common ones (command-line flags by name).
-STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
-    "beam_search": ("beam_width", "max_iterations"),
-    "dvts": ("beam_width", "max_iterations"),
-    "lookahead": ("beam_width", "max_iterations", "lookahead"),
-    "rejection_best_of_n": ("check_every", "reject_fraction"),
-    "revisions": ("sequential", "window"),
-}
 PRM_CLASS = "ttscale.verifiers.prm:PRM"
 PRM_FORMATS = ("math-shepherd", "rlhflow", "qwen2.5-math-prm", "skywork")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -136,7 +120,7 @@ def _add_run_parser(commands) -> argparse.ArgumentParser:
         help="verify with the known answers (rule verifier): an upper bound, not a result",
     )
     run.add_argument("--prm-format", choices=PRM_FORMATS, help="how the PRM reads steps")
-    run.add_argument("--strategy", required=True, choices=sorted(STRATEGIES))
+    run.add_argument("--strategy", required=True, choices=list(registry.strategies()))
     run.add_argument(
         "--n", required=True, type=_positive_int, help="samples (or beams) per problem"
     )
@@ -191,32 +175,7 @@ def _add_run_parser(commands) -> argparse.ArgumentParser:
         default="last",
         help="step scores -> a candidate's score (default last)",
     )
-    run.add_argument(
-        "--beam-width", type=_positive_int, metavar="M", help="beam_search, dvts, lookahead"
-    )
-    run.add_argument(
-        "--sequential", type=_positive_int, metavar="S",
-        help="revisions: attempts per chain (n // S parallel chains; required for revisions)",
-    )
-    run.add_argument("--window", type=_positive_int, metavar="W", help="revisions: earlier attempts in context")
-    run.add_argument(
-        "--max-iterations", type=_positive_int, metavar="I", help="beam_search, dvts, lookahead: steps at most"
-    )
-    run.add_argument(
-        "--lookahead", type=_positive_int, metavar="K", help="lookahead: greedy steps scored ahead"
-    )
-    run.add_argument(
-        "--check-every",
-        type=_positive_int,
-        metavar="R",
-        help="rejection_best_of_n: tokens between checks",
-    )
-    run.add_argument(
-        "--reject-fraction",
-        type=_float_in(0, 1, False, True),
-        metavar="A",
-        help="rejection_best_of_n: fraction dropped at each check",
-    )
+    _add_strategy_flags(run)
     run.add_argument("--system-prompt", metavar="TEXT")
     run.add_argument(
         "--step-delimiter",
@@ -261,15 +220,6 @@ def _check_run_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         parser.error("argument --out: is the data file; results would be appended to it")
     if not _writable(out):
         parser.error(f"argument --out: cannot write {out} (checked before any model loads)")
-    allowed = STRATEGY_OPTIONS.get(args.strategy, ())
-    every_option = sorted({option for options in STRATEGY_OPTIONS.values() for option in options})
-    for option in every_option:
-        if getattr(args, option) is not None and option not in allowed:
-            users = [name for name, options in STRATEGY_OPTIONS.items() if option in options]
-            parser.error(
-                f"argument --{option.replace('_', '-')}: not an option of {args.strategy} "
-                f"(only of {', '.join(users)})"
-            )
     from ttscale.llm import DEFAULT_MAX_N  # the LLM this command loads bounds n with it
 
     if args.n > DEFAULT_MAX_N:
@@ -279,8 +229,7 @@ def _check_run_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                         ("--worker-resources", args.worker_resources)):
         if value is not None and args.ray is None:
             parser.error(f"argument {flag}: only with --ray")
-    if args.strategy == "revisions" and args.sequential is None:
-        parser.error("argument --sequential: required with --strategy revisions")
+    _check_strategy_flags(args, parser)
     has_verifier = args.prm is not None or args.oracle
     if args.select not in (None, "majority") and not has_verifier:
         parser.error(
@@ -309,12 +258,59 @@ def _check_device_available(device: str | None, parser: argparse.ArgumentParser)
             parser.error(f"argument --device: {device} is not available on this machine")
 
 
+def _flag_options() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every strategy option ``ttscale run`` offers as a flag: name -> (its declaration, the
+    strategies that take it)."""
+    flags: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for name, spec in registry.strategies().items():
+        for field in dataclasses.fields(spec.options):
+            if field.metadata.get("flag"):
+                flags.setdefault(field.name, (field, []))[1].append(name)
+    return flags
+
+
+def _add_strategy_flags(run: argparse.ArgumentParser) -> None:
+    """One flag per strategy option, as the strategies declare them (ttscale.search.registry)."""
+    for name, (field, users) in _flag_options().items():
+        meta = field.metadata
+
+        def parse(text: str, name=name, meta=meta):
+            try:
+                value = (int if meta["kind"] == "int" else float)(text)
+                return registry.check_option(name, value, meta)
+            except ValueError as error:  # InvalidArgument is one
+                message = str(error).split(": ", 1)[-1] if isinstance(error, InvalidArgument) else (
+                    f"expected {'an integer' if meta['kind'] == 'int' else 'a number'}, got {text!r}")
+                raise argparse.ArgumentTypeError(message) from None
+
+        required = field.default is dataclasses.MISSING
+        doc = " ".join(meta["doc"].split()).replace("``", "")
+        run.add_argument(f"--{name.replace('_', '-')}", type=parse, metavar=meta["metavar"],
+                         help=f"{', '.join(users)}: {doc}" + (" Required." if required else ""))
+
+
+def _check_strategy_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Flags of other strategies are refused, the strategy's required ones demanded, and its
+    options checked against --n, before any model loads."""
+    spec = registry.get(args.strategy)
+    for name, (_, users) in _flag_options().items():
+        if getattr(args, name, None) is not None and name not in spec.option_names:
+            parser.error(f"argument --{name.replace('_', '-')}: not an option of {args.strategy} "
+                         f"(only of {', '.join(users)})")
+    for name in spec.required():
+        if getattr(args, name, None) is None:
+            parser.error(f"argument --{name.replace('_', '-')}: required with --strategy {args.strategy}")
+    try:
+        spec.options(**_strategy_options(args)).check(args.n)
+    except InvalidArgument as error:
+        flag = "--n" if error.param == "n" else f"--{error.param.replace('_', '-')}"
+        parser.error(f"argument {flag}: {str(error).split(': ', 1)[-1]}")
+
+
 def _strategy_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        name: getattr(args, name)
-        for name in STRATEGY_OPTIONS.get(args.strategy, ())
-        if getattr(args, name) is not None
-    }
+    """The options of ``--strategy`` its flags set."""
+    return {name: getattr(args, name) for name in registry.get(args.strategy).option_names
+            if getattr(args, name, None) is not None}
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -446,12 +442,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ttscale.evaluate import DataError, format_summary, read_problems, run_evaluation
 
     _check_run_args(args, parser)
-    try:
-        strategy = resolve(STRATEGIES[args.strategy])
-    except (ImportError, AttributeError) as error:
-        parser.error(
-            f"argument --strategy: {args.strategy} is not available in this installation ({error})"
-        )
+    strategy = registry.get(args.strategy).function
     execute = _ray_executor(args, parser) if args.ray is not None else None
     # Errors are UsageErrors naming the flag: one line from main (exit 2), a traceback with --debug.
     try:
@@ -608,8 +599,9 @@ def _main(argv: list[str]) -> int:
     demo.add_argument("--n", type=_budgets, default=(1, 4, 16, 64), metavar="N[,N...]",
                       help="budgets N (default 1,4,16,64)")
     demo.add_argument("--strategies", type=_names, default=None, metavar="NAME[,NAME...]",
-                      help="greedy, majority, best_of_n, weighted, beam_search, dvts, revisions "
-                           "(default all)")
+                      help="rows: greedy, majority, best_of_n, weighted (with coverage, from one "
+                           "pool) and any strategy of ttscale run, or 'all' (default greedy, "
+                           "majority, best_of_n, weighted, beam_search, dvts, revisions)")
     demo.add_argument("--problems", type=_positive_int, default=200,
                       help="held-out problems (default 200)")
     demo.add_argument("--device", type=_device, default=None,
@@ -627,14 +619,15 @@ def _main(argv: list[str]) -> int:
 
         return run_server(args)
     if args.command == "demo":
-        from ttscale.demo import STRATEGIES, model_dirs, run_demo
+        from ttscale.demo import STRATEGIES, choices, model_dirs, run_demo
 
         if args.strategies is not None and not args.strategies:
-            demo.error(f"argument --strategies: expected names among {', '.join(STRATEGIES)}")
+            demo.error(f"argument --strategies: expected names among {', '.join(choices())}")
         strategies = args.strategies or STRATEGIES
-        bad = [s for s in strategies if s not in STRATEGIES]
+        strategies = choices() if "all" in strategies else strategies
+        bad = [s for s in strategies if s not in choices()]
         if bad:
-            demo.error(f"argument --strategies: unknown {bad}; choose from {', '.join(STRATEGIES)}")
+            demo.error(f"argument --strategies: unknown {bad}; choose from {', '.join(choices())}")
         _check_device_available(args.device, demo)
         if args.models is not None:
             try:

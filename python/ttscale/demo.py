@@ -24,12 +24,15 @@ from tqdm.auto import tqdm
 
 from ttscale.engine.memory import pair_shares
 from ttscale.errors import InvalidArgument
+from ttscale.grading import coverage_at_k
 from ttscale.sampling_params import SamplingParams
+from ttscale.search import registry
 from ttscale.search.select import aggregate, choose
 
+# The default rows: greedy decoding, the three choices from one best-of-N pool, and searches.
 STRATEGIES = ("greedy", "majority", "best_of_n", "weighted", "beam_search", "dvts", "revisions")
+POOLED = {"majority": "majority", "best_of_n": "best", "weighted": "weighted"}  # row -> select
 REVISION_BUDGET = 16
-BEAM_WIDTH = 4  # beam search and DVTS keep min(BEAM_WIDTH, N) beams
 AGG = "min"  # a solution is as good as its worst step: the toy PRM's errors compound
 MAX_TOKENS = 96
 
@@ -45,6 +48,13 @@ class Row:
     by_difficulty: dict[str, float]
 
 
+def _mean_by(values: Sequence[float], levels: Sequence[int]) -> dict[str, float]:
+    by: dict[str, list[float]] = {}
+    for value, level in zip(values, levels):
+        by.setdefault(str(level), []).append(value)
+    return {k: sum(v) / len(v) for k, v in sorted(by.items())}
+
+
 def _accuracy(correct: Sequence[bool], levels: Sequence[int]) -> tuple[float, dict[str, float]]:
     by: dict[str, list[bool]] = {}
     for ok, level in zip(correct, levels):
@@ -58,9 +68,16 @@ def _accuracy(correct: Sequence[bool], levels: Sequence[int]) -> tuple[float, di
 MAX_PROBLEMS = 10_000
 
 
-def beam_width(n: int) -> int:
-    """The beams beam search and DVTS keep at budget ``n``."""
-    return min(BEAM_WIDTH, n)
+def choices() -> list[str]:
+    """Every row the demo can run: greedy, the pooled choices, and every registered strategy
+    (each searched at every N with its options ``for_budget(N)``; revisions at several chain
+    lengths)."""
+    return list(dict.fromkeys(["greedy", *POOLED, *registry.strategies()]))
+
+
+def _searched(strategies: Sequence[str]) -> list[str]:
+    """The rows searched on their own at each N: registered strategies other than the pool's."""
+    return [s for s in strategies if s in registry.strategies() and s not in POOLED and s != "revisions"]
 
 
 def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STRATEGIES,
@@ -77,18 +94,20 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     from ttscale.toy import policy_dir, prm_dir, task
 
     started = time.perf_counter()
-    unknown = [s for s in strategies if s not in STRATEGIES]
+    unknown = [s for s in strategies if s not in choices()]
     if unknown:
-        raise InvalidArgument(f"strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
+        raise InvalidArgument(f"strategies: unknown {unknown}; choose from {', '.join(choices())}")
     if not ns or any(n < 1 for n in ns):
         raise InvalidArgument(f"n: expected positive budgets, got {list(ns)}")
     if max(ns) > DEFAULT_MAX_N:  # what the demo's LLM takes
         raise InvalidArgument(f"n: at most {DEFAULT_MAX_N}, got {max(ns)}")
-    tree = [s for s in strategies if s in ("beam_search", "dvts")]
-    uneven = [n for n in ns if tree and n % beam_width(n)]
-    if uneven:
-        raise InvalidArgument(f"n: {', '.join(tree)} keep beam width min(4, N), which must divide N; "
-                         f"{uneven} is not a multiple of {BEAM_WIDTH}")
+    for name in _searched(strategies):
+        options = registry.get(name).options
+        for n in ns:
+            try:
+                options(**options.for_budget(n)).check(n)
+            except InvalidArgument as error:
+                raise InvalidArgument(f"n: {name} cannot run at N={n} ({error})") from None
     if (not isinstance(num_problems, int) or isinstance(num_problems, bool)
             or not 1 <= num_problems <= MAX_PROBLEMS):
         raise InvalidArgument(f"problems: expected an integer in [1, {MAX_PROBLEMS}], got "
@@ -128,28 +147,33 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         wall["greedy"] = time.perf_counter() - start
         bar.update(1)
 
-    pooled = [s for s in ("majority", "best_of_n", "weighted") if s in strategies]
+    pooled = [s for s in POOLED if s in strategies]
     if pooled:
         start = time.perf_counter()
         pool = ttscale.best_of_n(llm, texts, max(ns), verifier=prm, sampling=sampling, agg=AGG, **common)
         seconds = time.perf_counter() - start
         wall[f"one pool of {max(ns)} ({', '.join(pooled)})"] = seconds
         total_tokens = _tokens(pool)
+        right = [sum(c.answer is not None and _same(c.answer, ref) for c in r.candidates)
+                 for r, ref in zip(pool, references)]
         for n in ns:
+            share = n / max(ns)  # the first n of the pool cost this share of it
             for strategy in pooled:
-                select = {"majority": "majority", "best_of_n": "best", "weighted": "weighted"}[strategy]
-                chosen = [_choose_first(r, n, select) for r in pool]
-                share = n / max(ns)  # the first n of the pool cost this share of it
+                chosen = [_choose_first(r, n, POOLED[strategy]) for r in pool]
                 record(strategy, n, chosen, int(total_tokens * share), seconds * share)
+            # the oracle line: is any of n samples right (unbiased over the pool's samples)
+            covered = [coverage_at_k(max(ns), c, n) for c in right]
+            rows.append(Row("coverage", n, sum(covered) / len(covered), len(pool),
+                            int(total_tokens * share), seconds * share,
+                            _mean_by(covered, levels)))
             bar.update(len(pooled))
 
-    for strategy in ("beam_search", "dvts"):
-        if strategy not in strategies:
-            continue
-        fn = getattr(ttscale, strategy)
+    for strategy in _searched(strategies):
+        spec = registry.get(strategy)
         for n in ns:
             start = time.perf_counter()
-            results = fn(llm, texts, n, verifier=prm, sampling=sampling, beam_width=beam_width(n), agg=AGG, **common)
+            results = spec.function(llm, texts, n, verifier=prm, sampling=sampling, agg=AGG,
+                                    **spec.options.for_budget(n), **common)
             record(strategy, n, results, _tokens(results), time.perf_counter() - start)
             wall[strategy] = wall.get(strategy, 0.0) + time.perf_counter() - start
             bar.update(1)
@@ -175,7 +199,9 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     plot = _plot(rows, out / "scaling.png")
     ratio_plot = _plot_revisions(rows, out / "revisions.png")
     print_table(rows)
-    print(f"\nBest-of-N, weighted and majority take the first N of one pool of {max(ns)} samples per problem.")
+    print(f"\nBest-of-N, weighted and majority take the first N of one pool of {max(ns)} samples "
+          "per problem;\ncoverage is the chance that any N of its samples hold a right one "
+          "(pass@N, unbiased): their ceiling.")
     if ratio_plot is not None:
         print("revisions-S: N attempts as N/S parallel chains of S attempts (S sequential), "
               "weighted vote with the PRM over all attempts.")
@@ -231,8 +257,8 @@ def revision_ratios(budget: int) -> list[int]:
 
 
 def _work(ns, strategies, revision_lengths=None) -> int:
-    pooled = len([s for s in ("majority", "best_of_n", "weighted") if s in strategies])
-    searched = len([s for s in ("beam_search", "dvts") if s in strategies])
+    pooled = len([s for s in POOLED if s in strategies])
+    searched = len(_searched(strategies))
     lengths = revision_ratios(revision_budget(ns)) if revision_lengths is None else revision_lengths
     revised = len(lengths) if "revisions" in strategies else 0
     return ("greedy" in strategies) + pooled * len(ns) + searched * len(ns) + revised
@@ -294,9 +320,14 @@ def _finish(fig, ax, rows: list[Row], path: Path, *, title: str, xlabel: str, gr
 
 def _plot(rows: list[Row], path: Path) -> Path:
     fig, ax = _axes()
-    for strategy in STRATEGIES[1:-1]:
+    for strategy in dict.fromkeys(r.strategy for r in rows):
+        if strategy == "greedy" or strategy.startswith("revisions-"):
+            continue  # a line of its own, and a plot of its own
         points = sorted((r.n, r.accuracy) for r in rows if r.strategy == strategy)
-        if points:
+        if strategy == "coverage":  # the ceiling every verifier and vote is measured against
+            ax.plot(*zip(*points), color="black", linestyle="--", marker="",
+                    label="coverage (any of N right)")
+        elif points:
             ax.plot(*zip(*points), marker="o", label=strategy)
     return _finish(fig, ax, rows, path, title="Test-time scaling of the toy policy with its PRM",
                    xlabel="N (samples / beams per problem)", greedy_style="--")

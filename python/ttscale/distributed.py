@@ -77,11 +77,11 @@ class _Worker:
         import torch
 
         from ttscale import cli
+        from ttscale.search import registry
 
         if threads:
             torch.set_num_threads(threads)
-        strategy = cli.resolve(cli.STRATEGIES[args.strategy])
-        self.search = cli._Search(args, strategy)
+        self.search = cli._Search(args, registry.get(args.strategy).function)
         self.search.load_models()
 
     def ready(self) -> bool:

@@ -11,14 +11,16 @@ between, or a rerun with other settings, is reported instead of silently mixed i
 One result line::
 
     {"index": 3, "id": null, "problem_hash": "5f0c...", "problem": "...", "reference": "18",
-     "predicted": "18", "correct": true, "level": null, "num_candidates": 16,
+     "predicted": "18", "correct": true, "level": null, "num_candidates": 16, "num_correct": 9,
      "cost": {"generated_tokens": ..., "prefilled_tokens": ..., "scored_tokens": ...,
               "seconds": ...},
      "wall_seconds": 1.9, "settings": {...}, "search": {...}}
 
 ``wall_seconds`` is the problem's share of its batch's wall time, so the lines of a file add up
-to the time that produced them; ``search`` (the whole :class:`SearchResult`) is there only when
-asked for.
+to the time that produced them; ``num_correct`` counts the candidates whose answer is right,
+from which the summary reports coverage@k (is any of k candidates right: the oracle ceiling of
+every verifier and vote); ``search`` (the whole :class:`SearchResult`) is there only when asked
+for.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ttscale._checks import check_flag, check_function, check_int, check_path, check_real
 from ttscale.errors import DataError, InvalidArgument  # DataError re-exported here
-from ttscale.grading import answers_equal
+from ttscale.grading import answers_equal, coverage_at_k
 from ttscale.search.result import SearchResult
 
 __all__ = [
@@ -169,6 +171,7 @@ def result_record(
         "correct": answers_equal(result.answer, problem.reference),
         "level": problem.level,
         "num_candidates": len(result.candidates),
+        "num_correct": _num_correct(result, problem.reference),
         "cost": asdict(result.cost),
         "wall_seconds": wall_seconds,
         "settings": settings,
@@ -176,6 +179,13 @@ def result_record(
     if save_candidates:
         record["search"] = result.to_dict()
     return record
+
+
+def _num_correct(result: SearchResult, reference: str) -> int:
+    """How many of the candidates are right (each distinct answer graded once)."""
+    answers = [c.answer for c in result.candidates]
+    right = {a: answers_equal(a, reference) for a in set(answers) if a is not None}
+    return sum(right.get(a, False) for a in answers)
 
 
 def _settings_changes(written: Any, now: dict[str, Any]) -> str:
@@ -270,6 +280,9 @@ class Summary:
     prefilled_tokens: int = 0
     scored_tokens: int = 0
     wall_seconds: float = 0.0
+    # (candidates, right ones) per problem, for coverage@k; None once a line lacks them (a line
+    # written before num_correct was recorded)
+    pools: list[tuple[int, int]] | None = field(default_factory=list)
 
     COST_KEYS = ("generated_tokens", "prefilled_tokens", "scored_tokens")
 
@@ -294,12 +307,27 @@ class Summary:
         self.prefilled_tokens += cost["prefilled_tokens"]
         self.scored_tokens += cost["scored_tokens"]
         self.wall_seconds += record["wall_seconds"]
+        if self.pools is not None and isinstance(record.get("num_correct"), int):
+            self.pools.append((record["num_candidates"], record["num_correct"]))
+        else:
+            self.pools = None
+
+    def coverage(self) -> dict[int, float]:
+        """coverage@k (any of k candidates right, the unbiased estimator) for k = 1, 2, 4, ...
+        up to the fewest candidates a problem has, and that number; empty without pools."""
+        if not self.pools or min(n for n, _ in self.pools) < 1:
+            return {}
+        most = min(n for n, _ in self.pools)
+        ks = sorted({1 << i for i in range(most.bit_length()) if 1 << i <= most} | {most})
+        return {k: sum(coverage_at_k(n, c, k) for n, c in self.pools) / len(self.pools)
+                for k in ks}
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **asdict(self),
+            **{k: v for k, v in asdict(self).items() if k != "pools"},
             "accuracy": self.accuracy,
             "tokens_per_second": self.tokens_per_second,
+            "coverage": {str(k): v for k, v in self.coverage().items()},
         }
 
 
@@ -330,6 +358,8 @@ def format_summary(summary: Summary) -> str:
     for level in sorted(summary.by_level, key=_level_order):
         correct, total = summary.by_level[level]
         rows.append((f"  level {level}", f"{correct / total:7.1%}", f"{correct}/{total}"))
+    for k, value in summary.coverage().items():
+        rows.append((f"coverage@{k}", f"{value:7.1%}", "any of k candidates right (oracle)"))
     rows += [
         ("tokens generated", f"{summary.generated_tokens:,}", ""),
         ("tokens prefilled", f"{summary.prefilled_tokens:,}", ""),

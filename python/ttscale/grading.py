@@ -14,7 +14,9 @@ import threading
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-__all__ = ["extract_answer", "answers_equal"]
+from ttscale.errors import InvalidArgument
+
+__all__ = ["extract_answer", "answers_equal", "coverage_at_k"]
 
 # The letter look-ahead keeps ``\boxedfoo``-style macros from matching.
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -206,3 +208,24 @@ def answers_equal(predicted: str | None, reference: str) -> bool:
         return False
     # verify is asymmetric: gold must come first.
     return verify(list(gold_parsed), list(pred_parsed), timeout_seconds=timeout)
+
+
+def coverage_at_k(samples: int, correct: int, k: int) -> float:
+    """The chance that at least one of ``k`` samples, drawn without replacement from
+    ``samples`` of which ``correct`` are right, is right: ``1 - C(samples - correct, k) /
+    C(samples, k)``, the unbiased estimator of pass@k (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code"). Coverage against the number of samples is the ceiling
+    every verifier and vote is measured against (Brown et al. 2024, "Large Language Monkeys")."""
+    for name, value in (("samples", samples), ("correct", correct), ("k", k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidArgument(f"{name}: expected an integer >= 0, got {value!r}")
+    if correct > samples or not 1 <= k <= samples:
+        raise InvalidArgument(f"k: expected 1 <= k <= samples={samples} and correct <= samples, "
+                              f"got k={k}, correct={correct}")
+    if samples - correct < k:
+        return 1.0
+    # C(s - c, k) / C(s, k) as a product, without the huge binomials
+    miss = 1.0
+    for i in range(samples - correct + 1, samples + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss

@@ -3,96 +3,58 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from dataclasses import dataclass
 
-from ttscale.sampling_params import SamplingParams
-from ttscale.search.common import check_beams, check_count, prepare, run_waves, with_common_docs
+from ttscale.errors import InvalidArgument
+from ttscale.search.common import Inputs, run_waves
 from ttscale.search.fork import best_per_group, consecutive_groups
-from ttscale.search.prompts import PromptFn
+from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import SearchResult
 from ttscale.search.run import Line, SearchRun
-from ttscale.verifiers.base import Verifier
 
 
-@with_common_docs
-def beam_search(
-    llm,
-    problems: Sequence[str],
-    n: int,
-    verifier: Verifier | None = None,
-    sampling: SamplingParams | None = None,
-    *,
-    beam_width: int = 4,
-    max_iterations: int = 40,
-    select: str | None = None,
-    agg: str = "last",
-    seed: int | None = None,
-    references: Sequence[str | None] | None = None,
-    system_prompt: str | None = None,
-    prompt_fn: PromptFn | None = None,
-    step_delimiter: str = "\n\n",
-    extract=None,
-    equal=None,
-    problem_ids: Sequence[int] | None = None,
-    progress: bool = True,
-) -> list[SearchResult]:
+@dataclass(frozen=True)
+class BeamOptions(Options):
+    """Beam search's, DVTS's and lookahead's knobs."""
+
+    beam_width: int = option(4, "Children per kept beam (DVTS: beams per subtree); divides ``n``.",
+                             metavar="M")
+    max_iterations: int = option(40, "Steps searched at most.", metavar="I")
+
+    def check(self, n: int) -> None:
+        if n % self.beam_width:
+            raise InvalidArgument(f"beam_width: expected a divisor of n={n}, got {self.beam_width}")
+
+    @classmethod
+    def for_budget(cls, n: int) -> dict[str, int]:
+        return {"beam_width": min(cls.beam_width, n)}
+
+
+@strategy(BeamOptions, needs_verifier=True, menu=True,
+          budget="Beams per problem (the number of candidates returned).")
+def beam_search(inputs: Inputs, n: int, options: BeamOptions) -> list[SearchResult]:
     """Search step by step with ``n`` beams, keeping the ``n / beam_width`` best and expanding
-        each ``beam_width`` times.
+    each ``beam_width`` times.
 
-        Iteration 0 samples ``n`` first steps per problem. Every iteration extends each active beam
-        by one step (decoding to ``step_delimiter``), scores the new step, and sets finished beams
-        (end-of-sequence or ``max_tokens``) aside; of the unfinished beams of each problem the
-        ``n / beam_width`` with the highest aggregate score are kept and forked ``beam_width`` times
-        (their KV shared, not copied), the others freed. All problems search together in one batch.
+    Iteration 0 samples ``n`` first steps per problem. Every iteration extends each active beam
+    by one step (decoding to ``step_delimiter``), scores the new step, and sets finished beams
+    (end-of-sequence or ``max_tokens``) aside; of the unfinished beams of each problem the
+    ``n / beam_width`` with the highest aggregate score are kept and forked ``beam_width`` times
+    (their KV shared, not copied), the others freed. All problems search together in one batch.
 
-        A problem stops once ``n`` beams have finished. When ``max_iterations`` run out first, its
-        best unfinished beams, as many as it lacks, are decoded to their end (without further
-        selection). Either way it returns exactly ``n`` finished candidates: the ``n`` best by
-        aggregate if more finished in the last iteration, in the order they finished.
+    A problem stops once ``n`` beams have finished. When ``max_iterations`` run out first, its
+    best unfinished beams, as many as it lacks, are decoded to their end (without further
+    selection). Either way it returns exactly ``n`` finished candidates: the ``n`` best by
+    aggregate if more finished in the last iteration, in the order they finished.
 
-        Parameters
-        ----------
-    {head}
-        n : int
-            Beams per problem (the number of candidates returned).
-    {tail}
-        beam_width : int
-            Children per kept beam; divides ``n``.
-        max_iterations : int
-            Steps searched at most.
-
-        Returns
-        -------
-    {returns}
-            ``tree`` holds the search tree: every scored step of every beam, with its parent.
+    Returns:
+    ``tree`` holds the search tree: every scored step of every beam, with its parent.
     """
-    n = check_count("n", n)  # an int from here on (a numpy integer passes too)
-    inputs = prepare(
-        "beam_search",
-        llm,
-        problems,
-        n,
-        verifier,
-        sampling,
-        select=select,
-        agg=agg,
-        seed=seed,
-        references=references,
-        system_prompt=system_prompt,
-        prompt_fn=prompt_fn,
-        step_delimiter=step_delimiter,
-        extract=extract,
-        equal=equal,
-        problem_ids=problem_ids,
-        needs_verifier=True,
-    )
-    beam_width, max_iterations = check_beams(n, beam_width, max_iterations)
     return run_waves(
         inputs,
         n,
-        lambda run: search_beams(run, n, beam_width, max_iterations),
+        lambda run: search_beams(run, n, options.beam_width, options.max_iterations),
         tree=True,
-        progress=progress,
     )
 
 
@@ -144,7 +106,7 @@ def lookahead_scores(run: SearchRun, lines: list[Line], steps: int) -> list[floa
     going = [i for i, line in enumerate(lines) if not line.finished]
     probes = run.copy([lines[i] for i in going])
     for _ in range(steps):
-        run.advance([probe for probe in probes if not probe.finished], greedy)
+        run.advance([probe for probe in probes if not probe.finished], greedy, report=False)
     for i, probe in zip(going, probes, strict=True):
         scores[i] = probe.score(run.agg)
     run.free(probes)

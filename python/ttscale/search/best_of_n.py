@@ -2,76 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from ttscale.sampling_params import SamplingParams
-from ttscale.search.common import check_count, prepare, run_waves, with_common_docs
-from ttscale.search.prompts import PromptFn
+from ttscale.search.common import Inputs, run_waves
+from ttscale.search.registry import Options, strategy
 from ttscale.search.result import SearchResult
 from ttscale.search.run import SearchRun
-from ttscale.verifiers.base import Verifier
 
 
-@with_common_docs
-def best_of_n(
-    llm,
-    problems: Sequence[str],
-    n: int,
-    verifier: Verifier | None = None,
-    sampling: SamplingParams | None = None,
-    *,
-    select: str | None = None,
-    agg: str = "last",
-    seed: int | None = None,
-    references: Sequence[str | None] | None = None,
-    system_prompt: str | None = None,
-    prompt_fn: PromptFn | None = None,
-    step_delimiter: str = "\n\n",
-    extract=None,
-    equal=None,
-    problem_ids: Sequence[int] | None = None,
-    progress: bool = True,
-) -> list[SearchResult]:
+@strategy(Options, budget="Samples per problem.", menu=True)
+def best_of_n(inputs: Inputs, n: int, options: Options) -> list[SearchResult]:
     """Sample ``n`` solutions per problem and choose an answer among them.
 
-        The prompt is prefilled once per problem and its ``n`` samples share its KV. With a
-        verifier, each sample's steps are scored incrementally (one root path per problem, forked
-        per sample, one verifier call per step position across all samples), and ``select`` picks:
-        ``"best"`` the highest aggregate, ``"weighted"`` the answer whose samples' aggregates sum
-        highest, ``"majority"`` the most frequent answer (the default without a verifier).
+    The prompt is prefilled once per problem and its ``n`` samples share its KV. With a
+    verifier, each sample's steps are scored incrementally (one root path per problem, forked
+    per sample, one verifier call per step position across all samples), and ``select`` picks:
+    ``"best"`` the highest aggregate, ``"weighted"`` the answer whose samples' aggregates sum
+    highest, ``"majority"`` the most frequent answer (the default without a verifier).
 
-        Parameters
-        ----------
-    {head}
-        n : int
-            Samples per problem.
-    {tail}
-
-        Returns
-        -------
-    {returns}
-            Each has ``n`` candidates, in sample order.
+    Returns:
+    Each has ``n`` candidates, in sample order.
     """
-    n = check_count("n", n)  # an int from here on (a numpy integer passes too)
-    inputs = prepare(
-        "best_of_n",
-        llm,
-        problems,
-        n,
-        verifier,
-        sampling,
-        select=select,
-        agg=agg,
-        seed=seed,
-        references=references,
-        system_prompt=system_prompt,
-        prompt_fn=prompt_fn,
-        step_delimiter=step_delimiter,
-        extract=extract,
-        equal=equal,
-        problem_ids=problem_ids,
-        needs_verifier=False,
-    )
 
     def search(run: SearchRun) -> list[SearchResult]:
         lines = run.start(n)
@@ -82,4 +31,4 @@ def best_of_n(
         run.free(lines)
         return [run.result(p, candidates[p]) for p in run.wave]
 
-    return run_waves(inputs, n, search, progress=progress)
+    return run_waves(inputs, n, search)

@@ -16,6 +16,7 @@ from ttscale.engine.engine import MAX_STREAM_KEY
 from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams, check_seed
 from ttscale.search.prompts import PromptFn, build_prompts
+from ttscale.search.registry import option
 from ttscale.search.result import SearchResult
 from ttscale.search.run import SearchRun
 from ttscale.search.select import SELECTIONS, check_select
@@ -27,59 +28,67 @@ DEFAULT_SAMPLING = SamplingParams(temperature=0.8, max_tokens=2048)
 # for a 150k-token vocabulary is 600 KB per sequence.
 MAX_WAVE_SEQUENCES = 1024
 
-# The parameters every strategy shares, spliced into each one's docstring: those before the
-# budget ``n`` and those after it.
 COMMON_HEAD = """\
-    llm : LLM
-        The policy (:class:`ttscale.LLM`); its engine and tokenizer are used.
-    problems : list of str
-        The problems' texts."""
+llm : LLM
+    The policy (:class:`ttscale.LLM`); its engine and tokenizer are used.
+problems : list of str
+    The problems' texts."""
 
-COMMON_TAIL = """\
-    verifier : Verifier, optional
-        Scores steps (a PRM, ``ttscale.RuleVerifier``, ...).
-    sampling : SamplingParams, optional
-        How the policy samples; default ``SamplingParams(temperature=0.8, max_tokens=2048)``.
-        ``max_tokens`` bounds each solution (capped so no sequence outgrows the model's
-        context); ``n`` is ignored (the strategy's budget decides) and ``stop`` must be unset
-        (steps end at ``step_delimiter``, solutions at end-of-sequence or ``max_tokens``).
-    select : {"best", "weighted", "majority"}, optional
-        Final choice of the answer (:mod:`ttscale.search.select`); default ``"weighted"`` with a
-        verifier, ``"majority"`` without.
-    agg : {"last", "min", "prod", "mean"}
-        How a candidate's step scores become its score, for ranking and for weighted votes.
-    seed : int, optional
-        Sampling seed (default ``sampling.seed``, else 0); the same seed gives the same result.
-    problem_ids : list of int, optional
-        Each problem's key to its random streams, e.g. its index in its data file (default its
-        position in ``problems``): a problem's result depends on (seed, its id, the settings)
-        only, not on which problems are searched with it.
-    references : list of str, optional
-        Known answers, one per problem (None entries allowed): a rule verifier's ground truth.
-    system_prompt : str, optional
-        The system message of the chat template (or a preamble without one).
-    prompt_fn : callable, optional
-        ``problem -> str or token ids``, replacing the default prompt
-        (:mod:`ttscale.search.prompts`).
-    step_delimiter : str
-        The text between steps (default a blank line).
-    extract, equal : callable, optional
-        ``text -> answer or None`` and ``(a, b) -> bool``; default
-        :func:`ttscale.grading.extract_answer` and :func:`ttscale.grading.answers_equal`.
-    progress : bool
-        Show a progress bar over problems."""
+COMMON_VERIFIER_SAMPLING = """\
+verifier : Verifier, optional
+    Scores steps (a PRM, ``ttscale.RuleVerifier``, ...).
+sampling : SamplingParams, optional
+    How the policy samples; default ``SamplingParams(temperature=0.8, max_tokens=2048)``.
+    ``max_tokens`` bounds each solution (capped so no sequence outgrows the model's
+    context); ``n`` is ignored (the strategy's budget decides) and ``stop`` must be unset
+    (steps end at ``step_delimiter``, solutions at end-of-sequence or ``max_tokens``)."""
 
 COMMON_RETURNS = """\
-    list of SearchResult
-        One per problem, in order; its ``cost`` is split as :mod:`ttscale.search.cost` says."""
+list of SearchResult
+    One per problem, in order; its ``cost`` is split as :mod:`ttscale.search.cost` says."""
 
 
-def with_common_docs(function):
-    """Fill ``{head}``, ``{tail}`` and ``{returns}`` in a strategy's docstring."""
-    function.__doc__ = function.__doc__.format(
-        head=COMMON_HEAD, tail=COMMON_TAIL, returns=COMMON_RETURNS
-    )
-    return function
+@dataclass(frozen=True)
+class Common:
+    """The keyword arguments every strategy takes (after ``llm, problems, n, verifier,
+    sampling``), documented once; :func:`prepare` checks them."""
+
+    select: str | None = option(None, (
+        "Final choice of the answer (:mod:`ttscale.search.select`); default ``\"weighted\"`` with\n"
+        "a verifier, ``\"majority\"`` without."), kind="any",
+        label='{"best", "weighted", "majority"}, optional')
+    agg: str = option("last", "How a candidate's step scores become its score, for ranking and for "
+                      "weighted votes.", kind="any", label='{"last", "min", "prod", "mean"}')
+    seed: int | None = option(None, "Sampling seed (default ``sampling.seed``, else 0); the same "
+                              "seed gives the same result.", kind="any", label="int, optional")
+    references: Sequence[str | None] | None = option(None, (
+        "Known answers, one per problem (None entries allowed): a rule verifier's ground truth."),
+        kind="any", label="list of str, optional")
+    system_prompt: str | None = option(None, "The system message of the chat template (or a "
+                                       "preamble without one).", kind="any", label="str, optional")
+    prompt_fn: PromptFn | None = option(None, (
+        "``problem -> str or token ids``, replacing the default prompt\n"
+        "(:mod:`ttscale.search.prompts`)."), kind="function")
+    step_delimiter: str = option("\n\n", "The text between steps (default a blank line).",
+                                 kind="any", label="str")
+    extract: Callable[[str], str | None] | None = option(None, (
+        "``text -> answer or None``; default :func:`ttscale.grading.extract_answer`."),
+        kind="function")
+    equal: Callable[[str, str], bool] | None = option(None, (
+        "``(a, b) -> bool``; default :func:`ttscale.grading.answers_equal`."), kind="function")
+    problem_ids: Sequence[int] | None = option(None, (
+        "Each problem's key to its random streams, e.g. its index in its data file (default its\n"
+        "position in ``problems``): a problem's result depends on (seed, its id, the settings)\n"
+        "only, not on which problems are searched with it."), kind="any",
+        label="list of int, optional")
+    progress: bool = option(True, "Show a progress bar over problems.", kind="any", label="bool")
+    on_progress: Callable[[Any], None] | None = option(None, (
+        "Called after each step of the search with a :class:`ttscale.search.run.Progress`\n"
+        "(problem, step, live, finished, best_score, generated_tokens), on the thread that runs\n"
+        "the search; the server streams these."), kind="function")
+
+
+COMMON = Common
 
 
 @dataclass
@@ -99,6 +108,8 @@ class Inputs:
     extract: Callable[[str], str | None]
     equal: Callable[[str, str], bool] | None
     problem_ids: list[int]  # each problem's key to its random streams (default: its position)
+    progress: bool = True  # a progress bar over problems
+    on_progress: Callable[[Any], None] | None = None  # told of each step (search.run.Progress)
 
 
 def prepare(
@@ -121,6 +132,8 @@ def prepare(
     needs_verifier: bool,
     selections: Sequence[str] = SELECTIONS,
     problem_ids: Sequence[int] | None = None,
+    progress: bool = True,
+    on_progress: Callable[[Any], None] | None = None,
 ) -> Inputs:
     """Check a strategy's common arguments (ValueErrors name them) and build its prompts;
     ``selections`` are the ``select`` values the strategy knows."""
@@ -140,8 +153,10 @@ def prepare(
     references = check_references(references, len(problems))
     if system_prompt is not None:
         check_text("system_prompt", system_prompt, empty=True)
-    for name, fn in (("prompt_fn", prompt_fn), ("extract", extract), ("equal", equal)):
+    for name, fn in (("prompt_fn", prompt_fn), ("extract", extract), ("equal", equal),
+                     ("on_progress", on_progress)):
         check_function(name, fn)
+    check_flag("progress", progress)
     if verifier is not None and not isinstance(verifier, Verifier):
         raise InvalidArgument(f"verifier: expected a ttscale Verifier, got {type(verifier).__name__}")
     if needs_verifier and verifier is None:
@@ -191,6 +206,8 @@ def prepare(
         extract,
         equal,
         problem_ids,
+        progress,
+        on_progress,
     )
 
 
@@ -284,11 +301,10 @@ def run_waves(
     body: Callable[[SearchRun], list[SearchResult]],
     *,
     tree: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[SearchResult]:
     """Run ``body`` (one search over a wave, returning its problems' results in order) on each
     wave; sequence numbering restarts once per call, so a seed replays the same samples."""
-    check_flag("progress", progress)
     engine = inputs.llm.engine
     scheduler = getattr(inputs.llm, "scheduler", None)
     if scheduler is not None and scheduler.cache is not None:
@@ -299,6 +315,7 @@ def run_waves(
     counters: dict[int, int] = {}
     results: list[SearchResult] = []
     waves = plan_waves(engine, inputs.prompts, seqs_per_problem, inputs.sampling.max_tokens)
+    progress = inputs.progress if progress is None else progress
     with tqdm(
         total=len(inputs.problems), desc=inputs.strategy, unit="problem", disable=not progress
     ) as bar:
@@ -315,11 +332,3 @@ def run_waves(
             bar.update(len(wave))
     return results
 
-
-def check_beams(n: int, beam_width: int, max_iterations: int) -> tuple[int, int]:
-    """Beam search and DVTS: ``beam_width`` divides ``n``; at least one iteration. Returns both
-    as ints."""
-    beam_width = check_count("beam_width", beam_width)
-    if n % beam_width:
-        raise InvalidArgument(f"beam_width: expected a divisor of n={n}, got {beam_width}")
-    return beam_width, check_count("max_iterations", max_iterations)

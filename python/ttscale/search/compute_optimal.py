@@ -11,6 +11,7 @@ A new problem gets its pilot, falls into a bin, and is searched with that bin's 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,22 +19,14 @@ from typing import Any
 from ttscale._checks import check_int
 from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
-from ttscale.search.beam_search import beam_search
 from ttscale.search.best_of_n import best_of_n
 from ttscale.search.common import check_count, check_problem_ids, check_problems
-from ttscale.search.dvts import dvts
-from ttscale.search.lookahead import lookahead
+from ttscale.search import registry
 from ttscale.search.result import Candidate, SearchResult
 from ttscale.search.revisions import revisions
 from ttscale.search.select import check_select, choose
 from ttscale.verifiers.base import Verifier
 
-STRATEGIES = {
-    "best_of_n": best_of_n,
-    "beam_search": beam_search,
-    "dvts": dvts,
-    "lookahead": lookahead,
-}
 REVISIONS_PREFIX = "revisions-"  # an option "revisions-<sequential>"
 
 
@@ -112,16 +105,17 @@ def pilot_score(candidates: Sequence[Candidate]) -> float:
     return sum(c.score or 0.0 for c in candidates) / max(len(candidates), 1)
 
 
-# The common strategy arguments compute_optimal passes on (``**common``).
-COMMON_OPTIONS = ("system_prompt", "prompt_fn", "step_delimiter", "extract", "equal", "progress")
-
-
 def check_common(common: dict[str, Any]) -> None:
-    """``**common`` holds only the common strategy arguments, named as the caller wrote them."""
+    """``**common`` holds only common strategy arguments that compute_optimal passes on (not
+    those it takes itself), named as the caller wrote them."""
+    from ttscale.search.common import COMMON
+
+    own = ("select", "agg", "seed", "references", "problem_ids")
+    passed_on = [f.name for f in dataclasses.fields(COMMON) if f.name not in own]
     for name in common:
-        if name not in COMMON_OPTIONS:
+        if name not in passed_on:
             raise InvalidArgument(f"{name}: not an argument of compute_optimal (its **common "
-                                  f"takes {', '.join(COMMON_OPTIONS)})", param=name)
+                                  f"takes {', '.join(passed_on)})", param=name)
 
 
 def check_budget(llm, budget) -> int:
@@ -145,6 +139,26 @@ def check_revision_ratios(ratios: Sequence[int], sizes: Sequence[int]) -> list[i
     return ratios
 
 
+def menu() -> dict[str, registry.Strategy]:
+    """The strategies compute-optimal chooses among (declared with ``menu=True``), by name."""
+    return {name: spec for name, spec in registry.strategies().items() if spec.menu}
+
+
+def _knobs(spec: registry.Strategy, **knobs) -> dict[str, Any]:
+    """Of compute-optimal's knobs, those ``spec`` takes."""
+    return {k: v for k, v in knobs.items() if k in spec.option_names}
+
+
+def _fits(name: str, n: int, **knobs) -> bool:
+    """Whether option ``name`` runs at budget ``n`` with these knobs (a beam width divides it)."""
+    spec = menu()[name]
+    try:
+        spec.options(**_knobs(spec, **knobs)).check(n)
+    except InvalidArgument:
+        return False
+    return True
+
+
 def run_option(
     name: str,
     llm,
@@ -162,10 +176,9 @@ def run_option(
     if name.startswith(REVISIONS_PREFIX):
         sequential = int(name.removeprefix(REVISIONS_PREFIX))
         return revisions(llm, problems, n, sequential, verifier, sampling, window=window, **shared)
-    options = (
-        {} if name == "best_of_n" else dict(beam_width=beam_width, max_iterations=max_iterations)
-    )
-    return STRATEGIES[name](llm, problems, n, verifier, sampling, **options, **shared)
+    spec = menu()[name]
+    knobs = _knobs(spec, beam_width=beam_width, max_iterations=max_iterations)
+    return spec.function(llm, problems, n, verifier, sampling, **knobs, **shared)
 
 
 def fit_compute_optimal(
@@ -216,17 +229,18 @@ def fit_compute_optimal(
     check_common(common)
     if isinstance(strategies, str) or not isinstance(strategies, Sequence):
         raise InvalidArgument(f"strategies: expected a list of names, got {strategies!r:.60}")
-    unknown = [s for s in strategies if s not in STRATEGIES]
+    unknown = [s for s in strategies if s not in menu()]
     if unknown or not strategies:
         raise InvalidArgument(
-            f"strategies: expected names among {', '.join(STRATEGIES)}, got {list(strategies)}"
+            f"strategies: expected names among {', '.join(menu())}, got {list(strategies)}"
         )
     beam_width = check_count("beam_width", beam_width)
     check_count("max_iterations", max_iterations)
     sizes = sorted({1 << k for k in range(budget.bit_length()) if 1 << k <= budget} | {budget})
     ratios = check_revision_ratios(revision_ratios, sizes)
     check_count("window", window)
-    if "best_of_n" not in strategies and not ratios and all(n % beam_width for n in sizes):
+    knobs = dict(beam_width=beam_width, max_iterations=max_iterations)
+    if not ratios and not any(_fits(name, n, **knobs) for name in strategies for n in sizes):
         raise InvalidArgument(f"budget: no N up to {budget} is a multiple of beam_width={beam_width}")
     if verifier is None:
         raise InvalidArgument("verifier: compute_optimal needs a verifier to estimate difficulty")
@@ -244,18 +258,20 @@ def fit_compute_optimal(
     bon = best_of_n(llm, calibration_problems, samples, verifier, sampling, **shared)
     scores = [pilot_score(r.candidates[:pilot_n]) for r in bon]
     correct: dict[tuple[str, int], list[bool]] = {}
-    # Each option with the step its N must be a multiple of.
-    options = [(name, 1 if name == "best_of_n" else beam_width) for name in strategies]
-    options += [(f"{REVISIONS_PREFIX}{ratio}", ratio) for ratio in ratios]
-    for name, step in options:
+    options = [*strategies, *(f"{REVISIONS_PREFIX}{ratio}" for ratio in ratios)]
+    for name in options:
         for n in sizes:
+            if name.startswith(REVISIONS_PREFIX):
+                runs_at_n = n % int(name.removeprefix(REVISIONS_PREFIX)) == 0
+            else:
+                runs_at_n = _fits(name, n, **knobs)
             if name == "best_of_n":
                 picks = [choose(r.candidates[:n], chosen_rule, equal) for r in bon]
                 answers = [
                     None if i is None else r.candidates[i].answer
                     for r, i in zip(bon, picks, strict=True)
                 ]
-            elif n % step == 0:
+            elif runs_at_n:
                 runs = run_option(
                     name,
                     llm,
@@ -344,7 +360,8 @@ def compute_optimal(
     table : ComputeOptimalTable, optional
         A fitted table to use instead of fitting one.
     strategies : list of str
-        Options among ``"best_of_n"``, ``"beam_search"``, ``"dvts"``, ``"lookahead"``.
+        Options among the strategies of :func:`menu` (``"best_of_n"``, ``"beam_search"``,
+        ``"dvts"``, ``"lookahead"``).
     revision_ratios : list of int
         Attempts per chain of the :func:`ttscale.revisions` options (``"revisions-<r>"``, with
         N // r chains), e.g. ``(2, 4, 8)``; none by default.

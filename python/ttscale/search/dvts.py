@@ -2,87 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from ttscale.sampling_params import SamplingParams
-from ttscale.search.common import check_beams, check_count, prepare, run_waves, with_common_docs
+from ttscale.search.beam_search import BeamOptions
+from ttscale.search.common import Inputs, run_waves
 from ttscale.search.fork import best_per_group, consecutive_groups
-from ttscale.search.prompts import PromptFn
+from ttscale.search.registry import strategy
 from ttscale.search.result import Candidate, SearchResult
 from ttscale.search.run import SearchRun
-from ttscale.verifiers.base import Verifier
 
 
-@with_common_docs
-def dvts(
-    llm,
-    problems: Sequence[str],
-    n: int,
-    verifier: Verifier | None = None,
-    sampling: SamplingParams | None = None,
-    *,
-    beam_width: int = 4,
-    max_iterations: int = 40,
-    select: str | None = None,
-    agg: str = "last",
-    seed: int | None = None,
-    references: Sequence[str | None] | None = None,
-    system_prompt: str | None = None,
-    prompt_fn: PromptFn | None = None,
-    step_delimiter: str = "\n\n",
-    extract=None,
-    equal=None,
-    problem_ids: Sequence[int] | None = None,
-    progress: bool = True,
-) -> list[SearchResult]:
+@strategy(BeamOptions, needs_verifier=True, menu=True,
+          budget="Beams per problem; ``n / beam_width`` candidates are returned.")
+def dvts(inputs: Inputs, n: int, options: BeamOptions) -> list[SearchResult]:
     """Split ``n`` beams into ``n / beam_width`` independent subtrees and grow each greedily.
 
-        Iteration 0 samples ``n`` first steps per problem, ``beam_width`` per subtree. Every
-        iteration, each subtree's ``beam_width`` beams are extended by one step and scored, and its
-        best by aggregate score is kept: if that beam has finished (end-of-sequence or
-        ``max_tokens``) it is the subtree's candidate and the subtree stops; otherwise it is forked
-        ``beam_width`` times and the others are freed. A subtree still going after
-        ``max_iterations`` decodes its kept beam to the end. Subtrees never compete with one
-        another, which keeps their candidates diverse (Beeching et al., 2024).
+    Iteration 0 samples ``n`` first steps per problem, ``beam_width`` per subtree. Every
+    iteration, each subtree's ``beam_width`` beams are extended by one step and scored, and its
+    best by aggregate score is kept: if that beam has finished (end-of-sequence or
+    ``max_tokens``) it is the subtree's candidate and the subtree stops; otherwise it is forked
+    ``beam_width`` times and the others are freed. A subtree still going after
+    ``max_iterations`` decodes its kept beam to the end. Subtrees never compete with one
+    another, which keeps their candidates diverse (Beeching et al., 2024).
 
-        Parameters
-        ----------
-    {head}
-        n : int
-            Beams per problem; ``n / beam_width`` candidates are returned.
-    {tail}
-        beam_width : int
-            Beams per subtree; divides ``n``.
-        max_iterations : int
-            Steps searched at most.
-
-        Returns
-        -------
-    {returns}
-            Each has one finished candidate per subtree, in subtree order; ``tree`` holds every
-            subtree under the problem's root.
+    Returns:
+    Each has one finished candidate per subtree, in subtree order; ``tree`` holds every
+    subtree under the problem's root.
     """
-    n = check_count("n", n)  # an int from here on (a numpy integer passes too)
-    inputs = prepare(
-        "dvts",
-        llm,
-        problems,
-        n,
-        verifier,
-        sampling,
-        select=select,
-        agg=agg,
-        seed=seed,
-        references=references,
-        system_prompt=system_prompt,
-        prompt_fn=prompt_fn,
-        step_delimiter=step_delimiter,
-        extract=extract,
-        equal=equal,
-        problem_ids=problem_ids,
-        needs_verifier=True,
-    )
-    beam_width, max_iterations = check_beams(n, beam_width, max_iterations)
+    beam_width, max_iterations = options.beam_width, options.max_iterations
 
     def search(run: SearchRun) -> list[SearchResult]:
         sampling = run.inputs.sampling
@@ -112,4 +57,4 @@ def dvts(
         run.free(lines)
         return [run.result(p, [chosen[(p, g)] for g in range(n // beam_width)]) for p in run.wave]
 
-    return run_waves(inputs, n, search, tree=True, progress=progress)
+    return run_waves(inputs, n, search, tree=True)

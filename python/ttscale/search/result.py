@@ -47,7 +47,7 @@ class Cost:
 
 @dataclass
 class TreeNode:
-    """A node of a beam-search or DVTS tree: one step of one path.
+    """A node of a search tree (beam search, DVTS, MCTS): one step of one path.
 
     Node 0 is the root (the problem, no step); ``score`` is the verifier's score of the step.
     A step first scored as not final and then again as a path's last gets a second node, a
@@ -59,6 +59,11 @@ class TreeNode:
     step: str
     score: float | None
     depth: int
+    # Monte Carlo tree search's statistics (None in other trees): simulations through the node,
+    # their mean value, and the policy's prior of its step among its siblings
+    visits: int | None = None
+    value: float | None = None
+    prior: float | None = None
 
 
 @dataclass

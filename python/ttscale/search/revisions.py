@@ -34,16 +34,14 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from ttscale._checks import check_function
 from ttscale.errors import InvalidArgument
-from ttscale.sampling_params import SamplingParams
-from ttscale.search.common import check_count, prepare, run_waves, with_common_docs
-from ttscale.search.prompts import PromptFn
+from ttscale.search.common import Inputs, run_waves
+from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import Candidate, SearchResult
 from ttscale.search.run import Line, SearchRun
 from ttscale.search.select import REVISION_SELECTIONS
-from ttscale.verifiers.base import Verifier
 
 #: What follows each earlier attempt in a revision context: it closes that attempt and
 #: introduces the next. Written in the toy tokenizer's alphabet, so the toy policy can learn it.
@@ -98,92 +96,47 @@ def separator_ids(tokenizer, revision_fn: RevisionFn | None, count: int) -> list
     return separators
 
 
-@with_common_docs
-def revisions(
-    llm,
-    problems: Sequence[str],
-    n: int,
-    sequential: int,
-    verifier: Verifier | None = None,
-    sampling: SamplingParams | None = None,
-    *,
-    window: int = 3,
-    select: str | None = None,
-    agg: str = "last",
-    seed: int | None = None,
-    references: Sequence[str | None] | None = None,
-    system_prompt: str | None = None,
-    prompt_fn: PromptFn | None = None,
-    revision_fn: RevisionFn | None = None,
-    step_delimiter: str = "\n\n",
-    extract=None,
-    equal=None,
-    problem_ids: Sequence[int] | None = None,
-    progress: bool = True,
-) -> list[SearchResult]:
+@dataclass(frozen=True)
+class RevisionOptions(Options):
+    sequential: int = option(
+        doc="Attempts per chain; divides ``n`` (``n // sequential`` parallel chains).", metavar="S")
+    window: int = option(3, "Earlier attempts a revision sees at most (the chain's latest).",
+                         metavar="W")
+    revision_fn: RevisionFn | None = option(None, (
+        "``position -> str or token ids``: what follows the chain's attempt at ``position``\n"
+        "(0-based) and introduces the next, instead of :data:`REVISION_SEPARATOR`."),
+        kind="function")
+
+    def check(self, n: int) -> None:
+        if n % self.sequential:
+            raise InvalidArgument(f"sequential: expected a divisor of n={n}, got {self.sequential}")
+
+
+@strategy(RevisionOptions, positional=("sequential",), selections=REVISION_SELECTIONS,
+          budget="Attempts per problem, all chains together.")
+def revisions(inputs: Inputs, n: int, options: RevisionOptions) -> list[SearchResult]:
     """Spend ``n`` attempts per problem as ``n // sequential`` chains of ``sequential``
-        revisions, each attempt written after the chain's earlier ones, then choose an answer.
+    revisions, each attempt written after the chain's earlier ones, then choose an answer.
 
-        The format of a revision's context, and why it costs only its new tokens, are in the
-        module docstring (:mod:`ttscale.search.revisions`). Every attempt is a candidate, scored
-        alone by the verifier; ``select`` chooses among all of them as in best-of-N, or with
-        ``"hierarchical"`` takes each chain's best attempt, then a weighted vote across chains.
-        ``sequential=1`` gives exactly :func:`ttscale.best_of_n` with the same seed.
+    The format of a revision's context, and why it costs only its new tokens, are in the
+    module docstring (:mod:`ttscale.search.revisions`). Every attempt is a candidate, scored
+    alone by the verifier; ``select`` chooses among all of them as in best-of-N, or with
+    ``"hierarchical"`` takes each chain's best attempt, then a weighted vote across chains.
+    ``sequential=1`` gives exactly :func:`ttscale.best_of_n` with the same seed.
 
-        Parameters
-        ----------
-    {head}
-        n : int
-            Attempts per problem, all chains together.
-        sequential : int
-            Attempts per chain; divides ``n``.
-    {tail}
-        window : int
-            Earlier attempts a revision sees at most (the chain's latest).
-        revision_fn : callable, optional
-            ``position -> str or token ids``: what follows the chain's attempt at ``position``
-            (0-based) and introduces the next, instead of :data:`REVISION_SEPARATOR`.
+    ``select`` also takes ``"hierarchical"``. ``sampling.max_tokens`` bounds each attempt,
+    capped so that a chain's context (the prompt, ``window`` attempts with their separators
+    and the new attempt) fits the model's context.
 
-        ``select`` also takes ``"hierarchical"``. ``sampling.max_tokens`` bounds each attempt,
-        capped so that a chain's context (the prompt, ``window`` attempts with their separators
-        and the new attempt) fits the model's context.
-
-        Returns
-        -------
-    {returns}
-            Each has ``n`` candidates, chain by chain, each chain's attempts in order, with their
-            ``chain`` and ``position``. ``extra`` holds ``sequential``, ``chains``, ``window`` and
-            ``rebuilt_tokens``, the tokens prefilled again to drop attempts out of the window
-            (included in ``cost.prefilled_tokens``).
+    Returns:
+    Each has ``n`` candidates, chain by chain, each chain's attempts in order, with their
+    ``chain`` and ``position``. ``extra`` holds ``sequential``, ``chains``, ``window`` and
+    ``rebuilt_tokens``, the tokens prefilled again to drop attempts out of the window
+    (included in ``cost.prefilled_tokens``).
     """
-    n = check_count("n", n)
-    sequential = check_count("sequential", sequential)
-    if n % sequential:
-        raise InvalidArgument(f"sequential: expected a divisor of n={n}, got {sequential}")
-    window = check_count("window", window)
-    check_function("revision_fn", revision_fn)
-    inputs = prepare(
-        "revisions",
-        llm,
-        problems,
-        n,
-        verifier,
-        sampling,
-        select=select,
-        agg=agg,
-        seed=seed,
-        references=references,
-        system_prompt=system_prompt,
-        prompt_fn=prompt_fn,
-        step_delimiter=step_delimiter,
-        extract=extract,
-        equal=equal,
-        problem_ids=problem_ids,
-        needs_verifier=False,
-        selections=REVISION_SELECTIONS,
-    )
+    llm, sequential, window = inputs.llm, options.sequential, options.window
     chains = n // sequential
-    separators = separator_ids(llm.tokenizer, revision_fn, sequential - 1)
+    separators = separator_ids(llm.tokenizer, options.revision_fn, sequential - 1)
     vocab = llm.engine.model.config.vocab_size
     bad = next((t for separator in separators for t in separator if not 0 <= t < vocab), None)
     if bad is not None:
@@ -237,7 +190,7 @@ def revisions(
         ]
 
     return run_waves(
-        dataclasses.replace(inputs, sampling=chain_sampling), chains, search, progress=progress
+        dataclasses.replace(inputs, sampling=chain_sampling), chains, search
     )
 
 

@@ -74,6 +74,21 @@ class Line:
         )
 
 
+@dataclass(frozen=True)
+class Progress:
+    """A search's state for one problem after one of its steps (``on_progress`` gets these)."""
+
+    problem: int  # the problem's position in the call
+    step: int  # the search's steps on it so far (a whole solution counts as one)
+    live: int  # sequences it advanced in this step that are still unfinished
+    finished: int  # solutions it has finished so far (candidates, or attempts of revisions)
+    best_score: float | None  # the best aggregate score among the sequences of this step
+    generated_tokens: int  # policy tokens generated for it so far
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def completed_steps(text: str, delimiter: str, finished: bool) -> list[str]:
     """The steps a text has completed: all of them once it is finished, else those that a
     delimiter has closed (the text after the last delimiter is a step still being written)."""
@@ -111,6 +126,8 @@ class SearchRun:
         self.stream_counters = {} if stream_counters is None else stream_counters
         self._roots: dict[int, object] = {}  # kept verifier roots, by problem (see start)
         self._started = time.perf_counter()
+        self._steps = {p: 0 for p in wave}
+        self._finished = {p: 0 for p in wave}
 
     # ------------------------------------------------------------------------------------------
     # Lines
@@ -163,9 +180,11 @@ class SearchRun:
         whole: bool = False,
         max_new_tokens: int | None = None,
         budget: int | None = None,
+        report: bool = True,
     ) -> None:
         """Decode each line to its next step delimiter (``whole``: to its end), or for at most
-        ``max_new_tokens`` tokens, then score the steps its text completed.
+        ``max_new_tokens`` tokens, then score the steps its text completed, and tell the caller's
+        ``on_progress`` (unless ``report`` is false: a lookahead probe is not a step).
 
         ``budget`` (with ``whole``, instead of ``max_new_tokens``) ends each solution after that
         many new tokens: a revision's attempt, whose sequence has sampled earlier attempts too,
@@ -192,7 +211,23 @@ class SearchRun:
                 or line.seq.generated >= sampling.max_tokens
                 or (budget is not None and line.seq.generated - generated >= budget)
             )
+            self._finished[line.problem] += line.finished and report
         self._score_steps(lines)
+        if report and self.inputs.on_progress is not None:
+            self._report(lines)
+
+    def _report(self, lines: Seq[Line]) -> None:
+        """One :class:`Progress` per problem among ``lines`` to the caller's ``on_progress``."""
+        by_problem: dict[int, list[Line]] = {}
+        for line in lines:
+            by_problem.setdefault(line.problem, []).append(line)
+        for p, group in by_problem.items():
+            self._steps[p] += 1
+            scores = [s for s in (line.score(self.agg) for line in group) if s is not None]
+            self.inputs.on_progress(Progress(
+                problem=p, step=self._steps[p], live=sum(not line.finished for line in group),
+                finished=self._finished[p], best_score=max(scores, default=None),
+                generated_tokens=self.costs[p].generated_tokens))
 
     def restart(self, lines: Seq[Line]) -> None:
         """Begin a new solution on each line after the text its sequence holds now (a

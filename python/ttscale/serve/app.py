@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -23,8 +24,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sse_starlette.sse import EventSourceResponse
 
 from ttscale.errors import InvalidArgument, TTScaleError, UnknownRequest
+from ttscale.search import registry
 from ttscale.serve import protocol
-from ttscale.serve.async_llm import STRATEGIES, AsyncLLM
+from ttscale.serve.async_llm import AsyncLLM
 
 log = logging.getLogger("ttscale.serve")
 
@@ -181,10 +183,10 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     async def serve(request: Request, parsed: protocol.ParsedRequest, chat: bool):
         admit()
         if parsed.search is not None:
-            body = await run_search(parsed, chat)
+            plan = plan_search(parsed, chat)  # a bad option is a 400 before any stream starts
             if not parsed.stream:
-                return body
-            return EventSourceResponse(search_events(body, chat, parsed.include_usage), ping=15)
+                return await run_search(parsed, chat, plan)
+            return EventSourceResponse(search_events(parsed, chat, plan), ping=15)
         kind = "chat.completion" if chat else "text_completion"
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         params = parsed.params
@@ -277,19 +279,44 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
             for generator in streams:
                 await generator.aclose()
 
-    async def search_events(body: dict, chat: bool, include_usage: bool):
-        """A finished search as a stream: the chosen text (and the ``ttscale`` result) in one
-        chunk, then usage and [DONE]. Per-step progress events are not streamed yet."""
-        choice = body["choices"][0]
-        text = choice["message"]["content"] if chat else choice["text"]
-        delta = ({"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                 if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"})
-        head = {"id": body["id"], "object": f"{body['object']}.chunk", "created": body["created"],
-                "model": body["model"]}
-        yield json.dumps({**head, "choices": [delta], "ttscale": body["ttscale"]})
-        if include_usage:
-            yield json.dumps({**head, "choices": [], "usage": body["usage"]})
-        yield "[DONE]"
+    async def search_events(parsed: protocol.ParsedRequest, chat: bool, plan: dict):
+        """A search as a stream: one chunk per step of the search (``choices`` empty,
+        ``ttscale.event`` "progress" with live sequences and the best score so far), then the
+        chosen text with the whole ``ttscale`` result, usage, and [DONE]. A client that goes
+        away stops the search at its next step, its blocks freed."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()
+
+        def on_progress(progress):  # on the search's thread
+            if gone.is_set():
+                raise SearchCancelled("the client went away")
+            loop.call_soon_threadsafe(events.put_nowait, progress)
+
+        task = asyncio.create_task(run_search(parsed, chat, plan, on_progress))
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        head = {"id": plan["id"], "object": f"{'chat.completion' if chat else 'text_completion'}.chunk",
+                "created": parsed.created, "model": config.model_name}
+        try:
+            while (progress := await events.get()) is not None:
+                yield json.dumps({**head, "choices": [],
+                                  "ttscale": {"event": "progress", **progress.to_dict()}})
+            try:
+                body = task.result()
+            except HTTPError as error:  # the search refused an option only it could check
+                yield json.dumps(protocol.error_body(error.message, error.kind, error.param, error.status))
+                yield "[DONE]"
+                return
+            choice = body["choices"][0]
+            text = choice["message"]["content"] if chat else choice["text"]
+            delta = ({"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                     if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"})
+            yield json.dumps({**head, "choices": [delta], "ttscale": {"event": "result", **body["ttscale"]}})
+            if parsed.include_usage:
+                yield json.dumps({**head, "choices": [], "usage": body["usage"]})
+            yield "[DONE]"
+        finally:
+            gone.set()  # a disconnected client: the search stops at its next step
 
     def _response(rid, kind, parsed, finals, ranked_outputs, chat):
         choices, prompt_tokens, completion_tokens = [], 0, 0
@@ -325,19 +352,43 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
         order = sorted(range(len(out.outputs)), key=lambda k: -scores[k])[:n]
         return [out.outputs[k] for k in order]
 
-    async def run_search(parsed: protocol.ParsedRequest, chat: bool):
+    def plan_search(parsed: protocol.ParsedRequest, chat: bool) -> dict:
+        """Check a search request (HTTPError 400 naming ``ttscale.<key>``); what to run."""
         options = dict(parsed.search)
         strategy = options.pop("strategy")
-        if strategy not in STRATEGIES:
+        known = registry.strategies()
+        if strategy not in known:
             raise HTTPError(400, f"ttscale.strategy: unknown {strategy!r}; choose from "
-                                 f"{', '.join(STRATEGIES)}", "invalid_request_error", "ttscale.strategy")
-        if config.prm is None and strategy != "best_of_n":
+                                 f"{', '.join(known)}", "invalid_request_error", "ttscale.strategy")
+        spec = known[strategy]
+        if config.prm is None and spec.needs_verifier:
             raise HTTPError(400, f"ttscale.strategy: {strategy} needs a PRM; start the server with --prm",
                             "invalid_request_error", "ttscale.strategy")
+        # the body may set the strategy's own options and these; the server sets the rest
+        allowed = {"n", *SEARCH_KEYS, *(name for name in spec.option_names
+                                        if spec.options.__dataclass_fields__[name].metadata["flag"])}
+        unknown = next((key for key in options if key not in allowed), None)
+        if unknown is not None:
+            raise HTTPError(400, f"ttscale.{unknown}: not an option of {strategy}; it takes "
+                                 f"{', '.join(sorted(allowed))}", "invalid_request_error",
+                            f"ttscale.{unknown}")
+        n = options.pop("n", 4)
+        missing = next((name for name in spec.required() if name not in options), None)
+        try:
+            if missing is not None:
+                raise InvalidArgument(f"{missing}: required by {strategy}", param=missing)
+            spec.options(**{k: v for k, v in options.items() if k in spec.option_names}).check(n)
+        except InvalidArgument as error:
+            raise HTTPError(400, f"ttscale.{error}", "invalid_request_error",
+                            f"ttscale.{error.param}") from None
         prompt = parsed.text if chat else parsed.prompts[0]
         if len(parsed.prompts) != 1 or not isinstance(prompt, str):
             raise HTTPError(400, "prompt: a search takes one text prompt", "invalid_request_error", "prompt")
-        n = options.pop("n", 4)
+        return {"id": protocol.new_id("search"), "strategy": strategy, "prompt": prompt, "n": n,
+                "options": options}
+
+    async def run_search(parsed: protocol.ParsedRequest, chat: bool, plan: dict, on_progress=None):
+        strategy, prompt, n, options = plan["strategy"], plan["prompt"], plan["n"], plan["options"]
         sampling = _replace(parsed.params, n=1)
         # the prompt as given (completions) or as the chat template rendered it (chat)
         as_given = (lambda p: engine.tokenizer.encode(p, add_special_tokens=False)) if chat else (lambda p: p)
@@ -345,12 +396,12 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
         try:
             result = await engine.search(strategy, prompt, n=n, verifier=config.prm,
                                          sampling=sampling, step_delimiter=config.step_delimiter,
-                                         prompt_fn=as_given, **options)
+                                         prompt_fn=as_given, on_progress=on_progress, **options)
         except TypeError as error:
             raise HTTPError(400, f"ttscale: {error}", "invalid_request_error", "ttscale") from None
         except (InvalidArgument, ValueError) as error:
             param = getattr(error, "param", None) or str(error).split(":", 1)[0]
-            raise HTTPError(400, str(error), "invalid_request_error", f"ttscale.{param}") from None
+            raise HTTPError(400, f"ttscale.{error}", "invalid_request_error", f"ttscale.{param}") from None
         metrics.latency.observe(time.perf_counter() - started)
         # the chosen candidate: one with the chosen answer, the best scored among them
         best = max(result.candidates, default=None,
@@ -360,7 +411,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
         choice = ({"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
                   if chat else {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None})
         cost = result.cost
-        return {"id": protocol.new_id("search"), "object": kind, "created": parsed.created,
+        return {"id": plan["id"], "object": kind, "created": parsed.created,
                 "model": config.model_name, "choices": [choice],
                 "usage": protocol.usage(0, cost.generated_tokens),
                 "ttscale": {"strategy": strategy, "answer": result.answer,
@@ -370,6 +421,13 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
                             "cost": _cost(cost)}}
 
     return app
+
+
+SEARCH_KEYS = ("select", "agg", "seed")  # common strategy arguments a request may set
+
+
+class SearchCancelled(Exception):
+    """Raised into a streamed search whose client went away: the search frees its blocks."""
 
 
 def _cost(cost) -> dict:

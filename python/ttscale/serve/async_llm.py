@@ -97,11 +97,9 @@ class AsyncLLM:
         """Run a strategy of :mod:`ttscale.search` on one problem, on a worker thread; its
         ``SearchResult``. Its decoding joins the scheduler's steps beside every request and
         every other search."""
-        import ttscale
+        from ttscale.search import registry
 
-        fn = getattr(ttscale, strategy, None) if strategy in STRATEGIES else None
-        if fn is None:
-            raise invalid("strategy", f"unknown {strategy!r}; choose from {', '.join(STRATEGIES)}")
+        fn = registry.get(strategy).function  # an unknown name: InvalidArgument naming strategy
 
         def run():
             return fn(self.llm, [problem], progress=False, **options)[0]
@@ -154,6 +152,3 @@ class AsyncLLM:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(queue.put_nowait, RuntimeError(f"engine step failed: {error}"))
 
-
-STRATEGIES = ("best_of_n", "beam_search", "dvts", "lookahead", "rejection_best_of_n", "revisions",
-              "compute_optimal")
