@@ -331,6 +331,19 @@ SEARCHING = [
         m.llm, [PROBLEM], 4096, 2, **m.search()), "n"),
     ("hierarchical without a verifier", lambda m: ttscale.revisions(
         m.llm, [PROBLEM], 4, 2, select="hierarchical", **m.search()), "select"),
+    ("particle_filtering resample_temperature=0", lambda m: ttscale.particle_filtering(
+        m.llm, [PROBLEM], 4, verifier=m.prm, resample_temperature=0, **m.search()),
+     "resample_temperature"),
+    ("rebase balance_temperature<0", lambda m: ttscale.rebase(
+        m.llm, [PROBLEM], 4, verifier=m.prm, balance_temperature=-1, **m.search()),
+     "balance_temperature"),
+    ("mcts branching=0", lambda m: ttscale.mcts(
+        m.llm, [PROBLEM], 4, verifier=m.prm, branching=0, **m.search()), "branching"),
+    ("mcts n above max_n", lambda m: ttscale.mcts(
+        m.llm, [PROBLEM], 5000, verifier=m.prm, **m.search()), "n"),
+    ("an unknown strategy keyword", lambda m: _bon(m, [PROBLEM], 4, bogus=1), "bogus"),
+    ("n missing", lambda m: ttscale.best_of_n(m.llm, [PROBLEM], **m.search()), "n"),
+    ("on_progress=int", lambda m: _bon(m, [PROBLEM], 2, on_progress=3), "on_progress"),
     ("compute_optimal budget above max_n", lambda m: _co(m, [PROBLEM], ["65"], [PROBLEM], 4096,
                                                          m.prm), "budget"),
     ("compute_optimal pilot_n=True", lambda m: _co(m, [PROBLEM], ["65"], [PROBLEM], 4, m.prm,
