@@ -295,13 +295,13 @@ def check_format_options(name: str | None, **options) -> dict[str, str]:
     """The options given (not None) for format ``name``: strings, non-empty but for the system
     prompt, and options of that format (any format's when ``name`` is None: it is known later)."""
     given = {key: value for key, value in options.items() if value is not None}
+    known = FORMATS[name].options if name in FORMATS else tuple(
+        dict.fromkeys(option for cls in FORMATS.values() for option in cls.options))
     for key, value in given.items():
         if not isinstance(value, str):
             raise InvalidArgument(f"{key}: expected a string, got {type(value).__name__}")
         if key != "system_prompt" and not value.strip():
             raise InvalidArgument(f"{key}: expected a non-blank string, got {value!r}")
-        known = FORMATS[name].options if name in FORMATS else {
-            option for cls in FORMATS.values() for option in cls.options}
         if key not in known:
             raise InvalidArgument(f"{key}: the {name!r} format takes no {key} "
                                   f"(it takes: {', '.join(known) or 'no options'})")
