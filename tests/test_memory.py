@@ -86,7 +86,7 @@ def test_a_lease_is_at_most_the_fraction_of_what_is_free_now(model, free):
 
 def test_a_failed_pool_allocation_returns_its_lease(model, free):
     free["bytes"] = 100  # holds no KV block
-    with pytest.raises(ValueError, match="budget_bytes: .* hold no KV block"):
+    with pytest.raises(ValueError, match="memory_share: .* hold no KV block"):  # what sized it
         Engine(model, memory_share=0.5)
     assert memory.device_budget("cpu").leases == {}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
@@ -73,3 +75,62 @@ def check_block_table(
     used_blocks = (lens.long() + block_size - 1) // block_size
     used = torch.arange(block_table.shape[1], device=lens.device)[None, :] < used_blocks[:, None]
     check_range(name, block_table[used], 0, num_blocks)
+
+
+# Scalar arguments of the public API. Types are checked, not coerced: a count is any integer
+# (numpy's included) but not a bool, a number any real but not a bool or NaN, a flag only a
+# bool, a text only a string. What passes is returned as the plain Python value.
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None,
+              note: str = "") -> int:
+    """``value`` as an int: a ``numbers.Integral`` but not a bool, in ``[low, high]``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise InvalidArgument(f"{name}: expected an integer{note}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+        raise InvalidArgument(f"{name}: expected an integer {bounds}{note}, got {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float: a ``numbers.Real`` but not a bool or NaN, within the bounds given."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
+        raise InvalidArgument(f"{name}: expected a number, got {value!r}")
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    if not (above and below):
+        interval = (f"{'(' if low_open else '['}{'-inf' if low is None else low}, "
+                    f"{'inf' if high is None else high}{')' if high_open else ']'}")
+        raise InvalidArgument(f"{name}: expected a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_flag(name: str, value) -> bool:
+    """A bool; not a string (``"no"`` is truthy), not a number."""
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def check_text(name: str, value, *, empty: bool = False) -> str:
+    """A string, non-empty unless ``empty``."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name}: expected a string, got {type(value).__name__}")
+    if not value and not empty:
+        raise InvalidArgument(f"{name}: expected a non-empty string")
+    return value
+
+
+def check_function(name: str, value) -> None:
+    """A callable, or None."""
+    if value is not None and not callable(value):
+        raise InvalidArgument(f"{name}: expected a function, got {type(value).__name__}")
+
+
+def check_path(name: str, value) -> str | os.PathLike:
+    """A file-system path: a non-empty string or an ``os.PathLike``."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise InvalidArgument(f"{name}: expected a path, got {value!r}")
+    return value

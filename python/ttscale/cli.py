@@ -23,6 +23,13 @@ PRM_FORMATS = ("math-shepherd", "rlhflow", "qwen2.5-math-prm", "skywork")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one line on stderr (exit 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def resolve(target: Any) -> Any:
     """The object a ``"module:name"`` string names; anything else is returned as it is."""
     if not isinstance(target, str):
@@ -39,6 +46,24 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def _seed(text: str) -> int:
+    """A seed: an integer in [0, 2**64), as every ttscale seed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**64), got {value}")
+    return value
+
+
+def _text(text: str) -> str:
+    """A non-empty string (an empty one would silently mean 'none')."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a non-empty string")
+    return text
 
 
 def _float_in(low: float, high: float, low_open: bool, high_open: bool):
@@ -108,7 +133,7 @@ def _add_run_parser(commands) -> argparse.ArgumentParser:
     run.add_argument(
         "--out", required=True, metavar="FILE.jsonl", help="result lines are appended here"
     )
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=_seed, default=0)
     run.add_argument("--limit", type=_positive_int, metavar="K", help="only the first K problems")
     run.add_argument(
         "--batch-size",
@@ -195,6 +220,15 @@ def _check_run_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         parser.error("argument --out: is the data file; results would be appended to it")
     if not _writable(out):
         parser.error(f"argument --out: cannot write {out} (checked before any model loads)")
+    from ttscale.llm import DEFAULT_MAX_N  # the LLM this command loads bounds n with it
+
+    if args.n > DEFAULT_MAX_N:
+        parser.error(f"argument --n: at most {DEFAULT_MAX_N} samples (or beams) a problem, "
+                     f"got {args.n}")
+    for flag, value in (("--num-workers", args.num_workers),
+                        ("--worker-resources", args.worker_resources)):
+        if value is not None and args.ray is None:
+            parser.error(f"argument {flag}: only with --ray")
     _check_strategy_flags(args, parser)
     has_verifier = args.prm is not None or args.oracle
     if args.select not in (None, "majority") and not has_verifier:
@@ -304,10 +338,18 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# The command-line flag of a model argument, where it is not the model's own flag.
+FLAG_OF_PARAM = {"kv_budget_bytes": "--kv-budget", "dtype": "--dtype", "device": "--device",
+                 "seed": "--seed", "format": "--prm-format"}
+
+
 def _load(flag: str, build):
-    """``build()``, with a load failure (missing or malformed files) reported against ``flag``."""
+    """``build()``, with a load failure (missing or malformed files) reported against ``flag``,
+    or against the flag of the argument the error names (``--dtype``, ``--kv-budget``, ...)."""
     try:
         return build()
+    except InvalidArgument as error:
+        raise UsageError(f"argument {FLAG_OF_PARAM.get(error.param, flag)}: {error}") from None
     except (ValueError, OSError) as error:
         raise UsageError(f"argument {flag}: {error}") from None
 
@@ -402,8 +444,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _check_run_args(args, parser)
     strategy = registry.get(args.strategy).function
     execute = _ray_executor(args, parser) if args.ray is not None else None
+    # Errors are UsageErrors naming the flag: one line from main (exit 2), a traceback with --debug.
     try:
         every_problem = read_problems(args.data)
+    except DataError as error:
+        raise UsageError(f"argument --data: {error}") from error
+    try:
         problems = every_problem[: args.limit]
         search = _Search(args, strategy)
         summary = run_evaluation(
@@ -419,9 +465,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             setup=None if execute else search.load_models,
             execute=execute,
         )
-    except (DataError, UsageError) as error:
-        print(f"ttscale run: error: {error}", file=sys.stderr)
-        return 2
+    except DataError as error:  # the output file's lines: another run's, or damaged
+        raise UsageError(f"argument --out: {error}") from error
     except KeyboardInterrupt:
         print(
             f"ttscale run: interrupted; finished batches are in {args.out}: rerun the same command "
@@ -465,25 +510,39 @@ def _add_serve_parser(commands) -> argparse.ArgumentParser:
     serve.add_argument("--prm", default=None, help="a PRM folder for searches, or 'toy'")
     serve.add_argument("--prm-format", default=None,
                        choices=["math-shepherd", "rlhflow", "qwen2.5-math-prm", "skywork"])
-    serve.add_argument("--step-delimiter", default=None,
-                       help="text between a solution's steps (default '\\n\\n'; '\\n' for toy)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--step-delimiter", type=_escaped, default=None,
+                       help="text between a solution's steps, backslash escapes allowed (default "
+                            "'\\n\\n'; '\\n' for toy)")
+    serve.add_argument("--host", type=_text, default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
+    serve.add_argument("--api-key", type=_text, default=None, help="require 'Authorization: Bearer KEY' "
                        "(also TTSCALE_API_KEY)")
-    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--served-model-name", type=_text, default=None)
     serve.add_argument("--max-queue", type=_positive_int, default=1024,
                        help="waiting requests beyond which new ones get 429 (default 1024)")
     serve.add_argument("--max-n", type=_positive_int, default=1024,
                        help="most samples a request may ask for (default 1024)")
     serve.add_argument("--max-tokens", type=_positive_int, default=256,
                        help="max_tokens when a request gives none (default 256)")
-    serve.add_argument("--grace", type=float, default=30.0,
+    serve.add_argument("--grace", type=_float_in(0, float("inf"), False, True), default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     serve.add_argument("--device", type=_device, default=None)
     serve.add_argument("--dtype", default=None, choices=DTYPES)
-    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--seed", type=_seed, default=0)
     return serve
+
+
+def _check_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """What argparse cannot see, before any model loads: folders exist, flags that need another
+    are given with it."""
+    for flag, folder in (("model", args.model), ("--prm", args.prm)):
+        if folder is not None and folder != "toy" and not Path(folder).is_dir():
+            parser.error(f"argument {flag}: no such directory: {folder} (or 'toy')")
+    if args.prm is not None and args.prm != "toy" and args.prm_format is None:
+        parser.error("argument --prm-format: required with --prm DIR")
+    if args.prm is None and args.prm_format is not None:
+        parser.error("argument --prm-format: only with --prm")
+    _check_device_available(args.device, parser)
 
 
 def _port(text: str) -> int:
@@ -527,14 +586,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ttscale", description=__doc__)
+    parser = _Parser(prog="ttscale", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ttscale {ttscale.__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also TTSCALE_DEBUG=1)")
     commands = parser.add_subparsers(dest="command")
     check = commands.add_parser("selfcheck", help="run every op on every available backend against the reference")
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, and cpu)")
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--seed", type=_seed, default=0)
     run = _add_run_parser(commands)
     demo = commands.add_parser("demo", help="test-time scaling of the embedded toy policy and PRM (CPU, no download)")
     demo.add_argument("--n", type=_budgets, default=(1, 4, 16, 64), metavar="N[,N...]",
@@ -543,32 +602,32 @@ def _main(argv: list[str]) -> int:
                       help="rows: greedy, majority, best_of_n, weighted (with coverage, from one "
                            "pool) and any strategy of ttscale run, or 'all' (default greedy, "
                            "majority, best_of_n, weighted, beam_search, dvts, revisions)")
-    demo.add_argument("--problems", type=int, default=200, help="held-out problems (default 200)")
+    demo.add_argument("--problems", type=_positive_int, default=200,
+                      help="held-out problems (default 200)")
     demo.add_argument("--device", type=_device, default=None,
                       help="cpu, cuda or cuda:N (default: cuda when available)")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for results.json and the plot")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--models", type=Path, default=None, metavar="DIR",
                       help="policy/ and prm/ from python -m ttscale.toy.train --out DIR "
                            "(default: the embedded models)")
     serve = _add_serve_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        if args.prm is not None and args.prm != "toy" and args.prm_format is None:
-            serve.error("argument --prm-format: required with --prm DIR")
-        _check_device_available(args.device, serve)
+        _check_serve_args(args, serve)
         from ttscale.serve.server import run as run_server
 
         return run_server(args)
     if args.command == "demo":
         from ttscale.demo import STRATEGIES, choices, model_dirs, run_demo
 
+        if args.strategies is not None and not args.strategies:
+            demo.error(f"argument --strategies: expected names among {', '.join(choices())}")
         strategies = args.strategies or STRATEGIES
         strategies = choices() if "all" in strategies else strategies
         bad = [s for s in strategies if s not in choices()]
-        if bad or args.problems < 1:
-            demo.error(f"argument --strategies: unknown {bad}; choose from {', '.join(choices())}"
-                       if bad else f"argument --problems: expected >= 1, got {args.problems}")
+        if bad:
+            demo.error(f"argument --strategies: unknown {bad}; choose from {', '.join(choices())}")
         _check_device_available(args.device, demo)
         if args.models is not None:
             try:

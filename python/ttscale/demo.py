@@ -63,6 +63,11 @@ def _accuracy(correct: Sequence[bool], levels: Sequence[int]) -> tuple[float, di
     return overall, {k: sum(v) / len(v) for k, v in sorted(by.items())}
 
 
+# Held-out problems a demo takes at most: they are drawn before the first search, and 10,000
+# already take hours of search on a CPU (200 take minutes); a larger count is a typo, not a demo.
+MAX_PROBLEMS = 10_000
+
+
 def choices() -> list[str]:
     """Every row the demo can run: greedy, the pooled choices, and every registered strategy
     (each searched at every N with its options ``for_budget(N)``; revisions at several chain
@@ -85,6 +90,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     writes it (default: the embedded models). ``revision_lengths``: the chain lengths S of the
     ``revisions-S`` rows (default every power of two that divides the revision budget)."""
     import ttscale
+    from ttscale.llm import DEFAULT_MAX_N
     from ttscale.toy import policy_dir, prm_dir, task
 
     started = time.perf_counter()
@@ -93,6 +99,8 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         raise InvalidArgument(f"strategies: unknown {unknown}; choose from {', '.join(choices())}")
     if not ns or any(n < 1 for n in ns):
         raise InvalidArgument(f"n: expected positive budgets, got {list(ns)}")
+    if max(ns) > DEFAULT_MAX_N:  # what the demo's LLM takes
+        raise InvalidArgument(f"n: at most {DEFAULT_MAX_N}, got {max(ns)}")
     for name in _searched(strategies):
         options = registry.get(name).options
         for n in ns:
@@ -100,8 +108,10 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
                 options(**options.for_budget(n)).check(n)
             except InvalidArgument as error:
                 raise InvalidArgument(f"n: {name} cannot run at N={n} ({error})") from None
-    if num_problems < 1:
-        raise InvalidArgument(f"problems: expected >= 1, got {num_problems}")
+    if (not isinstance(num_problems, int) or isinstance(num_problems, bool)
+            or not 1 <= num_problems <= MAX_PROBLEMS):
+        raise InvalidArgument(f"problems: expected an integer in [1, {MAX_PROBLEMS}], got "
+                              f"{num_problems!r}")
     if revision_lengths is not None and any(s < 1 or revision_budget(ns) % s for s in revision_lengths):
         raise InvalidArgument(f"revision_lengths: expected divisors of the revision budget "
                          f"{revision_budget(ns)}, got {list(revision_lengths)}")

@@ -37,7 +37,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ttscale.errors import DataError  # re-exported here
+from ttscale._checks import check_flag, check_function, check_int, check_path, check_real
+from ttscale.errors import DataError, InvalidArgument  # DataError re-exported here
 from ttscale.grading import answers_equal, coverage_at_k
 from ttscale.search.result import SearchResult
 
@@ -129,7 +130,7 @@ def read_problems(path: str | Path) -> list[Problem]:
     DataError
         Naming the file, the line and what is wrong with it, or if the file holds no problem.
     """
-    path = Path(path)
+    path = _readable_file("path", path)
     problems = []
     for lineno, line in _jsonl_rows(path.read_bytes(), f"data file {path}"):
         where = f"data file {path}, line {lineno}"
@@ -153,6 +154,13 @@ def result_record(
     save_candidates: bool = False,
 ) -> dict[str, Any]:
     """The JSON-ready result line of one searched problem, its answer graded (module docstring)."""
+    if not isinstance(problem, Problem):
+        raise InvalidArgument(f"problem: expected a Problem, got {type(problem).__name__}")
+    if not isinstance(result, SearchResult):
+        raise InvalidArgument(f"result: expected a SearchResult, got {type(result).__name__}")
+    wall_seconds = check_real("wall_seconds", wall_seconds, low=0)
+    settings = _settings(settings)
+    check_flag("save_candidates", save_candidates)
     record = {
         "index": problem.index,
         "id": problem.id,
@@ -215,9 +223,13 @@ def read_results(
         A line that is not a result line, a problem answered twice, a line whose problem is not
         the data file's problem of that index (the data changed), or other settings.
     """
+    check_path("path", path)
     path = Path(path)
+    _problem_list("problems", problems)
+    settings = _settings(settings)
     if not path.exists():
         return [], 0
+    path = _readable_file("path", path)
     data = path.read_bytes()
     keep_bytes = data.rfind(b"\n") + 1
     if data[keep_bytes:].strip():
@@ -272,6 +284,8 @@ class Summary:
     # written before num_correct was recorded)
     pools: list[tuple[int, int]] | None = field(default_factory=list)
 
+    COST_KEYS = ("generated_tokens", "prefilled_tokens", "scored_tokens")
+
     @property
     def accuracy(self) -> float:
         return self.correct / self.problems if self.problems else 0.0
@@ -319,8 +333,15 @@ class Summary:
 
 def summarize(records: Sequence[dict[str, Any]]) -> Summary:
     """Accuracy overall and by level, tokens and wall time, over result lines."""
+    if isinstance(records, str | dict) or not isinstance(records, Sequence):
+        raise InvalidArgument(f"records: expected a list of result lines, got {records!r:.60}")
     summary = Summary()
-    for record in records:
+    for i, record in enumerate(records):
+        cost = record.get("cost") if isinstance(record, dict) else None
+        if (not isinstance(cost, dict) or "correct" not in record or "wall_seconds" not in record
+                or not all(key in cost for key in Summary.COST_KEYS)):
+            raise InvalidArgument(f"records[{i}]: not a result line (needs 'correct', "
+                                  f"'wall_seconds' and 'cost'), got {record!r:.60}")
         summary.add(record)
     return summary
 
@@ -331,6 +352,8 @@ def _level_order(level: Level) -> tuple:
 
 def format_summary(summary: Summary) -> str:
     """A table a person can read: accuracy overall and per level, then tokens and time."""
+    if not isinstance(summary, Summary):
+        raise InvalidArgument(f"summary: expected a Summary, got {type(summary).__name__}")
     rows = [("accuracy", f"{summary.accuracy:7.1%}", f"{summary.correct}/{summary.problems}")]
     for level in sorted(summary.by_level, key=_level_order):
         correct, total = summary.by_level[level]
@@ -350,6 +373,50 @@ def format_summary(summary: Summary) -> str:
         f"{name:<{name_width}}  {value:>{value_width}}  {note}".rstrip()
         for name, value, note in rows
     )
+
+
+def _readable_file(name: str, path) -> Path:
+    """``path`` as a Path to an existing file; an error naming the argument otherwise."""
+    path = Path(check_path(name, path))
+    if not path.exists() or path.is_dir():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise InvalidArgument(f"{name}: {path} {what}; expected a JSONL file", param=name)
+    if not os.access(path, os.R_OK):
+        raise InvalidArgument(f"{name}: {path} cannot be read", param=name)
+    return path
+
+
+def _writable_file(name: str, path) -> Path:
+    """``path`` as a Path to a file that can be appended to (it may not exist yet), checked
+    before any search starts."""
+    path = Path(check_path(name, path))
+    if path.is_dir() or not path.parent.is_dir():
+        raise InvalidArgument(f"{name}: {path} is not a file in an existing directory", param=name)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InvalidArgument(f"{name}: {path} cannot be written", param=name)
+    if not path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"{name}: cannot create files in {path.parent}", param=name)
+    return path
+
+
+def _problem_list(name: str, problems) -> list[Problem]:
+    if isinstance(problems, str) or not isinstance(problems, Sequence):
+        raise InvalidArgument(f"{name}: expected a list of Problems (read_problems), got "
+                              f"{problems!r:.60}")
+    bad = next((i for i, p in enumerate(problems) if not isinstance(p, Problem)), None)
+    if bad is not None:
+        raise InvalidArgument(f"{name}[{bad}]: expected a Problem, got {type(problems[bad]).__name__}")
+    return list(problems)
+
+
+def _settings(settings) -> dict[str, Any]:
+    """A run's settings in the form they have once written and read back (JSON values)."""
+    if not isinstance(settings, dict):
+        raise InvalidArgument(f"settings: expected a dict, got {type(settings).__name__}")
+    try:
+        return json.loads(json.dumps(settings))
+    except (TypeError, ValueError) as error:
+        raise InvalidArgument(f"settings: expected JSON values ({error})") from None
 
 
 def _in_turn(search):
@@ -401,9 +468,22 @@ def run_evaluation(
     Summary
         Over every problem of ``problems``, those answered by earlier runs included.
     """
-    out = Path(out)
-    settings = json.loads(json.dumps(settings or {}))  # the form it has once read back
-    records, keep_bytes = read_results(out, all_problems or problems, settings)
+    if not callable(search):
+        raise InvalidArgument(f"search: expected a function, got {type(search).__name__}")
+    problems = _problem_list("problems", problems)
+    all_problems = problems if all_problems is None else _problem_list("all_problems", all_problems)
+    known = set(all_problems)
+    missing = next((p for p in problems if p not in known), None)
+    if missing is not None:
+        raise InvalidArgument(f"all_problems: lacks problem {missing.index} of problems")
+    out = _writable_file("out", out)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    settings = _settings({} if settings is None else settings)
+    check_flag("save_candidates", save_candidates)
+    check_flag("progress", progress)
+    check_function("setup", setup)
+    check_function("execute", execute)
+    records, keep_bytes = read_results(out, all_problems, settings)
     if out.exists() and out.stat().st_size != keep_bytes:
         os.truncate(out, keep_bytes)
     wanted = {p.index for p in problems}

@@ -25,18 +25,23 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from ttscale.engine.engine import Engine
+from ttscale._checks import check_flag, check_int, check_text
+from ttscale.engine.engine import Engine, check_engine_arguments
 from ttscale.engine.scheduler import EngineStats, Request, Scheduler
 from ttscale.engine.sequence import Sequence
 from ttscale.engine.stops import find_stop
-from ttscale.errors import InvalidArgument, invalid
-from ttscale.model import load_model, load_tokenizer
-from ttscale.sampling_params import SamplingParams
+from ttscale.errors import InvalidArgument, ModelLoadError, invalid
+from ttscale.model import load_model, load_tokenizer, read_config
+from ttscale.model.loader import check_load_arguments
+from ttscale.sampling_params import SamplingParams, check_seed
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "EngineStats"]
+
+# Most samples of one request or search: a bound, so that a typo (n=100000) is refused at once
+# instead of running for hours; the server's --max-n has the same default.
+DEFAULT_MAX_N = 1024
 
 
 @dataclass
@@ -84,16 +89,33 @@ class LLM:
         sequences in one decode step: 4096 by default on a GPU).
     prefix_caching : bool
         Share the full KV blocks of identical prompt prefixes across requests (default on).
+    max_n : int
+        Most samples one request (``SamplingParams.n``) or one search (a strategy's ``n``) may
+        ask for (default 1024, the server's ``--max-n``); more is refused at once, naming ``n``.
+        Below it, a request the pool cannot hold at once runs piecewise.
+
+    Every argument is checked before anything is loaded (:mod:`ttscale.errors`).
     """
 
     def __init__(self, model: str | Path, device=None, dtype=None, seed: int = 0, *,
                  kv_budget_bytes: int | None = None, memory_share: float | None = None,
                  block_size: int = 16, window: int | None = None, backend: str | None = None,
                  cuda_graphs: bool | None = None, max_decode_seqs: int | None = None,
-                 prefix_caching: bool = True):
-        _check_arguments(model, device, dtype, seed, kv_budget_bytes, memory_share, block_size,
-                         window, max_decode_seqs)
+                 prefix_caching: bool = True, max_n: int = DEFAULT_MAX_N):
+        check_load_arguments("model", model, device, dtype)
+        check_engine_arguments(kv_budget_bytes=kv_budget_bytes, memory_share=memory_share,
+                               block_size=block_size, window=window, backend=backend,
+                               cuda_graphs=cuda_graphs, max_decode_seqs=max_decode_seqs)
+        seed = check_seed(seed)
+        check_flag("prefix_caching", prefix_caching)
+        self.max_n = check_int("max_n", max_n, low=1)
         model_dir = Path(model)
+        config = read_config(model_dir)
+        if config.head != "lm":
+            raise ModelLoadError(
+                f"model: {model_dir} holds a {config.architecture}, a reward model (a "
+                f"{config.head!r} head, no language-model head); it cannot generate: load it "
+                "with ttscale.PRM and pass it as a strategy's verifier")
         self.model = load_model(model_dir, device=device, dtype=dtype)
         self.tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
         self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes,
@@ -115,6 +137,9 @@ class LLM:
                 raise invalid(name, "empty prompt")
             return self.tokenizer.encode(prompt)
         if hasattr(prompt, "tolist") and hasattr(prompt, "dtype"):  # a tensor or an array
+            if prompt.ndim != 1:
+                raise invalid(name, f"expected a 1-D array of token ids, got shape "
+                                    f"{tuple(prompt.shape)}")
             if getattr(prompt.dtype, "is_floating_point", False) or str(prompt.dtype).startswith(
                     ("float", "bool", "torch.bool", "complex")):
                 raise invalid(name, f"token ids must be integers, got a {prompt.dtype} array")
@@ -138,8 +163,8 @@ class LLM:
         the KV pool, or the model's positions, is refused here with the argument's name.
         """
         params = self._check_params(params, "params")
-        if request_id is not None and not isinstance(request_id, str):
-            raise invalid("request_id", f"expected a string, got {type(request_id).__name__}")
+        if request_id is not None:
+            check_text("request_id", request_id)
         ids = self.encode(prompt, "prompt")
         self._check_prompt("prompt", ids, params, self._worst_case(params))
         request = self._request(prompt, ids, params, request_id, stream=0)
@@ -156,6 +181,7 @@ class LLM:
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks at once. Unknown id: ``UnknownRequest``, a
         ``KeyError`` (and ``InvalidArgument``) naming it."""
+        check_text("request_id", request_id)
         self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -179,7 +205,12 @@ class LLM:
         scheduler's steps like any other, so calls from several threads share them.
         """
         params = self._check_params(sampling_params, "sampling_params")
-        if hasattr(prompts, "tolist") and hasattr(prompts, "dtype"):  # a tensor or an array
+        check_flag("use_tqdm", use_tqdm)
+        if not isinstance(prompts, str) and hasattr(prompts, "tolist") and hasattr(prompts, "dtype"):
+            # a tensor or an array (a numpy string is a str, taken as text)
+            if prompts.ndim not in (1, 2):
+                raise invalid("prompts", "expected token ids as a 1-D array (one prompt) or a 2-D "
+                                         f"one (a prompt a row), got shape {tuple(prompts.shape)}")
             prompts = [prompts] if prompts.ndim == 1 else list(prompts)  # one prompt, or one a row
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and isinstance(prompts[0], numbers.Integral)
@@ -222,6 +253,9 @@ class LLM:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise invalid(name, f"expected SamplingParams, got {type(params).__name__}")
+        if params.n > self.max_n:
+            raise invalid("n", f"at most {self.max_n} samples a request (the LLM's max_n), got "
+                               f"{params.n}")
         if params.stop_strings and self.tokenizer is None:
             raise invalid(name, "stop strings need a tokenizer.json in the model directory")
         return params
@@ -290,44 +324,3 @@ class LLM:
             finish_reason=seq.finish_reason, logprobs=seq.top_logprobs if params.logprobs else None,
         )
 
-
-def _check_arguments(model, device, dtype, seed, kv_budget_bytes, memory_share, block_size,
-                     window, max_decode_seqs) -> None:
-    """The constructor's arguments, checked before anything is loaded."""
-    import numbers
-    import os
-
-    from ttscale.model.loader import DTYPE_NAMES
-    from ttscale.sampling_params import check_seed
-
-    def count(name, value, low=1):
-        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)
-                                  or value < low):
-            raise invalid(name, f"expected an integer >= {low}, got {value!r}")
-
-    if not isinstance(model, (str, os.PathLike)):
-        raise invalid("model", f"expected a model directory (a path), got {type(model).__name__}")
-    if device is not None:
-        if not isinstance(device, (str, torch.device)):
-            raise invalid("device", f"expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        try:
-            kind = torch.device(device).type
-        except (RuntimeError, ValueError):
-            kind = None
-        if kind not in ("cpu", "cuda"):
-            raise invalid("device", f"expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise invalid("device", f"{device!r}: this machine has no CUDA device")
-    if dtype is not None and not isinstance(dtype, torch.dtype) and not (
-            isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPE_NAMES):
-        raise invalid("dtype", f"expected one of {', '.join(DTYPE_NAMES)} or a torch dtype, got {dtype!r}")
-    check_seed(seed)
-    count("kv_budget_bytes", kv_budget_bytes)
-    if memory_share is not None and (not isinstance(memory_share, numbers.Real)
-                                     or isinstance(memory_share, bool) or not 0 < memory_share <= 1):
-        raise invalid("memory_share", f"expected a share in (0, 1], got {memory_share!r}")
-    if (not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool)
-            or block_size not in (8, 16, 32, 64, 128)):
-        raise invalid("block_size", f"expected a power of two from 8 to 128, got {block_size!r}")
-    count("window", window)
-    count("max_decode_seqs", max_decode_seqs)

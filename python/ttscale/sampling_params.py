@@ -6,6 +6,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from ttscale._checks import check_int, check_real
 from ttscale.errors import InvalidArgument
 
 
@@ -50,24 +51,26 @@ class SamplingParams:
     logprobs: int = 0
 
     def __post_init__(self) -> None:
-        # Types are checked, not coerced: a bool is not a count, a string is not a number.
-        _integer("n", self.n, low=1)
-        _real("temperature", self.temperature)
+        # Types are checked, not coerced: a bool is not a count, a string is not a number. Numpy
+        # scalars pass and are stored as the Python int or float they equal.
+        set_field = lambda name, value: object.__setattr__(self, name, value)  # frozen
+        set_field("n", check_int("n", self.n, low=1))
+        set_field("temperature", check_real("temperature", self.temperature))
         tiny = 1.1754943508222875e-38  # float32's smallest normal: the sampler divides by it
         if not (self.temperature == 0 or tiny <= self.temperature < math.inf):
             raise InvalidArgument(f"temperature: expected 0 or a finite value >= {tiny:.3g}, "
                                   f"got {self.temperature!r}")
-        _integer("top_k", self.top_k, low=0, high=2**31 - 1, note=" (0 is off)")
-        _real("top_p", self.top_p)
+        set_field("top_k", check_int("top_k", self.top_k, low=0, high=2**31 - 1, note=" (0 is off)"))
+        set_field("top_p", check_real("top_p", self.top_p))
         if not 0 < self.top_p <= 1:
             raise InvalidArgument(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
-        _real("min_p", self.min_p)
+        set_field("min_p", check_real("min_p", self.min_p))
         if not 0 <= self.min_p <= 1:
             raise InvalidArgument(f"min_p: expected a value in [0, 1], got {self.min_p!r}")
-        _integer("max_tokens", self.max_tokens, low=1)
-        _integer("logprobs", self.logprobs, low=0, high=20)
+        set_field("max_tokens", check_int("max_tokens", self.max_tokens, low=1))
+        set_field("logprobs", check_int("logprobs", self.logprobs, low=0, high=20))
         if self.seed is not None:
-            check_seed(self.seed)
+            set_field("seed", check_seed(self.seed))
         if not isinstance(self.ignore_eos, bool):
             raise InvalidArgument(f"ignore_eos: expected True or False, got {self.ignore_eos!r}")
         stop = self.stop
@@ -84,21 +87,9 @@ class SamplingParams:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-def _integer(name: str, value, low: int | None = None, high: int | None = None, note: str = "") -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise InvalidArgument(f"{name}: expected an integer{note}, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise InvalidArgument(f"{name}: expected an integer {bounds}{note}, got {value!r}")
-
-
-def _real(name: str, value) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
-        raise InvalidArgument(f"{name}: expected a number, got {value!r}")
-
-
-def check_seed(seed) -> None:
-    """A seed the sampler takes: an integer (not a bool) in [0, 2**64); else a ValueError
-    naming ``seed``."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+def check_seed(seed) -> int:
+    """A seed the sampler takes: an integer (numpy's too, not a bool) in [0, 2**64), returned as
+    an int; else an ``InvalidArgument`` naming ``seed``."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise InvalidArgument(f"seed: expected an integer in [0, 2**64), got {seed!r}")
+    return int(seed)

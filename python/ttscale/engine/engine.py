@@ -94,28 +94,26 @@ class Engine:
                  window: int | None = None, max_batch_tokens: int = 4096,
                  backend: str | None = None, cuda_graphs: bool | None = None,
                  max_decode_seqs: int | None = None):
-        if max_batch_tokens < 1:
-            raise InvalidArgument(f"max_batch_tokens: expected >= 1, got {max_batch_tokens}")
+        check_engine_arguments(kv_budget_bytes=kv_budget_bytes, memory_share=memory_share,
+                               block_size=block_size, window=window,
+                               max_batch_tokens=max_batch_tokens, backend=backend,
+                               cuda_graphs=cuda_graphs, max_decode_seqs=max_decode_seqs)
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed
         device = model.device
-        self.window = window if window is not None else (1 if device.type == "cpu" else 8)
-        if self.window < 1:
-            raise InvalidArgument(f"window: expected >= 1, got {self.window}")
+        self.window = int(window) if window is not None else (1 if device.type == "cpu" else 8)
         if max_decode_seqs is None:
             max_decode_seqs = DEFAULT_GPU_DECODE_SEQS if device.type != "cpu" else None
-        elif (not isinstance(max_decode_seqs, int) or isinstance(max_decode_seqs, bool)
-              or max_decode_seqs < 1):
-            raise InvalidArgument(f"max_decode_seqs: expected an int >= 1, got {max_decode_seqs!r}")
+        if backend is not None:  # one the model's forward can run with, named now, not mid-step
+            for op in ("write_kv", "paged_prefill_attention", "cascade_decode_attention"):
+                backends.resolve(op, device, backend)
         graphs_ok, why_not = _graphs_possible(device, backend)
         if cuda_graphs is None:
             cuda_graphs = graphs_ok
         elif cuda_graphs and not graphs_ok:
             raise InvalidArgument(f"cuda_graphs: {why_not}")
         self.memory_lease: memory.Lease | None = None
-        if kv_budget_bytes is not None and memory_share is not None:
-            raise InvalidArgument("memory_share: give kv_budget_bytes or memory_share, not both")
         if kv_budget_bytes is None and (device.type != "cpu" or memory_share is not None):
             owner = f"the engine of a {model.config.architecture}"
             self.memory_lease = memory.lease(device, memory_share, owner)
@@ -132,6 +130,14 @@ class Engine:
         self.max_decode_seqs = max_decode_seqs
         try:
             self.kv_cache = model.allocate_kv_cache(kv_budget_bytes, block_size=block_size)
+        except InvalidArgument as error:  # the pool's size came from one of the two arguments
+            if self.memory_lease is not None:
+                self.memory_lease.release()
+            if error.param != "budget_bytes":
+                raise
+            name = "kv_budget_bytes" if self.memory_lease is None else "memory_share"
+            reason = str(error).removeprefix(f"{error.param}: ")
+            raise InvalidArgument(f"{name}: {reason}", param=name) from None
         except BaseException:
             if self.memory_lease is not None:
                 self.memory_lease.release()
@@ -240,9 +246,9 @@ class Engine:
 
         self._check_live(candidates)
         if len(scores) != len(candidates) or sum(group_sizes) != len(candidates):
-            raise ValueError(
+            raise InvalidArgument(
                 f"scores/group_sizes: expected {len(candidates)} scores and group sizes summing to it, "
-                f"got {len(scores)} scores and sizes summing to {sum(group_sizes)}"
+                f"got {len(scores)} scores and sizes summing to {sum(group_sizes)}", param="scores"
             )
         device = self.model.device
         int32 = dict(dtype=torch.int32, device=device)
@@ -597,6 +603,34 @@ def decode_row_bytes(config, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     return (config.vocab_size * (size + 8) + 3 * config.intermediate_size * size
             + 8 * config.hidden_size * 4)
+
+
+BLOCK_SIZES = (8, 16, 32, 64, 128)  # what the attention kernels take
+
+
+def check_engine_arguments(*, kv_budget_bytes=None, memory_share=None, block_size=16,
+                           window=None, max_batch_tokens=4096, backend=None, cuda_graphs=None,
+                           max_decode_seqs=None) -> None:
+    """The engine's arguments, checked before a model is loaded for it (by ``LLM`` and ``PRM``)
+    or a pool allocated; what needs the device (a backend's kernels, graphs) is checked later."""
+    if kv_budget_bytes is not None:
+        _checks.check_int("kv_budget_bytes", kv_budget_bytes, low=1)
+    if memory_share is not None and not (
+            _checks.check_real("memory_share", memory_share) > 0 and memory_share <= 1):
+        raise InvalidArgument(f"memory_share: expected a fraction in (0, 1], got {memory_share!r}")
+    if kv_budget_bytes is not None and memory_share is not None:
+        raise InvalidArgument("memory_share: give kv_budget_bytes or memory_share, not both")
+    if _checks.check_int("block_size", block_size) not in BLOCK_SIZES:
+        raise InvalidArgument(f"block_size: expected a power of two from 8 to 128, got {block_size!r}")
+    for name, value in (("window", window), ("max_decode_seqs", max_decode_seqs)):
+        if value is not None:
+            _checks.check_int(name, value, low=1)
+    _checks.check_int("max_batch_tokens", max_batch_tokens, low=1)
+    if backend is not None and backend not in backends.BACKENDS:
+        raise InvalidArgument(f"backend: expected one of {', '.join(backends.BACKENDS)} or None, "
+                              f"got {backend!r}")
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise InvalidArgument(f"cuda_graphs: expected True, False or None, got {cuda_graphs!r}")
 
 
 def _graphs_possible(device: torch.device, backend: str | None) -> tuple[bool, str]:

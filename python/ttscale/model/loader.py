@@ -43,6 +43,41 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def check_load_arguments(name: str, model_dir, device, dtype) -> None:
+    """What :func:`load_model` takes, checked before anything is read: ``model_dir`` (the
+    caller's argument ``name``) a path to a directory, ``device`` a CPU or an available CUDA
+    device, ``dtype`` a torch dtype or one of :data:`DTYPE_NAMES`. Errors name the argument."""
+    import os
+
+    from ttscale.errors import InvalidArgument
+
+    if not isinstance(model_dir, (str, os.PathLike)) or not os.fspath(model_dir):
+        raise InvalidArgument(f"{name}: expected a model directory (a path), got {model_dir!r:.60}",
+                              param=name)
+    if not Path(model_dir).is_dir():
+        what = "is not a directory" if Path(model_dir).exists() else "does not exist"
+        raise ModelLoadError(f"{name}: {model_dir} {what}", param=name)
+    if device is not None:
+        kind = None
+        if isinstance(device, (str, torch.device)):
+            try:
+                kind = torch.device(device).type
+            except (RuntimeError, ValueError):
+                pass
+        if kind not in ("cpu", "cuda"):
+            raise InvalidArgument(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise InvalidArgument(f"device: {device!r}: this machine has no CUDA device")
+        index = torch.device(device).index
+        if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+            raise InvalidArgument(f"device: {device!r}: this machine has "
+                                  f"{torch.cuda.device_count()} CUDA devices")
+    if dtype is not None and not isinstance(dtype, torch.dtype) and not (
+            isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPE_NAMES):
+        raise InvalidArgument(f"dtype: expected one of {', '.join(DTYPE_NAMES)} or a torch dtype, "
+                              f"got {dtype!r}")
+
+
 def load_model(
     model_dir: str | Path,
     *,
@@ -95,14 +130,16 @@ def resolve_dtype(
     if isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
         if name not in DTYPE_NAMES:
-            raise ModelLoadError(f"dtype: unknown name {dtype!r} (known: {', '.join(DTYPE_NAMES)})")
+            raise ModelLoadError(f"dtype: unknown name {dtype!r} (known: {', '.join(DTYPE_NAMES)})",
+                                 param="dtype")
         dtype = DTYPE_NAMES[name]
     supported = SUPPORTED_DTYPES.get(device.type, ())
     if dtype not in supported:
         names = ", ".join(str(d).removeprefix("torch.") for d in supported) or "none"
         raise ModelLoadError(
             f"dtype: {str(dtype).removeprefix('torch.')} is not supported on {device.type} "
-            f"(supported: {names})"
+            f"(supported: {names})",
+            param="dtype",
         )
     return dtype
 

@@ -54,7 +54,7 @@ def copy_blocks(
     shape = tuple(k_cache.shape)
     check_tensor("v_cache", v_cache, dtype=k_cache.dtype, device=k_cache.device, shape=shape)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache/v_cache: the pool must be contiguous")
+        raise InvalidArgument("k_cache/v_cache: the pool must be contiguous", param="k_cache")
     num_blocks = k_cache.shape[k_cache.dim() - 4]
     check_tensor("src", src, ndim=1, dtype=INDEX_DTYPES, device=k_cache.device)
     check_tensor("dst", dst, dtype=INDEX_DTYPES, device=k_cache.device, shape=tuple(src.shape))

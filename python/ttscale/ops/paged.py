@@ -77,7 +77,7 @@ def _check_paged_attention(
     if block_size < 8 or block_size > 128 or block_size & (block_size - 1):
         raise InvalidArgument(f"k_cache: block_size must be a power of two from 8 to 128, got {block_size}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache/v_cache: the pool must be contiguous")
+        raise InvalidArgument("k_cache/v_cache: the pool must be contiguous", param="k_cache")
     num_problems = check_tensor("prompt_lens", prompt_lens, ndim=1, dtype=torch.int32, device=device).shape[0]
     check_tensor("prompt_block_tables", prompt_block_tables, ndim=2, dtype=torch.int32, device=device)
     if prompt_block_tables.shape[0] != num_problems:

@@ -13,6 +13,7 @@ from ttscale._checks import (
     check_tensor,
     check_values,
 )
+from ttscale.errors import InvalidArgument
 from ttscale.ops import dispatch
 
 
@@ -56,7 +57,7 @@ def _check_write_kv(k_cache, v_cache, k, v, slots) -> None:
     check_tensor("k_cache", k_cache, ndim=4, dtype=FLOAT_DTYPES)
     check_tensor("v_cache", v_cache, dtype=k_cache.dtype, device=k_cache.device, shape=tuple(k_cache.shape))
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache/v_cache: the pool must be contiguous")
+        raise InvalidArgument("k_cache/v_cache: the pool must be contiguous", param="k_cache")
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
     check_tensor("k", k, ndim=3, dtype=k_cache.dtype, device=k_cache.device, shape=(None, kv_heads, head_dim))
     check_tensor("v", v, dtype=k_cache.dtype, device=k_cache.device, shape=tuple(k.shape))

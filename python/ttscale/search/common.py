@@ -11,6 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ttscale._checks import check_flag, check_function, check_int, check_text
 from ttscale.engine.engine import MAX_STREAM_KEY
 from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams, check_seed
@@ -136,33 +137,26 @@ def prepare(
 ) -> Inputs:
     """Check a strategy's common arguments (ValueErrors name them) and build its prompts;
     ``selections`` are the ``select`` values the strategy knows."""
+    if isinstance(llm, Verifier):
+        raise InvalidArgument(f"llm: got a {type(llm).__name__}, a verifier; the policy (a "
+                              "ttscale.LLM) goes here, the verifier in verifier=")
     if getattr(llm, "engine", None) is None:
         raise InvalidArgument(f"llm: expected a ttscale.LLM, got {type(llm).__name__}")
     if llm.tokenizer is None:
         raise InvalidArgument("llm: the model directory has no tokenizer.json; strategies work on text")
-    if isinstance(problems, str) or not isinstance(problems, Sequence) or not problems:
-        raise InvalidArgument("problems: expected a non-empty list of strings")
-    if len(problems) > MAX_STREAM_KEY:
-        raise InvalidArgument(f"problems: at most {MAX_STREAM_KEY} in one call (each numbers its own "
-                         f"random streams), got {len(problems)}; search them in batches")
-    bad = next((i for i, p in enumerate(problems) if not isinstance(p, str)), None)
-    if bad is not None:
-        raise ValueError(f"problems[{bad}]: expected a string, got {type(problems[bad]).__name__}")
-    check_count("n", n)
+    problems = check_problems("problems", problems)
+    n = check_count("n", n)
+    max_n = getattr(llm, "max_n", None)
+    if max_n is not None and n > max_n:
+        raise InvalidArgument(f"n: at most {max_n} a problem (the LLM's max_n), got {n}")
     problem_ids = check_problem_ids(problem_ids, len(problems))
-    if references is not None and len(references) != len(problems):
-        raise InvalidArgument(
-            f"references: expected one per problem ({len(problems)}), got {len(references)}"
-        )
-    if references is not None:
-        bad = next((i for i, r in enumerate(references) if not isinstance(r, str | None)), None)
-        if bad is not None:
-            raise ValueError(f"references[{bad}]: expected a string or None, got "
-                             f"{type(references[bad]).__name__}")
+    references = check_references(references, len(problems))
+    if system_prompt is not None:
+        check_text("system_prompt", system_prompt, empty=True)
     for name, fn in (("prompt_fn", prompt_fn), ("extract", extract), ("equal", equal),
                      ("on_progress", on_progress)):
-        if fn is not None and not callable(fn):
-            raise InvalidArgument(f"{name}: expected a function, got {type(fn).__name__}")
+        check_function(name, fn)
+    check_flag("progress", progress)
     if verifier is not None and not isinstance(verifier, Verifier):
         raise InvalidArgument(f"verifier: expected a ttscale Verifier, got {type(verifier).__name__}")
     if needs_verifier and verifier is None:
@@ -179,13 +173,16 @@ def prepare(
             "steps end at step_delimiter, solutions at end-of-sequence or max_tokens"
         )
     if seed is not None:
-        check_seed(seed)
+        seed = check_seed(seed)
     seed = seed if seed is not None else (sampling.seed if sampling.seed is not None else 0)
     prompts = build_prompts(llm.tokenizer, problems, system_prompt, prompt_fn)
+    if prompt_fn is not None:  # its token ids, in the policy's vocabulary
+        for prompt in prompts:
+            llm.engine.check_prompt("prompt_fn", prompt)
     room = llm.engine.model.max_positions - max(map(len, prompts))
     if room < 1:
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-        raise ValueError(
+        raise InvalidArgument(
             f"problems[{longest}]: its prompt of {len(prompts[longest])} tokens fills "
             f"the model's context of {llm.engine.model.max_positions}"
         )
@@ -209,7 +206,7 @@ def prepare(
         extract,
         equal,
         problem_ids,
-        bool(progress),
+        progress,
         on_progress,
     )
 
@@ -219,6 +216,8 @@ def check_problem_ids(problem_ids, count: int) -> list[int]:
     (default: their positions in the call)."""
     if problem_ids is None:
         return list(range(count))
+    if hasattr(problem_ids, "tolist") and getattr(problem_ids, "ndim", None) == 1:
+        problem_ids = problem_ids.tolist()  # an array or a tensor of ids (floats still fail below)
     if isinstance(problem_ids, str) or not isinstance(problem_ids, Sequence):
         raise InvalidArgument(f"problem_ids: expected one integer per problem, got {problem_ids!r:.60}")
     ids = list(problem_ids)
@@ -234,9 +233,39 @@ def check_problem_ids(problem_ids, count: int) -> list[int]:
 
 
 def check_count(name: str, value, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InvalidArgument(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return value
+    """A count argument as an int: an integer (numpy's too, not a bool) >= ``minimum``."""
+    return check_int(name, value, low=minimum)
+
+
+def check_problems(name: str, problems) -> list[str]:
+    """A non-empty list (or other sequence) of problem texts, none of them blank."""
+    if isinstance(problems, str) or not isinstance(problems, Sequence) or not problems:
+        raise InvalidArgument(f"{name}: expected a non-empty list of strings, got {problems!r:.60}")
+    if len(problems) > MAX_STREAM_KEY:
+        raise InvalidArgument(f"{name}: at most {MAX_STREAM_KEY} in one call (each numbers its "
+                              f"own random streams), got {len(problems)}; search them in batches")
+    for i, problem in enumerate(problems):
+        if not isinstance(problem, str):
+            raise InvalidArgument(f"{name}[{i}]: expected a string, got {type(problem).__name__}")
+        if not problem.strip():
+            raise InvalidArgument(f"{name}[{i}]: the problem's text is blank")
+    return list(problems)
+
+
+def check_references(references, count: int) -> list[str | None] | None:
+    """Known answers: None, or one string (or None) per problem."""
+    if references is None:
+        return None
+    if isinstance(references, str) or not isinstance(references, Sequence):
+        raise InvalidArgument(f"references: expected one answer (a string or None) per problem, "
+                              f"got {references!r:.60}")
+    if len(references) != count:
+        raise InvalidArgument(f"references: expected one per problem ({count}), got {len(references)}")
+    for i, reference in enumerate(references):
+        if not isinstance(reference, str | None):
+            raise InvalidArgument(f"references[{i}]: expected a string or None, got "
+                                  f"{type(reference).__name__}")
+    return list(references)
 
 
 def plan_waves(

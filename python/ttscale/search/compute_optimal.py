@@ -11,14 +11,16 @@ A new problem gets its pilot, falls into a bin, and is searched with that bin's 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ttscale._checks import check_int
 from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
 from ttscale.search.best_of_n import best_of_n
-from ttscale.search.common import check_count, check_problem_ids
+from ttscale.search.common import check_count, check_problem_ids, check_problems
 from ttscale.search import registry
 from ttscale.search.result import Candidate, SearchResult
 from ttscale.search.revisions import revisions
@@ -101,6 +103,28 @@ class ComputeOptimalTable:
 def pilot_score(candidates: Sequence[Candidate]) -> float:
     """The mean aggregate score of pilot samples (0 for samples without one)."""
     return sum(c.score or 0.0 for c in candidates) / max(len(candidates), 1)
+
+
+def check_common(common: dict[str, Any]) -> None:
+    """``**common`` holds only common strategy arguments that compute_optimal passes on (not
+    those it takes itself), named as the caller wrote them."""
+    from ttscale.search.common import COMMON
+
+    own = ("select", "agg", "seed", "references", "problem_ids")
+    passed_on = [f.name for f in dataclasses.fields(COMMON) if f.name not in own]
+    for name in common:
+        if name not in passed_on:
+            raise InvalidArgument(f"{name}: not an argument of compute_optimal (its **common "
+                                  f"takes {', '.join(passed_on)})", param=name)
+
+
+def check_budget(llm, budget) -> int:
+    """The largest N: a count, at most the policy's ``max_n``."""
+    budget = check_count("budget", budget)
+    max_n = getattr(llm, "max_n", None)
+    if max_n is not None and budget > max_n:
+        raise InvalidArgument(f"budget: at most {max_n} (the LLM's max_n), got {budget}")
+    return budget
 
 
 def check_revision_ratios(ratios: Sequence[int], sizes: Sequence[int]) -> list[int]:
@@ -191,20 +215,27 @@ def fit_compute_optimal(
     strategy arguments (``system_prompt``, ``prompt_fn``, ``step_delimiter``, ``extract``,
     ``equal``, ``progress``).
     """
-    if len(calibration_references) != len(calibration_problems) or not calibration_problems:
+    calibration_problems = check_problems("calibration_problems", calibration_problems)
+    if (isinstance(calibration_references, str) or not isinstance(calibration_references, Sequence)
+            or len(calibration_references) != len(calibration_problems)
+            or not all(isinstance(r, str) for r in calibration_references)):
         raise InvalidArgument(
-            f"calibration_references: expected one per calibration problem "
-            f"({len(calibration_problems)}, at least one), got {len(calibration_references)}"
+            f"calibration_references: expected one answer (a string) per calibration problem "
+            f"({len(calibration_problems)}), got {calibration_references!r:.60}"
         )
-    check_count("budget", budget)
+    budget = check_budget(llm, budget)
     check_count("num_bins", num_bins)
-    if not isinstance(pilot_n, int) or not 1 <= pilot_n <= budget:
-        raise InvalidArgument(f"pilot_n: expected an integer in [1, budget={budget}], got {pilot_n!r}")
+    pilot_n = check_int("pilot_n", pilot_n, low=1, high=budget, note=" (at most budget)")
+    check_common(common)
+    if isinstance(strategies, str) or not isinstance(strategies, Sequence):
+        raise InvalidArgument(f"strategies: expected a list of names, got {strategies!r:.60}")
     unknown = [s for s in strategies if s not in menu()]
     if unknown or not strategies:
         raise InvalidArgument(
             f"strategies: expected names among {', '.join(menu())}, got {list(strategies)}"
         )
+    beam_width = check_count("beam_width", beam_width)
+    check_count("max_iterations", max_iterations)
     sizes = sorted({1 << k for k in range(budget.bit_length()) if 1 << k <= budget} | {budget})
     ratios = check_revision_ratios(revision_ratios, sizes)
     check_count("window", window)
@@ -355,8 +386,15 @@ def compute_optimal(
         ``extra["compute_optimal"]`` holds the ``pilot_score``, the ``bin``, the chosen
         ``strategy`` and ``n``, and the ``table`` (as a dict).
     """
+    problems = check_problems("problems", problems)
     # the problems' stream keys (the calibration set keys its own by position)
     ids = check_problem_ids(common.pop("problem_ids", None), len(problems))
+    check_common(common)
+    if table is not None and not isinstance(table, ComputeOptimalTable):
+        raise InvalidArgument(f"table: expected a ComputeOptimalTable (from fit_compute_optimal), "
+                              f"got {type(table).__name__}")
+    if table is not None:
+        check_budget(llm, table.budget)
     if table is None:
         table = fit_compute_optimal(
             llm,

@@ -12,6 +12,7 @@ text, a list of ints is taken as the prompt's token ids.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 from ttscale.errors import InvalidArgument
@@ -26,13 +27,15 @@ def build_prompt(
     if prompt_fn is not None:
         prompt = prompt_fn(problem)
         if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidArgument(f"prompt_fn: returned an empty prompt for {problem[:40]!r}")
             return tokenizer.encode(prompt)
         if not isinstance(prompt, list | tuple) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt
         ):
             raise InvalidArgument(f"prompt_fn: expected a string or a list of token ids, got "
-                             f"{type(prompt).__name__} for {problem[:40]!r}")
-        return list(prompt)
+                             f"{prompt!r:.40} for {problem[:40]!r}")
+        return [int(t) for t in prompt]
     if tokenizer.chat_template is not None:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": problem})
@@ -52,6 +55,6 @@ def build_prompts(
     for i, problem in enumerate(problems):
         ids = build_prompt(tokenizer, problem, system_prompt, prompt_fn)
         if not ids:
-            raise ValueError(f"problems[{i}]: the prompt is empty")
+            raise InvalidArgument(f"problems[{i}]: the prompt is empty")
         prompts.append(ids)
     return prompts

@@ -199,12 +199,13 @@ def strategy(options: type[Options] = Options, *, budget: str, needs_verifier: b
             bound.apply_defaults()
             values = bound.arguments
             chosen = options(**{f: values[f] for f in fields})
-            chosen.check(_budget(values["n"]))
+            n = _budget(values["n"])  # an int from here on (a numpy integer passes too)
+            chosen.check(n)
             common = {f.name: values[f.name] for f in dataclasses.fields(COMMON)}
-            inputs = prepare(key, values["llm"], values["problems"], values["n"],
+            inputs = prepare(key, values["llm"], values["problems"], n,
                              values["verifier"], values["sampling"], needs_verifier=needs_verifier,
                              selections=selections, **common)
-            return search(inputs, values["n"], chosen)
+            return search(inputs, n, chosen)
 
         public.__name__ = public.__qualname__ = key
         public.__module__ = search.__module__

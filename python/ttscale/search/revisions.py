@@ -32,6 +32,7 @@ path forked from the problem's root and scored step by step like any other solut
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -78,11 +79,15 @@ def separator_ids(tokenizer, revision_fn: RevisionFn | None, count: int) -> list
     separators = []
     for position in range(count):
         text = REVISION_SEPARATOR if revision_fn is None else revision_fn(position)
-        ids = (
-            tokenizer.encode(text, add_special_tokens=False)
-            if isinstance(text, str)
-            else [int(t) for t in text]
-        )
+        if isinstance(text, str):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        elif isinstance(text, list | tuple) and all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in text
+        ):
+            ids = [int(t) for t in text]
+        else:
+            raise InvalidArgument(f"revision_fn: expected a string or a list of token ids, got "
+                                  f"{text!r:.40} at position {position}")
         if not ids:
             raise InvalidArgument(
                 f"revision_fn: gave no tokens after the attempt at position {position}"
@@ -132,6 +137,10 @@ def revisions(inputs: Inputs, n: int, options: RevisionOptions) -> list[SearchRe
     llm, sequential, window = inputs.llm, options.sequential, options.window
     chains = n // sequential
     separators = separator_ids(llm.tokenizer, options.revision_fn, sequential - 1)
+    vocab = llm.engine.model.config.vocab_size
+    bad = next((t for separator in separators for t in separator if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidArgument(f"revision_fn: token id {bad} outside the vocabulary [0, {vocab})")
     # A chain's own tokens at most: `held` earlier attempts with their separators, then one more.
     held = min(window, sequential - 1)
     longest_separator = max(map(len, separators), default=0)

@@ -340,7 +340,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     def _best_of(out, n: int):
         """The ``n`` best of a best_of request's samples: by PRM score (the last step's), or by
         cumulative log-probability without a PRM."""
-        if config.prm is None or not isinstance(out.prompt, str):
+        if config.prm is None or not isinstance(out.prompt, str) or not out.prompt.strip():
             return sorted(out.outputs, key=lambda c: -c.cumulative_logprob)[:n]
         from ttscale.search.select import aggregate
         from ttscale.verifiers.base import split_steps

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from ttscale.errors import UnknownRequest, invalid
+from ttscale.errors import InvalidArgument, UnknownRequest, invalid
 from ttscale.llm import LLM, RequestOutput
 from ttscale.sampling_params import SamplingParams
 
@@ -32,6 +32,9 @@ class AsyncLLM:
     """
 
     def __init__(self, model: str | Path | LLM, **llm_options):
+        if isinstance(model, LLM) and llm_options:  # they would be ignored
+            name = next(iter(llm_options))
+            raise InvalidArgument(f"{name}: an LLM already built takes no LLM options", param=name)
         self.llm = model if isinstance(model, LLM) else LLM(model, **llm_options)
         self.tokenizer = self.llm.tokenizer
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

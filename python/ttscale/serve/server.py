@@ -33,7 +33,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, prm_dir, prm_format, delimiter = resolve_models(args)
-    engine = AsyncLLM(model, device=args.device, dtype=args.dtype, seed=args.seed,
+    engine = AsyncLLM(model, device=args.device, dtype=args.dtype, seed=args.seed, max_n=args.max_n,
                       **({"memory_share": 0.6} if prm_dir is not None and args.device != "cpu"
                          and _on_gpu(args.device) else {}))
     prm = None

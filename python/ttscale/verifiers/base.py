@@ -12,6 +12,7 @@ about a step (an outcome model before the final step). Aggregating a path's step
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -42,10 +43,69 @@ class Verifier(ABC):
 
     def score_solution(self, problem: str, steps: Sequence[str], reference: str | None = None) -> list[float | None]:
         """Score every step of one whole solution (non-incremental use, and tests)."""
-        (path,) = self.start([problem], [reference])
-        scores = [self.score([path], [step], [i == len(steps) - 1])[0] for i, step in enumerate(steps)]
-        self.free([path])
+        if not isinstance(problem, str):
+            raise InvalidArgument(f"problem: expected a string, got {type(problem).__name__}")
+        if isinstance(steps, str):
+            raise InvalidArgument("steps: expected a list of strings (the steps), got one string")
+        return self.score_solutions([problem], [steps], None if reference is None else [reference])[0]
+
+    def score_solutions(self, problems: Sequence[str], steps: Sequence[Sequence[str]],
+                        references: Sequence[str | None] | None = None) -> list[list[float | None]]:
+        """Score every step of several whole solutions, the ``k``-th steps of all of them
+        together: ``steps[i]`` is the list of solution ``i``'s steps."""
+        if isinstance(problems, str) or not isinstance(problems, Sequence):
+            raise InvalidArgument(f"problems: expected a list of strings, got {problems!r:.60}")
+        if (isinstance(steps, str) or not isinstance(steps, Sequence)
+                or len(steps) != len(problems)):
+            raise InvalidArgument(f"steps: expected one list of steps per problem "
+                                  f"({len(problems)}), got {steps!r:.60}")
+        for i, solution in enumerate(steps):
+            if isinstance(solution, str) or not isinstance(solution, Sequence) or not all(
+                    isinstance(step, str) for step in solution):
+                raise InvalidArgument(f"steps[{i}]: expected a list of strings (the steps), got "
+                                      f"{solution!r:.60}")
+        if references is None:
+            references = [None] * len(problems)
+        paths = self.start(problems, references)
+        scores: list[list[float | None]] = [[] for _ in problems]
+        try:
+            for k in range(max(map(len, steps), default=0)):
+                live = [i for i, solution in enumerate(steps) if k < len(solution)]
+                got = self.score([paths[i] for i in live], [steps[i][k] for i in live],
+                                 [k == len(steps[i]) - 1 for i in live])
+                for i, score in zip(live, got, strict=True):
+                    scores[i].append(score)
+        finally:
+            self.free(paths)
         return scores
+
+
+def check_parents(paths: Sequence[object], parents) -> list[int]:
+    """:meth:`Verifier.fork`'s ``parents``: indices into ``paths`` (a negative index would
+    silently fork from the end)."""
+    if isinstance(parents, str) or not isinstance(parents, Sequence):
+        raise InvalidArgument(f"parents: expected a list of indices into paths, got {parents!r:.60}")
+    for parent in parents:
+        if (not isinstance(parent, numbers.Integral) or isinstance(parent, bool)
+                or not 0 <= parent < len(paths)):
+            raise InvalidArgument(f"parents: expected indices in [0, {len(paths)}), got {parent!r}")
+    return [int(parent) for parent in parents]
+
+
+def check_steps(paths: Sequence[object], steps, final) -> None:
+    """:meth:`Verifier.score`'s arguments: one step (a string) and one final flag (a bool) per
+    path."""
+    for name, values in (("steps", steps), ("final", final)):
+        if isinstance(values, str) or not isinstance(values, Sequence):
+            raise InvalidArgument(f"{name}: expected one per path, got {values!r:.60}")
+    if not len(paths) == len(steps) == len(final):
+        raise InvalidArgument(f"steps: expected one step and one final flag per path "
+                              f"({len(paths)} paths, {len(steps)} steps, {len(final)} flags)")
+    for i, (step, last) in enumerate(zip(steps, final, strict=True)):
+        if not isinstance(step, str):
+            raise InvalidArgument(f"steps: expected strings, got {type(step).__name__} at {i}")
+        if not isinstance(last, bool):
+            raise InvalidArgument(f"final: expected True or False, got {last!r} at {i}")
 
 
 def split_steps(text: str, delimiter: str = "\n\n") -> list[str]:

@@ -108,9 +108,22 @@ def single_token(tokenizer, name: str, text: str) -> int:
     if len(ids) != 1:
         raise FormatError(
             f"{name}: {text!r} is not one token of this tokenizer (it encodes to {len(ids)} "
-            "tokens); the PRM's vocabulary must hold it"
+            "tokens); the PRM's vocabulary must hold it",
+            param=name,
         )
     return ids[0]
+
+
+def head_tokens(tokenizer, good_token: str, bad_token: str) -> tuple[int, int]:
+    """The ``+`` and ``-`` token ids a two-token format reads: one token each, and two different
+    tokens (one token read as both would score every step 0.5)."""
+    good = single_token(tokenizer, "good_token", good_token)
+    bad = single_token(tokenizer, "bad_token", bad_token)
+    if good == bad:
+        raise FormatError(f"bad_token: {bad_token!r} is the same token as good_token "
+                          f"{good_token!r}; a step's score reads the two against each other",
+                          param="bad_token")
+    return good, bad
 
 
 class PRMFormat:
@@ -146,13 +159,17 @@ class MathShepherd(PRMFormat):
                  bad_token: str = "-"):
         super().__init__(tokenizer)
         self.step_tag = step_tag
-        self.head_tokens = (single_token(tokenizer, "good_token", good_token),
-                            single_token(tokenizer, "bad_token", bad_token))
+        self.head_tokens = head_tokens(tokenizer, good_token, bad_token)
         # The tag must be one token where it stands (after a space), or its last token would be
-        # read for a fragment of it.
+        # read for a fragment of it; and not a + or - token, which the model is asked to predict
+        # in its place.
         tag_ids = encode_after(tokenizer, "1", f" {step_tag}")
         if not tokenizer.decode(tag_ids[-1:], skip_special_tokens=False).endswith(step_tag):
-            raise FormatError(f"step_tag: {step_tag!r} is not one token of this tokenizer")
+            raise FormatError(f"step_tag: {step_tag!r} is not one token of this tokenizer",
+                              param="step_tag")
+        if step_tag.strip() in (good_token.strip(), bad_token.strip()):
+            raise FormatError(f"step_tag: {step_tag!r} is also good_token or bad_token; the tag "
+                              "marks where the model predicts one of them", param="step_tag")
 
     def prefix(self, question):
         return Segment(question, tuple(self.tokenizer.encode(question)))
@@ -205,8 +222,7 @@ class RLHFlow(PRMFormat):
 
     def __init__(self, tokenizer, *, good_token: str = "+", bad_token: str = "-"):
         super().__init__(tokenizer)
-        self.head_tokens = (single_token(tokenizer, "good_token", good_token),
-                            single_token(tokenizer, "bad_token", bad_token))
+        self.head_tokens = head_tokens(tokenizer, good_token, bad_token)
         self.answer = good_token
         chat = [{"role": "user", "content": _MARK[0]}, {"role": "assistant", "content": _MARK[1]},
                 {"role": "user", "content": _MARK[2]}, {"role": "assistant", "content": _MARK[3]}]
@@ -275,14 +291,25 @@ class Skywork(PRMFormat):
 FORMATS = {cls.name: cls for cls in (MathShepherd, RLHFlow, QwenMathPRM, Skywork)}
 
 
+def check_format_options(name: str | None, **options) -> dict[str, str]:
+    """The options given (not None) for format ``name``: strings, non-empty but for the system
+    prompt, and options of that format (any format's when ``name`` is None: it is known later)."""
+    given = {key: value for key, value in options.items() if value is not None}
+    known = FORMATS[name].options if name in FORMATS else tuple(
+        dict.fromkeys(option for cls in FORMATS.values() for option in cls.options))
+    for key, value in given.items():
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{key}: expected a string, got {type(value).__name__}")
+        if key != "system_prompt" and not value.strip():
+            raise InvalidArgument(f"{key}: expected a non-blank string, got {value!r}")
+        if key not in known:
+            raise InvalidArgument(f"{key}: the {name!r} format takes no {key} "
+                                  f"(it takes: {', '.join(known) or 'no options'})")
+    return given
+
+
 def make_format(name: str, tokenizer, **options) -> PRMFormat:
     """The format ``name`` bound to ``tokenizer``; ``options`` that are None take the defaults."""
-    if name not in FORMATS:
+    if not isinstance(name, str) or name not in FORMATS:
         raise InvalidArgument(f"format: expected one of {', '.join(FORMATS)}, got {name!r}")
-    cls = FORMATS[name]
-    given = {key: value for key, value in options.items() if value is not None}
-    for key in given:
-        if key not in cls.options:
-            raise InvalidArgument(f"{key}: the {name!r} format takes no {key} "
-                             f"(it takes: {', '.join(cls.options) or 'no options'})")
-    return cls(tokenizer, **given)
+    return FORMATS[name](tokenizer, **check_format_options(name, **options))

@@ -23,12 +23,20 @@ import torch
 import torch.nn.functional as F
 
 from ttscale import ops
-from ttscale.engine.engine import Engine
+from ttscale._checks import check_text
+from ttscale.engine.engine import Engine, check_engine_arguments
 from ttscale.engine.sequence import Problem, Sequence
-from ttscale.errors import InvalidArgument
+from ttscale.errors import InvalidArgument, ModelLoadError, TokenizerError
 from ttscale.model import load_model, load_tokenizer, read_config
-from ttscale.verifiers.base import Verifier, split_steps
-from ttscale.verifiers.formats import FORMATS, PRMFormat, Segment, make_format
+from ttscale.model.loader import check_load_arguments
+from ttscale.verifiers.base import Verifier, check_parents, check_steps, split_steps
+from ttscale.verifiers.formats import (
+    FORMATS,
+    PRMFormat,
+    Segment,
+    check_format_options,
+    make_format,
+)
 
 # The model head each format's checkpoints carry (ttscale.model.config's head kinds).
 HEAD_OF_KIND = {"two_token": "lm", "two_class": "two_class", "value": "value"}
@@ -100,10 +108,21 @@ class PRM(Verifier):
                  system_prompt: str | None = None, step_tag: str | None = None,
                  good_token: str | None = None, bad_token: str | None = None,
                  block_size: int = 16, max_batch_tokens: int = 4096, backend: str | None = None):
+        # Every argument first, before anything is read from model_dir.
+        check_load_arguments("model_dir", model_dir, device, dtype)
+        if format is not None and (not isinstance(format, str) or format not in FORMATS):
+            raise InvalidArgument(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
+        self.step_delimiter = check_text("step_delimiter", step_delimiter)
+        check_format_options(format, system_prompt=system_prompt, step_tag=step_tag,
+                             good_token=good_token, bad_token=bad_token)
+        check_engine_arguments(kv_budget_bytes=kv_budget_bytes, memory_share=memory_share,
+                               block_size=block_size, max_batch_tokens=max_batch_tokens,
+                               backend=backend)
         model_dir = Path(model_dir)
-        split_steps("", step_delimiter)  # validates the delimiter
-        self.step_delimiter = step_delimiter
-        config = read_config(model_dir)
+        try:
+            config = read_config(model_dir)
+        except ModelLoadError as error:  # named as this caller wrote it: model_dir, not model
+            raise ModelLoadError(f"model_dir: {error}", param="model_dir") from None
         if format is None:
             if config.head not in FORMAT_OF_HEAD:
                 raise InvalidArgument(f"format: a {config.architecture} PRM reads token logits; name "
@@ -118,11 +137,19 @@ class PRM(Verifier):
         if kind == "two_class" and config.num_labels != 2:
             raise InvalidArgument(f"format: {format!r} reads two classes, {model_dir} has "
                              f"{config.num_labels}")
-        self.tokenizer = load_tokenizer(model_dir)
+        try:
+            self.tokenizer = load_tokenizer(model_dir)
+        except TokenizerError as error:
+            raise TokenizerError(f"model_dir: {error}", param="model_dir") from None
         self.format: PRMFormat = make_format(format, self.tokenizer, system_prompt=system_prompt,
                                              step_tag=step_tag, good_token=good_token,
                                              bad_token=bad_token)
-        self.model = load_model(model_dir, device=device, dtype=dtype)
+        try:
+            self.model = load_model(model_dir, device=device, dtype=dtype)
+        except ModelLoadError as error:
+            if error.param != "model":
+                raise
+            raise ModelLoadError(f"model_dir: {error}", param="model_dir") from None
         self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes,
                              memory_share=memory_share, block_size=block_size,
                              max_batch_tokens=max_batch_tokens,
@@ -152,8 +179,12 @@ class PRM(Verifier):
 
     def start(self, problems, references=None) -> list[PRMPath]:
         """Prefill each problem's prefix once; one root path (no steps) per problem."""
-        if isinstance(problems, str):
-            raise InvalidArgument("problems: expected a sequence of strings, got one string")
+        if isinstance(problems, str) or not isinstance(problems, Seq):
+            raise InvalidArgument(f"problems: expected a sequence of strings, got {problems!r:.60}")
+        for i, problem in enumerate(problems):
+            if not isinstance(problem, str) or not problem.strip():
+                raise InvalidArgument(f"problems[{i}]: expected a non-blank string, got "
+                                      f"{problem!r:.60}")
         prefixes = [self.format.prefix(problem) for problem in problems]
         with self.engine.lock:  # the count is this call's, whatever other threads score
             before = self.engine.prefilled_tokens
@@ -165,7 +196,7 @@ class PRM(Verifier):
     def fork(self, paths, parents) -> list[PRMPath]:
         """Children sharing their parents' KV blocks (a block table copy each)."""
         children = []
-        for parent_index in parents:
+        for parent_index in check_parents(self._checked_paths(paths), parents):
             parent = paths[parent_index]
             if parent.freed:
                 raise InvalidArgument(f"parents: path {parent_index} was freed")
@@ -180,7 +211,7 @@ class PRM(Verifier):
 
     def free(self, paths) -> None:
         """Release paths; a problem's prefix is released with its last path."""
-        for path in paths:
+        for path in self._checked_paths(paths):
             if path.freed:
                 continue
             self.engine.free([path.seq])
@@ -189,15 +220,38 @@ class PRM(Verifier):
 
     # ------------------------------------------------------------------------------------------
 
-    def score_text(self, problem: str, solution: str) -> list[float | None]:
-        """Score every step of a solution's text, split on ``step_delimiter``."""
-        return self.score_solution(problem, split_steps(solution, self.step_delimiter))
+    def score_text(self, problem: str | Seq[str], solution: str | Seq[str]
+                   ) -> list[float | None] | list[list[float | None]]:
+        """Score every step of a solution's text, split on ``step_delimiter``. Given a list of
+        problems and a list of solutions, one each, score them together and return a list of
+        score lists."""
+        if isinstance(problem, str):
+            if not isinstance(solution, str):
+                raise InvalidArgument(f"solution: expected a string (one solution of the one "
+                                      f"problem), got {type(solution).__name__}")
+            if not problem.strip():
+                raise InvalidArgument("problem: the problem's text is blank")
+            return self.score_solution(problem, split_steps(solution, self.step_delimiter))
+        if not isinstance(problem, (list, tuple)):
+            raise InvalidArgument(f"problem: expected a string or a list of strings, got "
+                                  f"{type(problem).__name__}")
+        if not isinstance(solution, (list, tuple)) or len(solution) != len(problem):
+            raise InvalidArgument(f"solution: expected a list of one solution per problem "
+                                  f"({len(problem)}), got {solution!r:.60}")
+        for name, texts in (("problem", problem), ("solution", solution)):
+            bad = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+            if bad is not None:
+                raise InvalidArgument(f"{name}[{bad}]: expected a string, got "
+                                      f"{type(texts[bad]).__name__}")
+        blank = next((i for i, text in enumerate(problem) if not text.strip()), None)
+        if blank is not None:
+            raise InvalidArgument(f"problem[{blank}]: the problem's text is blank")
+        steps = [split_steps(text, self.step_delimiter) for text in solution]
+        return self.score_solutions(problem, steps)
 
     def _append(self, paths: Seq[PRMPath], steps: Seq[str], final: Seq[bool]) -> None:
         """Extend each path by its step's segment (pending: not yet run through the model)."""
-        if not len(paths) == len(steps) == len(final):
-            raise InvalidArgument(f"steps: expected one step and one final flag per path "
-                             f"({len(paths)} paths, {len(steps)} steps, {len(final)} flags)")
+        check_steps(self._checked_paths(paths), steps, final)
         if len({id(p) for p in paths}) != len(paths):
             raise InvalidArgument("paths: a path appears twice; fork it to extend it two ways")
         limit = self.model.max_positions
@@ -205,8 +259,6 @@ class PRM(Verifier):
         for i, (path, step) in enumerate(zip(paths, steps, strict=True)):
             if path.freed:
                 raise InvalidArgument(f"paths: path {i} was freed")
-            if not isinstance(step, str):
-                raise InvalidArgument(f"steps: expected strings, got {type(step).__name__} at {i}")
             segment = self.format.step(step, path.num_steps, path.last)
             if path.seq.context_len + len(segment.ids) > limit:
                 raise InvalidArgument(f"steps: path {i} would reach "
@@ -219,6 +271,17 @@ class PRM(Verifier):
             path.num_steps += 1
             # The segment's last token, in token_ids (the prefix, then seq.tokens after its first).
             path.tag_positions.append(len(path.problem.prompt_ids) + len(path.seq.tokens) - 2)
+
+    @staticmethod
+    def _checked_paths(paths) -> Seq[PRMPath]:
+        """``paths`` as this PRM's start and fork make them (not text, not another verifier's)."""
+        if isinstance(paths, str) or not isinstance(paths, Seq):
+            raise InvalidArgument(f"paths: expected a list of PRM paths, got {paths!r:.60}")
+        bad = next((p for p in paths if not isinstance(p, PRMPath)), None)
+        if bad is not None:
+            raise InvalidArgument(f"paths: expected PRM paths (from start or fork), got "
+                                  f"{type(bad).__name__}")
+        return paths
 
     def _count(self, tokens: int) -> None:
         self.scored_tokens += tokens

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ttscale._checks import check_function, check_real
 from ttscale.errors import InvalidArgument
-from ttscale.verifiers.base import Verifier
+from ttscale.verifiers.base import Verifier, check_parents, check_steps
 
 
 @dataclass(eq=False)
@@ -31,6 +32,9 @@ class RuleVerifier(Verifier):
 
     def __init__(self, extract: Callable[[str], str | None] | None = None,
                  equal: Callable[[str | None, str], bool] | None = None, intermediate: float = 0.5):
+        check_function("extract", extract)
+        check_function("equal", equal)
+        intermediate = check_real("intermediate", intermediate, low=0, high=1)
         if extract is None or equal is None:
             from ttscale import grading
 
@@ -40,14 +44,20 @@ class RuleVerifier(Verifier):
         self.scored_tokens = 0
 
     def start(self, problems, references=None):
-        if references is None or len(references) != len(problems):
-            raise InvalidArgument("references: the rule verifier needs one known answer per problem")
+        if isinstance(problems, str) or not isinstance(problems, Sequence):
+            raise InvalidArgument(f"problems: expected a sequence of strings, got {problems!r:.60}")
+        if (references is None or isinstance(references, str)
+                or not isinstance(references, Sequence) or len(references) != len(problems)
+                or not all(isinstance(r, str | None) for r in references)):
+            raise InvalidArgument("references: the rule verifier needs one known answer (a string) "
+                                  "per problem")
         return [_Path(ref) for ref in references]
 
     def fork(self, paths, parents):
-        return [_Path(paths[p].reference, list(paths[p].steps)) for p in parents]
+        return [_Path(paths[p].reference, list(paths[p].steps)) for p in check_parents(paths, parents)]
 
     def score(self, paths: Sequence[_Path], steps, final):
+        check_steps(paths, steps, final)
         scores: list[float | None] = []
         for path, step, last in zip(paths, steps, final, strict=True):
             path.steps.append(step)
