@@ -199,9 +199,10 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     plot = _plot(rows, out / "scaling.png")
     ratio_plot = _plot_revisions(rows, out / "revisions.png")
     print_table(rows)
-    print(f"\nBest-of-N, weighted and majority take the first N of one pool of {max(ns)} samples "
-          "per problem;\ncoverage is the chance that any N of its samples hold a right one "
-          "(pass@N, unbiased): their ceiling.")
+    if pooled:
+        print(f"\nBest-of-N, weighted and majority take the first N of one pool of {max(ns)} "
+              "samples per problem;\ncoverage is the chance that any N of its samples hold a "
+              "right one (pass@N, unbiased): their ceiling.")
     if ratio_plot is not None:
         print("revisions-S: N attempts as N/S parallel chains of S attempts (S sequential), "
               "weighted vote with the PRM over all attempts.")
