@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 import ttscale
-from ttscale import cli, demo
+from ttscale import demo, run_command
 from ttscale.errors import InvalidArgument
 from ttscale.search import registry
 from ttscale.search.common import Inputs
@@ -59,7 +59,7 @@ def test_the_public_function_is_built_from_the_declaration(name):
 
 def test_cli_flags_come_from_the_declarations():
     parser = argparse.ArgumentParser()
-    cli._add_strategy_flags(parser)
+    run_command.add_strategy_flags(parser)
     flags = {a.dest: a for a in parser._actions if a.dest != "help"}
     declared = {f.name for spec in registry.strategies().values()
                 for f in dataclasses.fields(spec.options) if f.metadata["flag"]}
@@ -100,9 +100,9 @@ def test_a_new_strategy_is_everywhere_from_its_declaration(declared, llm):
     assert declared(llm, ["Q: 1+1\n"], 3, repeats=4) == [("Q: 1+1\n", 3, 4, 0.5)]
     assert "echo_for_tests" in demo.choices()
     parser = argparse.ArgumentParser()
-    cli._add_strategy_flags(parser)
+    run_command.add_strategy_flags(parser)
     assert parser.parse_args(["--repeats", "3"]).repeats == 3
-    assert cli._flag_options()["volume"][1] == ["echo_for_tests"]
+    assert run_command.flag_options()["volume"][1] == ["echo_for_tests"]
 
 
 @pytest.mark.parametrize("kwargs, param", [

@@ -76,12 +76,12 @@ class _Worker:
     def __init__(self, args: Any, threads: int | None):
         import torch
 
-        from ttscale import cli
+        from ttscale import run_command
         from ttscale.search import registry
 
         if threads:
             torch.set_num_threads(threads)
-        self.search = cli._Search(args, registry.get(args.strategy).function)
+        self.search = run_command.Search(args, registry.get(args.strategy).function)
         self.search.load_models()
 
     def ready(self) -> bool:
