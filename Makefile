@@ -37,6 +37,13 @@ vllm-env:
 	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	.venv-vllm/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in .venv-vllm')"
 
+# The throughput benchmark's 21.7M-parameter Qwen2-shaped random model and its BPE tokenizer,
+# made here (nothing downloaded; bench/models/ is not committed).
+SHARED ?= ../shared
+bench-model:
+	$(PY) -m ttscale.benchmark.models --out bench/models/qwen2-21m \
+		--questions $(SHARED)/data/gsm8k_test.jsonl $(SHARED)/data/math500.jsonl
+
 lint:
 	./scripts/setup_env.sh lint $(PINS)
 	$(PY) -m ruff check python tests bench
