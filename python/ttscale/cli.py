@@ -551,7 +551,12 @@ def _main(argv: list[str]) -> int:
                       help="policy/ and prm/ from python -m ttscale.toy.train --out DIR "
                            "(default: the embedded models)")
     serve = _add_serve_parser(commands)
+    from ttscale.benchmark import throughput  # `ttscale bench throughput`
+
+    throughput.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return throughput.run(args)
     if args.command == "serve":
         if args.prm is not None and args.prm != "toy" and args.prm_format is None:
             serve.error("argument --prm-format: required with --prm DIR")
