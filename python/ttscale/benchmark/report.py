@@ -160,3 +160,32 @@ def versions(runs: dict[str, list[dict]]) -> dict:
         if results:
             found[key] = results[0]["versions"]
     return found
+
+
+def markdown(documents: dict[str, dict]) -> str:
+    """RESULTS.md rows from ``--output-json`` files: one line per backend of every row."""
+    lines = ["| row | backend | elapsed s (median, min; runs) | output tok/s | total tok/s | "
+             "of compute floor | start-up s | tok/s vs first | load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, doc in documents.items():
+        ratios = {r["backend"]: r["tokens_per_second"] for r in doc["ratios"]}
+        for r in doc["results"]:
+            loads = [x for run in r["runs"] for x in run["load_average"]]
+            lines.append(
+                f"| {name} | {r['label']} | {r['elapsed_time']:.2f}, {r['elapsed_time_min']:.2f}; "
+                f"{len(r['runs'])} | {r['output_tokens_per_second']:,.0f} | "
+                f"{r['tokens_per_second']:,.0f} | {r['compute_floor_share']:.0%} | "
+                f"{r['startup_s']:.1f} | {ratios[r['backend']]:.2f}x | "
+                f"{min(loads):.1f}-{max(loads):.1f} |")
+        for backend, error in doc.get("errors", {}).items():
+            lines.append(f"| {name} | {backend} | not measured: {error.splitlines()[0][:80]} "
+                         "| | | | | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m ttscale.benchmark.report RUN.json ...: RESULTS.md rows
+    import json
+    import sys
+    from pathlib import Path
+
+    print(markdown({Path(p).stem: json.loads(Path(p).read_text()) for p in sys.argv[1:]}))

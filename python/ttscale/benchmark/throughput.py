@@ -165,8 +165,10 @@ def run(args) -> int:
     device = report.describe_machine()
     rate, rate_note = report.matmul_rate(args.dtype, args.threads)
     floor = report.compute_floor(config, workload)
+    wait_policy = os.environ.get("OMP_WAIT_POLICY")  # every backend inherits the environment
     print(f"workload: {workload.describe()}; model {args.model}, {args.dtype}, "
-          f"{args.threads} threads, KV space {args.kv_cache_space} GiB")
+          f"{args.threads} threads (OMP_WAIT_POLICY={wait_policy or 'unset'}), "
+          f"KV space {args.kv_cache_space} GiB")
     print("prefix caching on for ttscale and vLLM (transformers has none); "
           f"compute floor {floor / 1e9:.1f} GFLOP / {rate_note} = {floor / rate:.3f} s")
     errors = {}
@@ -201,6 +203,7 @@ def run(args) -> int:
             "command": command(args), "device": device, "workload": vars_of(workload),
             "settings": {"dtype": args.dtype, "threads": args.threads,
                          "kv_cache_space_gib": args.kv_cache_space, "prefix_caching": True,
+                         "omp_wait_policy": wait_policy,
                          "ignore_eos": True, "temperature": 1.0, "seed": args.seed},
             "compute_floor": {"flops": floor, "matmul_flops_per_s": rate, "note": rate_note,
                               "seconds": floor / rate},
@@ -242,8 +245,8 @@ def _run_worker(backend, workload: Workload, args, tmp: Path) -> dict:
     out, log = tmp / "result.json", tmp / f"{name}.log"
     out.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND",
-                                                       f"0-{args.threads - 1}"),
+           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get(
+               "VLLM_CPU_OMP_THREADS_BIND", "0" if args.threads == 1 else f"0-{args.threads - 1}"),
            "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space), "TOKENIZERS_PARALLELISM": "false"}
     python = args.vllm_python if name == "vllm" else sys.executable
     load = os.getloadavg()[0]
