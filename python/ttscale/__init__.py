@@ -33,6 +33,8 @@ _EXPORTS = {
     "AsyncLLM": "ttscale.serve.async_llm",
     "RequestOutput": "ttscale.llm",
     "CompletionOutput": "ttscale.llm",
+    "BeamSearchParams": "ttscale.token_beam",
+    "BeamSearchOutput": "ttscale.token_beam",
     "EngineStats": "ttscale.engine.scheduler",
     "TTScaleError": "ttscale.errors",
     "InvalidArgument": "ttscale.errors",

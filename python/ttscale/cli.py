@@ -125,7 +125,12 @@ def _main(argv: list[str]) -> int:
                       help="policy/ and prm/ from python -m ttscale.toy.train --out DIR "
                            "(default: the embedded models)")
     serve = _add_serve_parser(commands)
+    from ttscale.benchmark import throughput  # `ttscale bench throughput`
+
+    throughput.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return throughput.run(args)
     if args.command == "serve":
         _check_serve_args(args, serve)
         from ttscale.serve.server import run as run_server

@@ -247,6 +247,14 @@ class LLM:
             progress.close()
         return [self._output(r) for r in requests]
 
+    def beam_search(self, prompts, params=None) -> list:
+        """Token-level beam search, as vLLM's ``LLM.beam_search``: one ``BeamSearchOutput`` per
+        prompt (text or token ids), its ``params.beam_width`` best sequences best first
+        (:mod:`ttscale.token_beam`)."""
+        from ttscale.token_beam import beam_search
+
+        return beam_search(self, prompts, params)
+
     # ------------------------------------------------------------------------------------------
 
     def _check_params(self, params, name: str) -> SamplingParams:

@@ -1,0 +1,1 @@
+"""`ttscale bench`: benchmarks of whole engines, each in its own subprocess (throughput.py)."""
