@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from ttscale.benchmark.workloads import DATASETS, TEXT_FIELDS, Workload, build
+from ttscale.cli_flags import DTYPES, positive_int
 from ttscale.errors import UsageError
 
 BACKENDS = ("ttscale", "vllm", "transformers")
@@ -43,18 +44,7 @@ WORKER = Path(__file__).with_name("worker.py")
 REPO = Path(__file__).resolve().parents[3]  # python/ttscale/benchmark/ -> the checkout
 VLLM_HINT = ("run `make vllm-env` in the ttscale checkout (vLLM's CPU build in .venv-vllm), "
              "or give --vllm-python the interpreter of an environment that has vllm")
-DTYPES = ("float32", "bfloat16", "float16")
 MAX_BEAM_WIDTH = 10  # 2 × width log-probabilities a step; the sampler returns at most 20
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _backends(text: str) -> list[tuple[str, int | None]]:
@@ -89,25 +79,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "is the ratios' base (default ttscale)")
     p.add_argument("--dataset-name", choices=DATASETS, default="random")
     p.add_argument("--dataset-path", metavar="FILE.jsonl", help="for gsm8k, math500, jsonl")
-    p.add_argument("--input-len", type=_positive, default=512, metavar="L",
+    p.add_argument("--input-len", type=positive_int, default=512, metavar="L",
                    help="prompt tokens of random and prefix-repeat (default 512)")
-    p.add_argument("--output-len", type=_positive, default=128, metavar="L",
+    p.add_argument("--output-len", type=positive_int, default=128, metavar="L",
                    help="new tokens per sample (default 128)")
-    p.add_argument("--num-prompts", type=_positive, default=1, metavar="K", help="requests")
-    p.add_argument("--n", type=_positive, default=1, help="samples per request (default 1)")
+    p.add_argument("--num-prompts", type=positive_int, default=1, metavar="K", help="requests")
+    p.add_argument("--n", type=positive_int, default=1, help="samples per request (default 1)")
     p.add_argument("--prefix-len", type=int, default=0, metavar="P",
                    help="leading prompt tokens shared by every request (random, prefix-repeat)")
     p.add_argument("--use-beam-search", action="store_true",
                    help="token-level beam search (LLM.beam_search), width --beam-width")
-    p.add_argument("--beam-width", type=_positive, metavar="W",
+    p.add_argument("--beam-width", type=positive_int, metavar="W",
                    help="with --use-beam-search (default: --n, as vLLM takes it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--repeats", type=_positive, default=1, metavar="R",
+    p.add_argument("--repeats", type=positive_int, default=1, metavar="R",
                    help="runs of each backend, alternating (default 1)")
-    p.add_argument("--threads", type=_positive, default=os.cpu_count() or 1, metavar="T",
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, metavar="T",
                    help="CPU threads of every backend (default: every core)")
-    p.add_argument("--kv-cache-space", type=_positive, default=2, metavar="GIB",
+    p.add_argument("--kv-cache-space", type=positive_int, default=2, metavar="GIB",
                    help="KV cache of every backend in GiB (default 2)")
     p.add_argument("--vllm-python", metavar="PYTHON",
                    default=os.environ.get("TTSCALE_VLLM_PYTHON",

@@ -72,17 +72,14 @@ def _filter(run: SearchRun, n: int, options: ParticleOptions) -> list[SearchResu
         if all(line.finished for line in lines) or iteration == options.max_iterations - 1:
             break
         counts: list[int] = []
-        problems, sizes = consecutive_groups([line.problem for line in lines])
-        start = 0
-        for p, size in zip(problems, sizes, strict=True):
-            group = lines[start : start + size]
-            start += size
+        for p, group in by_problem(lines):
             if all(line.finished for line in group):
-                counts += [1] * size  # this problem is done: its particles stay as they are
+                counts += [1] * len(group)  # this problem is done: its particles stay as they are
                 continue
-            scores = [_score(line, run.agg) for line in group]
+            weights = softmax([_score(line, run.agg) for line in group],
+                              options.resample_temperature)
             rng = np.random.default_rng([seed, ids[p], iteration])
-            counts += rng.multinomial(size, softmax(scores, options.resample_temperature)).tolist()
+            counts += rng.multinomial(len(group), weights).tolist()
             resamples[p] += 1
         # each particle its own group: kept, and forked into as many as it was drawn (0 frees it)
         lines = run.select(lines, [0.0] * len(lines), [1] * len(lines), 1, counts)
@@ -95,6 +92,14 @@ def _filter(run: SearchRun, n: int, options: ParticleOptions) -> list[SearchResu
                                   {"resamples": resamples[p]}))
     run.free(lines)
     return results
+
+
+def by_problem(lines: list[Line]) -> list[tuple[int, list[Line]]]:
+    """The wave's lines as (problem, its consecutive lines) groups, in order."""
+    problems, sizes = consecutive_groups([line.problem for line in lines])
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    return [(p, lines[start : start + size])
+            for p, start, size in zip(problems, starts, sizes, strict=True)]
 
 
 def _score(line: Line, agg: str) -> float:

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ttscale.search.common import Inputs, run_waves
-from ttscale.search.fork import consecutive_groups
-from ttscale.search.particle_filtering import _score, softmax
+from ttscale.search.particle_filtering import _score, by_problem, softmax
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import SearchResult
 from ttscale.search.run import Line, SearchRun
@@ -78,11 +77,7 @@ def _grow(run: SearchRun, n: int, options: RebaseOptions) -> list[SearchResult]:
         if not lines or depth == options.max_iterations - 1:
             break
         counts: list[int] = []
-        problems, sizes = consecutive_groups([line.problem for line in lines])
-        start = 0
-        for p, size in zip(problems, sizes, strict=True):
-            group = lines[start : start + size]
-            start += size
+        for p, group in by_problem(lines):
             scores = [_score(line, run.agg) for line in group]
             counts += split(n - len(done[p]), softmax(scores, options.balance_temperature))
         lines = run.select(lines, [0.0] * len(lines), [1] * len(lines), 1, counts)
