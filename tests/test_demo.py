@@ -148,3 +148,25 @@ def test_strategies_all_runs_every_row_the_demo_knows(monkeypatch, tmp_path):
     assert list(seen["strategies"]) == demo.choices()
     assert {"coverage", "particle_filtering", "rebase", "rejection_best_of_n"} - set(
         demo.choices()) == {"coverage"}  # coverage comes with the pool, not as a row to ask for
+
+
+def test_compute_optimal_row_is_fitted_on_training_problems(tiny_models, tmp_path, monkeypatch):
+    import ttscale
+
+    fitted_on = []
+    original = ttscale.compute_optimal
+
+    def spy(llm, cal_problems, cal_refs, problems, budget, *args, **kwargs):
+        fitted_on.append((list(cal_problems), list(problems), budget))
+        return original(llm, cal_problems, cal_refs, problems, budget, *args, **kwargs)
+
+    monkeypatch.setattr(ttscale, "compute_optimal", spy)
+    monkeypatch.setattr(demo, "CALIBRATION_PROBLEMS", 4)
+    rows = demo.run_demo(ns=(1, 2), strategies=("greedy", "compute_optimal"), num_problems=3,
+                         device="cpu", out=tmp_path, progress=False, models=tiny_models)
+    assert [(r.strategy, r.n) for r in rows] == [("greedy", 1), ("compute_optimal", 1),
+                                                 ("compute_optimal", 2)]
+    heldout = {f"Q: {p.text}" for p in ttscale.toy.task.problems("heldout", 3, seed=0)}
+    for calibration, problems, _ in fitted_on:
+        assert set(problems) == heldout and not set(calibration) & heldout
+    assert [budget for *_, budget in fitted_on] == [1, 2]

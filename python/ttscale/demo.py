@@ -33,6 +33,7 @@ from ttscale.search.select import aggregate, choose
 STRATEGIES = ("greedy", "majority", "best_of_n", "weighted", "beam_search", "dvts", "revisions")
 POOLED = {"majority": "majority", "best_of_n": "best", "weighted": "weighted"}  # row -> select
 REVISION_BUDGET = 16
+CALIBRATION_PROBLEMS = 100  # training problems compute_optimal is fitted on
 AGG = "min"  # a solution is as good as its worst step: the toy PRM's errors compound
 MAX_TOKENS = 96
 
@@ -69,10 +70,10 @@ MAX_PROBLEMS = 10_000
 
 
 def choices() -> list[str]:
-    """Every row the demo can run: greedy, the pooled choices, and every registered strategy
-    (each searched at every N with its options ``for_budget(N)``; revisions at several chain
-    lengths)."""
-    return list(dict.fromkeys(["greedy", *POOLED, *registry.strategies()]))
+    """Every row the demo can run: greedy, the pooled choices, every registered strategy (each
+    searched at every N with its options ``for_budget(N)``; revisions at several chain
+    lengths), and compute_optimal (fitted at each N on training problems, never held-out ones)."""
+    return list(dict.fromkeys(["greedy", *POOLED, *registry.strategies(), "compute_optimal"]))
 
 
 def _searched(strategies: Sequence[str]) -> list[str]:
@@ -178,6 +179,20 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
             wall[strategy] = wall.get(strategy, 0.0) + time.perf_counter() - start
             bar.update(1)
 
+    if "compute_optimal" in strategies:
+        # fitted on the task's training split (its answers known), then run on the held-out set
+        calibration = task.problems("train", CALIBRATION_PROBLEMS, seed=seed)
+        cal_texts = [f"Q: {p.text}" for p in calibration]
+        cal_refs = [str(p.answer) for p in calibration]
+        for n in ns:
+            start = time.perf_counter()
+            results = ttscale.compute_optimal(
+                llm, cal_texts, cal_refs, texts, n, prm, sampling, beam_width=min(4, n),
+                strategies=("best_of_n", "beam_search"), pilot_n=min(4, n), agg=AGG, **common)
+            record("compute_optimal", n, results, _tokens(results), time.perf_counter() - start)
+            wall["compute_optimal"] = wall.get("compute_optimal", 0.0) + time.perf_counter() - start
+            bar.update(1)
+
     if "revisions" in strategies:
         from ttscale.toy.evaluate import MAX_REVISION_TOKENS
 
@@ -262,7 +277,8 @@ def _work(ns, strategies, revision_lengths=None) -> int:
     searched = len(_searched(strategies))
     lengths = revision_ratios(revision_budget(ns)) if revision_lengths is None else revision_lengths
     revised = len(lengths) if "revisions" in strategies else 0
-    return ("greedy" in strategies) + pooled * len(ns) + searched * len(ns) + revised
+    fitted = len(ns) if "compute_optimal" in strategies else 0
+    return ("greedy" in strategies) + (pooled + searched) * len(ns) + fitted + revised
 
 
 def print_table(rows: list[Row]) -> None:
