@@ -371,7 +371,7 @@ def test_a_cold_resampling_keeps_the_particles_the_verifier_prefers(llm):
 def test_rebase_splits_the_width_by_largest_remainder():
     import numpy as np
 
-    from ttscale.search.particle_filtering import softmax
+    from ttscale.search.fork import softmax
     from ttscale.search.rebase import split
 
     assert split(8, np.array([0.5, 0.25, 0.25])) == [4, 2, 2]

@@ -8,9 +8,12 @@ candidates' sequences are consumed.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+
+import numpy as np
 
 from ttscale.engine.sequence import Sequence
 from ttscale.errors import InvalidArgument
@@ -120,6 +123,27 @@ def consecutive_groups(keys: Seq[object]) -> tuple[list[object], list[int]]:
             names.append(key)
             sizes.append(1)
     return names, sizes
+
+
+def softmax(scores: list[float], temperature: float) -> np.ndarray:
+    """Weights from scores: ``exp(score / temperature)``, normalised (particle filtering's
+    resampling, REBASE's width split, MCTS's priors)."""
+    logits = np.asarray(scores, dtype=np.float64) / temperature
+    weights = np.exp(logits - logits.max())
+    return weights / weights.sum()
+
+
+def by_problem(lines: list) -> list[tuple[int, list]]:
+    """A wave's lines (``search.run.Line``) as (problem, its consecutive lines), in order."""
+    problems, sizes = consecutive_groups([line.problem for line in lines])
+    ends = list(itertools.accumulate(sizes))
+    return [(p, lines[end - size : end]) for p, size, end in zip(problems, sizes, ends, strict=True)]
+
+
+def weight_score(line, agg: str) -> float:
+    """A line's aggregate score for a weight: a line with no scored step yet counts as 0."""
+    score = line.score(agg)
+    return 0.0 if score is None or math.isnan(score) else score
 
 
 def _per_group(name: str, value: int | Seq[int], groups: int) -> list[int]:

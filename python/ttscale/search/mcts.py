@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 from ttscale.search.common import Inputs, run_waves
-from ttscale.search.particle_filtering import _score, softmax
+from ttscale.search.fork import softmax, weight_score
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import Candidate, SearchResult
 from ttscale.search.run import Line, SearchRun
@@ -152,7 +152,7 @@ def _add_child(run: SearchRun, node: Node, line: Line, logprob: float, candidate
     """A sampled step below ``node``: a new child valued by the verifier, or, when a sibling
     already wrote the same tokens, one more visit of that sibling (the copy is freed)."""
     p, key = line.problem, (tuple(line.seq.output_ids), line.finished)
-    value = _score(line, run.agg)
+    value = weight_score(line, run.agg)
     same = next((c for c in node.children if c.key == key), None)
     if same is not None:
         run.free([line])

@@ -15,16 +15,15 @@ Nothing is copied or prefilled again.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ttscale.search.common import Inputs, run_waves
-from ttscale.search.fork import consecutive_groups
+from ttscale.search.fork import by_problem, softmax, weight_score
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import SearchResult
-from ttscale.search.run import Line, SearchRun
+from ttscale.search.run import SearchRun
 
 
 @dataclass(frozen=True)
@@ -57,12 +56,6 @@ def particle_filtering(inputs: Inputs, n: int, options: ParticleOptions) -> list
     return run_waves(inputs, n, lambda run: _filter(run, n, options))
 
 
-def softmax(scores: list[float], temperature: float) -> np.ndarray:
-    logits = np.asarray(scores, dtype=np.float64) / temperature
-    weights = np.exp(logits - logits.max())
-    return weights / weights.sum()
-
-
 def _filter(run: SearchRun, n: int, options: ParticleOptions) -> list[SearchResult]:
     sampling, seed, ids = run.inputs.sampling, run.inputs.sampling.seed, run.inputs.problem_ids
     lines = run.start(n)
@@ -76,7 +69,7 @@ def _filter(run: SearchRun, n: int, options: ParticleOptions) -> list[SearchResu
             if all(line.finished for line in group):
                 counts += [1] * len(group)  # this problem is done: its particles stay as they are
                 continue
-            weights = softmax([_score(line, run.agg) for line in group],
+            weights = softmax([weight_score(line, run.agg) for line in group],
                               options.resample_temperature)
             rng = np.random.default_rng([seed, ids[p], iteration])
             counts += rng.multinomial(len(group), weights).tolist()
@@ -92,17 +85,3 @@ def _filter(run: SearchRun, n: int, options: ParticleOptions) -> list[SearchResu
                                   {"resamples": resamples[p]}))
     run.free(lines)
     return results
-
-
-def by_problem(lines: list[Line]) -> list[tuple[int, list[Line]]]:
-    """The wave's lines as (problem, its consecutive lines) groups, in order."""
-    problems, sizes = consecutive_groups([line.problem for line in lines])
-    starts = [sum(sizes[:g]) for g in range(len(sizes))]
-    return [(p, lines[start : start + size])
-            for p, start, size in zip(problems, starts, sizes, strict=True)]
-
-
-def _score(line: Line, agg: str) -> float:
-    """A particle's score for its weight: a particle with no scored step yet counts as 0."""
-    score = line.score(agg)
-    return 0.0 if score is None or math.isnan(score) else score

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ttscale.search.common import Inputs, run_waves
-from ttscale.search.particle_filtering import _score, by_problem, softmax
+from ttscale.search.fork import by_problem, softmax, weight_score
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import SearchResult
 from ttscale.search.run import Line, SearchRun
@@ -78,7 +78,7 @@ def _grow(run: SearchRun, n: int, options: RebaseOptions) -> list[SearchResult]:
             break
         counts: list[int] = []
         for p, group in by_problem(lines):
-            scores = [_score(line, run.agg) for line in group]
+            scores = [weight_score(line, run.agg) for line in group]
             counts += split(n - len(done[p]), softmax(scores, options.balance_temperature))
         lines = run.select(lines, [0.0] * len(lines), [1] * len(lines), 1, counts)
     run.advance(lines, sampling, whole=True)  # out of depths: the live nodes to their end
