@@ -137,7 +137,8 @@ def by_problem(lines: list) -> list[tuple[int, list]]:
     """A wave's lines (``search.run.Line``) as (problem, its consecutive lines), in order."""
     problems, sizes = consecutive_groups([line.problem for line in lines])
     ends = list(itertools.accumulate(sizes))
-    return [(p, lines[end - size : end]) for p, size, end in zip(problems, sizes, ends, strict=True)]
+    return [(p, lines[end - size : end])
+            for p, size, end in zip(problems, sizes, ends, strict=True)]
 
 
 def weight_score(line, agg: str) -> float:
