@@ -180,9 +180,8 @@ def flag_options() -> dict[str, tuple[dataclasses.Field, list[str]]]:
     strategies that take it)."""
     flags: dict[str, tuple[dataclasses.Field, list[str]]] = {}
     for name, spec in registry.strategies().items():
-        for field in dataclasses.fields(spec.options):
-            if field.metadata.get("flag"):
-                flags.setdefault(field.name, (field, []))[1].append(name)
+        for field in spec.flag_fields():
+            flags.setdefault(field.name, (field, []))[1].append(name)
     return flags
 
 

@@ -132,6 +132,10 @@ class Strategy:
     def option_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.options))
 
+    def flag_fields(self) -> list[dataclasses.Field]:
+        """The options a command line or a request body can set (numbers, not functions)."""
+        return [f for f in dataclasses.fields(self.options) if f.metadata["flag"]]
+
     def required(self) -> tuple[str, ...]:
         """Options without a default: every call names them."""
         return tuple(f.name for f in dataclasses.fields(self.options)

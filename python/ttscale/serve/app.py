@@ -365,8 +365,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
             raise HTTPError(400, f"ttscale.strategy: {strategy} needs a PRM; start the server with --prm",
                             "invalid_request_error", "ttscale.strategy")
         # the body may set the strategy's own options and these; the server sets the rest
-        allowed = {"n", *SEARCH_KEYS, *(name for name in spec.option_names
-                                        if spec.options.__dataclass_fields__[name].metadata["flag"])}
+        allowed = {"n", *SEARCH_KEYS, *(field.name for field in spec.flag_fields())}
         unknown = next((key for key in options if key not in allowed), None)
         if unknown is not None:
             raise HTTPError(400, f"ttscale.{unknown}: not an option of {strategy}; it takes "
