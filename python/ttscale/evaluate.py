@@ -25,22 +25,23 @@ for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ttscale._checks import check_flag, check_function, check_int, check_path, check_real
+from ttscale.datasets import Problem, jsonl_rows, read_problems, readable_file
 from ttscale.errors import DataError, InvalidArgument  # DataError re-exported here
-from ttscale.grading import answers_equal, coverage_at_k
+from ttscale.grading import answers_equal
 from ttscale.search.result import SearchResult
+from ttscale.summary import Summary, format_summary, summarize
 
 __all__ = [
     "DataError",
@@ -53,97 +54,6 @@ __all__ = [
     "format_summary",
     "run_evaluation",
 ]
-
-Level = int | str
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One benchmark problem: ``index`` is its position among the file's problems (from 0)."""
-
-    index: int
-    text: str
-    reference: str
-    level: Level | None = None
-    id: str | int | None = None
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()[:16]
-
-
-def _jsonl_rows(data: bytes, name: str):
-    """(line number, line text) for each non-blank line; undecodable bytes name their line."""
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(f"{name}, line {lineno}: not UTF-8 text ({error.reason})") from None
-        if line.strip():
-            yield lineno, line
-
-
-def _reference(answer: Any, where: str) -> str:
-    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
-        raise DataError(f"{where}: field 'answer' must be a string or a number, got {answer!r}")
-    reference = str(answer)
-    if "####" in reference:  # GSM8K: a worked solution whose last line is "#### <answer>"
-        reference = reference.rsplit("####", 1)[1]
-        if not reference.strip():
-            raise DataError(f"{where}: field 'answer' has nothing after '####'")
-    if not reference.strip():
-        raise DataError(f"{where}: field 'answer' is empty")
-    return reference.strip()
-
-
-def _problem(row: Any, index: int, where: str) -> Problem:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    name = "problem" if "problem" in row else "question"
-    if name not in row:
-        raise DataError(f"{where}: missing field 'problem' (or 'question')")
-    text = row[name]
-    if not isinstance(text, str) or not text.strip():
-        raise DataError(f"{where}: field {name!r} must be a non-empty string, got {text!r}")
-    if "answer" not in row:
-        raise DataError(f"{where}: missing field 'answer'")
-    level = row.get("level")
-    if level is not None and (isinstance(level, bool) or not isinstance(level, int | str)):
-        raise DataError(f"{where}: field 'level' must be an integer or a string, got {level!r}")
-    problem_id = row.get("id", row.get("unique_id"))
-    if problem_id is not None and (
-        isinstance(problem_id, bool) or not isinstance(problem_id, int | str)
-    ):
-        raise DataError(f"{where}: field 'id' must be an integer or a string, got {problem_id!r}")
-    return Problem(index, text, _reference(row["answer"], where), level, problem_id)
-
-
-def read_problems(path: str | Path) -> list[Problem]:
-    """Every problem of a JSONL file, in file order; blank lines are skipped.
-
-    Each line is a JSON object with ``problem`` (or ``question``) and ``answer``, and optionally
-    ``level`` and ``id`` (or ``unique_id``). An ``answer`` holding ``####`` (GSM8K) is reduced
-    to the text after it.
-
-    Raises
-    ------
-    DataError
-        Naming the file, the line and what is wrong with it, or if the file holds no problem.
-    """
-    path = _readable_file("path", path)
-    problems = []
-    for lineno, line in _jsonl_rows(path.read_bytes(), f"data file {path}"):
-        where = f"data file {path}, line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{where}: not valid JSON ({error.msg}, column {error.colno})"
-            ) from None
-        problems.append(_problem(row, len(problems), where))
-    if not problems:
-        raise DataError(f"data file {path}: no problems in it")
-    return problems
 
 
 def result_record(
@@ -229,7 +139,7 @@ def read_results(
     settings = _settings(settings)
     if not path.exists():
         return [], 0
-    path = _readable_file("path", path)
+    path = readable_file("path", path)
     data = path.read_bytes()
     keep_bytes = data.rfind(b"\n") + 1
     if data[keep_bytes:].strip():
@@ -240,7 +150,7 @@ def read_results(
             file=sys.stderr,
         )
     records, seen = [], {}
-    for lineno, line in _jsonl_rows(data[:keep_bytes], f"output file {path}"):
+    for lineno, line in jsonl_rows(data[:keep_bytes], f"output file {path}"):
         where = f"output file {path}, line {lineno}"
         try:
             record = json.loads(line)
@@ -267,123 +177,6 @@ def read_results(
         seen[index] = lineno
         records.append(record)
     return records, keep_bytes
-
-
-@dataclass
-class Summary:
-    """Accuracy and cost over a set of result lines."""
-
-    problems: int = 0
-    correct: int = 0
-    by_level: dict[Level, list[int]] = field(default_factory=dict)  # level -> [correct, problems]
-    generated_tokens: int = 0
-    prefilled_tokens: int = 0
-    scored_tokens: int = 0
-    wall_seconds: float = 0.0
-    # (candidates, right ones) per problem, for coverage@k; None once a line lacks them (a line
-    # written before num_correct was recorded)
-    pools: list[tuple[int, int]] | None = field(default_factory=list)
-
-    COST_KEYS = ("generated_tokens", "prefilled_tokens", "scored_tokens")
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.problems if self.problems else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Policy tokens generated per second of wall time."""
-        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    def add(self, record: dict[str, Any]) -> None:
-        self.problems += 1
-        self.correct += bool(record["correct"])
-        if record.get("level") is not None:
-            counts = self.by_level.setdefault(record["level"], [0, 0])
-            counts[0] += bool(record["correct"])
-            counts[1] += 1
-        cost = record["cost"]
-        self.generated_tokens += cost["generated_tokens"]
-        self.prefilled_tokens += cost["prefilled_tokens"]
-        self.scored_tokens += cost["scored_tokens"]
-        self.wall_seconds += record["wall_seconds"]
-        if self.pools is not None and isinstance(record.get("num_correct"), int):
-            self.pools.append((record["num_candidates"], record["num_correct"]))
-        else:
-            self.pools = None
-
-    def coverage(self) -> dict[int, float]:
-        """coverage@k (any of k candidates right, the unbiased estimator) for k = 1, 2, 4, ...
-        up to the fewest candidates a problem has, and that number; empty without pools."""
-        if not self.pools or min(n for n, _ in self.pools) < 1:
-            return {}
-        most = min(n for n, _ in self.pools)
-        ks = sorted({1 << i for i in range(most.bit_length()) if 1 << i <= most} | {most})
-        return {k: sum(coverage_at_k(n, c, k) for n, c in self.pools) / len(self.pools)
-                for k in ks}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **{k: v for k, v in asdict(self).items() if k != "pools"},
-            "accuracy": self.accuracy,
-            "tokens_per_second": self.tokens_per_second,
-            "coverage": {str(k): v for k, v in self.coverage().items()},
-        }
-
-
-def summarize(records: Sequence[dict[str, Any]]) -> Summary:
-    """Accuracy overall and by level, tokens and wall time, over result lines."""
-    if isinstance(records, str | dict) or not isinstance(records, Sequence):
-        raise InvalidArgument(f"records: expected a list of result lines, got {records!r:.60}")
-    summary = Summary()
-    for i, record in enumerate(records):
-        cost = record.get("cost") if isinstance(record, dict) else None
-        if (not isinstance(cost, dict) or "correct" not in record or "wall_seconds" not in record
-                or not all(key in cost for key in Summary.COST_KEYS)):
-            raise InvalidArgument(f"records[{i}]: not a result line (needs 'correct', "
-                                  f"'wall_seconds' and 'cost'), got {record!r:.60}")
-        summary.add(record)
-    return summary
-
-
-def _level_order(level: Level) -> tuple:
-    return (0, level, "") if isinstance(level, int) else (1, 0, level)
-
-
-def format_summary(summary: Summary) -> str:
-    """A table a person can read: accuracy overall and per level, then tokens and time."""
-    if not isinstance(summary, Summary):
-        raise InvalidArgument(f"summary: expected a Summary, got {type(summary).__name__}")
-    rows = [("accuracy", f"{summary.accuracy:7.1%}", f"{summary.correct}/{summary.problems}")]
-    for level in sorted(summary.by_level, key=_level_order):
-        correct, total = summary.by_level[level]
-        rows.append((f"  level {level}", f"{correct / total:7.1%}", f"{correct}/{total}"))
-    for k, value in summary.coverage().items():
-        rows.append((f"coverage@{k}", f"{value:7.1%}", "any of k candidates right (oracle)"))
-    rows += [
-        ("tokens generated", f"{summary.generated_tokens:,}", ""),
-        ("tokens prefilled", f"{summary.prefilled_tokens:,}", ""),
-        ("tokens scored", f"{summary.scored_tokens:,}", ""),
-        ("wall time", f"{summary.wall_seconds:.1f} s", ""),
-        ("tokens/s", f"{summary.tokens_per_second:,.1f}", "generated"),
-    ]
-    name_width = max(len(name) for name, _, _ in rows)
-    value_width = max(len(value) for _, value, _ in rows)
-    return "\n".join(
-        f"{name:<{name_width}}  {value:>{value_width}}  {note}".rstrip()
-        for name, value, note in rows
-    )
-
-
-def _readable_file(name: str, path) -> Path:
-    """``path`` as a Path to an existing file; an error naming the argument otherwise."""
-    path = Path(check_path(name, path))
-    if not path.exists() or path.is_dir():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise InvalidArgument(f"{name}: {path} {what}; expected a JSONL file", param=name)
-    if not os.access(path, os.R_OK):
-        raise InvalidArgument(f"{name}: {path} cannot be read", param=name)
-    return path
 
 
 def _writable_file(name: str, path) -> Path:
