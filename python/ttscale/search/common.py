@@ -83,7 +83,7 @@ class Common:
         label="list of int, optional")
     progress: bool = option(True, "Show a progress bar over problems.", kind="any", label="bool")
     on_progress: Callable[[Any], None] | None = option(None, (
-        "Called after each step of the search with a :class:`ttscale.search.run.Progress`\n"
+        "Called after each step of the search with a :class:`ttscale.search.line.Progress`\n"
         "(problem, step, live, finished, best_score, generated_tokens), on the thread that runs\n"
         "the search; the server streams these."), kind="function")
 
@@ -109,7 +109,7 @@ class Inputs:
     equal: Callable[[str, str], bool] | None
     problem_ids: list[int]  # each problem's key to its random streams (default: its position)
     progress: bool = True  # a progress bar over problems
-    on_progress: Callable[[Any], None] | None = None  # told of each step (search.run.Progress)
+    on_progress: Callable[[Any], None] | None = None  # told of each step (search.line.Progress)
 
 
 def prepare(

@@ -134,7 +134,7 @@ def softmax(scores: list[float], temperature: float) -> np.ndarray:
 
 
 def by_problem(lines: list) -> list[tuple[int, list]]:
-    """A wave's lines (``search.run.Line``) as (problem, its consecutive lines), in order."""
+    """A wave's lines (``search.line.Line``) as (problem, its consecutive lines), in order."""
     problems, sizes = consecutive_groups([line.problem for line in lines])
     ends = list(itertools.accumulate(sizes))
     return [(p, lines[end - size : end])

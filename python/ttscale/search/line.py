@@ -1,0 +1,84 @@
+"""A line: one growing solution of a search, its policy sequence with its verifier paths and
+the steps scored so far; and the progress a search reports after each step.
+
+Why a line can hold two verifier paths: a step is scored when its delimiter appears, before
+anyone knows whether the model will stop right after it. When it does (the next token is
+end-of-sequence, with no new text), that step was the solution's last after all, and a verifier
+that judges final answers (a rule, an outcome model) must see it as such. So while a line goes
+on, it also keeps ``retract``, a fork of its path taken before the last step; if the line ends
+without a new step, the last step is scored again on ``retract`` as final. A fork of a PRM path
+copies a block table, and the second scoring costs one step's tokens, only when it happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ttscale.engine.sequence import Sequence
+from ttscale.search.select import aggregate
+from ttscale.verifiers.base import split_steps
+
+
+@dataclass(eq=False)
+class Line:
+    """One growing solution of problem ``problem`` (an index into the strategy's problems).
+
+    ``steps``/``scores`` are the steps scored so far; ``node`` the tree node of the last one
+    (0, the root, before any); ``group`` the DVTS subtree; ``index`` the sample it began as.
+    ``start`` is where the solution begins in its sequence's output: 0, except for a revision
+    chain's later attempts, which follow the earlier ones on the same sequence.
+    """
+
+    problem: int
+    seq: Sequence
+    path: object | None = None
+    retract: object | None = None
+    steps: list[str] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)
+    node: int = 0
+    group: int = 0
+    index: int = 0
+    finished: bool = False
+    in_tree: bool = True
+    start: int = 0
+
+    def score(self, agg: str) -> float | None:
+        """The aggregate of the step scores so far (None before any)."""
+        return aggregate([s for s in self.scores if s is not None], agg)
+
+    def child(self, seq: Sequence, path: object, retract: object, **changes) -> Line:
+        """A line that continues this one's steps on ``seq``, with its own verifier paths."""
+        return dataclasses.replace(
+            self,
+            seq=seq,
+            path=path,
+            retract=retract,
+            steps=list(self.steps),
+            scores=list(self.scores),
+            **changes,
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A search's state for one problem after one of its steps (``on_progress`` gets these)."""
+
+    problem: int  # the problem's position in the call
+    step: int  # the search's steps on it so far (a whole solution counts as one)
+    live: int  # sequences it advanced in this step that are still unfinished
+    finished: int  # solutions it has finished so far (candidates, or attempts of revisions)
+    best_score: float | None  # the best aggregate score among the sequences of this step
+    generated_tokens: int  # policy tokens generated for it so far
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def completed_steps(text: str, delimiter: str, finished: bool) -> list[str]:
+    """The steps a text has completed: all of them once it is finished, else those that a
+    delimiter has closed (the text after the last delimiter is a step still being written)."""
+    if finished:
+        return split_steps(text, delimiter)
+    cut = text.rfind(delimiter)
+    return split_steps(text[:cut], delimiter) if cut >= 0 else []
