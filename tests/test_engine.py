@@ -72,6 +72,32 @@ def test_fork_continues_like_a_fresh_prefill(engine, hf_model):
     engine.free([parent, *children])
 
 
+def test_copy_on_write_copies_every_layer_in_one_ops_call(engine, hf_model, monkeypatch):
+    """Children that write into their parent's half-full block get copies of it, made by one
+    ``ops.copy_blocks`` call over the whole pool, and decode as a fresh prefill would."""
+    from ttscale import ops
+
+    calls = []
+    real = ops.copy_blocks
+
+    def counting(k, v, src, dst, **kw):
+        calls.append((k.dim(), src.tolist(), dst.tolist()))
+        return real(k, v, src, dst, **kw)
+
+    monkeypatch.setattr(ops, "copy_blocks", counting)
+    parent = engine.fork(engine.add(PROMPT), 1)[0]
+    engine.decode([parent], GREEDY, max_new_tokens=3)  # 19 + 3 tokens: the third block half full
+    children = engine.fork(parent, 2)
+    engine.decode(children, GREEDY, max_new_tokens=4)
+    assert [dim for dim, _, _ in calls] == [5] * len(calls) and calls
+    copies = [(s, d) for _, src, dst in calls for s, d in zip(src, dst, strict=True)]
+    assert len({d for _, d in copies}) == len(copies) >= 1
+    expected = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=7, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert all(child.output_ids == expected for child in children)
+    engine.free([parent, *children])
+
+
 def test_seeded_sample_is_the_same_alone_or_in_a_batch(model_dir):
     params = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True, seed=7)
     alone = Engine(load_model(model_dir), kv_budget_bytes=4 << 20, block_size=8)

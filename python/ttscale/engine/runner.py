@@ -290,11 +290,15 @@ class ModelRunner:
         return self._read_back(out_tokens, out_lp, out_stop, out_top, B, window)
 
     def copy_blocks(self, copies) -> None:
-        """Perform copy-on-write block copies in every layer."""
+        """Perform copy-on-write block copies in every layer (``ops.copy_blocks``: one call over
+        the whole pool, or one per layer for a pool not allocated as one tensor)."""
         if not copies:
             return
-        src = self._tensor([c.src for c in copies])
-        dst = self._tensor([c.dst for c in copies])
-        for k, v in zip(self.kv_cache.k, self.kv_cache.v, strict=True):
-            k[dst] = k[src]
-            v[dst] = v[src]
+        src = self._tensor([c.src for c in copies], torch.int32)
+        dst = self._tensor([c.dst for c in copies], torch.int32)
+        kv = self.kv_cache
+        if kv.k_layers is not None:
+            ops.copy_blocks(kv.k_layers, kv.v_layers, src, dst, backend=self.backend)
+            return
+        for k, v in zip(kv.k, kv.v, strict=True):
+            ops.copy_blocks(k, v, src, dst, backend=self.backend)

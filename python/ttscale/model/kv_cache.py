@@ -22,6 +22,10 @@ class KVCache:
 
     k: list[Tensor]
     v: list[Tensor]
+    # ``[L, num_blocks, block_size, Hkv, D]`` each, whose layers ``k``/``v`` are, when the pool
+    # was allocated here: ``ops.copy_blocks`` copies every layer in one call through them
+    k_layers: Tensor | None = None
+    v_layers: Tensor | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -55,8 +59,8 @@ class KVCache:
         if block_size < 8 or block_size > 128 or block_size & (block_size - 1):
             raise InvalidArgument(f"block_size: expected a power of two from 8 to 128, got {block_size}")
         pool = torch.zeros(
-            config.num_layers,
             2,
+            config.num_layers,
             num_blocks,
             block_size,
             config.num_kv_heads,
@@ -64,7 +68,8 @@ class KVCache:
             dtype=dtype,
             device=device,
         )
-        return cls(k=list(pool[:, 0].unbind(0)), v=list(pool[:, 1].unbind(0)))
+        return cls(k=list(pool[0].unbind(0)), v=list(pool[1].unbind(0)),
+                   k_layers=pool[0], v_layers=pool[1])
 
     @classmethod
     def from_budget(
