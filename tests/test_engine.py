@@ -468,7 +468,7 @@ def test_max_decode_seqs_must_be_a_positive_int(tmp_path, bad):
 
 def test_graphs_are_refused_where_a_step_cannot_be_captured(monkeypatch):
     from ttscale import _checks
-    from ttscale.engine.engine import _graphs_possible
+    from ttscale.engine.settings import graphs_possible as _graphs_possible
 
     ok, why = _graphs_possible(torch.device("cpu"), None)
     assert not ok and why == "the model is on cpu, not a CUDA device"
@@ -483,7 +483,7 @@ def test_a_leased_pool_keeps_back_its_decode_steps_activations(tmp_path, monkeyp
     from tiny_models import build_hf_model
 
     from ttscale.engine import memory
-    from ttscale.engine.engine import decode_row_bytes
+    from ttscale.engine.settings import decode_row_bytes
     from ttscale.model import block_bytes
 
     build_hf_model("llama", tmp_path)

@@ -24,11 +24,18 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from ttscale import _checks, backends, ops
-from ttscale.engine import memory
+from ttscale import backends, ops
+from ttscale.engine import forking
 from ttscale.engine.block_manager import BlockManager, PoolExhausted
 from ttscale.engine.runner import ModelRunner
 from ttscale.engine.sequence import Problem, Sequence
+from ttscale.engine.settings import (
+    DEFAULT_GPU_DECODE_SEQS,
+    check_engine_arguments,
+    default_kv_budget,
+    graphs_possible,
+    size_pool,
+)
 from ttscale.engine.stops import TokenTexts, find_stop
 from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
@@ -37,7 +44,7 @@ from ttscale.sampling_params import SamplingParams
 # draws depend neither on its batch nor on other sequences.
 DRAWS_PER_SEQUENCE = 1 << 24
 # A problem with a stream key numbers its sequences key * 2**STREAM_BITS + k, k counting that key's
-# sequences since restart_sequence_ids: a search's samples of a problem then depend on the key,
+# sequences in the problem's counters (a search's own): a search's samples of a problem then depend on the key,
 # the seed and that problem's own forks only, not on which problems share its call or its wave.
 STREAM_BITS = 16
 MAX_STREAM_KEY = 1 << 18  # keeps seq_id * DRAWS_PER_SEQUENCE below 2**63
@@ -108,26 +115,13 @@ class Engine:
         if backend is not None:  # one the model's forward can run with, named now, not mid-step
             for op in ("write_kv", "paged_prefill_attention", "cascade_decode_attention"):
                 backends.resolve(op, device, backend)
-        graphs_ok, why_not = _graphs_possible(device, backend)
+        graphs_ok, why_not = graphs_possible(device, backend)
         if cuda_graphs is None:
             cuda_graphs = graphs_ok
         elif cuda_graphs and not graphs_ok:
             raise InvalidArgument(f"cuda_graphs: {why_not}")
-        self.memory_lease: memory.Lease | None = None
-        if kv_budget_bytes is None and (device.type != "cpu" or memory_share is not None):
-            owner = f"the engine of a {model.config.architecture}"
-            self.memory_lease = memory.lease(device, memory_share, owner)
-            # The lease is all this engine may use: keep back what its largest decode step's
-            # activations take (twice with CUDA graphs: their pool and an eager step's), at most
-            # half the lease; a step then runs no more sequences than that reserve holds.
-            lease = self.memory_lease.bytes
-            per_seq = (2 if cuda_graphs else 1) * decode_row_bytes(model.config, model.dtype)
-            if max_decode_seqs is not None:
-                max_decode_seqs = max(1, min(max_decode_seqs, lease // 2 // per_seq))
-            kv_budget_bytes = lease - min((max_decode_seqs or 0) * per_seq, lease // 2)
-        elif kv_budget_bytes is None:
-            kv_budget_bytes = CPU_KV_BYTES
-        self.max_decode_seqs = max_decode_seqs
+        self.memory_lease, kv_budget_bytes, self.max_decode_seqs = size_pool(
+            model, kv_budget_bytes, memory_share, cuda_graphs, max_decode_seqs)
         try:
             self.kv_cache = model.allocate_kv_cache(kv_budget_bytes, block_size=block_size)
         except InvalidArgument as error:  # the pool's size came from one of the two arguments
@@ -241,78 +235,8 @@ class Engine:
         Returns the children, each child's parent (an index into ``candidates``), and the
         children's group offsets (``[G + 1]``).
         """
-        from ttscale.block_pool import BlockPool
-        from ttscale.engine.block_manager import CopyOnWrite
-
         self._check_live(candidates)
-        if len(scores) != len(candidates) or sum(group_sizes) != len(candidates):
-            raise InvalidArgument(
-                f"scores/group_sizes: expected {len(candidates)} scores and group sizes summing to it, "
-                f"got {len(scores)} scores and sizes summing to {sum(group_sizes)}", param="scores"
-            )
-        device = self.model.device
-        int32 = dict(dtype=torch.int32, device=device)
-        bm = self.blocks
-        for seq in candidates:
-            bm.trim(seq.block_table, seq.kv_len)
-        width = max([len(s.block_table) for s in candidates] + [1])
-        tables = torch.full((len(candidates), width), -1, dtype=torch.int32)
-        for row, seq in enumerate(candidates):
-            tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        free = torch.zeros(bm.num_blocks, dtype=torch.int32)
-        free[: bm.num_free] = torch.tensor(bm.free_stack, dtype=torch.int32)
-        pool = BlockPool(torch.tensor(bm.ref_counts, **int32), free.to(device),
-                         torch.tensor([bm.num_free], **int32), torch.zeros(1, **int32), bm.block_size)
-        offsets = [0]
-        for size in group_sizes:
-            offsets.append(offsets[-1] + size)
-        bounds = {}
-        if not isinstance(keep, int):
-            bounds["max_keep"] = max(list(keep) + [0])
-            keep = torch.tensor(list(keep), **int32)
-        if not isinstance(children, int):
-            bounds["max_children"] = max(list(children) + [0])
-            children = torch.tensor(list(children), **int32)
-        result = ops.select_and_fork(
-            torch.tensor(list(scores), dtype=torch.float32, device=device), torch.tensor(offsets, **int32),
-            keep, children, tables.to(device), torch.tensor([s.kv_len for s in candidates], **int32), pool,
-            **bounds,
-        )
-        # The pool's new state becomes the host's (one read-back per search step).
-        top = int(pool.free_top)
-        bm.ref_counts = pool.ref_counts.tolist()
-        bm.free_stack = pool.free_stack[:top].tolist()
-        child_offsets = result.child_offsets.tolist()
-        num_children = child_offsets[-1]
-        parents = result.parents[:num_children].tolist()
-        lens = result.lens[:num_children].tolist()
-        child_tables = result.block_tables[:num_children].tolist()
-        pairs = [CopyOnWrite(src, dst) for src, dst in zip(result.copy_src.tolist(), result.copy_dst.tolist())
-                 if src >= 0]
-        self.runner.copy_blocks(pairs)
-        kids, continuing = [], set()
-        for slot, p in enumerate(parents):
-            parent = candidates[p]
-            kv_len = lens[slot]  # shorter than the parent's only if the pool ran out: re-prefilled
-            table = child_tables[slot][: bm.blocks_for(kv_len)]
-            if p not in continuing:  # the first child carries on as the candidate itself
-                continuing.add(p)
-                parent.block_table, parent.kv_len = table, kv_len
-                kids.append(parent)
-                continue
-            kid = Sequence(self._new_seq_id(parent.problem), parent.problem, list(parent.tokens),
-                           table, kv_len, list(parent.logprobs), list(parent.top_logprobs),
-                           list(parent.sampled_at), parent.finish_reason)
-            kid.problem.num_sequences += 1
-            kid.problem.live.add(kid)
-            kids.append(kid)
-        for p, seq in enumerate(candidates):
-            if p not in continuing:
-                seq.block_table = []
-                seq.freed = True
-                seq.problem.num_sequences -= 1
-                seq.problem.live.discard(seq)
-        return kids, parents, child_offsets
+        return forking.select_and_fork(self, candidates, scores, group_sizes, keep, children)
 
     @_locked
     def extend(self, seq: Sequence, token_ids: Seq[int]) -> None:
@@ -355,25 +279,6 @@ class Engine:
         if not problem.freed:
             self.blocks.free(problem.block_table)
             problem.freed = True
-
-    @property
-    def next_sequence_number(self) -> int:
-        """The number the next sequence of a problem without a stream key gets."""
-        return self._next_seq_id
-
-    def number_sequences_from(self, start: int) -> None:
-        """Number the next sequences of problems without a stream key from ``start`` on."""
-        self._next_seq_id = start
-
-    def restart_sequence_ids(self) -> None:
-        """Number the next sequences from 0 again.
-
-        A draw's random stream derives from its sequence's id, so a search that restarts the
-        numbering and uses the same seed draws the same samples on every run. Sequences still
-        live keep their ids (a new one may share a number, and so a stream, with one of them).
-        """
-        self._next_seq_id = 0
-        self._stream_forks.clear()
 
     def _new_seq_id(self, problem: Problem) -> int:
         """The next sequence's number: by the problem's stream key when it has one (beyond
@@ -586,77 +491,6 @@ class Engine:
         for seq in seqs:
             if seq.freed:
                 raise InvalidArgument(f"seqs: sequence {seq.seq_id} was freed")
-
-
-CPU_KV_BYTES = 2 << 30  # the CPU pool when no budget is given
-DEFAULT_GPU_DECODE_SEQS = 4096  # most sequences in a GPU decode step (see Engine)
-
-
-def decode_row_bytes(config, dtype: torch.dtype) -> int:
-    """Activation bytes one sequence of a decode step takes at its peak: its logits in the
-    model's dtype plus 8 bytes a vocabulary entry for the sampler and what else a step keeps
-    around, the MLP's intermediate and a few hidden-size vectors in float32.
-
-    Sized from a measurement, not only from a count of tensors: on an H100 (Llama-3.2-1B shape,
-    bf16, 4,096 sequences a step) the captured steps held 6.1 GB and the next eager step failed
-    to get 1 GB more with no reserve; with this estimate (twice: 11.4 GB) the run completed."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return (config.vocab_size * (size + 8) + 3 * config.intermediate_size * size
-            + 8 * config.hidden_size * 4)
-
-
-BLOCK_SIZES = (8, 16, 32, 64, 128)  # what the attention kernels take
-
-
-def check_engine_arguments(*, kv_budget_bytes=None, memory_share=None, block_size=16,
-                           window=None, max_batch_tokens=4096, backend=None, cuda_graphs=None,
-                           max_decode_seqs=None) -> None:
-    """The engine's arguments, checked before a model is loaded for it (by ``LLM`` and ``PRM``)
-    or a pool allocated; what needs the device (a backend's kernels, graphs) is checked later."""
-    if kv_budget_bytes is not None:
-        _checks.check_int("kv_budget_bytes", kv_budget_bytes, low=1)
-    if memory_share is not None and not (
-            _checks.check_real("memory_share", memory_share) > 0 and memory_share <= 1):
-        raise InvalidArgument(f"memory_share: expected a fraction in (0, 1], got {memory_share!r}")
-    if kv_budget_bytes is not None and memory_share is not None:
-        raise InvalidArgument("memory_share: give kv_budget_bytes or memory_share, not both")
-    if _checks.check_int("block_size", block_size) not in BLOCK_SIZES:
-        raise InvalidArgument(f"block_size: expected a power of two from 8 to 128, got {block_size!r}")
-    for name, value in (("window", window), ("max_decode_seqs", max_decode_seqs)):
-        if value is not None:
-            _checks.check_int(name, value, low=1)
-    _checks.check_int("max_batch_tokens", max_batch_tokens, low=1)
-    if backend is not None and backend not in backends.BACKENDS:
-        raise InvalidArgument(f"backend: expected one of {', '.join(backends.BACKENDS)} or None, "
-                              f"got {backend!r}")
-    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
-        raise InvalidArgument(f"cuda_graphs: expected True, False or None, got {cuda_graphs!r}")
-
-
-def _graphs_possible(device: torch.device, backend: str | None) -> tuple[bool, str]:
-    """Whether a decode step can be captured on ``device`` with ``backend``, and why not."""
-    if device.type != "cuda":
-        return False, f"the model is on {device}, not a CUDA device"
-    if _checks.DEBUG:
-        return False, "TTSCALE_DEBUG=1 checks values on the host, which a captured step cannot"
-    for op, requested in (("cascade_decode_attention", backend), ("write_kv", backend),
-                          ("sample", None)):
-        try:
-            chosen = backends.resolve(op, device, requested)
-        except ValueError as error:
-            return False, f"{op}: {error}"
-        if chosen == "torch":
-            return False, f"the torch backend of {op} reads values on the host"
-    return True, ""
-
-
-def default_kv_budget(device: torch.device) -> int:
-    """What a lone engine's pool gets: the device's whole KV budget (see
-    :mod:`ttscale.engine.memory`) on a GPU, 2 GiB on the CPU. Takes no lease."""
-    if device.type == "cpu":
-        return CPU_KV_BYTES
-    budget = memory.device_budget(device)
-    return int(budget.fraction * memory.free_memory(budget.device))
 
 
 __all__ = ["Engine", "PoolExhausted", "default_kv_budget", "ops"]
