@@ -214,3 +214,12 @@ def chat_logprobs(tokenizer, completion) -> dict | None:
         content.append({"token": decode(token), "logprob": mine, "bytes": None,
                         "top_logprobs": alternatives})
     return {"content": content}
+
+
+class HTTPError(Exception):
+    """An answer with an error status: an OpenAI-shaped body (:func:`error_body`) is sent."""
+
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
