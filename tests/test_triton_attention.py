@@ -63,16 +63,58 @@ def test_split_prompt_with_fp16():
     _assert_matches_reference(case, out, lse, torch.float16)
 
 
-def test_decode_config_fills_an_h100_without_reading_the_device(monkeypatch):
+SPLIT = DecodeConfig(block_m=16, block_n=16, num_splits=3, suffix_block_n=16)
+
+
+@pytest.mark.parametrize("q_heads", [2, 16], ids=["group1", "group8"])
+def test_single_sequence_split_prompt(q_heads):
+    # N=1: one sequence's rows fill a fraction of a tile; its 100-key prompt is cut in 3 ranges.
+    case = make_case([1], [100], [23], q_heads=q_heads, kv_heads=2, device=DEVICE, seed=29)
+    out, lse = _run(case, SPLIT)
+    _assert_matches_reference(case, out, lse)
+
+
+@pytest.mark.parametrize("q_heads", [2, 16], ids=["group1", "group8"])
+def test_prompts_shorter_than_a_block(q_heads):
+    # 1, 5 and 15 keys of a 16-key pool block: the one tile step and split are mostly masked.
+    case = make_case([2, 3, 1], [1, 5, 15], q_heads=q_heads, kv_heads=2, device=DEVICE, seed=30)
+    out, lse = _run(case, SPLIT)
+    _assert_matches_reference(case, out, lse)
+
+
+@pytest.mark.parametrize("q_heads", [2, 16], ids=["group1", "group8"])
+def test_empty_suffixes_equal_prompt_only(q_heads):
+    # Every suffix empty: the output is the prompt level alone, merged from its splits.
+    case = make_case([3, 2], [70, 40], [0] * 5, q_heads=q_heads, kv_heads=2, device=DEVICE,
+                     seed=31)
+    out, lse = _run(case, SPLIT)
+    _assert_matches_reference(case, out, lse)
+
+
+@pytest.mark.parametrize("q_heads", [2, 16], ids=["group1", "group8"])
+def test_automatic_launch_shape_on_odd_shapes(q_heads):
+    # Through the public op: N=1 beside a problem of 6, a 3-key prompt, empty suffixes.
+    case = make_case([1, 6, 2], [300, 3, 17], [0, 5, 16, 31, 0, 1, 9, 0, 2], q_heads=q_heads,
+                     kv_heads=2, device=DEVICE, seed=32)
+    out, lse = ops.cascade_decode_attention(*case.args(), backend="triton")
+    _assert_matches_reference(case, out, lse)
+
+
+def test_prompt_splits_fill_an_h100_once(monkeypatch):
     # Llama-3.2-1B heads, 256 samples of one problem, prompt 2048: 128-row tiles of 32
-    # sequences, and the prompt split until there are about two programs per multiprocessor.
+    # sequences, 64 tiles over 8 kv heads, so 3 key ranges give the 132 multiprocessors one
+    # program each (a fourth would only add partial states).
     from ttscale.kernels import cascade_decode
 
     monkeypatch.setattr(cascade_decode, "_multiprocessors", lambda device: 132)
     config = decode_config(256, 32, 8, 1, 2048, 64, torch.device("cuda"))
-    assert config.block_m == 128
-    programs = (256 * 4 // config.block_m) * 8 * config.num_splits
-    assert 132 <= programs <= 4 * 132
+    assert (config.block_m, config.num_splits) == (128, 3)
+    # Enough tiles already: no split; a short prompt: no split below 256 keys.
+    assert decode_config(1024, 32, 8, 1, 2048, 64, torch.device("cuda")).num_splits == 1
+    assert decode_config(64, 32, 8, 1, 300, 64, torch.device("cuda")).num_splits == 1
+    # Few tiles, long prompt: up to 16 ranges of at least 256 keys.
+    assert decode_config(16, 32, 8, 1, 8192, 64, torch.device("cuda")).num_splits == 16
+    assert decode_config(16, 32, 8, 1, 1024, 64, torch.device("cuda")).num_splits == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +126,16 @@ def test_decode_bf16():
     case = make_case([5, 1, 3], [300, 17, 64], q_heads=32, kv_heads=8, dtype=torch.bfloat16,
                      device=DEVICE, seed=25)
     out, lse = ops.cascade_decode_attention(*case.args(), backend="triton")
+    _assert_matches_reference(case, out, lse, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_heads", [2, 16], ids=["group1", "group8"])
+def test_decode_bf16_odd_shapes(q_heads):
+    # N=1, a prompt shorter than a block, empty suffixes, a prompt split in 3, in bf16.
+    case = make_case([1, 4, 2], [100, 5, 0], [0, 17, 0, 3, 64, 0, 1], q_heads=q_heads,
+                     kv_heads=2, dtype=torch.bfloat16, device=DEVICE, seed=33)
+    out, lse = _run(case, SPLIT)
     _assert_matches_reference(case, out, lse, torch.bfloat16)
 
 

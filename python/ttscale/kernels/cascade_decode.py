@@ -9,7 +9,8 @@ Two kernels per call:
    prompt keys through ``tl.dot``: every prompt block is read once per tile for up to
    ``BLOCK_M`` rows, not once per sequence (Hydragen; FlashInfer's cascade). A third grid axis
    splits each prompt into ``NUM_SPLITS`` equal key ranges, so that few problems with long
-   prompts still fill the GPU; each split writes a partial output and lse per row.
+   prompts still fill the GPU (:func:`prompt_splits` says how many); each split writes a
+   partial output (normalised, in q's dtype) and its lse per row.
 2. ``suffix_merge_kernel`` (level 1). One program per (sequence, kv head), the ``G`` query
    heads as the rows of the dot, streams the sequence's own paged suffix, then folds in the
    prompt splits' partial states by their log-sum-exps and writes the final out and lse.
@@ -90,10 +91,12 @@ def prompt_kernel(
                                stride_kt, stride_kh, HEAD_DIM, BLOCK_D)
                 m_i, l_i, acc = softmax_step(q, k, v, n_ok[None, :], m_i, l_i, acc, qk_scale,
                                              DOT_PRECISION)
-            # Every split that runs has at least one key, so l_i > 0. Partial lse in base 2.
+            # Every split that runs has at least one key, so l_i > 0. Partial lse in base 2; the
+            # normalised partial output in q's dtype (half the traffic of float32 in bf16).
             part = split * stride_part_split + seq * stride_part_seq + head
             tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=mine)
-            tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / l_i[:, None],
+            tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
+                     (acc / l_i[:, None]).to(part_out_ptr.dtype.element_ty),
                      mask=mine[:, None] & d_ok[None, :])
 
 
@@ -137,7 +140,7 @@ def suffix_merge_kernel(
         part = split * stride_part_split + seq * stride_part_seq + head
         part_lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"))
         part_out = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
-                           mask=ok[:, None] & d_ok[None, :], other=0.0)
+                           mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         m_new = tl.maximum(m_i, part_lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -171,6 +174,18 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def prompt_splits(tiles: int, max_prompt_len: int, multiprocessors: int) -> int:
+    """Key ranges per prompt: just enough level-0 programs to give every multiprocessor one.
+
+    A split buys parallelism when few tiles stream long prompts, and costs every row a partial
+    state written by level 0 and read back by level 1 (``2 x D`` elements in q's dtype per row
+    and split: at 1B heads, N=256, prompt 2048 each split adds 4 MB to a 40 MB floor). So split
+    only as far as one wave fills the machine, never below 256 keys a split, at most 16.
+    """
+    most = max(1, min(16, max_prompt_len // 256))
+    return max(1, min(most, triton.cdiv(multiprocessors, tiles)))
+
+
 def decode_config(batch: int, q_heads: int, kv_heads: int, num_problems: int, max_prompt_len: int,
                   max_suffix_len: int, device: torch.device) -> DecodeConfig:
     """A launch shape from host-known sizes only (no device read: CUDA-graph safe)."""
@@ -179,13 +194,8 @@ def decode_config(batch: int, q_heads: int, kv_heads: int, num_problems: int, ma
     # for more rows, but rows of other problems in a tile only cost extra passes.
     rows_per_problem = triton.cdiv(rows, max(num_problems, 1))
     block_m = min(128, max(16, triton.next_power_of_2(rows_per_problem)))
-    programs = triton.cdiv(rows, block_m) * kv_heads
-    # Split the prompt until about two programs per multiprocessor run, keeping >= 256 keys a split.
-    want = triton.cdiv(2 * _multiprocessors(device), programs)
-    most = max(1, min(16, max_prompt_len // 256))
-    num_splits = 1
-    while num_splits * 2 <= min(want, most):
-        num_splits *= 2
+    tiles = triton.cdiv(rows, block_m) * kv_heads
+    num_splits = prompt_splits(tiles, max_prompt_len, _multiprocessors(device))
     suffix_block_n = min(64, max(16, triton.next_power_of_2(max_suffix_len)))
     return DecodeConfig(block_m=block_m, block_n=64, num_splits=num_splits,
                         suffix_block_n=suffix_block_n, num_warps=8 if block_m >= 128 else 4)
@@ -208,11 +218,9 @@ def cascade_decode_attention(q, k_cache, v_cache, prompt_block_tables, prompt_le
                                suffix_block_tables.shape[1] * block_size, q.device)
     seq_order = plan[0]
     # Partial states of the prompt splits: written by level 0 wherever a split has keys, read
-    # by level 1 only there, so plain uninitialised memory.
-    part_out = torch.empty((config.num_splits, batch, q_heads, head_dim), dtype=torch.float32,
-                           device=q.device)
-    part_lse = torch.empty((config.num_splits, batch, q_heads), dtype=torch.float32,
-                           device=q.device)
+    # by level 1 only there (poisoned in tests, so reading an unwritten one shows).
+    part_out = new_output((config.num_splits, batch, q_heads, head_dim), q.dtype, q.device)
+    part_lse = new_output((config.num_splits, batch, q_heads), torch.float32, q.device)
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_SIZE=block_size,
                   NUM_SPLITS=config.num_splits, DOT_PRECISION=dot_precision(q.dtype),
                   num_stages=config.num_stages)
