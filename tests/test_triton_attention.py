@@ -16,6 +16,8 @@ from ttscale import ops, reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if (why := missing_feature("triton", DEVICE)) is not None:
     pytest.skip(why, allow_module_level=True)
+# With a GPU every test here runs on it, so `-m gpu` (bench/gpu.sh) selects them all.
+pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
 
 from ttscale.kernels.cascade_decode import DecodeConfig, cascade_decode_attention, decode_config  # noqa: E402
 
