@@ -49,9 +49,9 @@ def split_range(length, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def prompt_kernel(
+def prompt_tile(
     q_ptr, k_ptr, v_ptr, prompt_tables_ptr, prompt_lens_ptr, problem_ids_ptr, seq_order_ptr,
-    part_out_ptr, part_lse_ptr,
+    part_out_ptr, part_lse_ptr, tile, kv_head, split,
     num_rows, qk_scale,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_table,
     stride_part_split, stride_part_seq,
@@ -59,7 +59,7 @@ def prompt_kernel(
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Level 0 of one tile of rows, one kv head and one key range: partial states per row."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of the problem-sorted space [B * G]
     row_ok = rows < num_rows
     seq = tl.load(seq_order_ptr + rows // GROUP, mask=row_ok, other=0).to(tl.int64)
@@ -101,25 +101,39 @@ def prompt_kernel(
 
 
 @triton.jit
-def suffix_merge_kernel(
-    q_ptr, k_ptr, v_ptr, suffix_tables_ptr, suffix_lens_ptr, prompt_lens_ptr, problem_ids_ptr,
-    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
-    qk_scale,
+def prompt_kernel(
+    q_ptr, k_ptr, v_ptr, prompt_tables_ptr, prompt_lens_ptr, problem_ids_ptr, seq_order_ptr,
+    part_out_ptr, part_lse_ptr,
+    num_rows, qk_scale,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_table,
     stride_part_split, stride_part_seq,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PROMPT_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    seq, kv_head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    prompt_tile(
+        q_ptr, k_ptr, v_ptr, prompt_tables_ptr, prompt_lens_ptr, problem_ids_ptr, seq_order_ptr,
+        part_out_ptr, part_lse_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+        num_rows, qk_scale, stride_qb, stride_qh, stride_kt, stride_kh, stride_table,
+        stride_part_split, stride_part_seq, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+        BLOCK_SIZE, NUM_SPLITS, DOT_PRECISION,
+    )
+
+
+@triton.jit
+def suffix_state(
+    q_ptr, k_ptr, v_ptr, suffix_tables_ptr, suffix_lens_ptr, seq, kv_head, qk_scale,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_table,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Level 1: the running softmax (m, l, acc) of one sequence's group heads over its suffix."""
     g = tl.arange(0, BLOCK_G)
-    g_ok = g < GROUP
     head = kv_head * GROUP + g
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    row = seq * stride_qb + head * stride_qh  # q and out share the layout [B, Hq, D]
-    q = tl.load(q_ptr + row[:, None] + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-
+    row = seq * stride_qb + head * stride_qh
+    q = tl.load(q_ptr + row[:, None] + d[None, :],
+                mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -131,28 +145,77 @@ def suffix_merge_kernel(
         k, v = load_kv(k_ptr, v_ptr, kv_rows(table, n, n_ok, BLOCK_SIZE), kv_head, n_ok,
                        stride_kt, stride_kh, HEAD_DIM, BLOCK_D)
         m_i, l_i, acc = softmax_step(q, k, v, n_ok[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+    return m_i, l_i, acc
 
-    # Fold in the prompt's splits; a split that covered no keys wrote nothing and is skipped.
-    prompt_len = tl.load(prompt_lens_ptr + tl.load(problem_ids_ptr + seq))
+
+@triton.jit
+def fold_state(m_i, l_i, acc, part_lse, part_out):
+    """A normalised partial state (base-2 lse, -inf where absent) into a running softmax: the
+    log-sum-exp merge of ``merge_attention_states``, with the running side unnormalised."""
+    m_new = tl.maximum(m_i, part_lse)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    beta = tl.exp2(part_lse - m_safe)  # the partial output is normalised: its sum is 1
+    return m_new, l_i * alpha + beta, acc * alpha[:, None] + part_out * beta[:, None]
+
+
+@triton.jit
+def fold_prompt_splits(
+    m_i, l_i, acc, part_out_ptr, part_lse_ptr, prompt_len, seq, head, g_ok,
+    stride_part_split, stride_part_seq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PROMPT_BLOCK_N: tl.constexpr,
+):
+    """Fold in the prompt's splits; a split that covered no keys wrote nothing and is skipped."""
+    d = tl.arange(0, BLOCK_D)
     for split in tl.static_range(NUM_SPLITS):
         start, end = split_range(prompt_len, split, NUM_SPLITS, PROMPT_BLOCK_N)
         ok = g_ok & (start < end)
         part = split * stride_part_split + seq * stride_part_seq + head
         part_lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"))
         part_out = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
-                           mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        m_new = tl.maximum(m_i, part_lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        beta = tl.exp2(part_lse - m_safe)  # the partial output is normalised: its sum is 1
-        acc = acc * alpha[:, None] + part_out * beta[:, None]
-        l_i = l_i * alpha + beta
-        m_i = m_new
+                           mask=ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
+        m_i, l_i, acc = fold_state(m_i, l_i, acc, part_lse, part_out)
+    return m_i, l_i, acc
 
+
+@triton.jit
+def store_final(m_i, l_i, acc, out_ptr, lse_ptr, seq, head, g_ok, stride_qb, stride_qh,
+                Q_HEADS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    d = tl.arange(0, BLOCK_D)
     out, lse = finish(m_i, l_i, acc)
+    row = seq * stride_qb + head * stride_qh  # q and out share the layout [B, Hq, D]
     tl.store(out_ptr + row[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=g_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + seq * (GROUP * tl.num_programs(1)) + head, lse, mask=g_ok)
+             mask=g_ok[:, None] & (d < HEAD_DIM)[None, :])
+    tl.store(lse_ptr + seq * Q_HEADS + head, lse, mask=g_ok)
+
+
+@triton.jit
+def suffix_merge_kernel(
+    q_ptr, k_ptr, v_ptr, suffix_tables_ptr, suffix_lens_ptr, prompt_lens_ptr, problem_ids_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
+    qk_scale,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_table,
+    stride_part_split, stride_part_seq,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PROMPT_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq, kv_head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    head = kv_head * GROUP + tl.arange(0, BLOCK_G)
+    g_ok = tl.arange(0, BLOCK_G) < GROUP
+    m_i, l_i, acc = suffix_state(
+        q_ptr, k_ptr, v_ptr, suffix_tables_ptr, suffix_lens_ptr, seq, kv_head, qk_scale,
+        stride_qb, stride_qh, stride_kt, stride_kh, stride_table,
+        GROUP, HEAD_DIM, BLOCK_D, BLOCK_G, BLOCK_N, BLOCK_SIZE, DOT_PRECISION,
+    )
+    prompt_len = tl.load(prompt_lens_ptr + tl.load(problem_ids_ptr + seq))
+    m_i, l_i, acc = fold_prompt_splits(
+        m_i, l_i, acc, part_out_ptr, part_lse_ptr, prompt_len, seq, head, g_ok,
+        stride_part_split, stride_part_seq, HEAD_DIM, BLOCK_D, NUM_SPLITS, PROMPT_BLOCK_N,
+    )
+    store_final(m_i, l_i, acc, out_ptr, lse_ptr, seq, head, g_ok, stride_qb, stride_qh,
+                GROUP * tl.num_programs(1), HEAD_DIM, BLOCK_D)
 
 
 @dataclass(frozen=True)
