@@ -15,6 +15,11 @@ Two kernels per call:
    heads as the rows of the dot, streams the sequence's own paged suffix, then folds in the
    prompt splits' partial states by their log-sum-exps and writes the final out and lse.
 
+With ``DecodeConfig(overlap=True)`` the two levels run in one launch instead
+(``overlapped_kernel``: level 0's programs first, level 1's beside them, the suffix's state
+written as one more partial state), and ``merge_splits_kernel`` merges every row's states:
+level 0's matrix products overlap level 1's reads, as in the CUDA kernel.
+
 The grid depends only on shapes known on the host (``B``, heads, table widths), never on values
 in device memory, so the op can be captured in a CUDA graph.
 """
@@ -218,6 +223,78 @@ def suffix_merge_kernel(
                 GROUP * tl.num_programs(1), HEAD_DIM, BLOCK_D)
 
 
+@triton.jit
+def overlapped_kernel(
+    q_ptr, k_ptr, v_ptr, prompt_tables_ptr, prompt_lens_ptr, problem_ids_ptr, seq_order_ptr,
+    suffix_tables_ptr, suffix_lens_ptr, part_out_ptr, part_lse_ptr,
+    num_rows, num_tiles, kv_heads, qk_scale,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_prompt_table, stride_suffix_table,
+    stride_part_split, stride_part_seq,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SUFFIX_BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Both levels in one launch, level 0's programs first (the longest start first, level 1's
+    fill the multiprocessors beside them); every program writes partial states, the suffix's in
+    slot ``NUM_SPLITS``."""
+    program = tl.program_id(0)
+    prompt_programs = num_tiles * kv_heads * NUM_SPLITS
+    if program < prompt_programs:
+        prompt_tile(
+            q_ptr, k_ptr, v_ptr, prompt_tables_ptr, prompt_lens_ptr, problem_ids_ptr,
+            seq_order_ptr, part_out_ptr, part_lse_ptr, program % num_tiles,
+            program // num_tiles % kv_heads, program // (num_tiles * kv_heads),
+            num_rows, qk_scale, stride_qb, stride_qh, stride_kt, stride_kh, stride_prompt_table,
+            stride_part_split, stride_part_seq, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+            BLOCK_SIZE, NUM_SPLITS, DOT_PRECISION,
+        )
+    else:
+        seq = ((program - prompt_programs) // kv_heads).to(tl.int64)
+        kv_head = (program - prompt_programs) % kv_heads
+        m_i, l_i, acc = suffix_state(
+            q_ptr, k_ptr, v_ptr, suffix_tables_ptr, suffix_lens_ptr, seq, kv_head, qk_scale,
+            stride_qb, stride_qh, stride_kt, stride_kh, stride_suffix_table,
+            GROUP, HEAD_DIM, BLOCK_D, BLOCK_G, SUFFIX_BLOCK_N, BLOCK_SIZE, DOT_PRECISION,
+        )
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        seen = l_i > 0  # an empty suffix: lse -inf and a zero output, which the merge weighs 0
+        safe_l = tl.where(seen, l_i, 1.0)
+        part = NUM_SPLITS * stride_part_split + seq * stride_part_seq + kv_head * GROUP + g
+        tl.store(part_lse_ptr + part, tl.where(seen, m_i + tl.log2(safe_l), float("-inf")),
+                 mask=g < GROUP)
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
+                 (acc / safe_l[:, None]).to(part_out_ptr.dtype.element_ty),
+                 mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def merge_splits_kernel(
+    prompt_lens_ptr, problem_ids_ptr, part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_part_split, stride_part_seq,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PROMPT_BLOCK_N: tl.constexpr,
+):
+    """After :func:`overlapped_kernel`: each row's suffix state and prompt splits, merged."""
+    seq, kv_head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < GROUP
+    head = kv_head * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    part = NUM_SPLITS * stride_part_split + seq * stride_part_seq + head
+    m_i = tl.load(part_lse_ptr + part, mask=g_ok, other=float("-inf"))
+    l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)  # a normalised state: its sum is 1
+    acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
+                  mask=g_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
+    prompt_len = tl.load(prompt_lens_ptr + tl.load(problem_ids_ptr + seq))
+    m_i, l_i, acc = fold_prompt_splits(
+        m_i, l_i, acc, part_out_ptr, part_lse_ptr, prompt_len, seq, head, g_ok,
+        stride_part_split, stride_part_seq, HEAD_DIM, BLOCK_D, NUM_SPLITS, PROMPT_BLOCK_N,
+    )
+    store_final(m_i, l_i, acc, out_ptr, lse_ptr, seq, head, g_ok, stride_qb, stride_qh,
+                GROUP * tl.num_programs(1), HEAD_DIM, BLOCK_D)
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch shape of the decode kernels (tests force small ones to cross tile/split edges)."""
@@ -228,6 +305,10 @@ class DecodeConfig:
     suffix_block_n: int  # level-1 keys per step
     num_warps: int = 4  # of the level-0 kernel; level 1 is a small memory-bound tile
     num_stages: int = 2
+    # One launch running both levels side by side, then a merge launch (the CUDA kernel's
+    # order), instead of level 0 and then level 1 with the merge: overlaps level 0's matrix
+    # products with level 1's reads, for the round trip of one more partial state per row.
+    overlap: bool = False
 
 
 @cache
@@ -280,10 +361,12 @@ def cascade_decode_attention(q, k_cache, v_cache, prompt_block_tables, prompt_le
                                prompt_block_tables.shape[1] * block_size,
                                suffix_block_tables.shape[1] * block_size, q.device)
     seq_order = plan[0]
-    # Partial states of the prompt splits: written by level 0 wherever a split has keys, read
-    # by level 1 only there (poisoned in tests, so reading an unwritten one shows).
-    part_out = new_output((config.num_splits, batch, q_heads, head_dim), q.dtype, q.device)
-    part_lse = new_output((config.num_splits, batch, q_heads), torch.float32, q.device)
+    # Partial states of the prompt splits (and of the suffix, last, when overlapped): written
+    # by level 0 wherever a split has keys, read only there (poisoned in tests, so reading an
+    # unwritten one shows).
+    slots = config.num_splits + config.overlap
+    part_out = new_output((slots, batch, q_heads, head_dim), q.dtype, q.device)
+    part_lse = new_output((slots, batch, q_heads), torch.float32, q.device)
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_SIZE=block_size,
                   NUM_SPLITS=config.num_splits, DOT_PRECISION=dot_precision(q.dtype),
                   num_stages=config.num_stages)
@@ -291,6 +374,24 @@ def cascade_decode_attention(q, k_cache, v_cache, prompt_block_tables, prompt_le
     part_strides = (part_lse.stride(0), part_lse.stride(1))
     qk_scale = scale * LOG2E
     rows = batch * group
+    block_g = max(16, triton.next_power_of_2(group))
+    if config.overlap:
+        tiles = triton.cdiv(rows, config.block_m)
+        grid = (tiles * kv_heads * config.num_splits + batch * kv_heads,)
+        overlapped_kernel[grid](
+            q, k_cache, v_cache, prompt_block_tables, prompt_lens, problem_ids, seq_order,
+            suffix_block_tables, suffix_lens, part_out, part_lse, rows, tiles, kv_heads, qk_scale,
+            *strides, prompt_block_tables.stride(0), suffix_block_tables.stride(0),
+            *part_strides, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_G=block_g,
+            SUFFIX_BLOCK_N=config.suffix_block_n, num_warps=config.num_warps, **common,
+        )
+        merge_splits_kernel[(batch, kv_heads)](
+            prompt_lens, problem_ids, part_out, part_lse, out, lse, q.stride(0), q.stride(1),
+            *part_strides, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"],
+            BLOCK_G=block_g, NUM_SPLITS=config.num_splits, PROMPT_BLOCK_N=config.block_n,
+            num_warps=4,
+        )
+        return out, lse
     grid = (triton.cdiv(rows, config.block_m), kv_heads, config.num_splits)
     prompt_kernel[grid](
         q, k_cache, v_cache, prompt_block_tables, prompt_lens, problem_ids, seq_order,
@@ -300,7 +401,7 @@ def cascade_decode_attention(q, k_cache, v_cache, prompt_block_tables, prompt_le
     suffix_merge_kernel[(batch, kv_heads)](
         q, k_cache, v_cache, suffix_block_tables, suffix_lens, prompt_lens, problem_ids,
         part_out, part_lse, out, lse, qk_scale, *strides, suffix_block_tables.stride(0),
-        *part_strides, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        *part_strides, BLOCK_G=block_g,
         BLOCK_N=config.suffix_block_n, PROMPT_BLOCK_N=config.block_n, num_warps=4, **common,
     )
     return out, lse
