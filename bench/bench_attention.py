@@ -378,19 +378,23 @@ def test_cascade_decode_attention(device, workload, impl, measure, machine, tabl
 # The Triton kernel's launch shapes at the target row: what decode_config should choose there.
 
 SHAPES_TABLE = "Triton cascade decode launch shapes, target row ({device})"
-# (block_m, num_splits, overlap) of the level-0 kernel; the other fields follow decode_config's
-# rules. At the target row 128-row tiles make 64 programs over 8 kv heads and 64-row tiles 128,
-# so splits beyond what fills 132 multiprocessors are tried only for the taller tiles; with the
-# levels overlapped, level 1's 2,048 programs fill the machine beside fewer splits.
-LAUNCH_SHAPES = [(16, 1, False), (16, 3, True)] if TINY else [
-    (128, 1, False), (128, 2, False), (128, 3, False), (128, 4, False), (128, 8, False),
-    (64, 1, False), (64, 2, False), (128, 1, True), (128, 2, True), (128, 3, True),
+# (block_m, num_splits, overlap, suffix keys a step, suffix warps); the other fields follow
+# decode_config's rules. At the target row 128-row tiles make 64 programs over 8 kv heads and
+# 64-row tiles 128, so splits beyond what fills 132 multiprocessors are tried only for the
+# taller tiles; with the levels overlapped, level 1's 2,048 programs fill the machine beside
+# fewer splits; level 1's tile and warps set its occupancy (its registers: DecodeConfig).
+LAUNCH_SHAPES = [(16, 1, False, 16, 4), (16, 3, True, 16, 8)] if TINY else [
+    (128, 1, False, 64, 4), (128, 2, False, 64, 4), (128, 3, False, 64, 4),
+    (128, 4, False, 64, 4), (128, 8, False, 64, 4), (64, 1, False, 64, 4), (64, 2, False, 64, 4),
+    (128, 3, False, 64, 8), (128, 3, False, 32, 4), (128, 3, False, 32, 8),
+    (128, 1, True, 64, 4), (128, 2, True, 64, 4), (128, 3, True, 64, 4), (128, 3, True, 64, 8),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES.split(","))
-@pytest.mark.parametrize("block_m,num_splits,overlap", LAUNCH_SHAPES)
-def test_decode_launch_shapes(device, block_m, num_splits, overlap, measure, machine, tables):
+@pytest.mark.parametrize("block_m,num_splits,overlap,suffix_block_n,suffix_warps", LAUNCH_SHAPES)
+def test_decode_launch_shapes(device, block_m, num_splits, overlap, suffix_block_n, suffix_warps,
+                              measure, machine, tables):
     """One launch shape of the Triton decode kernel at the target row, timed (GPU) or checked.
 
     On the CPU this runs only under ``TRITON_INTERPRET=1`` (the dry run) and times nothing.
@@ -413,16 +417,17 @@ def test_decode_launch_shapes(device, block_m, num_splits, overlap, measure, mac
     q_heads, kv_heads, _ = HEADS[w.model]
     chosen = decode_config(w.samples, q_heads, kv_heads, 1, w.prompt_len, w.suffix_len,
                            inputs.q.device)
-    config = DecodeConfig(block_m, chosen.block_n, num_splits, chosen.suffix_block_n,
-                          num_warps=8 if block_m >= 128 else 4, overlap=overlap)
+    config = DecodeConfig(block_m, chosen.block_n, num_splits, suffix_block_n,
+                          num_warps=8 if block_m >= 128 else 4, overlap=overlap,
+                          suffix_num_warps=suffix_warps)
     floor = rates.floor_seconds(w.bytes_floor(inputs.q.dtype), w.flops())
     how = ("times: median CUDA-event time of a CUDA graph's replay, L2 flushed"
            if device == "cuda" else "the interpreter: each shape checked, not timed")
     tables.note(table, f"{w.label}; floor {floor * 1e6:.1f} µs; {how}; "
                        "* = decode_config's choice here")
     label = ("* " if config == chosen else "") + (
-        f"block_m={block_m} splits={num_splits} warps={config.num_warps}"
-        + (" overlapped" if overlap else ""))
+        f"block_m={block_m} splits={num_splits} warps={config.num_warps} "
+        f"suffix {suffix_block_n} keys/{suffix_warps} warps" + (" overlapped" if overlap else ""))
     cells = {"launch shape": label}
 
     def run():

@@ -309,6 +309,10 @@ class DecodeConfig:
     # order), instead of level 0 and then level 1 with the merge: overlaps level 0's matrix
     # products with level 1's reads, for the round trip of one more partial state per row.
     overlap: bool = False
+    # Of the level-1 kernel (two launches) or the merge (overlapped). At 64 keys a step its
+    # compiled code holds ~200 registers a thread at 4 warps, ~100 at 8 (sm_90, D=64): which
+    # occupancy the memory-bound suffix pass wants is for a GPU to say.
+    suffix_num_warps: int = 4
 
 
 @cache
@@ -389,7 +393,7 @@ def cascade_decode_attention(q, k_cache, v_cache, prompt_block_tables, prompt_le
             prompt_lens, problem_ids, part_out, part_lse, out, lse, q.stride(0), q.stride(1),
             *part_strides, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=common["BLOCK_D"],
             BLOCK_G=block_g, NUM_SPLITS=config.num_splits, PROMPT_BLOCK_N=config.block_n,
-            num_warps=4,
+            num_warps=config.suffix_num_warps,
         )
         return out, lse
     grid = (triton.cdiv(rows, config.block_m), kv_heads, config.num_splits)
@@ -402,6 +406,7 @@ def cascade_decode_attention(q, k_cache, v_cache, prompt_block_tables, prompt_le
         q, k_cache, v_cache, suffix_block_tables, suffix_lens, prompt_lens, problem_ids,
         part_out, part_lse, out, lse, qk_scale, *strides, suffix_block_tables.stride(0),
         *part_strides, BLOCK_G=block_g,
-        BLOCK_N=config.suffix_block_n, PROMPT_BLOCK_N=config.block_n, num_warps=4, **common,
+        BLOCK_N=config.suffix_block_n, PROMPT_BLOCK_N=config.block_n,
+        num_warps=config.suffix_num_warps, **common,
     )
     return out, lse
