@@ -18,8 +18,10 @@ from ttscale import ops, reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if (why := missing_feature("triton", DEVICE)) is not None:
     pytest.skip(why, allow_module_level=True)
-# With a GPU every test here runs on it, so `-m gpu` (bench/gpu.sh) selects them all.
-pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
+# With a GPU every test here runs on it, so `-m gpu` (bench/gpu.sh) selects them all; the GPU
+# report counts them under the decode op unless a test names another.
+pytestmark = [pytest.mark.op("cascade_decode_attention")] + (
+    [pytest.mark.gpu] if DEVICE == "cuda" else [])
 
 from ttscale.kernels.cascade_decode import DecodeConfig, cascade_decode_attention, decode_config  # noqa: E402
 
@@ -164,6 +166,7 @@ def test_decode_bf16_split_prompt(head_dim, overlap):
 
 
 @pytest.mark.gpu
+@pytest.mark.op("paged_prefill_attention")
 def test_prefill_bf16():
     q_lens = [37, 9, 1]
     case = make_case([1, 2], [37, 20], [0, 9, 30], q_rows=sum(q_lens), q_heads=8, kv_heads=2,
@@ -176,6 +179,7 @@ def test_prefill_bf16():
 
 
 @pytest.mark.gpu
+@pytest.mark.op("merge_attention_states")
 def test_merge_bf16():
     gen = torch.Generator().manual_seed(27)
     o_a, o_b = (torch.randn(21, 4, 64, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
@@ -188,6 +192,7 @@ def test_merge_bf16():
 
 
 @pytest.mark.gpu
+@pytest.mark.op("write_kv")
 def test_write_kv_bf16():
     gen = torch.Generator().manual_seed(28)
     cache = torch.randn(4, 16, 2, 64, generator=gen).to(DEVICE, torch.bfloat16)
