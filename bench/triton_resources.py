@@ -78,9 +78,10 @@ def main() -> None:
         else:
             kernels = [(cd.prompt_kernel, level0_warps), (cd.suffix_merge_kernel, suffix_warps)]
         for kernel, warps in kernels:
-            # level 1 steps through the suffix SUFFIX_BLOCK_N keys at a time
-            use = dict(constants, BLOCK_N=suffix_n) if kernel is cd.suffix_merge_kernel else constants
-            r = resources(kernel, use, warps, args.arch)
+            # the level-1 kernel names its suffix step BLOCK_N
+            level1 = kernel is cd.suffix_merge_kernel
+            r = resources(kernel, dict(constants, BLOCK_N=suffix_n) if level1 else constants,
+                          warps, args.arch)
             print(f"{shape:<44} {kernel.fn.__name__:<20} {r['registers']:>9}  {r['local']:>5}  "
                   f"{r['shared']:>6}  {r['programs/SM']:>11}  {r['warps/SM']:>8}")
 
