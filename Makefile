@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PINS := constraints.txt
 
-.PHONY: demo test test-latest pins bench gpu lint env clean vllm-env bench-model
+.PHONY: demo test test-latest pins bench gpu gpu-headline lint env clean vllm-env bench-model
 
 demo:
 	./scripts/setup_env.sh demo $(PINS)
@@ -26,8 +26,13 @@ bench:
 	./scripts/setup_env.sh test,triton,serve,ray $(PINS)
 	$(PY) -m pytest bench -q --benchmark-enable --benchmark-only -s
 
+# One GPU call of at most 5 minutes: build, GPU tests, the kernels' benchmark rows (bench/gpu.sh).
 gpu:
 	bash bench/gpu.sh
+
+# A second call of up to 10 minutes: the Tokasaurus workload on all 128 problems.
+gpu-headline:
+	bash bench/gpu.sh --headline
 
 # vLLM's CPU build in its own venv, for `ttscale bench throughput --backend vllm`; its torch pin
 # never touches .venv. Its CUDA torchvision/torchaudio/torchcodec break `import vllm`: removed.

@@ -16,7 +16,12 @@ where each rate comes from). The plan (sequences grouped by problem) is computed
 step and reused by every layer, so it is built outside the timing.
 
 Run: ``pytest bench/bench_attention.py --benchmark-enable -s``. GPU rows are bf16 with the L2
-flushed before every call; CPU rows are fp32 and only the shapes that take seconds on 2 cores.
+flushed before every call, each implementation captured in a CUDA graph and its replay timed (as
+the engine's decode step runs it: kernel time, not the host's launch cost); CPU rows are fp32
+and only the shapes that take seconds on 2 cores. ``TTSCALE_BENCH_QUICK=1`` keeps the rows one
+short GPU call measures (``bench/gpu.sh``): the target row and the N >= 64 rows at prompt 2048,
+plus the target's neighbours in prompt length. ``test_decode_launch_shapes`` times the Triton
+kernel's launch shapes at the target row, to tune ``decode_config``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ttscale import backends, ops, reference
 
 OP = "cascade_decode_attention"
 TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
+QUICK = os.environ.get("TTSCALE_BENCH_QUICK", "0") not in ("", "0")
 DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
     "cpu,cuda" if torch.cuda.is_available() else "cpu"
 )
@@ -86,12 +92,26 @@ class Workload:
 WORKLOADS = [
     Workload(m, n, p, s) for m in HEADS for n in SAMPLES for p in PROMPT_LENS for s in SUFFIX_LENS
 ]
-PARAMS = [
-    pytest.param(device, w, impl, id=f"{device}-{w.label.replace(' ', '-')}-{impl}")
-    for device in DEVICES.split(",")
-    for w in WORKLOADS
-    for impl in OURS[device] + PEERS
-]
+TARGET = Workload("Llama-3.2-1B", 256, 2048, 64)  # issue 3's target row: at most 20 µs on an H100
+if QUICK and not TINY:
+    PEERS = ("sdpa_replicated",)  # the engine without prefix sharing; the torch peer takes long
+    WORKLOADS = [TARGET] + [
+        w for w in WORKLOADS
+        if w != TARGET and w.samples >= 64 and (
+            w.prompt_len == 2048 or (w.model, w.samples, w.suffix_len) == (TARGET.model, 256, 64))
+    ]
+def _params(workloads: list[Workload]) -> list:
+    return [
+        pytest.param(device, w, impl, id=f"{device}-{w.label.replace(' ', '-')}-{impl}")
+        for device in DEVICES.split(",")
+        for w in workloads
+        for impl in OURS[device] + PEERS
+    ]
+
+
+# The target row has a test of its own, run first, so that a run cut by its time limit has it.
+TARGET_PARAMS = _params([w for w in WORKLOADS if w == TARGET])
+PARAMS = _params([w for w in WORKLOADS if w != TARGET])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +317,7 @@ def _runner(impl: str, inputs: Inputs):
 
 
 def _notes(tables, table: str, device: str, rates) -> None:
-    timer = "CUDA-event device time" if device == "cuda" else "host time"
+    timer = "CUDA-event time of a CUDA graph's replay" if device == "cuda" else "host time"
     tables.note(
         table,
         f"floor = max(bytes / {rates.bandwidth / 1e9:.0f} GB/s, FLOPs / peak); "
@@ -310,8 +330,7 @@ def _notes(tables, table: str, device: str, rates) -> None:
     )
 
 
-@pytest.mark.parametrize("device,workload,impl", PARAMS)
-def test_cascade_decode_attention(device, workload, impl, measure, machine, tables):
+def _measure_row(device, workload, impl, measure, machine, tables):
     table, (unit, per_s), rates = _table(device), _unit(device), machine(device)
     _notes(tables, table, device, rates)
     cells, data = _row_cells(workload, device, rates)
@@ -338,12 +357,16 @@ def test_cascade_decode_attention(device, workload, impl, measure, machine, tabl
         tables.add(table, workload.label, {**cells, column: "WRONG"}, data)
         pytest.fail(f"{impl}: output differs from the torch two-level version")
 
-    timing = measure(run, device)
-    times = {f"{impl}_s": timing.seconds, f"{impl}_rounds": timing.rounds}
+    timing = measure(run, device, graph=True)
+    times = {f"{impl}_s": timing.seconds, f"{impl}_rounds": timing.rounds,
+             f"{impl}_graph": timing.graph}
+    shown = timing.seconds * per_s
+    if device == "cuda" and not timing.graph:
+        shown = f"{shown:.3g} (eager)"  # capture failed: this time includes the host's launches
     data = tables.add(
         table,
         workload.label,
-        {**cells, column: timing.seconds * per_s},
+        {**cells, column: shown},
         {**data, **times, "measured": timing.measured},
     )
     tables.add(table, workload.label, _update_ratios(data, device))
@@ -354,3 +377,87 @@ def test_cascade_decode_attention(device, workload, impl, measure, machine, tabl
         f"({data['bytes'] / 1e6:.1f} MB, {data['flops'] / 1e9:.2f} GFLOP) | "
         f"{data['floor_s'] / timing.seconds:.0%} of floor"
     )
+
+
+@pytest.mark.parametrize("device,workload,impl", TARGET_PARAMS)
+def test_cascade_decode_attention_target(device, workload, impl, measure, machine, tables):
+    _measure_row(device, workload, impl, measure, machine, tables)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernel's launch shapes at the target row: what decode_config should choose there.
+
+SHAPES_TABLE = "Triton cascade decode launch shapes, target row ({device})"
+# (block_m, num_splits, overlap, suffix keys a step, suffix warps); the other fields follow
+# decode_config's rules. At the target row 128-row tiles make 64 programs over 8 kv heads and
+# 64-row tiles 128, so splits beyond what fills 132 multiprocessors are tried only for the
+# taller tiles; with the levels overlapped, level 1's 2,048 programs fill the machine beside
+# fewer splits; level 1's tile and warps set its occupancy (its registers: DecodeConfig).
+LAUNCH_SHAPES = [(16, 1, False, 16, 4), (16, 3, True, 16, 8)] if TINY else [
+    (128, 1, False, 64, 4), (128, 2, False, 64, 4), (128, 3, False, 64, 4),
+    (128, 4, False, 64, 4), (128, 8, False, 64, 4), (64, 1, False, 64, 4), (64, 2, False, 64, 4),
+    (128, 3, False, 64, 8), (128, 3, False, 32, 4), (128, 3, False, 32, 8),
+    (128, 1, True, 64, 4), (128, 2, True, 64, 4), (128, 3, True, 64, 4), (128, 3, True, 64, 8),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES.split(","))
+@pytest.mark.parametrize("block_m,num_splits,overlap,suffix_block_n,suffix_warps", LAUNCH_SHAPES)
+def test_decode_launch_shapes(device, block_m, num_splits, overlap, suffix_block_n, suffix_warps,
+                              measure, machine, tables):
+    """One launch shape of the Triton decode kernel at the target row, timed (GPU) or checked.
+
+    On the CPU this runs only under ``TRITON_INTERPRET=1`` (the dry run) and times nothing.
+    """
+    if "triton" not in backends.available(OP, device):
+        pytest.skip(f"no Triton on {device} (the CPU needs TRITON_INTERPRET=1)")
+    from ttscale.kernels.cascade_decode import (
+        DecodeConfig,
+        cascade_decode_attention,
+        decode_config,
+    )
+
+    w = WORKLOADS[0] if TINY else TARGET
+    table = SHAPES_TABLE.format(device=device)
+    rates = machine(device)
+    inputs = inputs_for(w, device)
+    if inputs.expected is None:
+        inputs.expected = torch_two_level(inputs)
+    plan = ops.plan_cascade_decode(inputs.problem_ids, 1).tensors()
+    q_heads, kv_heads, _ = HEADS[w.model]
+    chosen = decode_config(w.samples, q_heads, kv_heads, 1, w.prompt_len, w.suffix_len,
+                           inputs.q.device)
+    config = DecodeConfig(block_m, chosen.block_n, num_splits, suffix_block_n,
+                          num_warps=8 if block_m >= 128 else 4, overlap=overlap,
+                          suffix_num_warps=suffix_warps)
+    floor = rates.floor_seconds(w.bytes_floor(inputs.q.dtype), w.flops())
+    how = ("times: median CUDA-event time of a CUDA graph's replay, L2 flushed"
+           if device == "cuda" else "the interpreter: each shape checked, not timed")
+    tables.note(table, f"{w.label}; floor {floor * 1e6:.1f} µs; {how}; "
+                       "* = decode_config's choice here")
+    label = ("* " if config == chosen else "") + (
+        f"block_m={block_m} splits={num_splits} warps={config.num_warps} "
+        f"suffix {suffix_block_n} keys/{suffix_warps} warps" + (" overlapped" if overlap else ""))
+    cells = {"launch shape": label}
+
+    def run():
+        return cascade_decode_attention(*inputs.args(), plan, config)[0]
+
+    if not _agrees(run(), inputs.expected):
+        tables.add(table, label, {**cells, "µs": "WRONG"})
+        pytest.fail(f"{config}: output differs from the torch two-level version")
+    if device != "cuda":
+        tables.add(table, label, {**cells, "µs": "agrees"})
+        return
+    timing = measure(run, device, graph=True)
+    tables.add(table, label, {**cells, "µs": timing.seconds * 1e6,
+                              "÷ floor": f"{timing.seconds / floor:.2f}x"},
+               {"config": vars(config), "seconds": timing.seconds, "graph": timing.graph,
+                "floor_s": floor})
+    print(f"\n{table} | {label}: {timing.seconds * 1e6:.1f} µs "
+          f"({timing.seconds / floor:.2f}x floor)")
+
+
+@pytest.mark.parametrize("device,workload,impl", PARAMS)
+def test_cascade_decode_attention(device, workload, impl, measure, machine, tables):
+    _measure_row(device, workload, impl, measure, machine, tables)

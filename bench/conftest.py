@@ -17,7 +17,10 @@ Fixtures:
 - ``measure(fn, device)`` -> :class:`Timing`: the median time of ``fn()`` through pytest-benchmark,
   with the caches flushed before every call (the GPU's L2; the CPU's caches too, so that a row
   whose data fits in L3 is not timed from cache). On CUDA the time is the device time between
-  two CUDA events (as ``triton.testing.do_bench`` measures); host dispatch hides behind the flush.
+  two CUDA events (as ``triton.testing.do_bench`` measures); host dispatch hides behind the flush
+  only while it is shorter than the flush. ``measure(fn, device, graph=True)`` times the replay
+  of ``fn`` captured in a CUDA graph instead, as the engine's decode step runs it: the kernels'
+  time without the host's launch cost (``Timing.graph`` says whether the capture worked).
 - ``machine(device)`` -> :class:`Machine`: memory bandwidth and peak rate the floors are computed
   with, each with a note saying where it comes from.
 - ``tables``: :class:`Tables`; ``tables.add(table, row, cells, data)`` merges cells into a row.
@@ -47,6 +50,7 @@ class Timing:
     seconds: float  # median over the rounds
     rounds: int
     measured: bool  # False under --benchmark-disable: one call, not a measurement
+    graph: bool = False  # True: the replay of a CUDA graph of fn was timed
 
 
 @dataclass
@@ -223,13 +227,17 @@ def measure(benchmark, pytestconfig):
         budget_s: float | None = None,
         min_rounds: int | None = None,
         max_rounds: int = 100,
+        graph: bool = False,
     ) -> Timing:
         device = torch.device(device)
         pytestconfig.stash[_ENABLED] = not benchmark.disabled
         if device.type == "cuda":
-            return _measure_cuda(
-                benchmark, fn, device, budget_s or 0.15, min_rounds or 10, max_rounds
+            replay = _graph_replay(fn, device) if graph else None
+            timing = _measure_cuda(
+                benchmark, replay or fn, device, budget_s or 0.15, min_rounds or 10, max_rounds
             )
+            timing.graph = replay is not None
+            return timing
         return _measure_host(benchmark, fn, budget_s or 1.0, min_rounds or 3, min(max_rounds, 50))
 
     return run
@@ -248,6 +256,25 @@ def _measure_host(benchmark, fn, budget_s, min_rounds, max_rounds) -> Timing:
         return Timing(first, 1, False)
     benchmark.pedantic(fn, setup=flush, rounds=rounds, iterations=1)
     return Timing(benchmark.stats.stats.median, rounds, True)
+
+
+def _graph_replay(fn, device):
+    """``fn`` captured in a CUDA graph, as its replay; None where ``fn`` cannot be captured."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        fn()
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as error:  # e.g. a host read of device memory: timed without a graph
+        print(f"\nnot capturable in a CUDA graph, timed eagerly: {type(error).__name__}: {error}")
+        torch.cuda.synchronize(device)
+        return None
+    return graph.replay
 
 
 def _measure_cuda(benchmark, fn, device, budget_s, min_rounds, max_rounds) -> Timing:

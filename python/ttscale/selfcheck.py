@@ -28,10 +28,31 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _check_decode(device, backend, dtype, seed):
-    case = make_case([3, 1, 4], [40, 17, 64], dtype=dtype, device=device, seed=seed)
-    out, lse = ops.cascade_decode_attention(*case.args(), backend=backend)
-    ref_out, ref_lse = reference.cascade_decode_attention(*case.args())
-    return max(relative_error(out, ref_out), relative_error(lse, ref_lse))
+    small = make_case([3, 1, 4], [40, 17, 64], dtype=dtype, device=device, seed=seed)
+    # GQA group 8, one sequence with no suffix beside a problem of five, a 600-key prompt split
+    # across level-0 programs: Triton is forced into 3 key ranges, in both launch orders (its
+    # own launch shape splits only where a GPU has multiprocessors to fill).
+    long = make_case([1, 5], [600, 37], [0, 9, 16, 1, 40, 3], q_heads=16, kv_heads=2,
+                     dtype=dtype, device=device, seed=seed + 1)
+    runs = [(small, None), (long, None)]
+    if backend == "triton":
+        from ttscale.kernels.cascade_decode import DecodeConfig
+
+        runs[1:] = [(long, DecodeConfig(block_m=16, block_n=64, num_splits=3, suffix_block_n=16,
+                                        overlap=overlap)) for overlap in (False, True)]
+    worst = 0.0
+    for case, config in runs:
+        if config is None:
+            out, lse = ops.cascade_decode_attention(*case.args(), backend=backend)
+        else:
+            from ttscale.kernels.cascade_decode import cascade_decode_attention
+
+            plan = ops.plan_cascade_decode(case.problem_ids, case.prompt_lens.shape[0])
+            out, lse = cascade_decode_attention(*case.args(), case.q.shape[-1] ** -0.5,
+                                                plan.tensors(), config)
+        ref_out, ref_lse = reference.cascade_decode_attention(*case.args())
+        worst = max(worst, relative_error(out, ref_out), relative_error(lse, ref_lse))
+    return worst
 
 
 def _check_prefill(device, backend, dtype, seed):
