@@ -251,6 +251,20 @@ def test_top_k_threshold_shared_by_many_groups(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_min_p_alone_over_many_groups(backend, device):
+    """One kept token in every group of 32, the rest just below min-p's cut and holding most of
+    the mass: the candidates are mostly dropped and too many groups qualify to gather, so the
+    Triton kernel draws over the whole row without a threshold search."""
+    logits = torch.full((6000,), -0.2)
+    logits[::32] = 0.0
+    rows = _rows(logits, min_p=0.9, offsets=torch.arange(12) * 31, device=device)
+    tokens = _draw(rows, backend).cpu()
+    assert (tokens % 32 == 0).all()
+    assert torch.equal(tokens, reference.sample(*(t.cpu() for t in rows[:5]), 0,
+                                                rows[5].cpu())[0])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_likely_tokens_packed_together(backend, device):
     """The likeliest tokens sit side by side (one or two of the Triton kernel's groups)."""
     settings = [(1.0, 0, 1.0, 0.0), (1.0, 3, 1.0, 0.0), (1.0, 0, 0.3, 0.0), (2.0, 0, 1.0, 0.9)]

@@ -26,8 +26,8 @@ known after one pass, so:
    kept token, when at most ``GATHER_GROUPS``, are gathered and bisected, with no further read
    of the row. Only when more groups qualify (ties across many groups, top-k above
    ``GATHER_GROUPS`` on a flat row, a loose top-p on a flat row) does the program search the
-   whole row, ``SEARCH_PROBES`` thresholds per pass over the float32 order, then take the
-   Gumbel-max over the tokens at or above the threshold.
+   whole row, ``SEARCH_PROBES`` thresholds per pass over the float32 order (min-p alone
+   needs no search), then take the Gumbel-max over the tokens at or above the threshold.
 
 So top-k rows (k <= ``GATHER_GROUPS``, with or without top-p and min-p) read the logits once,
 top-p rows twice. Pass 3 runs its programs in reverse order so that it starts on the chunks
@@ -307,14 +307,16 @@ def _search_threshold(
 
 
 @triton.jit
-def _gumbel_max_above(row_ptr, vocab, inv_t, row_max, threshold, key, step, BLOCK: tl.constexpr):
-    """The token with the largest key among those with x >= threshold (lowest id on ties)."""
+def _gumbel_max_above(row_ptr, vocab, inv_t, row_max, threshold, min_p, key, step,
+                      BLOCK: tl.constexpr):
+    """The token with the largest key among those with x >= threshold that pass min-p (lowest
+    id on ties)."""
     best_key = tl.full([], float("-inf"), tl.float32)
     best_id = tl.full([], TAKEN, tl.int32)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x, keys = _token_keys(row_ptr, offs, vocab, inv_t, row_max, key, step)
-        keys = tl.where(x >= threshold, keys, float("-inf"))
+        keys = tl.where((x >= threshold) & (tl.exp(x - row_max) >= min_p), keys, float("-inf"))
         tile_key = tl.max(keys, 0)
         tile_id = tl.min(tl.where(keys == tile_key, offs, TAKEN), 0)
         better = tile_key > best_key
@@ -399,16 +401,20 @@ def _finish_kernel(
                 row_ptr, gather_ptr + row * GATHER_GROUPS, group_max_ptr + row * num_groups,
                 vocab, num_groups, inv_t, row_max, row_sum, top_k, top_p, min_p, k_on, p_on,
                 key, step, ROW_GROUPS, GATHER_GROUPS)
-            if token == TAKEN:  # too many groups to gather: search over the whole row
-                kept_mass = row_sum
-                if k_on & p_on:  # top-p is relative to the top-k set's mass
-                    _, kept_mass = _search_threshold(
-                        row_ptr, vocab, inv_t, row_max, top_k, float("inf"), 0.0, PROBES, BLOCK)
-                mass_limit = tl.where(p_on, top_p * kept_mass, float("inf"))
-                threshold, _ = _search_threshold(
-                    row_ptr, vocab, inv_t, row_max, count_limit, mass_limit, min_p, PROBES, BLOCK)
+            if token == TAKEN:  # too many groups to gather: the whole row
+                threshold = tl.full([], float("-inf"), tl.float32)  # min-p alone: no search
+                if k_on | p_on:
+                    kept_mass = row_sum
+                    if k_on & p_on:  # top-p is relative to the top-k set's mass
+                        _, kept_mass = _search_threshold(
+                            row_ptr, vocab, inv_t, row_max, top_k, float("inf"), 0.0, PROBES,
+                            BLOCK)
+                    mass_limit = tl.where(p_on, top_p * kept_mass, float("inf"))
+                    threshold, _ = _search_threshold(
+                        row_ptr, vocab, inv_t, row_max, count_limit, mass_limit, 0.0, PROBES,
+                        BLOCK)
                 token = _gumbel_max_above(
-                    row_ptr, vocab, inv_t, row_max, threshold, key, step, BLOCK)
+                    row_ptr, vocab, inv_t, row_max, threshold, min_p, key, step, BLOCK)
     tl.store(tokens_ptr + row, token)
     x = tl.load(row_ptr + token).to(tl.float32) * inv_t
     tl.store(logprobs_ptr + row, x - (row_max + tl.log(row_sum)))
