@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from paged import assert_close, backend_params
-from ttscale import ops, reference
+from ttscale import backends, ops, reference
 from ttscale.errors import InvalidArgument
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -121,3 +121,15 @@ def test_errors_name_the_argument():
     for call, name in cases:
         with pytest.raises(InvalidArgument, match=name):
             call()
+
+
+def test_the_model_fuses_only_where_its_step_runs_gpu_kernels():
+    """The CPU's default and C++ kernels keep the model's unfused code (results unchanged);
+    Triton steps (interpreted here) run the fused ops."""
+    from ttscale.model.transformer import fuses_elementwise
+
+    cpu = torch.device("cpu")
+    assert not fuses_elementwise(None, cpu)
+    assert not fuses_elementwise("cpu", cpu)
+    assert not fuses_elementwise("torch", cpu)
+    assert fuses_elementwise("triton", cpu) == ("triton" in backends.available("silu_mul", cpu))
