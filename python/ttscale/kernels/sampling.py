@@ -476,5 +476,5 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs
         gathered, tokens, logprobs, vocab, num_chunks, num_chunks * (block // GROUP),
         CHUNKS=triton.next_power_of_2(num_chunks), NUM_CANDIDATES=c, PROBES=SEARCH_PROBES,
         BLOCK=SEARCH_BLOCK, ROW_GROUPS=triton.next_power_of_2(num_chunks * (block // GROUP)),
-        GATHER_GROUPS=GATHER_GROUPS, num_warps=4)
+        GATHER_GROUPS=GATHER_GROUPS, num_warps=16)  # ptxas, sm_90: 4 warps spill the gathered tokens
     return tokens, logprobs, top_ids, top_logprobs
