@@ -115,8 +115,11 @@ def test_errors_name_the_argument():
          "cos_sin"),
         (lambda: ops.rope_write_kv(q, k, v, torch.randn(3, 6), cache, cache.clone(),
                                    torch.tensor([0, 1, 99])), "slots"),
-        (lambda: ops.rope_write_kv(q[:, :, :5], k, v, torch.randn(3, 5), cache, cache.clone(),
+        (lambda: ops.rope_write_kv(q[:, :, :5], k[:, :, :5], v[:, :, :5], torch.randn(3, 5),
+                                   cache[..., :5].contiguous(), cache[..., :5].contiguous(),
                                    slots), "head_dim"),
+        (lambda: ops.rope_write_kv(q[:2], k, v, torch.randn(3, 6), cache, cache.clone(), slots),
+         "q"),
     ]
     for call, name in cases:
         with pytest.raises(InvalidArgument, match=name):

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ttscale import backends
-from ttscale._checks import FLOAT_DTYPES, check_tensor
+from ttscale._checks import check_tensor
 from ttscale.errors import InvalidArgument
 from ttscale.ops import dispatch
 from ttscale.ops.write_kv import check_write_kv
@@ -64,15 +64,14 @@ def rope_write_kv(
         The rotated q ``[T, Hq, D]``, contiguous.
     """
     if validate:
-        check_tensor("q", q, ndim=3, dtype=FLOAT_DTYPES, device=k_cache.device)
-        tokens, _, head_dim = q.shape
+        check_write_kv(k_cache, v_cache, k, v, slots)
+        check_tensor("q", q, ndim=3, dtype=k_cache.dtype, device=k_cache.device,
+                     shape=(k.shape[0], None, k_cache.shape[3]))
+        head_dim = q.shape[2]
         if head_dim % 2:
             raise InvalidArgument(f"q: expected an even head_dim, got {head_dim}", param="q")
-        check_tensor("q", q, dtype=k_cache.dtype, shape=(None, None, k_cache.shape[3]))
         check_tensor("cos_sin", cos_sin, dtype=torch.float32, device=q.device,
-                     shape=(tokens, head_dim))
-        check_write_kv(k_cache, v_cache, k, v, slots)
-        check_tensor("k", k, shape=(tokens, None, None))
+                     shape=(q.shape[0], head_dim))
     chosen = backends.resolve("rope_write_kv", k_cache.device, backend)
     q, k, v = (_heads_contiguous(t) for t in (q, k, v))
     return dispatch.run(_rope_write_kv, "rope_write_kv", q, k, v, cos_sin.contiguous(),
