@@ -41,7 +41,7 @@ cd "$(dirname "$0")/.." || exit 1
 # The benchmark files of `make gpu`, in order (bench/bench_<name>.py). A file whose rows the
 # issue asks for goes here; its rows must fit the budget beside the others (each file can read
 # TTSCALE_BENCH_QUICK=1 to keep its most valuable rows).
-GPU_BENCH_FILES="attention sampling"
+GPU_BENCH_FILES="attention sampling sampling_filters fused_elementwise"
 
 DRY_RUN=${GPU_SH_DRY_RUN:-0}
 HEADLINE=0

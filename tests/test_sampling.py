@@ -204,6 +204,66 @@ def test_tight_filters_on_flat_rows(backend, device):
     assert_close(logprobs, ref_logprobs, torch.float32, "logprobs")
 
 
+def _mixed_rows(batch, vocab, seed, *, levels=None, scale=2.0, device="cpu"):
+    """Rows with their own settings: greedy rows, top-k from 1 to 150, top-p, min-p and their
+    combinations; ``levels`` rounds the logits to that many steps per unit (ties everywhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=gen) * scale
+    if levels is not None:
+        logits = (logits * levels).round() / levels
+    coin = lambda p: torch.rand(batch, generator=gen) < p
+    temperature = torch.where(coin(0.15), 0.0, 0.3 + 1.5 * torch.rand(batch, generator=gen))
+    top_k = torch.where(coin(0.6), torch.randint(1, 150, (batch,), generator=gen), 0).int()
+    top_p = torch.where(coin(0.5), 0.01 + 0.99 * torch.rand(batch, generator=gen), 1.0)
+    min_p = torch.where(coin(0.3), 0.5 * torch.rand(batch, generator=gen), 0.0)
+    offsets = torch.randint(0, 2**40, (batch,), generator=gen)
+    return tuple(t.to(device) for t in (logits, temperature, top_k, top_p, min_p, offsets))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("vocab,levels", [(777, 4), (1000, None), (20, 1)], ids=str)
+def test_mixed_settings_with_ties_match_reference(backend, device, vocab, levels):
+    """Every row its own filters, tied logits at every threshold: the tokens equal the
+    reference's (the thresholds are found by the same strict comparisons)."""
+    rows = _mixed_rows(24, vocab, seed=vocab, levels=levels, device=device)
+    args = (*rows[:5], 123, rows[5])
+    tokens, logprobs, _ = ops.sample(*args, backend=backend)
+    ref_tokens, ref_logprobs, _ = reference.sample(*(t.cpu() if torch.is_tensor(t) else t
+                                                     for t in args))
+    assert torch.equal(tokens.cpu(), ref_tokens)
+    assert_close(logprobs, ref_logprobs, torch.float32, "logprobs")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_top_k_threshold_shared_by_many_groups(backend, device):
+    """Three logit values only: the k-th largest is tied across every group of 32 tokens, more
+    than the Triton kernel gathers, so it searches the whole row; the draw still matches."""
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randint(0, 3, (6, 5000), generator=gen).float()
+    settings = [(1.0, 126, 1.0, 0.0), (1.0, 126, 0.4, 0.0), (0.7, 5, 1.0, 0.0),
+                (1.0, 0, 0.2, 0.0), (1.0, 0, 1.0, 0.9), (1.0, 60, 0.9, 0.5)]
+    case = make_sampling_case(6, 5000, device=device, seed=21, settings=settings)
+    case.logits = logits.to(device)
+    tokens, logprobs, _ = _sample(case, backend, seed=8)
+    ref_tokens, ref_logprobs, _ = reference.sample(*case.args(8))
+    assert torch.equal(tokens.cpu(), ref_tokens.cpu())
+    assert_close(logprobs, ref_logprobs, torch.float32, "logprobs")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_min_p_alone_over_many_groups(backend, device):
+    """One kept token in every group of 32, the rest just below min-p's cut and holding most of
+    the mass: the candidates are mostly dropped and too many groups qualify to gather, so the
+    Triton kernel draws over the whole row without a threshold search."""
+    logits = torch.full((6000,), -0.2)
+    logits[::32] = 0.0
+    rows = _rows(logits, min_p=0.9, offsets=torch.arange(12) * 31, device=device)
+    tokens = _draw(rows, backend).cpu()
+    assert (tokens % 32 == 0).all()
+    assert torch.equal(tokens, reference.sample(*(t.cpu() for t in rows[:5]), 0,
+                                                rows[5].cpu())[0])
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_likely_tokens_packed_together(backend, device):
     """The likeliest tokens sit side by side (one or two of the Triton kernel's groups)."""

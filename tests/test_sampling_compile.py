@@ -15,14 +15,16 @@ import sys
 import pytest
 
 INT64_POINTERS = ("offsets_ptr", "tokens_ptr", "top_ids_ptr")
-INT32_POINTERS = ("top_k_ptr", "chunk_arg_ptr", "row_arg_ptr", "row_id_ptr", "probe_count_ptr")
-SCALARS = ("seed_lo", "seed_hi", "vocab", "num_chunks", "num_programs")
+INT32_POINTERS = ("top_k_ptr", "chunk_arg_ptr", "row_arg_ptr", "row_id_ptr", "probe_count_ptr",
+                  "gather_ptr")
+SCALARS = ("seed_lo", "seed_hi", "vocab", "num_chunks", "num_programs", "num_groups")
 KERNELS = {
     "_chunk_stats_kernel": dict(BLOCK=4096, NUM_LOGPROBS=5),
     "_row_merge_kernel": dict(CHUNKS=64, ROW_GROUPS=8192, BLOCK=4096, NUM_CANDIDATES=4,
                               NUM_LOGPROBS=5, LOGPROBS_POW2=8),
-    "_probe_kernel": dict(BLOCK=4096, NUM_CANDIDATES=4),
-    "_finish_kernel": dict(CHUNKS=64, NUM_CANDIDATES=4, PROBES=16, BLOCK=512),
+    "_probe_kernel": dict(BLOCK=4096, NUM_CANDIDATES=4, GATHER_GROUPS=128),
+    "_finish_kernel": dict(CHUNKS=64, NUM_CANDIDATES=4, PROBES=16, BLOCK=512, ROW_GROUPS=8192,
+                           GATHER_GROUPS=128),
 }
 
 

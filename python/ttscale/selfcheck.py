@@ -157,6 +157,59 @@ def _check_sample(device, backend, dtype, seed):
 CHECKS["sample"] = _check_sample
 
 
+def _check_sample_ties(device, backend, dtype, seed):
+    """Logits on a grid of quarter units (ties at every threshold), every row its own top-k,
+    top-p and min-p: the tokens must equal the reference's (inf otherwise)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, vocab = 24, 2000
+    logits = ((torch.randn(batch, vocab, generator=gen) * 8).round() / 4).to(device, dtype)
+    f32 = dict(device=device, dtype=torch.float32)
+    temperature = torch.linspace(0.0, 1.5, batch, **f32)
+    top_k = torch.tensor([0, 1, 5, 40, 128, 300] * 4, dtype=torch.int32, device=device)
+    top_p = torch.tensor([1.0, 0.9, 0.5, 0.05] * 6, **f32)
+    min_p = torch.tensor([0.0, 0.0, 0.1] * 8, **f32)
+    offsets = torch.arange(batch, device=device) * 7919
+    args = (logits, temperature, top_k, top_p, min_p, seed, offsets)
+    tokens = ops.sample(*args, backend=backend)[0]
+    return 0.0 if torch.equal(tokens.cpu(), reference.sample(*args)[0].cpu()) else float("inf")
+
+
+def _check_add_rms_norm(device, backend, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, residual = (torch.randn(7, 300, generator=gen).to(device, dtype) for _ in range(2))
+    weight = torch.randn(300, generator=gen).to(device, dtype)
+    got = ops.add_rms_norm(x, residual, weight, 1e-6, backend=backend)
+    expected = reference.add_rms_norm(x, residual, weight, 1e-6)
+    return max(relative_error(a, e) for a, e in zip(got, expected, strict=True))
+
+
+def _check_rope_write_kv(device, backend, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(5, 8, 64, generator=gen).to(device, dtype)
+    k, v = (torch.randn(5, 2, 64, generator=gen).to(device, dtype) for _ in range(2))
+    angles = torch.rand(5, 32, generator=gen) * 100
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).to(device)
+    cache = torch.randn(3, 4, 2, 64, generator=gen).to(device, dtype)
+    slots = torch.tensor([7, -1, 0, 11, 4], device=device)
+    got_k, got_v, ref_k, ref_v = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+    got_q = ops.rope_write_kv(q, k, v, cos_sin, got_k, got_v, slots, backend=backend)
+    ref_q = reference.rope_write_kv(q, k, v, cos_sin, ref_k, ref_v, slots)
+    return max(relative_error(got_q, ref_q), relative_error(got_k, ref_k),
+               relative_error(got_v, ref_v))
+
+
+def _check_silu_mul(device, backend, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(6, 2 * 1100, generator=gen).to(device, dtype)
+    return relative_error(ops.silu_mul(gate_up, backend=backend), reference.silu_mul(gate_up))
+
+
+CHECKS["sample (ties)"] = _check_sample_ties
+CHECKS["add_rms_norm"] = _check_add_rms_norm
+CHECKS["rope_write_kv"] = _check_rope_write_kv
+CHECKS["silu_mul"] = _check_silu_mul
+
+
 def run_selfcheck(device: str | None = None, seed: int = 0) -> int:
     """Print a table of every (op, backend, device, dtype) and return 0 when all pass."""
     devices = [device] if device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -164,7 +217,7 @@ def run_selfcheck(device: str | None = None, seed: int = 0) -> int:
     for dev in devices:
         dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if dev == "cuda" else [])
         for op, check in CHECKS.items():
-            for backend in backends.available(op, dev):
+            for backend in backends.available(op.split()[0], dev):
                 if backend == "torch":
                     continue  # the reference itself
                 for dtype in dtypes:

@@ -73,6 +73,13 @@ MODULES["sample"] = {
     "triton": "ttscale.kernels.sampling",
 }
 
+# The decode step's elementwise work, fused: Triton serves the GPU; on the CPU the model keeps
+# its unfused torch code, whose results the torch backend (the reference) reproduces.
+FUSED_ELEMENTWISE = {"torch": "ttscale.backends.torch_ref", "triton": "ttscale.kernels.elementwise"}
+MODULES["add_rms_norm"] = FUSED_ELEMENTWISE
+MODULES["rope_write_kv"] = FUSED_ELEMENTWISE
+MODULES["silu_mul"] = FUSED_ELEMENTWISE
+
 # Automatic choice by device, best first.
 PREFERENCE = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 

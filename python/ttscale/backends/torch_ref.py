@@ -19,6 +19,9 @@ def paged_prefill_attention(
 
 merge_attention_states = reference.merge_attention_states
 write_kv = reference.write_kv
+add_rms_norm = reference.add_rms_norm
+rope_write_kv = reference.rope_write_kv
+silu_mul = reference.silu_mul
 
 
 def prm_step_scores(hidden, seq_ids, weight, bias, kind, agg, state):

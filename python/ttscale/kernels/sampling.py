@@ -8,26 +8,32 @@ known after one pass, so:
 1. ``_chunk_stats_kernel`` (one program per chunk of a row) reads the logits once: the chunk's
    max, sum of ``exp(x - max)`` and argmax, and for each group of ``GROUP`` consecutive tokens
    an approximate key of its best token (ranked by the exponential race ``exp(x - max) / E``,
-   the key's order with one logarithm per token instead of two) and, for top log-probabilities,
-   its largest ``x``.
+   the key's order with one logarithm per token instead of two) and its largest ``x`` (step
+   4's bounds, and the top log-probabilities).
 2. ``_row_merge_kernel`` (one program per row) merges the chunks: the row's max ``m``, total
    mass ``Z`` and argmax; the ``CANDIDATES`` groups with the largest keys, whose tokens' exact
    keys give the candidates (the row's largest keys, in key order); the top log-probabilities.
-3. ``_probe_kernel`` (one program per chunk, only rows with top-k or top-p) reads the logits a
-   second time: for each candidate's ``x``, how many tokens lie strictly above it and their mass.
-   That decides whether each filter keeps the candidate (min-p needs only ``m``).
+3. ``_probe_kernel`` (one program per chunk, only rows with top-p, or top-k above
+   ``GATHER_GROUPS``) reads the logits a second time: for each candidate's ``x``, how many
+   tokens lie strictly above it and their mass. That decides whether each filter keeps the
+   candidate (min-p needs only ``m``).
 4. ``_finish_kernel`` (one program per row) picks the first kept candidate in key order: every
    token with a larger key is a candidate that was dropped, so it is the Gumbel-max of the kept
-   set. When no candidate is kept (top-k far smaller than the spread of the distribution, or
-   about ``(1 - top_p) ** CANDIDATES`` of top-p rows) or top-k and top-p are both on (top-p
-   needs the top-k set's mass), the program finds the exact threshold itself by a
-   ``SEARCH_PROBES``-way search over the float32 order, one pass over the row per step, then
-   takes the Gumbel-max over the tokens at or above it.
+   set. Rows with top-k up to ``GATHER_GROUPS`` or top-k with top-p skip the candidates, and
+   rows where no candidate is kept (top-p or min-p far tighter than the spread of the row,
+   about ``(1 - top_p) ** CANDIDATES`` of top-p rows) find the exact threshold from the group
+   maxima of pass 1 (:mod:`ttscale.kernels.sampling_threshold`): the groups that can hold a
+   kept token, when at most ``GATHER_GROUPS``, are gathered and bisected, with no further read
+   of the row. Only when more groups qualify (ties across many groups, top-k above
+   ``GATHER_GROUPS`` on a flat row, a loose top-p on a flat row) does the program search the
+   whole row, ``SEARCH_PROBES`` thresholds per pass over the float32 order (min-p alone
+   needs no search), then take the Gumbel-max over the tokens at or above the threshold.
 
-Passes 1 and 3 are the only full reads in the common case; pass 3 runs its programs in reverse
-order so that it starts on the chunks pass 1 read last, which may still be in L2. Rounding can
-make the race and the key order two tokens differently only when their keys agree to about
-1e-7; backends differ from the reference in such near-ties only.
+So top-k rows (k <= ``GATHER_GROUPS``, with or without top-p and min-p) read the logits once,
+top-p rows twice. Pass 3 runs its programs in reverse order so that it starts on the chunks
+pass 1 read last, which may still be in L2. Rounding can make the race and the key order two
+tokens differently only when their keys agree to about 1e-7; backends differ from the reference
+in such near-ties only.
 """
 
 from __future__ import annotations
@@ -36,8 +42,15 @@ import torch
 import triton
 import triton.language as tl
 from ttscale.backends import new_output
+from ttscale.kernels.sampling_threshold import (
+    _gathered_threshold,
+    _groups_to_gather,
+    _ordered,
+    _unordered,
+)
 
 CANDIDATES = 4  # largest keys kept per row: a top-p row falls back with odds (1 - top_p) ** 4
+GATHER_GROUPS = 128  # groups (of GROUP tokens) the finishing pass gathers: top-k up to 128
 SEARCH_PROBES = 16  # thresholds tested per pass of the exact search: 8 passes cover float32
 SEARCH_BLOCK = 512
 GROUP = tl.constexpr(32)  # consecutive tokens that pass 1 summarises by their best race
@@ -137,8 +150,7 @@ def _chunk_stats_kernel(
     finite_max = tl.where(group_max > float("-inf"), group_max, 0.0)  # a group of banned tokens
     mass = tl.exp(x - finite_max[:, None])
     group_sum = tl.sum(mass, 1)
-    if NUM_LOGPROBS > 0:
-        tl.store(group_max_ptr + groups, group_max)
+    tl.store(group_max_ptr + groups, group_max)  # the finishing pass's bounds and logprobs
 
     # Rank the tokens by the exponential race mass / E, the order of their keys with one
     # logarithm per token; each group keeps its best as a key relative to the chunk's max.
@@ -217,17 +229,24 @@ def _filters_on(temperature, top_k, top_p, vocab):
 
 
 @triton.jit
+def _gathers_first(k_on, p_on, top_k, GATHER_GROUPS: tl.constexpr):
+    """Rows that skip the candidates: top-k small enough that its groups are always gathered,
+    or top-k with top-p (top-p needs the top-k set's mass, which the candidates do not give)."""
+    return k_on & ((top_k <= GATHER_GROUPS) | p_on)
+
+
+@triton.jit
 def _probe_kernel(
     logits_ptr, inv_t_ptr, temperature_ptr, top_k_ptr, top_p_ptr, row_max_ptr, row_x_ptr,
     probe_count_ptr, probe_mass_ptr,
     vocab, num_chunks, num_programs,
-    BLOCK: tl.constexpr, NUM_CANDIDATES: tl.constexpr,
+    BLOCK: tl.constexpr, NUM_CANDIDATES: tl.constexpr, GATHER_GROUPS: tl.constexpr,
 ):
     pid = num_programs - 1 - tl.program_id(0)  # pass 1's last chunks first: they may be in L2
     row, chunk = pid // num_chunks, pid % num_chunks
     temperature, top_k = tl.load(temperature_ptr + row), tl.load(top_k_ptr + row)
     k_on, p_on = _filters_on(temperature, top_k, tl.load(top_p_ptr + row), vocab)
-    if k_on | p_on:
+    if (k_on | p_on) & (_gathers_first(k_on, p_on, top_k, GATHER_GROUPS) == 0):
         offs = chunk * BLOCK + tl.arange(0, BLOCK)
         row_ptr = logits_ptr + row.to(tl.int64) * vocab
         x = _scaled_logits(row_ptr, offs, vocab, tl.load(inv_t_ptr + row))
@@ -239,19 +258,6 @@ def _probe_kernel(
                 tl.store(probe_count_ptr + slot, tl.sum(above.to(tl.int32), 0))
             if p_on:
                 tl.store(probe_mass_ptr + slot, tl.sum(tl.where(above, mass, 0.0), 0))
-
-
-@triton.jit
-def _ordered(x):
-    """float32 -> int32 with the same order (negative floats' magnitude bits flipped)."""
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-@triton.jit
-def _unordered(i):
-    """The inverse of _ordered."""
-    return tl.where(i < 0, i ^ 0x7FFFFFFF, i).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -301,14 +307,16 @@ def _search_threshold(
 
 
 @triton.jit
-def _gumbel_max_above(row_ptr, vocab, inv_t, row_max, threshold, key, step, BLOCK: tl.constexpr):
-    """The token with the largest key among those with x >= threshold (lowest id on ties)."""
+def _gumbel_max_above(row_ptr, vocab, inv_t, row_max, threshold, min_p, key, step,
+                      BLOCK: tl.constexpr):
+    """The token with the largest key among those with x >= threshold that pass min-p (lowest
+    id on ties)."""
     best_key = tl.full([], float("-inf"), tl.float32)
     best_id = tl.full([], TAKEN, tl.int32)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x, keys = _token_keys(row_ptr, offs, vocab, inv_t, row_max, key, step)
-        keys = tl.where(x >= threshold, keys, float("-inf"))
+        keys = tl.where((x >= threshold) & (tl.exp(x - row_max) >= min_p), keys, float("-inf"))
         tile_key = tl.max(keys, 0)
         tile_id = tl.min(tl.where(keys == tile_key, offs, TAKEN), 0)
         better = tile_key > best_key
@@ -317,14 +325,47 @@ def _gumbel_max_above(row_ptr, vocab, inv_t, row_max, threshold, key, step, BLOC
     return best_id
 
 
+@triton.jit
+def _gathered_draw(
+    row_ptr, gather_ptr, group_max_ptr, vocab, num_groups, inv_t, row_max, row_sum,
+    top_k, top_p, min_p, k_on, p_on, key, step,
+    ROW_GROUPS: tl.constexpr, GATHER_GROUPS: tl.constexpr,
+):
+    """The row's token from the groups that can hold a kept token, exactly, when there are at
+    most GATHER_GROUPS of them (sampling_threshold.py); TAKEN when there are more."""
+    group = tl.arange(0, ROW_GROUPS)
+    in_row = group < num_groups
+    group_max = tl.load(group_max_ptr + group, mask=in_row, other=float("-inf"))
+    need, lo = _groups_to_gather(
+        group_max, in_row, row_max, row_sum, top_k, top_p, min_p, k_on, p_on)
+    count = tl.sum(need.to(tl.int32), 0)
+    token = tl.full([], TAKEN, tl.int32)
+    if count <= GATHER_GROUPS:
+        tl.store(gather_ptr + tl.cumsum(need.to(tl.int32), 0) - 1, group, mask=need)
+        tl.debug_barrier()  # the ids stored above, read back by other threads of the program
+        slot = tl.arange(0, GATHER_GROUPS)
+        chosen = tl.load(gather_ptr + slot, mask=slot < count, other=0)
+        ids = chosen[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        ids = tl.where((slot < count)[:, None] & (ids < vocab), ids, TAKEN)
+        ids = tl.reshape(ids, [GATHER_GROUPS * GROUP])
+        x, keys = _token_keys(row_ptr, ids, vocab, inv_t, row_max, key, step)
+        mass = tl.exp(x - row_max)
+        threshold = _gathered_threshold(x, mass, lo, row_max, row_sum, top_k, top_p, k_on, p_on)
+        keys = tl.where((x >= threshold) & (mass >= min_p), keys, float("-inf"))
+        best = tl.max(keys, 0)
+        token = tl.min(tl.where(keys == best, ids, TAKEN), 0)
+    return token
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _finish_kernel(
     logits_ptr, inv_t_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, offsets_ptr,
     seed_lo, seed_hi,
     row_max_ptr, row_sum_ptr, row_arg_ptr, row_key_ptr, row_id_ptr, row_x_ptr,
-    probe_count_ptr, probe_mass_ptr, tokens_ptr, logprobs_ptr,
-    vocab, num_chunks,
+    probe_count_ptr, probe_mass_ptr, group_max_ptr, gather_ptr, tokens_ptr, logprobs_ptr,
+    vocab, num_chunks, num_groups,
     CHUNKS: tl.constexpr, NUM_CANDIDATES: tl.constexpr, PROBES: tl.constexpr, BLOCK: tl.constexpr,
+    ROW_GROUPS: tl.constexpr, GATHER_GROUPS: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * vocab
@@ -335,33 +376,45 @@ def _finish_kernel(
     token = tl.load(row_arg_ptr + row)
     if temperature > 0:
         k_on, p_on = _filters_on(temperature, top_k, top_p, vocab)
+        candidates_on = _gathers_first(k_on, p_on, top_k, GATHER_GROUPS) == 0
         r = tl.arange(0, NUM_CANDIDATES)
         cand_key = tl.load(row_key_ptr + row * NUM_CANDIDATES + r)
         cand_id = tl.load(row_id_ptr + row * NUM_CANDIDATES + r)
         cand_x = tl.load(row_x_ptr + row * NUM_CANDIDATES + r)
         chunks = tl.arange(0, CHUNKS)
         slots = (row * num_chunks + chunks)[:, None] * NUM_CANDIDATES + r[None, :]
-        probed = tl.where(k_on | p_on, (chunks < num_chunks)[:, None], False)
+        probed = tl.where((k_on | p_on) & candidates_on, (chunks < num_chunks)[:, None], False)
         # The probe pass wrote counts only for top-k rows and masses only for top-p rows.
         count = tl.sum(tl.load(probe_count_ptr + slots, mask=probed, other=0), 0)
         count = tl.where(k_on, count, 0)
         mass = tl.sum(tl.load(probe_mass_ptr + slots, mask=probed, other=0.0), 0)
         mass = tl.where(p_on, mass, 0.0)
         count_limit = tl.where(k_on, top_k, vocab + 1)
-        kept_mass = row_sum
-        if k_on & p_on:  # top-p is relative to the top-k set's mass: find the top-k threshold
-            _, kept_mass = _search_threshold(
-                row_ptr, vocab, inv_t, row_max, top_k, float("inf"), 0.0, PROBES, BLOCK)
-        mass_limit = tl.where(p_on, top_p * kept_mass, float("inf"))
+        mass_limit = tl.where(p_on, top_p * row_sum, float("inf"))
         kept = (cand_key > float("-inf")) & (tl.exp(cand_x - row_max) >= min_p)
-        kept &= (count < count_limit) & (mass < mass_limit)
+        kept &= (count < count_limit) & (mass < mass_limit) & candidates_on
         first = tl.min(tl.where(kept, r, NUM_CANDIDATES), 0)
         token = tl.sum(tl.where(r == first, cand_id, 0), 0)
-        if first == NUM_CANDIDATES:  # no candidate survives: the exact threshold, then Gumbel-max
-            threshold, _ = _search_threshold(
-                row_ptr, vocab, inv_t, row_max, count_limit, mass_limit, min_p, PROBES, BLOCK)
+        if first == NUM_CANDIDATES:  # no candidate decides: the exact threshold, then Gumbel-max
             key, step = _row_rng(seed_lo, seed_hi, tl.load(offsets_ptr + row))
-            token = _gumbel_max_above(row_ptr, vocab, inv_t, row_max, threshold, key, step, BLOCK)
+            token = _gathered_draw(
+                row_ptr, gather_ptr + row * GATHER_GROUPS, group_max_ptr + row * num_groups,
+                vocab, num_groups, inv_t, row_max, row_sum, top_k, top_p, min_p, k_on, p_on,
+                key, step, ROW_GROUPS, GATHER_GROUPS)
+            if token == TAKEN:  # too many groups to gather: the whole row
+                threshold = tl.full([], float("-inf"), tl.float32)  # min-p alone: no search
+                if k_on | p_on:
+                    kept_mass = row_sum
+                    if k_on & p_on:  # top-p is relative to the top-k set's mass
+                        _, kept_mass = _search_threshold(
+                            row_ptr, vocab, inv_t, row_max, top_k, float("inf"), 0.0, PROBES,
+                            BLOCK)
+                    mass_limit = tl.where(p_on, top_p * kept_mass, float("inf"))
+                    threshold, _ = _search_threshold(
+                        row_ptr, vocab, inv_t, row_max, count_limit, mass_limit, 0.0, PROBES,
+                        BLOCK)
+                token = _gumbel_max_above(
+                    row_ptr, vocab, inv_t, row_max, threshold, min_p, key, step, BLOCK)
     tl.store(tokens_ptr + row, token)
     x = tl.load(row_ptr + token).to(tl.float32) * inv_t
     tl.store(logprobs_ptr + row, x - (row_max + tl.log(row_sum)))
@@ -398,7 +451,8 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs
     i32, groups = torch.int32, programs * (block // GROUP)
     chunk_max, chunk_sum = scratch(programs), scratch(programs)
     chunk_arg = scratch(programs, dtype=i32)
-    group_key, group_max = scratch(groups), scratch(groups if n else 1)
+    group_key, group_max = scratch(groups), scratch(groups)
+    gathered = scratch(batch, GATHER_GROUPS, dtype=i32)
     row_max, row_sum, row_arg = scratch(batch), scratch(batch), scratch(batch, dtype=i32)
     row_key, row_id, row_x = scratch(batch, c), scratch(batch, c, dtype=i32), scratch(batch, c)
     probe_count, probe_mass = scratch(programs, c, dtype=i32), scratch(programs, c)
@@ -414,10 +468,13 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, offsets, num_logprobs
         NUM_CANDIDATES=c, NUM_LOGPROBS=n, LOGPROBS_POW2=triton.next_power_of_2(n), num_warps=8)
     _probe_kernel[(programs,)](
         logits, inv_t, temperature, top_k, top_p, row_max, row_x, probe_count, probe_mass,
-        vocab, num_chunks, programs, BLOCK=block, NUM_CANDIDATES=c, num_warps=8)
+        vocab, num_chunks, programs, BLOCK=block, NUM_CANDIDATES=c, GATHER_GROUPS=GATHER_GROUPS,
+        num_warps=8)
     _finish_kernel[(batch,)](
         logits, inv_t, temperature, top_k, top_p, min_p, offsets, seed_lo, seed_hi,
-        row_max, row_sum, row_arg, row_key, row_id, row_x, probe_count, probe_mass,
-        tokens, logprobs, vocab, num_chunks, CHUNKS=triton.next_power_of_2(num_chunks),
-        NUM_CANDIDATES=c, PROBES=SEARCH_PROBES, BLOCK=SEARCH_BLOCK, num_warps=4)
+        row_max, row_sum, row_arg, row_key, row_id, row_x, probe_count, probe_mass, group_max,
+        gathered, tokens, logprobs, vocab, num_chunks, num_chunks * (block // GROUP),
+        CHUNKS=triton.next_power_of_2(num_chunks), NUM_CANDIDATES=c, PROBES=SEARCH_PROBES,
+        BLOCK=SEARCH_BLOCK, ROW_GROUPS=triton.next_power_of_2(num_chunks * (block // GROUP)),
+        GATHER_GROUPS=GATHER_GROUPS, num_warps=16)  # ptxas, sm_90: 4 warps spill the gathered tokens
     return tokens, logprobs, top_ids, top_logprobs

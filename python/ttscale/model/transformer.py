@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ttscale import ops
+from ttscale import backends, ops
 from ttscale._checks import check_range, check_values
 from ttscale.errors import InvalidArgument
 from ttscale.model import cpu_linear
@@ -76,6 +76,22 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
+    def add_forward(self, delta: Tensor, residual: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+        """``(norm(residual + delta), residual + delta)``: one kernel when ``fused``."""
+        if fused:
+            return ops.add_rms_norm(delta, residual, self.weight, self.eps, backend="triton",
+                                    validate=False)
+        summed = residual + delta
+        return self(summed), summed
+
+
+def fuses_elementwise(backend: str | None, device: torch.device) -> bool:
+    """Whether a step runs the fused elementwise ops (ops.add_rms_norm, ops.rope_write_kv,
+    ops.silu_mul): where its kernels are GPU kernels (Triton, which the tests run interpreted
+    on the CPU, or CUDA) and Triton is there. The CPU's kernels keep the unfused torch code."""
+    gpu_step = backend in ("triton", "cuda") or (backend is None and device.type == "cuda")
+    return gpu_step and "triton" in backends.available("add_rms_norm", device)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, *, dtype, device):
@@ -96,7 +112,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, cos_sin: Tensor, batch: AttentionBatch, k_cache: Tensor, v_cache: Tensor,
-        validate: bool = True,
+        validate: bool = True, fused: bool = False,
     ) -> Tensor:
         tokens = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -106,8 +122,13 @@ class Attention(nn.Module):
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
-        ops.write_kv(k_cache, v_cache, k, v, batch.slots, backend=batch.backend, validate=validate)
+        if fused:
+            q = ops.rope_write_kv(q, k, v, cos_sin, k_cache, v_cache, batch.slots,
+                                  backend="triton", validate=validate)
+        else:
+            q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
+            ops.write_kv(k_cache, v_cache, k, v, batch.slots, backend=batch.backend,
+                         validate=validate)
         levels = (
             batch.prompt_block_tables,
             batch.prompt_lens,
@@ -142,7 +163,9 @@ class MLP(nn.Module):
             c.intermediate_size, c.hidden_size, c.mlp_bias, dtype=dtype, device=device
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        if fused:
+            return self.down_proj(ops.silu_mul(self.gate_up_proj(x), backend="triton"))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -157,11 +180,19 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, dtype=dtype, device=device)
 
     def forward(
-        self, x: Tensor, cos_sin: Tensor, batch: AttentionBatch, k_cache: Tensor, v_cache: Tensor,
-        validate: bool = True,
-    ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch, k_cache, v_cache, validate)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self, x: Tensor, delta: Tensor | None, cos_sin: Tensor, batch: AttentionBatch,
+        k_cache: Tensor, v_cache: Tensor, validate: bool = True, fused: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """The residual stream ``x`` before adding the previous layer's output ``delta`` (None
+        at the first layer); returns this layer's ``(x, delta)``. Each add is done with the norm
+        that follows it, one kernel when ``fused`` (:func:`fuses_elementwise`)."""
+        if delta is None:
+            h = self.input_layernorm(x)
+        else:
+            h, x = self.input_layernorm.add_forward(delta, x, fused)
+        attended = self.self_attn(h, cos_sin, batch, k_cache, v_cache, validate, fused)
+        h, x = self.post_attention_layernorm.add_forward(attended, x, fused)
+        return x, self.mlp(h, fused)
 
 
 def _check_uniform_layers(kv_cache: KVCache) -> None:
@@ -292,11 +323,15 @@ class Transformer(nn.Module):
         # Every layer reads the same step metadata and a cache of the same shape: the ops check
         # them at the first layer only (on the CPU the checks read the block tables).
         layers = zip(self.layers, kv_cache.k, kv_cache.v, strict=True)
+        fused = fuses_elementwise(batch.backend, x.device)
+        delta = None  # the last layer's output, not yet added to the residual stream x
         for i, (layer, k_cache, v_cache) in enumerate(layers):
-            x = layer(x, cos_sin, batch, k_cache, v_cache, validate=i == 0)
+            x, delta = layer(x, delta, cos_sin, batch, k_cache, v_cache, i == 0, fused)
         if rows is not None:
-            x = x[rows]
-        return self.norm(x)
+            x, delta = x[rows], (None if delta is None else delta[rows])
+        if delta is None:
+            return self.norm(x)
+        return self.norm.add_forward(delta, x, fused)[0]
 
     @torch.no_grad()
     def compute_logits(self, hidden: Tensor, token_ids: Tensor | None = None) -> Tensor:

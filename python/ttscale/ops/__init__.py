@@ -14,8 +14,12 @@ the sequence's problem (``prompt_block_tables [P, max_blocks]``, ``prompt_lens [
 (``suffix_block_tables [B, max_blocks]``, ``suffix_lens [B]``). Index tensors are int32.
 Log-sum-exp values are float32 natural logarithms; a row that attends to nothing gets
 ``out = 0`` and ``lse = -inf``.
+
+The decode step's elementwise work has three fused ops (``add_rms_norm``, ``rope_write_kv``,
+``silu_mul``), Triton on the GPU; on the CPU the model runs its unfused torch code.
 """
 
+from ttscale.ops.add_rms_norm import add_rms_norm
 from ttscale.ops.cascade_decode import cascade_decode_attention
 from ttscale.ops.copy_blocks import copy_blocks
 from ttscale.ops.merge import merge_attention_states
@@ -23,7 +27,9 @@ from ttscale.ops.paged import CascadePlan, plan_cascade_decode
 from ttscale.ops.paged_prefill import paged_prefill_attention
 from ttscale.ops.prm_step_scores import prm_empty_state, prm_step_scores
 from ttscale.ops.sample import MAX_LOGPROBS, sample
+from ttscale.ops.rope_write_kv import rope_write_kv
 from ttscale.ops.select_and_fork import ForkResult, select_and_fork
+from ttscale.ops.silu_mul import silu_mul
 from ttscale.ops.write_kv import write_kv
 
 __all__ = [
@@ -33,6 +39,9 @@ __all__ = [
     "paged_prefill_attention",
     "merge_attention_states",
     "write_kv",
+    "rope_write_kv",
+    "add_rms_norm",
+    "silu_mul",
     "prm_step_scores",
     "prm_empty_state",
     "select_and_fork",

@@ -47,13 +47,13 @@ def write_kv(
         against a cache of the same shape (a model's layers after the first).
     """
     if validate:
-        _check_write_kv(k_cache, v_cache, k, v, slots)
+        check_write_kv(k_cache, v_cache, k, v, slots)
     chosen = backends.resolve("write_kv", k_cache.device, backend)
     k, v = dispatch.contiguous(k, v)
     dispatch.run(_write_kv, "write_kv", k_cache, v_cache, k, v, slots.to(torch.int64).contiguous(), chosen)
 
 
-def _check_write_kv(k_cache, v_cache, k, v, slots) -> None:
+def check_write_kv(k_cache, v_cache, k, v, slots) -> None:
     check_tensor("k_cache", k_cache, ndim=4, dtype=FLOAT_DTYPES)
     check_tensor("v_cache", v_cache, dtype=k_cache.dtype, device=k_cache.device, shape=tuple(k_cache.shape))
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
