@@ -35,10 +35,12 @@ def test_make_gpu_fits_five_minutes_and_checks_the_launch_shapes(tmp_path):
     pytest.importorskip("triton")
     printed, results = _dry_run(tmp_path, GPU_SH_STAGES="bench",
                                 GPU_SH_BENCH_SELECT="launch_shapes")
-    assert "budget 270s" in printed and "benchmarks: attention sampling" in printed
+    assert "budget 270s" in printed
+    assert "benchmarks: attention sampling sampling_filters fused_elementwise" in printed
     files = {row["name"]: row["status"] for row in results["bench_files"]}
-    # the selection matches nothing in the sampling file: skipped, not failed
-    assert files == {"bench_attention": "passed", "bench_sampling": "skipped"}
+    # the selection matches nothing in the other files: skipped, not failed
+    assert files == {"bench_attention": "passed", "bench_sampling": "skipped",
+                     "bench_sampling_filters": "skipped", "bench_fused_elementwise": "skipped"}
     table = results["benchmarks"]["bench_attention"]["tables"]
     rows = table["Triton cascade decode launch shapes, target row (cpu)"]["rows"]
     assert [row["cells"]["µs"] for row in rows] == ["agrees", "agrees"]
