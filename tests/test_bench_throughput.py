@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny_models import build_tiny_llama
@@ -44,6 +45,8 @@ def error_of(capsys, argv) -> str:
     (["--output-len", "-3"], "argument --output-len: expected an integer >= 1, got -3"),
     (["--n", "many"], "argument --n: expected an integer >= 1, got 'many'"),
     (["--dataset-name", "sharegpt"], "argument --dataset-name: invalid choice"),
+    (["--neighbours", "-1", "--input-len", "8"], "argument --neighbours: expected 0 to"),
+    (["--neighbours", "x"], "argument --neighbours: invalid int value"),
 ])
 def test_flag_errors_name_the_flag(capsys, model_dir, flags, expected):
     assert expected in error_of(capsys, bench("--model", str(model_dir), *flags))
@@ -129,3 +132,43 @@ def test_tiny_run_end_to_end(capsys, model_dir, tmp_path):
     assert [r["backend"] for r in document["ratios"]] == ["ttscale", "transformers"]
     assert document["ratios"][0]["tokens_per_second"] == 1.0
     assert {"ttscale", "transformers"} <= set(document["versions"])
+
+
+def test_neighbours_run_beside_each_run_and_the_fixed_count_is_a_backend(capsys, model_dir,
+                                                                        tmp_path, monkeypatch):
+    """--neighbours K starts K busy processes beside every worker and stops them after it;
+    ttscale-fixed runs ttscale with every step on --threads."""
+    import subprocess
+
+    from ttscale.benchmark import throughput
+
+    started, specs = [], []
+    real_popen, real_run = subprocess.Popen, subprocess.run
+
+    def popen(argv, *a, **kw):
+        process = real_popen(argv, *a, **kw)
+        if argv[1:] == ["-c", "while True: pass"]:
+            started.append(process)
+        return process
+
+    def run(argv, *a, **kw):
+        if str(argv[1]).endswith("worker.py"):
+            specs.append(json.loads(Path(argv[2]).read_text()))
+            assert sum(p.poll() is None for p in started) == 2  # both neighbours are running
+        return real_run(argv, *a, **kw)
+
+    monkeypatch.setattr(throughput.subprocess, "Popen", popen)
+    monkeypatch.setattr(throughput.subprocess, "run", run)
+    out = tmp_path / "result.json"
+    code = main(bench("--model", str(model_dir), "--backend", "ttscale,ttscale-fixed",
+                      "--input-len", "12", "--output-len", "4", "--n", "2", "--threads", "1",
+                      "--neighbours", "2", "--output-json", str(out)))
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert len(started) == 4 and all(p.poll() is not None for p in started)  # all stopped
+    assert [(s["backend"], s["cpu_threads"]) for s in specs] == [("ttscale", None),
+                                                                 ("ttscale-fixed", 1)]
+    document = json.loads(out.read_text())
+    assert document["settings"]["neighbours"] == 2
+    assert "--seed 0 --neighbours 2 " in document["command"]
+    assert {r["backend"] for r in document["results"]} == {"ttscale", "ttscale-fixed"}

@@ -83,10 +83,11 @@ class LLM:
         memory, or what other engines left of it; 2 GiB on the CPU).
     memory_share : float, optional
         The share of the device's KV budget to lease instead (see :mod:`ttscale.engine.memory`).
-    block_size, window, backend, cuda_graphs, max_decode_seqs
+    block_size, window, backend, cuda_graphs, max_decode_seqs, cpu_threads
         Passed to :class:`~ttscale.engine.Engine` (KV block size, decode steps per host read,
         attention backend, CUDA-graph replay of decode steps: on by default on a GPU, most
-        sequences in one decode step: 4096 by default on a GPU).
+        sequences in one decode step: 4096 by default on a GPU, the CPU threads of each step:
+        by default measured, see :mod:`ttscale.engine.threads`).
     prefix_caching : bool
         Share the full KV blocks of identical prompt prefixes across requests (default on).
     max_n : int
@@ -101,11 +102,13 @@ class LLM:
                  kv_budget_bytes: int | None = None, memory_share: float | None = None,
                  block_size: int = 16, window: int | None = None, backend: str | None = None,
                  cuda_graphs: bool | None = None, max_decode_seqs: int | None = None,
-                 prefix_caching: bool = True, max_n: int = DEFAULT_MAX_N):
+                 prefix_caching: bool = True, max_n: int = DEFAULT_MAX_N,
+                 cpu_threads: int | None = None):
         check_load_arguments("model", model, device, dtype)
         check_engine_arguments(kv_budget_bytes=kv_budget_bytes, memory_share=memory_share,
                                block_size=block_size, window=window, backend=backend,
-                               cuda_graphs=cuda_graphs, max_decode_seqs=max_decode_seqs)
+                               cuda_graphs=cuda_graphs, max_decode_seqs=max_decode_seqs,
+                               cpu_threads=cpu_threads)
         seed = check_seed(seed)
         check_flag("prefix_caching", prefix_caching)
         self.max_n = check_int("max_n", max_n, low=1)
@@ -121,7 +124,7 @@ class LLM:
         self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes,
                              memory_share=memory_share, block_size=block_size, seed=seed,
                              window=window, backend=backend, cuda_graphs=cuda_graphs,
-                             max_decode_seqs=max_decode_seqs)
+                             max_decode_seqs=max_decode_seqs, cpu_threads=cpu_threads)
         self.seed = seed
         self.scheduler = Scheduler(self.engine, prefix_caching=prefix_caching)
         self._request_ids = itertools.count()

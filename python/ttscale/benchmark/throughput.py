@@ -6,7 +6,10 @@
 Flags are ``vllm bench throughput``'s where the idea is the same. Each backend runs in a process
 of its own (``worker.py``), so one engine's memory and threads never disturb another's; with
 ``--repeats R`` the backends alternate R times, so a drifting machine load weighs on all alike,
-and every run is reported. ``NAME:B`` runs a backend with KV blocks of B tokens (``vllm`` alone
+and every run is reported. ``ttscale`` chooses its CPU threads per step by measuring them
+(``ttscale.engine.threads``); ``ttscale-fixed`` runs every step on ``--threads``, as every other
+backend does. ``--neighbours K`` keeps K busy processes running beside each run (a machine
+shared with other work). ``NAME:B`` runs a backend with KV blocks of B tokens (``vllm`` alone
 is vLLM at its own default, 128 tokens on the CPU; ``ttscale`` alone 16). Every backend gets the
 same prompts (token ids), dtype, thread count and KV space; ttscale and vLLM run with prefix
 caching on; EOS is ignored so that all generate the same tokens; sampling at temperature 1.
@@ -39,7 +42,7 @@ from ttscale.benchmark.workloads import DATASETS, TEXT_FIELDS, Workload, build
 from ttscale.cli_flags import DTYPES, positive_int
 from ttscale.errors import UsageError
 
-BACKENDS = ("ttscale", "vllm", "transformers")
+BACKENDS = ("ttscale", "ttscale-fixed", "vllm", "transformers")
 WORKER = Path(__file__).with_name("worker.py")
 REPO = Path(__file__).resolve().parents[3]  # python/ttscale/benchmark/ -> the checkout
 VLLM_HINT = ("run `make vllm-env` in the ttscale checkout (vLLM's CPU build in .venv-vllm), "
@@ -97,6 +100,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="runs of each backend, alternating (default 1)")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, metavar="T",
                    help="CPU threads of every backend (default: every core)")
+    p.add_argument("--neighbours", type=int, default=0, metavar="K",
+                   help="K processes that keep a core busy each, beside every run: the machine "
+                        "shared with other work (default 0)")
     p.add_argument("--kv-cache-space", type=positive_int, default=2, metavar="GIB",
                    help="KV cache of every backend in GiB (default 2)")
     p.add_argument("--vllm-python", metavar="PYTHON",
@@ -141,6 +147,9 @@ def check(args) -> dict:
                          "positions")
     if args.output_json and not Path(args.output_json).resolve().parent.is_dir():
         raise UsageError(f"argument --output-json: no such directory for {args.output_json}")
+    if not 0 <= args.neighbours <= 4 * (os.cpu_count() or 1):
+        raise UsageError(f"argument --neighbours: expected 0 to {4 * (os.cpu_count() or 1)} "
+                         f"(four per core), got {args.neighbours}")
     if args.threads > (os.cpu_count() or 1):
         raise UsageError(f"argument --threads: this machine has {os.cpu_count()} cores")
     return config
@@ -158,6 +167,7 @@ def run(args) -> int:
     wait_policy = os.environ.get("OMP_WAIT_POLICY")  # every backend inherits the environment
     print(f"workload: {workload.describe()}; model {args.model}, {args.dtype}, "
           f"{args.threads} threads (OMP_WAIT_POLICY={wait_policy or 'unset'}), "
+          f"{args.neighbours} busy neighbour processes, "
           f"KV space {args.kv_cache_space} GiB")
     print("prefix caching on for ttscale and vLLM (transformers has none); "
           f"compute floor {floor / 1e9:.1f} GFLOP / {rate_note} = {floor / rate:.3f} s")
@@ -192,6 +202,7 @@ def run(args) -> int:
         document = {
             "command": command(args), "device": device, "workload": vars_of(workload),
             "settings": {"dtype": args.dtype, "threads": args.threads,
+                         "neighbours": args.neighbours,
                          "kv_cache_space_gib": args.kv_cache_space, "prefix_caching": True,
                          "omp_wait_policy": wait_policy,
                          "ignore_eos": True, "temperature": 1.0, "seed": args.seed},
@@ -225,7 +236,8 @@ def _vllm_problem(python: str) -> str | None:
 def _run_worker(backend, workload: Workload, args, tmp: Path) -> dict:
     """One run of one backend in its own process; its result with start-up and load added."""
     name, block = backend
-    spec = {"backend": name, "model": str(Path(args.model).resolve()), "dtype": args.dtype,
+    spec = {"backend": name, "cpu_threads": args.threads if name == "ttscale-fixed" else None,
+            "model": str(Path(args.model).resolve()), "dtype": args.dtype,
             "seed": args.seed, "threads": args.threads, "block_size": block,
             "kv_space_gib": args.kv_cache_space, "prompts": workload.prompts, "n": workload.n,
             "output_len": workload.output_len, "beam_width": workload.beam_width,
@@ -240,10 +252,17 @@ def _run_worker(backend, workload: Workload, args, tmp: Path) -> dict:
            "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_space), "TOKENIZERS_PARALLELISM": "false"}
     python = args.vllm_python if name == "vllm" else sys.executable
     load = os.getloadavg()[0]
+    neighbours = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                  for _ in range(args.neighbours)]
     spawned = time.time()
-    with open(log, "w") as f:
-        code = subprocess.run([python, str(WORKER), str(tmp / "spec.json"), str(out)],
-                              stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    try:
+        with open(log, "w") as f:
+            code = subprocess.run([python, str(WORKER), str(tmp / "spec.json"), str(out)],
+                                  stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    finally:
+        for neighbour in neighbours:
+            neighbour.kill()
+            neighbour.wait()
     if code != 0 or not out.exists():
         lines = log.read_text(errors="replace").strip().splitlines()
         # the first exception line is the root cause (vLLM's processes repeat it as they stop)
@@ -278,6 +297,8 @@ def command(args) -> str:
                                           if args.beam_width else [])
     words += ["--dtype", args.dtype, "--threads", str(args.threads), "--repeats",
               str(args.repeats), "--seed", str(args.seed)]
+    if args.neighbours:
+        words += ["--neighbours", str(args.neighbours)]
     if args.kv_cache_space != 2:
         words += ["--kv-cache-space", str(args.kv_cache_space)]
     if args.output_json:

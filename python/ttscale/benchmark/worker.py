@@ -36,7 +36,7 @@ def run_ttscale(spec: dict) -> dict:
     llm = LLM(spec["model"], device="cpu" if not torch.cuda.is_available() else None,
               dtype=spec["dtype"], seed=spec["seed"], block_size=spec["block_size"] or 16,
               kv_budget_bytes=int(spec["kv_space_gib"] * 2**30) if spec["kv_space_gib"] else None,
-              prefix_caching=True)
+              prefix_caching=True, cpu_threads=spec.get("cpu_threads"))
     warm = SamplingParams(n=2, max_tokens=4, ignore_eos=True)
     llm.generate([spec["warmup_prompt"]], warm, use_tqdm=False)
     if spec["beam_width"]:
@@ -134,7 +134,8 @@ def run_transformers(spec: dict) -> dict:
             "versions": {"transformers": transformers.__version__, "torch": torch.__version__}}
 
 
-BACKENDS = {"ttscale": run_ttscale, "vllm": run_vllm, "transformers": run_transformers}
+BACKENDS = {"ttscale": run_ttscale, "ttscale-fixed": run_ttscale, "vllm": run_vllm,
+            "transformers": run_transformers}
 
 
 def main(argv: list[str]) -> int:

@@ -94,17 +94,22 @@ class Engine:
         Most sequences in one decode step (default 4096 on a GPU, where a step's activations
         and logits must fit beside the KV pool, and the matrix products are at full rate long
         before; no limit on the CPU). The rest wait for the next window.
+    cpu_threads : int, optional
+        On the CPU, the threads every step runs on. Default: chosen by measuring, up to torch's
+        thread count, so that on cores shared with other work a step does not wait at every
+        barrier for a descheduled thread (:mod:`ttscale.engine.threads`).
     """
 
     def __init__(self, model, tokenizer=None, *, kv_budget_bytes: int | None = None,
                  memory_share: float | None = None, block_size: int = 16, seed: int = 0,
                  window: int | None = None, max_batch_tokens: int = 4096,
                  backend: str | None = None, cuda_graphs: bool | None = None,
-                 max_decode_seqs: int | None = None):
+                 max_decode_seqs: int | None = None, cpu_threads: int | None = None):
         check_engine_arguments(kv_budget_bytes=kv_budget_bytes, memory_share=memory_share,
                                block_size=block_size, window=window,
                                max_batch_tokens=max_batch_tokens, backend=backend,
-                               cuda_graphs=cuda_graphs, max_decode_seqs=max_decode_seqs)
+                               cuda_graphs=cuda_graphs, max_decode_seqs=max_decode_seqs,
+                               cpu_threads=cpu_threads)
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed
@@ -140,7 +145,8 @@ class Engine:
             weakref.finalize(self, self.memory_lease.release)
         self.blocks = BlockManager(self.kv_cache.num_blocks, block_size)
         self.runner = ModelRunner(model, self.kv_cache, backend=backend,
-                                  max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs)
+                                  max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs,
+                                  cpu_threads=cpu_threads)
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self._texts = TokenTexts(lambda i: tokenizer.decode([i], skip_special_tokens=False),
                                  model.config.vocab_size) if tokenizer is not None else None

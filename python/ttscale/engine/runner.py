@@ -11,6 +11,7 @@ import torch
 
 from ttscale import ops
 from ttscale.engine.sequence import Problem, Sequence
+from ttscale.engine.threads import ThreadGovernor, governed
 from ttscale.model import AttentionBatch
 from ttscale.sampling_params import SamplingParams
 
@@ -42,7 +43,7 @@ def slot_of(table: list[int], position: int, block_size: int) -> int:
 
 class ModelRunner:
     def __init__(self, model, kv_cache, *, backend: str | None, max_batch_tokens: int,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, cpu_threads: int | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -51,6 +52,8 @@ class ModelRunner:
         self.device = model.device
         self.graphs = None
         self.host_reads = 0  # device-to-host reads of decode results (stats().host_reads)
+        # on the CPU, each step's thread count, measured (engine/threads.py)
+        self.threads = ThreadGovernor(fixed=cpu_threads) if self.device.type == "cpu" else None
         if cuda_graphs:
             from ttscale.engine.graphs import DecodeGraphs
 
@@ -62,6 +65,7 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------
     # Prefill: chunks of known tokens, no sampling.
 
+    @governed("prefill", lambda problems, start=None: sum(len(p.prompt_ids) for p in problems))
     def prefill_prompts(self, problems: list[Problem], start: dict[Problem, int] | None = None) -> None:
         """Write each problem's prompt (all but the last token) into its blocks, in chunks, from
         ``start[problem]`` on (tokens before it are already in its blocks: a prefix-cache hit)."""
@@ -117,6 +121,7 @@ class ModelRunner:
             backend=self.backend,
         )
 
+    @governed("prefill", lambda todo, hidden_at=None: sum(n for _, n in todo))
     def prefill_sequences(self, todo: list[tuple[Sequence, int]], hidden_at=None):
         """Feed ``n`` pending tokens of each sequence (slots already reserved).
 
@@ -154,6 +159,7 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------
     # Decode: `window` steps on the device, one read-back.
 
+    @governed("decode", lambda seqs, window, *args, **kwargs: len(seqs) * window)
     def decode_window(self, seqs: list[Sequence], window: int, sampling, seed,
                       offsets: list[int], stop_table: torch.Tensor | None, groups: list[int] | None = None):
         """Feed each sequence's one pending token, sample, and repeat ``window`` times.

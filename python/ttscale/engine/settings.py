@@ -31,7 +31,7 @@ BLOCK_SIZES = (8, 16, 32, 64, 128)  # what the attention kernels take
 
 def check_engine_arguments(*, kv_budget_bytes=None, memory_share=None, block_size=16,
                            window=None, max_batch_tokens=4096, backend=None, cuda_graphs=None,
-                           max_decode_seqs=None) -> None:
+                           max_decode_seqs=None, cpu_threads=None) -> None:
     """The engine's arguments, checked before a model is loaded for it (by ``LLM`` and ``PRM``)
     or a pool allocated; what needs the device (a backend's kernels, graphs) is checked later."""
     if kv_budget_bytes is not None:
@@ -43,7 +43,8 @@ def check_engine_arguments(*, kv_budget_bytes=None, memory_share=None, block_siz
         raise InvalidArgument("memory_share: give kv_budget_bytes or memory_share, not both")
     if _checks.check_int("block_size", block_size) not in BLOCK_SIZES:
         raise InvalidArgument(f"block_size: expected a power of two from 8 to 128, got {block_size!r}")
-    for name, value in (("window", window), ("max_decode_seqs", max_decode_seqs)):
+    for name, value in (("window", window), ("max_decode_seqs", max_decode_seqs),
+                        ("cpu_threads", cpu_threads)):
         if value is not None:
             _checks.check_int(name, value, low=1)
     _checks.check_int("max_batch_tokens", max_batch_tokens, low=1)
