@@ -192,7 +192,7 @@ def add_strategy_flags(run: argparse.ArgumentParser) -> None:
 
         def parse(text: str, name=name, meta=meta):
             try:
-                value = (int if meta["kind"] == "int" else float)(text)
+                value = {"int": int, "float": float, "choice": str}[meta["kind"]](text)
                 return registry.check_option(name, value, meta)
             except ValueError as error:  # InvalidArgument is one
                 message = str(error).split(": ", 1)[-1] if isinstance(error, InvalidArgument) else (
