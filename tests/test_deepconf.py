@@ -66,10 +66,12 @@ def reference_scores(top: np.ndarray, k: int, window: int, tail: int) -> dict[st
             "mean": confidence.mean()}
 
 
-@pytest.mark.parametrize("length, window, tail", [(45, 16, 16), (200, 7, 30), (5, 16, 3), (16, 16, 64)])
+@pytest.mark.parametrize("length, window, tail",
+                         [(45, 16, 16), (200, 7, 30), (5, 16, 3), (16, 16, 64)])
 def test_trace_scores_match_a_numpy_reference(length, window, tail):
     rng = np.random.default_rng(zlib.crc32(b"scores") + length)
-    top = -np.sort(rng.exponential(2.0, size=(length, 20)), axis=1)  # log-probabilities, largest first
+    # log-probabilities, largest first
+    top = -np.sort(rng.exponential(2.0, size=(length, 20)), axis=1)
     k = 7
     values = [token_confidence(row.tolist(), k) for row in top]
     got = trace_scores(values, window, tail)
@@ -215,7 +217,8 @@ def test_unwatched_rows_and_requests_beside_the_stop_are_unchanged(llm):
     assert all(s.finish_reason == "length" and s.generated == 40 for s in seqs[3:])
     engine.free(seqs)
     engine.free_problem(problem)
-    assert outputs["beside"].finished and list(outputs["beside"].outputs[0].token_ids) == list(alone)
+    beside = outputs["beside"]
+    assert beside.finished and list(beside.outputs[0].token_ids) == list(alone)
 
 
 def test_the_stop_needs_the_logprobs_it_reads(llm):
@@ -237,7 +240,11 @@ def reference_vote(result, keep: int):
     """The most confident ``keep`` candidates, then the answer of highest summed confidence."""
     confidence = result.extra["confidence"]
     order = sorted(range(len(confidence)), key=lambda i: (-confidence[i], i))[:keep]
-    kept = sorted(order)
+    return weighted_answer(result, sorted(order))
+
+
+def weighted_answer(result, kept: list[int]):
+    confidence = result.extra["confidence"]
     answered = [i for i in kept if result.candidates[i].answer is not None]
     if not answered:
         return kept, None
@@ -249,7 +256,8 @@ def reference_vote(result, keep: int):
     return kept, next(result.candidates[i].answer for i, g in zip(answered, groups) if g == best)
 
 
-@pytest.mark.parametrize("keep_fraction, score", [(0.5, "lowest"), (1.0, "bottom10"), (0.25, "tail")])
+@pytest.mark.parametrize("keep_fraction, score",
+                         [(0.5, "lowest"), (1.0, "bottom10"), (0.25, "tail")])
 def test_offline_keeps_the_most_confident_and_votes_by_confidence(llm, keep_fraction, score):
     free = llm.engine.blocks.num_free
     results = search(llm, n=8, keep_fraction=keep_fraction, confidence_score=score,
@@ -273,13 +281,13 @@ def test_online_stops_traces_below_the_warmup_threshold(llm):
     stopped = 0
     for r in results:
         assert 4 <= len(r.candidates) <= 12 and r.extra["threshold"] is not None
-        warm = r.extra["confidence"][:4]
-        assert r.extra["kept"][: 2] == sorted(sorted(range(4), key=lambda i: (-warm[i], i))[:2])
+        assert r.extra["kept"][:4] == [0, 1, 2, 3]  # every warm-up trace votes
         for i, c in enumerate(r.candidates[4:], start=4):
             if not c.finished:
                 assert i not in r.extra["kept"]
             else:
                 assert i in r.extra["kept"]
+        assert r.answer == weighted_answer(r, r.extra["kept"])[1]
         stopped += r.extra["stopped"]
         assert r.extra["stopped"] == sum(not c.finished for c in r.candidates[4:])
     assert stopped >= 1
@@ -337,8 +345,8 @@ def test_cli_refuses_a_bad_deepconf_flag_naming_it(tmp_path, capsys):
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"problem": "1+1", "answer": "2"}\n')
-    base = ["run", "--model", str(policy_dir()), "--data", str(data), "--out", str(tmp_path / "o.jsonl"),
-            "--strategy", "deepconf", "--n", "4"]
+    model = ["run", "--model", str(policy_dir()), "--data", str(data)]
+    base = model + ["--out", str(tmp_path / "o.jsonl"), "--strategy", "deepconf", "--n", "4"]
 
     def refused(argv) -> str:
         with pytest.raises(SystemExit) as exited:
@@ -349,8 +357,8 @@ def test_cli_refuses_a_bad_deepconf_flag_naming_it(tmp_path, capsys):
     assert "argument --confidence-score: expected one of" in refused(
         base + ["--confidence-score", "median"])
     assert "argument --n-init" in refused(base + ["--n-init", "5"])
-    other = ["run", "--model", str(policy_dir()), "--data", str(data), "--out", str(tmp_path / "p.jsonl"),
-             "--strategy", "best_of_n", "--n", "4", "--confidence-window", "8"]
+    other = model + ["--out", str(tmp_path / "p.jsonl"), "--strategy", "best_of_n", "--n", "4",
+                     "--confidence-window", "8"]
     assert "not an option of best_of_n" in refused(other)
 
 

@@ -9,9 +9,10 @@ Offline: sample all N traces, keep the top ``keep_fraction`` of them by confiden
 each kept trace weighing its confidence. Online: sample ``n_init`` warm-up traces; the
 ``(1 - keep_fraction)`` percentile of their lowest-group confidences is the problem's threshold;
 every later trace stops, on the device, at the first token where its window's mean confidence
-falls below it (such a trace does not vote); the later traces run in waves of ``n_init``, and a
-problem stops sampling once the weighted vote's consensus (the winning answer's share of the
-vote) reaches ``consensus``, or when its N traces are spent.
+falls below it; the later traces run in waves of ``n_init``, and a problem stops sampling once
+the weighted vote's consensus (the winning answer's share of the vote) reaches ``consensus``,
+or when its N traces are spent. The online vote is over the warm-up traces and the later
+traces that were not stopped (the threshold is the filter), each weighing its confidence.
 
 Here a trace is a fork of the problem's prefilled prompt; the stop is a control the decode
 windows carry (:class:`~ttscale.engine.confidence.ConfidenceStop`), so a stopped trace costs no
@@ -36,6 +37,7 @@ from ttscale.search.select import group_answers
 
 SCORES = ("lowest", "bottom10", "tail", "mean")
 TOY_WINDOW = 16  # the toy task's solutions are about 45 tokens: the paper's 2048 would be one group
+TOY_KEEP = 0.9
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ class DeepConfOptions(Options):
 
     @classmethod
     def for_budget(cls, n: int) -> dict:
-        return {"confidence_window": TOY_WINDOW, "confidence_tail": TOY_WINDOW}
+        # the paper's DeepConf-high (keep 90%): at N=16, its DeepConf-low (10%) keeps two traces
+        return {"confidence_window": TOY_WINDOW, "confidence_tail": TOY_WINDOW,
+                "keep_fraction": TOY_KEEP}
 
     @classmethod
     def variants(cls, n: int) -> dict:
@@ -81,7 +85,8 @@ def deepconf(inputs: Inputs, n: int, options: DeepConfOptions) -> list[SearchRes
     ``n`` traces and votes among the top ``keep_fraction`` by ``confidence_score``; online it
     samples ``n_init`` warm-up traces, sets each problem's threshold from them, and stops later
     traces on the device where their group confidence falls below it, sampling in waves of
-    ``n_init`` until the vote's consensus reaches ``consensus`` or ``n`` traces are spent.
+    ``n_init`` until the vote's consensus reaches ``consensus`` or ``n`` traces are spent; the
+    warm-up traces and the later ones not stopped vote.
     ``sampling.logprobs`` is raised to ``confidence_top_k`` (capped at the vocabulary).
 
     The vote: without a verifier, answers weigh the summed confidence of their kept traces
@@ -114,6 +119,9 @@ def _search(run: SearchRun, n: int, options: DeepConfOptions) -> list[SearchResu
     kept = {p: _most_confident(traces[p], scores, options) for p in run.wave}
     threshold: dict[int, float | None] = dict.fromkeys(run.wave)
     if options.n_init is not None:
+        # online, the threshold is the filter: every warm-up trace votes, and later ones that
+        # it did not stop
+        kept = {p: list(traces[p]) for p in run.wave}
         for p in run.wave:
             lowest = [scores[line]["lowest"] for line in traces[p]]
             threshold[p] = float(np.percentile(lowest, 100 * (1 - options.keep_fraction)))
@@ -165,7 +173,8 @@ def _scores(line: Line, k: int, options: DeepConfOptions) -> dict[str, float]:
 def _most_confident(lines: list[Line], scores: dict, options: DeepConfOptions) -> list[Line]:
     """The top ``keep_fraction`` of ``lines`` (at least one) by confidence, in sample order."""
     count = max(1, math.ceil(options.keep_fraction * len(lines)))
-    order = sorted(range(len(lines)), key=lambda i: (-scores[lines[i]][options.confidence_score], i))
+    confidence = [scores[line][options.confidence_score] for line in lines]
+    order = sorted(range(len(lines)), key=lambda i: (-confidence[i], i))
     return [lines[i] for i in sorted(order[:count])]
 
 
