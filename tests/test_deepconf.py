@@ -37,10 +37,27 @@ def same(a: str, b: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+def directory(tmp_path_factory):
     torch.set_num_threads(1)
-    directory = save_tiny_policy(tmp_path_factory.mktemp("tiny_policy"))
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny_policy"))
+
+
+@pytest.fixture(scope="module")
+def llm(directory):
     return ttscale.LLM(directory, kv_budget_bytes=8 << 20, block_size=8)
+
+
+@pytest.fixture(scope="module")
+def plain(directory):
+    """An engine without a scheduler: Engine.decode runs its own windows (Engine.step)."""
+    from types import SimpleNamespace
+
+    from ttscale.engine.engine import Engine
+    from ttscale.model import load_model, load_tokenizer
+
+    engine = Engine(load_model(directory), load_tokenizer(directory), kv_budget_bytes=8 << 20,
+                    block_size=8)
+    return SimpleNamespace(engine=engine)
 
 
 def search(llm, n=4, **options):
@@ -146,7 +163,7 @@ def window_means(values: list[float], window: int) -> list[float]:
     return [sum(values[t - window : t]) / window for t in range(window, len(values) + 1)]
 
 
-def probe_threshold(llm, sampling, window, k) -> float:
+def probe_threshold(llm, sampling, window, k) -> float:  # llm: anything with .engine
     """A threshold that most of the tiny model's traces cross somewhere in the middle."""
     engine = llm.engine
     problem = engine.add(engine.tokenizer.encode("Q: 1+2\n"))
@@ -172,8 +189,11 @@ def check_stops(seqs, window, k, threshold):
     return stopped
 
 
-def test_the_device_stop_fires_at_the_reference_token(llm):
+@pytest.mark.parametrize("owner", ["llm", "plain"])
+def test_the_device_stop_fires_at_the_reference_token(owner, request):
+    llm = request.getfixturevalue(owner)  # through the scheduler, or an engine's own windows
     engine = llm.engine
+    assert (engine.scheduler is None) == (owner == "plain")
     window, k = 6, 5
     sampling = ttscale.SamplingParams(temperature=1.0, max_tokens=48, logprobs=k, ignore_eos=True,
                                       seed=3)
