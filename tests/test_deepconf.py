@@ -294,6 +294,17 @@ def test_offline_keeps_the_most_confident_and_votes_by_confidence(llm, keep_frac
         assert r.cost.generated_tokens == sum(len(c.token_ids) for c in r.candidates)
 
 
+def test_offline_votes_over_the_samples_best_of_n_draws(llm):
+    """The same seed gives the same traces: DeepConf offline filters and weighs best-of-N's."""
+    kwargs = dict(step_delimiter="\n", extract=last_digit, equal=same, progress=False, seed=0,
+                  sampling=ttscale.SamplingParams(temperature=1.0, max_tokens=40))
+    pool = ttscale.best_of_n(llm, PROBLEMS, 6, **kwargs)
+    offline = ttscale.deepconf(llm, PROBLEMS, 6, confidence_window=4, **kwargs)
+    for a, b in zip(pool, offline, strict=True):
+        assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
+        assert a.cost.generated_tokens == b.cost.generated_tokens
+
+
 def test_online_stops_traces_below_the_warmup_threshold(llm):
     free = llm.engine.blocks.num_free
     results = search(llm, n=12, n_init=4, keep_fraction=0.5, consensus=1.0, confidence_window=4)
