@@ -200,7 +200,7 @@ def add_strategy_flags(run: argparse.ArgumentParser) -> None:
                 raise argparse.ArgumentTypeError(message) from None
 
         required = field.default is dataclasses.MISSING
-        doc = " ".join(meta["doc"].split()).replace("``", "")
+        doc = " ".join(meta["doc"].split()).replace("``", "").replace("%", "%%")  # argparse's %
         run.add_argument(f"--{name.replace('_', '-')}", type=parse, metavar=meta["metavar"],
                          help=f"{', '.join(users)}: {doc}" + (" Required." if required else ""))
 

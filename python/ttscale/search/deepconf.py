@@ -48,7 +48,8 @@ class DeepConfOptions(Options):
                                    high=20, metavar="K")
     confidence_score: str = option("lowest", "A trace's confidence: its lowest group, the mean of\n"
                                    "its bottom 10% of groups, its tail, or its mean token\n"
-                                   "confidence.", kind="choice", choices=SCORES, metavar="SCORE")
+                                   "confidence.", kind="choice", choices=SCORES,
+                                   metavar="{" + ",".join(SCORES) + "}")
     confidence_tail: int = option(2048, "Last tokens the tail confidence averages.", metavar="T")
     keep_fraction: float = option(0.1, "Share of the traces kept for the vote, the most confident\n"
                                   "(offline; online it sets the threshold's percentile).",
