@@ -394,7 +394,8 @@ def test_cli_refuses_a_bad_deepconf_flag_naming_it(tmp_path, capsys):
 
 
 def test_the_toy_task_votes_at_least_about_as_well_as_majority():
-    """40 held-out toy problems at N=8: DeepConf offline within a loose bound of majority vote."""
+    """40 held-out toy problems at N=8: DeepConf offline within a loose bound of majority vote,
+    online within a loose bound of offline, with fewer tokens."""
     from ttscale.toy import policy_dir, task
 
     torch.set_num_threads(1)
@@ -412,5 +413,14 @@ def test_the_toy_task_votes_at_least_about_as_well_as_majority():
         return sum(r.answer is not None and r.answer.strip() == ref
                    for r, ref in zip(results, refs)) / len(refs)
 
+    online = ttscale.deepconf(llm, texts, 8, keep_fraction=0.5, n_init=2, confidence_window=16,
+                              confidence_tail=16, **common)
+
+    def tokens(results):
+        return sum(r.cost.generated_tokens for r in results)
+
     assert accuracy(offline) >= accuracy(majority) - 0.1
     assert accuracy(offline) >= 0.2
+    assert accuracy(online) >= accuracy(offline) - 0.15
+    assert tokens(online) < tokens(offline) == tokens(majority)
+    assert sum(r.extra["stopped"] for r in online) > 0
