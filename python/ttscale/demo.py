@@ -71,8 +71,9 @@ MAX_PROBLEMS = 10_000
 
 def choices() -> list[str]:
     """Every row the demo can run: greedy, the pooled choices, every registered strategy (each
-    searched at every N with its options ``for_budget(N)``; revisions at several chain
-    lengths), and compute_optimal (fitted at each N on training problems, never held-out ones)."""
+    searched at every N with its options ``for_budget(N)``, a row per entry of its options'
+    ``variants(N)`` such as DeepConf's offline and online; without the PRM where it needs none;
+    revisions at several chain lengths), and compute_optimal (fitted at each N on training problems, never held-out ones)."""
     return list(dict.fromkeys(["greedy", *POOLED, *registry.strategies(), "compute_optimal"]))
 
 
