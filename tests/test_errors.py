@@ -337,6 +337,24 @@ SEARCHING = [
     ("rebase balance_temperature<0", lambda m: ttscale.rebase(
         m.llm, [PROBLEM], 4, verifier=m.prm, balance_temperature=-1, **m.search()),
      "balance_temperature"),
+    ("deepconf confidence_window=0", lambda m: ttscale.deepconf(
+        m.llm, [PROBLEM], 4, confidence_window=0, **m.search()), "confidence_window"),
+    ("deepconf confidence_top_k=21", lambda m: ttscale.deepconf(
+        m.llm, [PROBLEM], 4, confidence_top_k=21, **m.search()), "confidence_top_k"),
+    ("deepconf confidence_score unknown", lambda m: ttscale.deepconf(
+        m.llm, [PROBLEM], 4, confidence_score="median", **m.search()), "confidence_score"),
+    ("deepconf keep_fraction=0", lambda m: ttscale.deepconf(
+        m.llm, [PROBLEM], 4, keep_fraction=0.0, **m.search()), "keep_fraction"),
+    ("deepconf keep_fraction above 1", lambda m: ttscale.deepconf(
+        m.llm, [PROBLEM], 4, keep_fraction=1.5, **m.search()), "keep_fraction"),
+    ("deepconf n_init above n", lambda m: ttscale.deepconf(
+        m.llm, [PROBLEM], 4, n_init=5, **m.search()), "n_init"),
+    ("deepconf n_init a bool", lambda m: ttscale.deepconf(
+        m.llm, [PROBLEM], 4, n_init=True, **m.search()), "n_init"),
+    ("deepconf consensus=0", lambda m: ttscale.deepconf(
+        m.llm, [PROBLEM], 4, consensus=0, **m.search()), "consensus"),
+    ("deepconf confidence_tail=0", lambda m: ttscale.deepconf(
+        m.llm, [PROBLEM], 4, confidence_tail=0, **m.search()), "confidence_tail"),
     ("mcts branching=0", lambda m: ttscale.mcts(
         m.llm, [PROBLEM], 4, verifier=m.prm, branching=0, **m.search()), "branching"),
     ("mcts n above max_n", lambda m: ttscale.mcts(

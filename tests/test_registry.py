@@ -30,6 +30,8 @@ EXPECTED = {  # name -> its own options
     "mcts": ("branching", "exploration", "max_generated_tokens"),
     "rejection_best_of_n": ("check_every", "reject_fraction"),
     "revisions": ("sequential", "window", "revision_fn"),
+    "deepconf": ("confidence_window", "confidence_top_k", "confidence_score", "confidence_tail",
+                 "keep_fraction", "n_init", "consensus"),
 }
 
 

@@ -136,6 +136,17 @@ def test_same_seed_same_text(server):
     assert any(ask(s) != first for s in (6, 7, 8))
 
 
+def test_deepconf_through_the_extra_body(server):
+    r = server.client().completions.create(
+        model="toy", prompt=PROMPT, max_tokens=60,
+        extra_body={"ttscale": {"strategy": "deepconf", "n": 8, "n_init": 4,
+                                "confidence_window": 16, "confidence_score": "tail",
+                                "confidence_tail": 16}})
+    extra = r.model_extra["ttscale"]
+    assert extra["strategy"] == "deepconf" and 4 <= len(extra["candidates"]) <= 8
+    assert extra["cost"]["generated_tokens"] > 0
+
+
 def test_beam_search_through_the_extra_body(server):
     r = server.client().completions.create(
         model="toy", prompt=PROMPT, max_tokens=60,
@@ -236,6 +247,10 @@ BAD = [  # (route, body or raw bytes, status, param)
      "ttscale.beam_width"),
     ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": {"strategy": "revisions", "n": 4}},
      400, "ttscale.sequential"),
+    ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": {
+        "strategy": "deepconf", "confidence_score": "median"}}, 400, "ttscale.confidence_score"),
+    ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": {
+        "strategy": "deepconf", "n": 4, "n_init": 8}}, 400, "ttscale.n_init"),
     ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": {"strategy": "best_of_n",
                                                                        "temperature": 1}}, 400,
      "ttscale.temperature"),

@@ -71,8 +71,9 @@ MAX_PROBLEMS = 10_000
 
 def choices() -> list[str]:
     """Every row the demo can run: greedy, the pooled choices, every registered strategy (each
-    searched at every N with its options ``for_budget(N)``; revisions at several chain
-    lengths), and compute_optimal (fitted at each N on training problems, never held-out ones)."""
+    searched at every N with its options ``for_budget(N)``, a row per entry of its options'
+    ``variants(N)`` such as DeepConf's offline and online; without the PRM where it needs none;
+    revisions at several chain lengths), and compute_optimal (fitted at each N on training problems, never held-out ones)."""
     return list(dict.fromkeys(["greedy", *POOLED, *registry.strategies(), "compute_optimal"]))
 
 
@@ -106,7 +107,8 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         options = registry.get(name).options
         for n in ns:
             try:
-                options(**options.for_budget(n)).check(n)
+                for chosen in options.variants(n).values():
+                    options(**chosen).check(n)
             except InvalidArgument as error:
                 raise InvalidArgument(f"n: {name} cannot run at N={n} ({error})") from None
     if (not isinstance(num_problems, int) or isinstance(num_problems, bool)
@@ -172,12 +174,14 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     for strategy in _searched(strategies):
         spec = registry.get(strategy)
         for n in ns:
-            start = time.perf_counter()
-            results = spec.function(llm, texts, n, verifier=prm, sampling=sampling, agg=AGG,
-                                    **spec.options.for_budget(n), **common)
-            record(strategy, n, results, _tokens(results), time.perf_counter() - start)
-            wall[strategy] = wall.get(strategy, 0.0) + time.perf_counter() - start
-            bar.update(1)
+            for suffix, chosen in spec.options.variants(n).items():
+                start = time.perf_counter()
+                # a strategy that needs no verifier runs without one (DeepConf, its own votes)
+                results = spec.function(llm, texts, n, verifier=prm if spec.needs_verifier else None,
+                                        sampling=sampling, agg=AGG, **chosen, **common)
+                record(strategy + suffix, n, results, _tokens(results), time.perf_counter() - start)
+                wall[strategy] = wall.get(strategy, 0.0) + time.perf_counter() - start
+                bar.update(1)
 
     if "compute_optimal" in strategies:
         # fitted on the task's training split (its answers known), then run on the held-out set
@@ -274,7 +278,7 @@ def revision_ratios(budget: int) -> list[int]:
 
 def _work(ns, strategies, revision_lengths=None) -> int:
     pooled = len([s for s in POOLED if s in strategies])
-    searched = len(_searched(strategies))
+    searched = sum(len(registry.get(s).options.variants(max(ns))) for s in _searched(strategies))
     lengths = revision_ratios(revision_budget(ns)) if revision_lengths is None else revision_lengths
     revised = len(lengths) if "revisions" in strategies else 0
     fitted = len(ns) if "compute_optimal" in strategies else 0

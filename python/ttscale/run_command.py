@@ -192,7 +192,7 @@ def add_strategy_flags(run: argparse.ArgumentParser) -> None:
 
         def parse(text: str, name=name, meta=meta):
             try:
-                value = (int if meta["kind"] == "int" else float)(text)
+                value = {"int": int, "float": float, "choice": str}[meta["kind"]](text)
                 return registry.check_option(name, value, meta)
             except ValueError as error:  # InvalidArgument is one
                 message = str(error).split(": ", 1)[-1] if isinstance(error, InvalidArgument) else (
@@ -200,7 +200,7 @@ def add_strategy_flags(run: argparse.ArgumentParser) -> None:
                 raise argparse.ArgumentTypeError(message) from None
 
         required = field.default is dataclasses.MISSING
-        doc = " ".join(meta["doc"].split()).replace("``", "")
+        doc = " ".join(meta["doc"].split()).replace("``", "").replace("%", "%%")  # argparse's %
         run.add_argument(f"--{name.replace('_', '-')}", type=parse, metavar=meta["metavar"],
                          help=f"{', '.join(users)}: {doc}" + (" Required." if required else ""))
 

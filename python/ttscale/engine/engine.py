@@ -27,6 +27,7 @@ import torch
 from ttscale import backends, ops
 from ttscale.engine import forking
 from ttscale.engine.block_manager import BlockManager, PoolExhausted
+from ttscale.engine.confidence import TOKEN_STOP, ConfidenceStop
 from ttscale.engine.runner import ModelRunner
 from ttscale.engine.sequence import Problem, Sequence
 from ttscale.engine.settings import (
@@ -333,13 +334,17 @@ class Engine:
         return hidden
 
     def decode(self, seqs: Seq[Sequence], sampling: SamplingParams, *, stop: Seq[str] | None = None,
-               max_new_tokens: int | Seq[int] | None = None) -> None:
+               max_new_tokens: int | Seq[int] | None = None,
+               confidence_stop: ConfidenceStop | None = None) -> None:
         """Sample each sequence until it stops; ``seq.finish_reason`` says why.
 
         A sequence stops at a token whose text contains a stop string (``stop``, else
         ``sampling.stop``; the token is kept), at an end-of-sequence token (unless
         ``sampling.ignore_eos``), after ``max_new_tokens`` new tokens in this call (one number
         for all, or one per sequence), or at ``sampling.max_tokens`` sampled tokens in its life.
+        ``confidence_stop`` (:class:`~ttscale.engine.confidence.ConfidenceStop`) also stops the
+        sequences it watches, on the device, where their confidence falls below their threshold
+        (finish reason ``"confidence"``); it needs ``sampling.logprobs >= confidence_stop.top_k``.
         """
         if not isinstance(sampling, SamplingParams):
             raise InvalidArgument(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
@@ -353,6 +358,9 @@ class Engine:
                                   or n < 1):
                 where = "" if len(set(max_new_tokens)) == 1 else f" at {i}"
                 raise InvalidArgument(f"max_new_tokens: expected an int >= 1, got {n!r}{where}")
+        if confidence_stop is not None and sampling.logprobs < confidence_stop.top_k:
+            raise InvalidArgument(f"sampling: logprobs={sampling.logprobs}, the confidence stop "
+                                  f"needs its top_k={confidence_stop.top_k}")
         stops = tuple(stop) if stop is not None else sampling.stop_strings
         if stops and self._texts is None:
             raise InvalidArgument("stop: stop strings need a tokenizer")
@@ -369,14 +377,15 @@ class Engine:
             # one piece of work for the scheduler: these rows join the steps every other request
             # and search runs, and this thread drives steps until they stop
             seed = sampling.seed if sampling.seed is not None else self.seed
-            self.scheduler.run_decode(active, sampling, stops, limits, seed)
+            self.scheduler.run_decode(active, sampling, stops, limits, seed, confidence_stop)
             return
         while active:
-            active = self.step(active, sampling, stops, limits)
+            active = self.step(active, sampling, stops, limits, confidence_stop)
 
     @_locked
     def step(self, active: list[Sequence], sampling: SamplingParams, stops: tuple[str, ...],
-             limits: dict[Sequence, int]) -> list[Sequence]:
+             limits: dict[Sequence, int], confidence_stop: ConfidenceStop | None = None,
+             ) -> list[Sequence]:
         """Advance the sequences that fit in the pool by one window; return those still running."""
         self.run_pending(active, keep_last=True)
         admitted = self._admit(active, [min(self.window, limits[s] - s.generated) for s in active])
@@ -386,8 +395,8 @@ class Engine:
         seed = sampling.seed if sampling.seed is not None else self.seed
         offsets = [s.seq_id * DRAWS_PER_SEQUENCE + s.generated for s in admitted]
         tokens, logprobs, top, stopped = self.runner.decode_window(
-            admitted, window, sampling, seed, offsets, stop_table
-        )
+            admitted, window, sampling, seed, offsets, stop_table,
+            confidence=None if confidence_stop is None else [confidence_stop] * len(admitted))
         for i, seq in enumerate(admitted):
             self._accept(seq, tokens[i], logprobs[i], None if top is None else top[i], stopped[i],
                          stops, limits[seq])
@@ -427,7 +436,10 @@ class Engine:
         self.blocks.trim(seq.block_table, seq.kv_len)
 
     def _stop_reason(self, seq: Sequence, token: int, flagged: bool, stops, limit) -> str | None:
-        """Why the sequence stops at ``token`` (flagged on the device: a stop or EOS token)."""
+        """Why the sequence stops at ``token`` (flagged on the device: a stop or EOS token, or a
+        confidence stop, :mod:`ttscale.engine.confidence`)."""
+        if flagged and not flagged & TOKEN_STOP:
+            return "confidence"
         if flagged:
             return "eos" if token in self.eos_token_ids and not self._in_stop_table(token, stops) else "stop"
         if stops:

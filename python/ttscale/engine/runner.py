@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ttscale import ops
+from ttscale.engine.confidence import ConfidenceStop, WindowConfidence
 from ttscale.engine.sequence import Problem, Sequence
 from ttscale.engine.threads import ThreadGovernor, governed
 from ttscale.model import AttentionBatch
@@ -161,7 +162,8 @@ class ModelRunner:
 
     @governed("decode", lambda seqs, window, *args, **kwargs: len(seqs) * window)
     def decode_window(self, seqs: list[Sequence], window: int, sampling, seed,
-                      offsets: list[int], stop_table: torch.Tensor | None, groups: list[int] | None = None):
+                      offsets: list[int], stop_table: torch.Tensor | None, groups: list[int] | None = None,
+                      confidence: list[ConfidenceStop | None] | None = None):
         """Feed each sequence's one pending token, sample, and repeat ``window`` times.
 
         ``sampling``: one SamplingParams for every row, or a list of one per row (requests with
@@ -169,17 +171,22 @@ class ModelRunner:
         each seed are sampled together, so every row draws from its own stream whatever shares
         its step). ``stop_table``: ``[V]`` bool, the stop-string tokens
         of every row; or, with ``groups`` (a group index per row), ``[G, V]``, one table per group.
-        End-of-sequence tokens are added per row unless its ``ignore_eos``.
+        End-of-sequence tokens are added per row unless its ``ignore_eos``. ``confidence``: a
+        :class:`~ttscale.engine.confidence.ConfidenceStop` per row, or None, stops rows whose
+        window of token confidences falls below their threshold (its flag in the stop flags;
+        such windows run uncaptured).
 
         Returns per sequence: its ``window`` sampled tokens, their log-probabilities, their top
         log-probabilities (as many as the most any row asked for, or None), and per token
-        whether it is a stop or EOS token.
+        whether it is a stop or EOS token (with ``confidence``: the bits of
+        :data:`~ttscale.engine.confidence.TOKEN_STOP` and ``CONFIDENCE_STOP``).
         """
         B = len(seqs)
         rows = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
         stop_matrix, group_index = self._stop_matrix(rows, stop_table, groups)
-        if self.graphs is not None and len(set(seeds)) == 1:  # a captured step has one seed
+        if self.graphs is not None and len(set(seeds)) == 1 and not any(confidence or ()):
+            # a captured step has one seed and no confidence stop
             return self._decode_window_graphed(seqs, window, rows, seeds[0], offsets, stop_matrix,
                                                group_index)
         by_seed: dict[int, list[int]] = {}
@@ -200,6 +207,7 @@ class ModelRunner:
         tokens_in = self._tensor([s.tokens[-1] for s in seqs])
         all_slots = self._tensor(slots)
         out_tokens, out_lp, out_stop, out_top = [], [], [], []
+        tracker = WindowConfidence.begin(seqs, confidence, self.device, num_logprobs)
         for j in range(window):
             batch = AttentionBatch(
                 "decode", positions=base.positions + j, slots=all_slots[j],
@@ -213,10 +221,13 @@ class ModelRunner:
                                                  offsets_t + j, num_logprobs)
             out_tokens.append(tokens)
             out_lp.append(logprobs)
-            out_stop.append(stop_matrix[group_index, tokens])
+            stop = stop_matrix[group_index, tokens]
+            out_stop.append(stop if tracker is None else tracker.step(top[1], stop))
             if top is not None:
                 out_top.append(top)
             tokens_in = tokens
+        if tracker is not None:
+            tracker.end()
         return self._read_back(out_tokens, out_lp, out_stop, out_top, B, window)
 
     @staticmethod

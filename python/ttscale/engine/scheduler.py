@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ttscale.engine.confidence import ConfidenceStop
 from ttscale.engine.engine import DRAWS_PER_SEQUENCE, Engine
 from ttscale.engine.prefix_cache import PrefixCache
 from ttscale.engine.sequence import Problem, Sequence
@@ -80,6 +81,7 @@ class DecodeItem:
     seed: int
     arrival: int = 0
     done: bool = False
+    confidence_stop: ConfidenceStop | None = None  # DeepConf's online stop for its rows
     error: BaseException | None = None
 
 
@@ -173,10 +175,12 @@ class Scheduler:
             return bool(self._progressed)
 
     def run_decode(self, active: list[Sequence], sampling: SamplingParams, stops: tuple[str, ...],
-                   limits: dict[Sequence, int], seed: int) -> None:
+                   limits: dict[Sequence, int], seed: int,
+                   confidence_stop: ConfidenceStop | None = None) -> None:
         """Decode a search's sequences until each stops, as rows of the shared steps: queue the
         work, then drive steps (any thread's step advances it) until it is done."""
-        item = DecodeItem(list(active), sampling, tuple(stops), limits, seed)
+        item = DecodeItem(list(active), sampling, tuple(stops), limits, seed,
+                          confidence_stop=confidence_stop)
         with self._inbox_lock:
             item.arrival = self._arrivals
             self._arrivals += 1
@@ -371,7 +375,7 @@ class Scheduler:
         """One window for every admitted row. A request's rows draw from its own streams (seed,
         stream, sample index); a search's from its seed and each sequence's number."""
         engine = self.engine
-        rows, seeds, offsets, stops, limits = [], [], [], [], []
+        rows, seeds, offsets, stops, limits, controls = [], [], [], [], [], []
         for seq, owner in admitted:
             if isinstance(owner, DecodeItem):
                 rows.append(owner.sampling)
@@ -379,12 +383,14 @@ class Scheduler:
                 offsets.append(seq.seq_id * DRAWS_PER_SEQUENCE + seq.generated)
                 stops.append(owner.stops)
                 limits.append(owner.limits[seq])
+                controls.append(owner.confidence_stop)
             else:
                 rows.append(owner.params)
                 seeds.append(0)
                 offsets.append(owner.stream_offsets[seq] + seq.generated)
                 stops.append(owner.params.stop_strings)
                 limits.append(owner.params.max_tokens)
+                controls.append(None)
         window = min([engine.window] + [most - s.generated for (s, _), most in zip(admitted, limits)])
         seqs = [s for s, _ in admitted]
         groups = [self._stop_group(stop) for stop in stops]
@@ -392,7 +398,7 @@ class Scheduler:
             self._stop_table = torch.stack(self._stop_rows)
         stop_table = self._stop_table
         tokens, logprobs, top, stopped = engine.runner.decode_window(
-            seqs, window, rows, seeds, offsets, stop_table, groups)
+            seqs, window, rows, seeds, offsets, stop_table, groups, controls)
         for i, (seq, _) in enumerate(admitted):
             asked = rows[i].logprobs
             row_top = None if top is None or not asked else [t[:asked] for t in top[i]]

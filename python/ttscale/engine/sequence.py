@@ -47,7 +47,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     sampled_at: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "eos" or "length" after the last decode call
+    finish_reason: str | None = None  # "stop", "eos", "length" or "confidence" after a decode call
     freed: bool = False
     prefilled: int = 0  # tokens of its own put into the KV cache without sampling (cost accounting)
 

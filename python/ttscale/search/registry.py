@@ -38,27 +38,31 @@ from typing import Any
 from ttscale.errors import InvalidArgument
 from ttscale.search.select import SELECTIONS
 
-KINDS = ("int", "float", "function", "any")  # "any": documented, checked by its user
+KINDS = ("int", "float", "choice", "function", "any")  # "any": documented, checked by its user
 
 
 def option(default: Any = dataclasses.MISSING, doc: str = "", *, kind: str = "int",
            low: float | None = None, high: float | None = None, low_open: bool = False,
            high_open: bool = False,
-           metavar: str | None = None, flag: bool = True, label: str | None = None) -> Any:
+           metavar: str | None = None, flag: bool = True, label: str | None = None,
+           choices: Sequence[str] = ()) -> Any:
     """A field of an options dataclass: its default (none: the caller must give it), what it
     means, its kind (``"int"``, ``"float"``, ``"function"`` or ``"any"``) and range (``low``
     inclusive unless ``low_open``, ``high`` inclusive unless ``high_open``; ints default to
-    ``low=1``); ``flag`` says
+    ``low=1``; a ``"choice"`` is one of the strings ``choices``); ``flag`` says
     whether ``ttscale run`` offers it (``--name-with-dashes``, showing ``metavar``); ``label`` is
     the type its documentation shows (default: the kind)."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     if kind == "int" and low is None:
         low = 1
-    label = label or {"function": "callable, optional"}.get(kind, kind)
+    if (kind == "choice") != bool(choices):
+        raise ValueError("choices: expected with kind='choice' only")
+    label = label or {"function": "callable, optional",
+                      "choice": "{" + ", ".join(f'"{c}"' for c in choices) + "}"}.get(kind, kind)
     meta = dict(doc=doc, kind=kind, low=low, high=high, low_open=low_open, high_open=high_open,
-                metavar=metavar,
-                flag=flag and kind in ("int", "float"), label=label)
+                metavar=metavar, choices=tuple(choices),
+                flag=flag and kind in ("int", "float", "choice"), label=label)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -73,6 +77,11 @@ def check_option(name: str, value: Any, meta: dict[str, Any]) -> Any:
             raise InvalidArgument(f"{name}: expected a function, got {type(value).__name__}",
                                   param=name)
         return value
+    if kind == "choice":
+        if not isinstance(value, str) or value not in meta["choices"]:
+            raise InvalidArgument(f"{name}: expected one of {', '.join(meta['choices'])}, got "
+                                  f"{value!r}", param=name)
+        return str(value)
     integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     real = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not (integral if kind == "int" else real and math.isfinite(value)):
@@ -114,6 +123,12 @@ class Options:
         """Options that suit budget ``n`` where the defaults would not (the demo's settings)."""
         return {}
 
+    @classmethod
+    def variants(cls, n: int) -> dict[str, dict[str, Any]]:
+        """The demo's rows of this strategy at budget ``n``: a suffix of the row's name -> its
+        options (default one row, named after the strategy, with :meth:`for_budget`)."""
+        return {"": cls.for_budget(n)}
+
 
 @dataclass(frozen=True)
 class Strategy:
@@ -133,7 +148,8 @@ class Strategy:
         return tuple(f.name for f in dataclasses.fields(self.options))
 
     def flag_fields(self) -> list[dataclasses.Field]:
-        """The options a command line or a request body can set (numbers, not functions)."""
+        """The options a command line or a request body can set (numbers and choices, not
+        functions)."""
         return [f for f in dataclasses.fields(self.options) if f.metadata["flag"]]
 
     def required(self) -> tuple[str, ...]:

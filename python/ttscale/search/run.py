@@ -108,6 +108,7 @@ class SearchRun:
         max_new_tokens: int | None = None,
         budget: int | None = None,
         report: bool = True,
+        confidence_stop=None,
     ) -> None:
         """Decode each line to its next step delimiter (``whole``: to its end), or for at most
         ``max_new_tokens`` tokens, then score the steps its text completed, and tell the caller's
@@ -115,7 +116,9 @@ class SearchRun:
 
         ``budget`` (with ``whole``, instead of ``max_new_tokens``) ends each solution after that
         many new tokens: a revision's attempt, whose sequence has sampled earlier attempts too,
-        so that ``sampling.max_tokens`` bounds the whole chain and ``budget`` the attempt."""
+        so that ``sampling.max_tokens`` bounds the whole chain and ``budget`` the attempt.
+        ``confidence_stop`` is passed to ``Engine.decode`` (DeepConf's online stop; a line it
+        stops is not finished)."""
         if not lines:
             return
         before = [line.seq.generated for line in lines]
@@ -128,6 +131,7 @@ class SearchRun:
             sampling,
             stop=[] if whole else [self.delimiter],
             max_new_tokens=max_new_tokens if budget is None else budget,
+            confidence_stop=confidence_stop,
         )
         shares = [line.seq.prefilled - p for line, p in zip(lines, prefilled, strict=True)]
         for line, generated, share in zip(lines, before, shares, strict=True):
