@@ -11,6 +11,7 @@ import torch
 
 from ttscale import ops
 from ttscale.engine.sequence import Problem, Sequence
+from ttscale.engine.thinking import Controls
 from ttscale.model import AttentionBatch
 from ttscale.sampling_params import SamplingParams
 
@@ -42,8 +43,9 @@ def slot_of(table: list[int], position: int, block_size: int) -> int:
 
 class ModelRunner:
     def __init__(self, model, kv_cache, *, backend: str | None, max_batch_tokens: int,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, thinking: Controls | None = None):
         self.model = model
+        self.thinking = thinking  # the engine's thinking rules (engine/thinking.py)
         self.kv_cache = kv_cache
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
@@ -173,7 +175,10 @@ class ModelRunner:
         rows = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
         stop_matrix, group_index = self._stop_matrix(rows, stop_table, groups)
-        if self.graphs is not None and len(set(seeds)) == 1:  # a captured step has one seed
+        # rows with a thinking budget or minimum: their state on the device (engine/thinking.py)
+        thinking = self.thinking.window(seqs, rows) if self.thinking is not None else None
+        if self.graphs is not None and len(set(seeds)) == 1 and thinking is None:
+            # a captured step has one seed and no thinking control
             return self._decode_window_graphed(seqs, window, rows, seeds[0], offsets, stop_matrix,
                                                group_index)
         by_seed: dict[int, list[int]] = {}
@@ -205,13 +210,18 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
             tokens, logprobs, top = self._sample(logits, temperature, top_k, top_p, min_p, seed_rows,
                                                  offsets_t + j, num_logprobs)
+            if thinking is not None:  # a forced token replaces the sampled one
+                tokens, logprobs = thinking.step(tokens, logprobs, logits)
             out_tokens.append(tokens)
             out_lp.append(logprobs)
             out_stop.append(stop_matrix[group_index, tokens])
             if top is not None:
                 out_top.append(top)
             tokens_in = tokens
-        return self._read_back(out_tokens, out_lp, out_stop, out_top, B, window)
+        result = self._read_back(out_tokens, out_lp, out_stop, out_top, B, window)
+        if thinking is not None:
+            thinking.read_back(seqs)
+        return result
 
     @staticmethod
     def _sample(logits, temperature, top_k, top_p, min_p, seed_rows, offsets, num_logprobs):
