@@ -85,7 +85,7 @@ class Trace:
     continued_at: list[int] = field(default_factory=list)
     ended_at: int | None = None
     before_last: State | None = None  # the state before the last accepted token
-    window: list[State] | None = None  # the last window's state after each step, until accepted
+    window: list[list[int]] | None = None  # the last window's states after each step, until accepted
 
     def copy(self) -> Trace:
         return Trace(self.state, list(self.continued_at), self.ended_at, self.before_last)
@@ -194,33 +194,30 @@ class Window:
 
     def __init__(self, controls: list[Control | None], states: list[State | None], rows, device):
         self.controls = controls
-        B = len(controls)
-        on = [c for c in controls if c is not None]
-        end_width = max(len(c.end) for c in on)
-        continue_width = max([len(c.continuation) for c in on] + [1])
-        trigger_width = max(len(c.triggers) for c in on)
-        ends, continues, triggers, numbers = [], [], [], []
-        for control, state in zip(controls, states, strict=True):
-            if control is None:  # inert: past its thinking, nothing queued
-                control = Control(None, 0, None, None, (0,), (), ())
-                state = State(ENDED, 0, 0)
-            ends.append(list(control.end) + [0] * (end_width - len(control.end)))
-            cont = list(control.continuation) or [0]
-            continues.append(cont + [0] * (continue_width - len(cont)))
-            triggers.append(list(control.triggers) + [-1] * (trigger_width - len(control.triggers)))
-            numbers.append([
-                NO_LIMIT if control.budget is None else control.budget, control.least,
-                NO_LIMIT if control.max_extensions is None else control.max_extensions,
-                -1 if control.start is None else control.start,
-                len(control.end), max(len(control.continuation), 1), *state,
-            ])
-        tensor = lambda values: torch.tensor(values, dtype=torch.int64).reshape(B, -1).to(device)
-        self.end_ids, self.continue_ids = tensor(ends), tensor(continues)  # [B, Le], [B, Lc]
-        self.triggers = tensor(triggers)  # [B, K], -1 pads
-        numbers = tensor(numbers)
+        # The settings once per distinct control (a search's rows share one), gathered per row.
+        inert = Control(None, 0, None, None, (0,), (), ())  # rows without one: past thinking
+        distinct = list(dict.fromkeys(c for c in controls if c is not None)) + [inert]
+        which = {c: k for k, c in enumerate(distinct)}
+        index = torch.tensor([which[c if c is not None else inert] for c in controls]).to(device)
+        pad = lambda values, width, fill: list(values) + [fill] * (width - len(values))
+        end_width = max(len(c.end) for c in distinct)
+        continue_width = max(max(len(c.continuation) for c in distinct), 1)
+        trigger_width = max(max(len(c.triggers) for c in distinct), 1)
+        table = lambda rows: torch.tensor(rows, dtype=torch.int64).to(device)[index]
+        self.end_ids = table([pad(c.end, end_width, 0) for c in distinct])  # [B, Le]
+        self.continue_ids = table([pad(c.continuation or (0,), continue_width, 0)
+                                   for c in distinct])  # [B, Lc]
+        self.triggers = table([pad(c.triggers, trigger_width, -1) for c in distinct])  # [B, K]
         (self.budget, self.least, self.max_extensions, self.start, self.end_len,
-         self.continue_len) = numbers[:, :6].unbind(1)
-        self.phase, self.thought, self.extensions, self.forcing, self.position = numbers[:, 6:].unbind(1)
+         self.continue_len) = table([[
+             NO_LIMIT if c.budget is None else c.budget, c.least,
+             NO_LIMIT if c.max_extensions is None else c.max_extensions,
+             -1 if c.start is None else c.start, len(c.end), max(len(c.continuation), 1)]
+             for c in distinct]).unbind(1)
+        inert_state = State(ENDED, 0, 0)
+        state = torch.tensor([s if s is not None else inert_state for s in states],
+                             dtype=torch.int64).to(device)  # [B, 5]
+        self.phase, self.thought, self.extensions, self.forcing, self.position = state.unbind(1)
         temperature = torch.tensor([p.temperature for p in rows], dtype=torch.float32).to(device)
         self.inv_t = torch.where(temperature == 0, 1.0, 1.0 / temperature.clamp_min(1e-30))
         self.history: list[torch.Tensor] = []  # [B, 5] after each step
@@ -269,7 +266,7 @@ class Window:
         steps = torch.stack(self.history, 1).tolist()  # [B, window, 5]
         for seq, control, row in zip(seqs, self.controls, steps, strict=True):
             if control is not None:
-                seq.thinking.window = [State(*s) for s in row]
+                seq.thinking.window = row  # lists; accept() keeps one as a State
 
 
 def accept(seq, fed: int) -> None:
@@ -282,16 +279,16 @@ def accept(seq, fed: int) -> None:
     if not steps:
         return
     previous = trace.state
-    last = steps[-1]
+    last = State(*steps[-1])
     if last.extensions != previous.extensions or last.phase != previous.phase:
         first = len(seq.tokens) - fed  # the index in seq.tokens of the window's first token
-        for j, state in enumerate(steps):
+        for j, state in enumerate(map(State._make, steps)):
             if state.extensions > previous.extensions:
                 trace.continued_at.append(first + j)
             if state.phase in (ENDED, CUT) and previous.phase == THINKING:
                 trace.ended_at = first + j
             previous = state
-    trace.before_last = steps[-2] if fed >= 2 else trace.state
+    trace.before_last = State(*steps[-2]) if fed >= 2 else trace.state
     trace.state = last
 
 
