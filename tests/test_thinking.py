@@ -354,3 +354,20 @@ def test_the_server_takes_the_fields_and_the_strategy():
         assert extra["cost"]["generated_tokens"] <= 4 * 91
     finally:
         server.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_with_cuda_graphs_the_mixed_batch_matches_the_reference(policy, hf_model,
+                                                                         tokenizer):
+    """With CUDA graphs on, a window with a thinking control runs the ungraphed loop and one
+    without runs the captured step: both give the reference's tokens (float32, greedy)."""
+    llm = ttscale.LLM(policy, device="cuda", dtype="float32", kv_budget_bytes=64 << 20,
+                      block_size=16, window=4)
+    assert llm.engine.runner.graphs is not None
+    for k, settings in enumerate(SETTINGS):
+        params = SP(temperature=0, max_tokens=NEW, ignore_eos=True, **settings)
+        prompt = PROMPTS[k % len(PROMPTS)]
+        got = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        expected, _, _ = reference(hf_model, tokenizer.encode(prompt), settings)
+        assert got == expected, settings
