@@ -161,7 +161,7 @@ def test_min_thinking_writes_the_continue_text_at_most_max_extensions_times(one_
         assert len(trace.continued_at) == trace.state.extensions <= 2
         for at in trace.continued_at:  # the continue text, token for token, where it is noted
             assert seq.tokens[at:at + len(cont)] == cont
-        if seq.finish_reason == "eos":  # the model ended below the minimum only when out of extensions
+        if seq.finish_reason == "eos":  # below the minimum only when out of extensions
             thought = len(seq.output_ids) - 1
             assert thought >= 30 or trace.state.extensions == 2
         extended += trace.state.extensions

@@ -85,15 +85,10 @@ class Trace:
     continued_at: list[int] = field(default_factory=list)
     ended_at: int | None = None
     before_last: State | None = None  # the state before the last accepted token
-    window: list[list[int]] | None = None  # the last window's states after each step, until accepted
+    window: list[list[int]] | None = None  # the last window's state after each step, till accepted
 
     def copy(self) -> Trace:
         return Trace(self.state, list(self.continued_at), self.ended_at, self.before_last)
-
-    @property
-    def cut(self) -> bool:
-        """Whether the budget ended the thinking."""
-        return self.state.phase == CUT
 
 
 class Controls:
@@ -233,9 +228,9 @@ class Window:
         position = torch.where(due, 0, self.position)
         forced = forcing != NOTHING
         at = position[:, None]
-        queued = torch.where(forcing == END,
-                             self.end_ids.gather(1, at.clamp(max=self.end_ids.shape[1] - 1))[:, 0],
-                             self.continue_ids.gather(1, at.clamp(max=self.continue_ids.shape[1] - 1))[:, 0])
+        end = self.end_ids.gather(1, at.clamp(max=self.end_ids.shape[1] - 1))[:, 0]
+        more = self.continue_ids.gather(1, at.clamp(max=self.continue_ids.shape[1] - 1))[:, 0]
+        queued = torch.where(forcing == END, end, more)
         out = torch.where(forced, queued, tokens)
         # the model ends its thinking: below the minimum, continue_text replaces the end
         natural = thinking & ~forced & (tokens[:, None] == self.triggers).any(1)
