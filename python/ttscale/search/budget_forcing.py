@@ -45,10 +45,10 @@ class BudgetForcingOptions(Options):
     min_thinking_tokens: int | None = option(None, (
         "Below this many thinking tokens the model's end of thinking is suppressed and\n"
         "``continue_text`` written (default: the budget, s1's scaling up: think to the budget)."),
-        low=0, metavar="M")
+        low=0, metavar="M", label="int, optional")
     max_extensions: int | None = option(None, (
         "Continue texts a chain writes at most (default: as many as the minimum needs)."),
-        low=0, metavar="E")
+        low=0, metavar="E", label="int, optional")
     continue_text: str | list[int] | None = option(None, (
         "What replaces a suppressed end of thinking: default ``\"Wait\"`` where the tokenizer\n"
         "declares an end-of-thinking marker, else the revision separator."), kind="any",
