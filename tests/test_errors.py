@@ -114,6 +114,21 @@ SAMPLING = [
     ("stop=bytes", lambda m: SP(stop=b"a"), "stop"),
     ("ignore_eos=str", lambda m: SP(ignore_eos="no"), "ignore_eos"),
     ("ignore_eos=1", lambda m: SP(ignore_eos=1), "ignore_eos"),
+    ("thinking_token_budget<0", lambda m: SP(thinking_token_budget=-1), "thinking_token_budget"),
+    ("thinking_token_budget=1.5", lambda m: SP(thinking_token_budget=1.5),
+     "thinking_token_budget"),
+    ("min_thinking_tokens above the budget", lambda m: SP(
+        thinking_token_budget=4, min_thinking_tokens=5), "min_thinking_tokens"),
+    ("min_thinking_tokens=True", lambda m: SP(min_thinking_tokens=True), "min_thinking_tokens"),
+    ("max_extensions<0", lambda m: SP(min_thinking_tokens=3, max_extensions=-1),
+     "max_extensions"),
+    ("max_extensions without a minimum", lambda m: SP(max_extensions=2), "max_extensions"),
+    ("continue_text=''", lambda m: SP(min_thinking_tokens=3, continue_text=""), "continue_text"),
+    ("continue_text=[1.5]", lambda m: SP(min_thinking_tokens=3, continue_text=[1.5]),
+     "continue_text"),
+    ("continue_text without a minimum", lambda m: SP(continue_text="ok"), "continue_text"),
+    ("thinking_end=int", lambda m: SP(thinking_token_budget=4, thinking_end=7), "thinking_end"),
+    ("thinking_end without a budget", lambda m: SP(thinking_end="</s>"), "thinking_end"),
 ]
 
 LLM = ttscale.LLM
@@ -228,6 +243,10 @@ GENERATING = [
      "max_tokens"),
     ("generate n above max_n", lambda m: m.llm.generate(PROBLEM, SP(n=2000)), "n"),
     ("generate use_tqdm=str", lambda m: m.llm.generate(PROBLEM, use_tqdm="no"), "use_tqdm"),
+    ("generate continue_text 'Wait' on the toy", lambda m: m.llm.generate(
+        PROBLEM, SP(min_thinking_tokens=4)), "continue_text"),
+    ("add_request thinking_end outside the vocabulary", lambda m: m.llm.add_request(
+        PROBLEM, SP(thinking_token_budget=4, thinking_end=[10**6])), "thinking_end"),
     ("add_request None", lambda m: m.llm.add_request(None), "prompt"),
     ("add_request ''", lambda m: m.llm.add_request(""), "prompt"),
     ("add_request params=int", lambda m: m.llm.add_request(PROBLEM, params=3), "params"),
@@ -359,6 +378,18 @@ SEARCHING = [
         m.llm, [PROBLEM], 4, verifier=m.prm, branching=0, **m.search()), "branching"),
     ("mcts n above max_n", lambda m: ttscale.mcts(
         m.llm, [PROBLEM], 5000, verifier=m.prm, **m.search()), "n"),
+    ("budget_forcing without a budget", lambda m: ttscale.budget_forcing(
+        m.llm, [PROBLEM], 2, **m.search()), "budget"),
+    ("budget_forcing budget<0", lambda m: ttscale.budget_forcing(
+        m.llm, [PROBLEM], 2, budget=-1, **m.search()), "budget"),
+    ("budget_forcing min_thinking_tokens above the budget", lambda m: ttscale.budget_forcing(
+        m.llm, [PROBLEM], 2, budget=8, min_thinking_tokens=9, **m.search()),
+     "min_thinking_tokens"),
+    ("budget_forcing continue_text the toy cannot spell", lambda m: ttscale.budget_forcing(
+        m.llm, [PROBLEM], 2, budget=8, continue_text="Wait", **m.search()), "continue_text"),
+    ("budget_forcing max_extensions without a minimum", lambda m: ttscale.budget_forcing(
+        m.llm, [PROBLEM], 2, budget=8, min_thinking_tokens=0, max_extensions=1, **m.search()),
+     "max_extensions"),
     ("an unknown strategy keyword", lambda m: _bon(m, [PROBLEM], 4, bogus=1), "bogus"),
     ("n missing", lambda m: ttscale.best_of_n(m.llm, [PROBLEM], **m.search()), "n"),
     ("on_progress=int", lambda m: _bon(m, [PROBLEM], 2, on_progress=3), "on_progress"),

@@ -23,6 +23,7 @@ from ttscale.toy import policy_dir
 EXPECTED = {  # name -> its own options
     "beam_search": ("beam_width", "max_iterations"),
     "best_of_n": (),
+    "budget_forcing": ("budget", "min_thinking_tokens", "max_extensions", "continue_text"),
     "dvts": ("beam_width", "max_iterations"),
     "lookahead": ("beam_width", "max_iterations", "lookahead"),
     "particle_filtering": ("resample_temperature", "max_iterations"),

@@ -36,6 +36,11 @@ REVISION_BUDGET = 16
 CALIBRATION_PROBLEMS = 100  # training problems compute_optimal is fitted on
 AGG = "min"  # a solution is as good as its worst step: the toy PRM's errors compound
 MAX_TOKENS = 96
+# Budget forcing's rows: chains thinking to 1-4 attempts' worth of tokens, an attempt's worth
+# being what a best-of-N sample of these settings writes on average (144,788 tokens for 16
+# samples of 200 problems in the README's table: 45).
+ATTEMPT_TOKENS = 45
+FORCING_ATTEMPTS = (1, 2, 3, 4)
 
 
 @dataclass
@@ -79,7 +84,8 @@ def choices() -> list[str]:
 
 def _searched(strategies: Sequence[str]) -> list[str]:
     """The rows searched on their own at each N: registered strategies other than the pool's."""
-    return [s for s in strategies if s in registry.strategies() and s not in POOLED and s != "revisions"]
+    return [s for s in strategies if s in registry.strategies() and s not in POOLED
+            and s not in ("revisions", "budget_forcing")]
 
 
 def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STRATEGIES,
@@ -197,6 +203,18 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
             wall["compute_optimal"] = wall.get("compute_optimal", 0.0) + time.perf_counter() - start
             bar.update(1)
 
+    if "budget_forcing" in strategies:
+        # without the PRM (a majority vote over every finished attempt): a verifier-free row
+        for n in ns:
+            for attempts in FORCING_ATTEMPTS:
+                start = time.perf_counter()
+                results = ttscale.budget_forcing(llm, texts, n, sampling=sampling,
+                                                 budget=attempts * ATTEMPT_TOKENS, **common)
+                record(f"budget_forcing-{attempts}", n, results, _tokens(results),
+                       time.perf_counter() - start)
+                wall["budget_forcing"] = wall.get("budget_forcing", 0.0) + time.perf_counter() - start
+                bar.update(1)
+
     if "revisions" in strategies:
         from ttscale.toy.evaluate import MAX_REVISION_TOKENS
 
@@ -222,6 +240,9 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         print(f"\nBest-of-N, weighted and majority take the first N of one pool of {max(ns)} "
               "samples per problem;\ncoverage is the chance that any N of its samples hold a "
               "right one (pass@N, unbiased): their ceiling.")
+    if "budget_forcing" in strategies:
+        print(f"budget_forcing-K: N chains thinking to K attempts' worth ({ATTEMPT_TOKENS} tokens "
+              "each), majority vote over every finished attempt, no PRM.")
     if ratio_plot is not None:
         print("revisions-S: N attempts as N/S parallel chains of S attempts (S sequential), "
               "weighted vote with the PRM over all attempts.")
@@ -282,7 +303,8 @@ def _work(ns, strategies, revision_lengths=None) -> int:
     lengths = revision_ratios(revision_budget(ns)) if revision_lengths is None else revision_lengths
     revised = len(lengths) if "revisions" in strategies else 0
     fitted = len(ns) if "compute_optimal" in strategies else 0
-    return ("greedy" in strategies) + (pooled + searched) * len(ns) + fitted + revised
+    forced = len(ns) * len(FORCING_ATTEMPTS) if "budget_forcing" in strategies else 0
+    return ("greedy" in strategies) + (pooled + searched) * len(ns) + fitted + revised + forced
 
 
 def print_table(rows: list[Row]) -> None:

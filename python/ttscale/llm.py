@@ -269,6 +269,7 @@ class LLM:
                                f"{params.n}")
         if params.stop_strings and self.tokenizer is None:
             raise invalid(name, "stop strings need a tokenizer.json in the model directory")
+        self.engine.thinking.control(params)  # its texts in the model's tokens, or an error
         return params
 
     def _worst_case(self, params: SamplingParams) -> int:

@@ -37,6 +37,21 @@ class SamplingParams:
         Keep going past the end-of-sequence token (for throughput measurements).
     logprobs : int
         Top log-probabilities to return per generated token (0 to 20).
+    thinking_token_budget : int | None
+        The most tokens between the think-start and think-end markers (vLLM's name); at the
+        budget the engine inserts ``thinking_end`` and the answer follows. None: no budget.
+        Where thinking starts, and which text ends it, is :mod:`ttscale.engine.thinking`'s rule.
+    thinking_end : str | list[int] | None
+        The text (or token ids) that ends thinking; default the tokenizer's ``</think>`` where
+        it declares one, else the end-of-sequence token.
+    min_thinking_tokens : int
+        Budget forcing (Muennighoff et al. 2025, "s1: Simple test-time scaling"): while fewer
+        tokens than this were thought, the model's end of thinking is suppressed and
+        ``continue_text`` is written instead. 0 is off.
+    continue_text : str | list[int] | None
+        What replaces a suppressed end of thinking (default ``"Wait"``).
+    max_extensions : int | None
+        The most times ``continue_text`` is written; None: as often as the minimum needs.
     """
 
     n: int = 1
@@ -49,6 +64,11 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int = 0
+    thinking_token_budget: int | None = None
+    thinking_end: str | list[int] | None = None
+    min_thinking_tokens: int = 0
+    continue_text: str | list[int] | None = None
+    max_extensions: int | None = None
 
     def __post_init__(self) -> None:
         # Types are checked, not coerced: a bool is not a count, a string is not a number. Numpy
@@ -79,12 +99,57 @@ class SamplingParams:
             raise InvalidArgument(f"stop: expected a string or a list of strings, got {stop!r}")
         if any(not s for s in self.stop_strings):
             raise InvalidArgument(f"stop: expected non-empty strings, got {self.stop!r}")
+        self._check_thinking(set_field)
+
+    def _check_thinking(self, set_field) -> None:
+        """The thinking fields: counts in range, texts non-empty (token ids kept as a tuple), and
+        no field set that the others leave without effect."""
+        if self.thinking_token_budget is not None:
+            set_field("thinking_token_budget",
+                      check_int("thinking_token_budget", self.thinking_token_budget, low=0))
+        set_field("min_thinking_tokens",
+                  check_int("min_thinking_tokens", self.min_thinking_tokens, low=0))
+        budget, least = self.thinking_token_budget, self.min_thinking_tokens
+        if budget is not None and least > budget:
+            raise InvalidArgument(f"min_thinking_tokens: expected at most thinking_token_budget "
+                                  f"({budget}), got {least}")
+        if self.max_extensions is not None:
+            set_field("max_extensions", check_int("max_extensions", self.max_extensions, low=0))
+        for name in ("thinking_end", "continue_text"):
+            value = getattr(self, name)
+            if value is not None:
+                set_field(name, _text_or_ids(name, value))
+        if not least:
+            for name in ("continue_text", "max_extensions"):
+                if getattr(self, name) is not None:
+                    raise InvalidArgument(f"{name}: has no effect without min_thinking_tokens")
+        if self.thinking_end is not None and not self.thinks:
+            raise InvalidArgument("thinking_end: has no effect without thinking_token_budget or "
+                                  "min_thinking_tokens")
+
+    @property
+    def thinks(self) -> bool:
+        """Whether the engine controls this request's thinking (a budget or a minimum)."""
+        return self.thinking_token_budget is not None or self.min_thinking_tokens > 0
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+def _text_or_ids(name: str, value) -> str | tuple[int, ...]:
+    """A non-empty text, or a non-empty list of token ids (stored as a tuple of ints)."""
+    if isinstance(value, str):
+        if not value:
+            raise InvalidArgument(f"{name}: expected a non-empty string, got ''")
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in value):
+        return tuple(int(t) for t in value)
+    raise InvalidArgument(f"{name}: expected a non-empty string or a non-empty list of token ids, "
+                          f"got {value!r:.60}")
 
 
 def check_seed(seed) -> int:

@@ -25,7 +25,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from ttscale import backends, ops
-from ttscale.engine import forking
+from ttscale.engine import forking, thinking
 from ttscale.engine.block_manager import BlockManager, PoolExhausted
 from ttscale.engine.confidence import TOKEN_STOP, ConfidenceStop
 from ttscale.engine.runner import ModelRunner
@@ -145,9 +145,11 @@ class Engine:
         if self.memory_lease is not None:  # the share returns when the engine (and pool) goes
             weakref.finalize(self, self.memory_lease.release)
         self.blocks = BlockManager(self.kv_cache.num_blocks, block_size)
+        self.thinking = thinking.Controls(tokenizer, model.config.eos_token_ids,
+                                          model.config.vocab_size, device)
         self.runner = ModelRunner(model, self.kv_cache, backend=backend,
                                   max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs,
-                                  cpu_threads=cpu_threads)
+                                  cpu_threads=cpu_threads, thinking=self.thinking)
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self._texts = TokenTexts(lambda i: tokenizer.decode([i], skip_special_tokens=False),
                                  model.config.vocab_size) if tokenizer is not None else None
@@ -221,6 +223,7 @@ class Engine:
                                  self.blocks.fork(parent.block_table), parent.kv_len,
                                  list(parent.logprobs), list(parent.top_logprobs),
                                  list(parent.sampled_at), parent.finish_reason)
+                child.thinking = parent.thinking and parent.thinking.copy()
             children.append(child)
         problem = parent if isinstance(parent, Problem) else parent.problem
         problem.num_sequences += k
@@ -266,6 +269,7 @@ class Engine:
         seq.logprobs.pop()
         if len(seq.top_logprobs) > len(seq.sampled_at):
             seq.top_logprobs.pop()
+        thinking.drop_last(seq)
         seq.finish_reason = None
 
     @_locked
@@ -362,6 +366,7 @@ class Engine:
             raise InvalidArgument(f"sampling: logprobs={sampling.logprobs}, the confidence stop "
                                   f"needs its top_k={confidence_stop.top_k}")
         stops = tuple(stop) if stop is not None else sampling.stop_strings
+        self.thinking.control(sampling)  # its texts in this model's tokens, or an error naming one
         if stops and self._texts is None:
             raise InvalidArgument("stop: stop strings need a tokenizer")
         self._check_live(seqs)
@@ -418,6 +423,7 @@ class Engine:
                 seq.top_logprobs.extend(top)
             self.generated_tokens += n
             seq.kv_len += n
+            thinking.accept(seq, n)
             return
         fed = 0
         for j, token in enumerate(tokens):
@@ -433,6 +439,7 @@ class Engine:
                 seq.finish_reason = reason
                 break
         seq.kv_len += fed
+        thinking.accept(seq, fed)
         self.blocks.trim(seq.block_table, seq.kv_len)
 
     def _stop_reason(self, seq: Sequence, token: int, flagged: bool, stops, limit) -> str | None:

@@ -82,6 +82,7 @@ def select_and_fork(engine, candidates: Seq[Sequence], scores: Seq[float], group
         kid = Sequence(engine._new_seq_id(parent.problem), parent.problem, list(parent.tokens),
                        table, kv_len, list(parent.logprobs), list(parent.top_logprobs),
                        list(parent.sampled_at), parent.finish_reason)
+        kid.thinking = parent.thinking and parent.thinking.copy()
         kid.problem.num_sequences += 1
         kid.problem.live.add(kid)
         kids.append(kid)

@@ -12,6 +12,7 @@ import torch
 from ttscale import ops
 from ttscale.engine.confidence import ConfidenceStop, WindowConfidence
 from ttscale.engine.sequence import Problem, Sequence
+from ttscale.engine.thinking import Controls
 from ttscale.engine.threads import ThreadGovernor, governed
 from ttscale.model import AttentionBatch
 from ttscale.sampling_params import SamplingParams
@@ -44,8 +45,10 @@ def slot_of(table: list[int], position: int, block_size: int) -> int:
 
 class ModelRunner:
     def __init__(self, model, kv_cache, *, backend: str | None, max_batch_tokens: int,
-                 cuda_graphs: bool = False, cpu_threads: int | None = None):
+                 cuda_graphs: bool = False, cpu_threads: int | None = None,
+                 thinking: Controls | None = None):
         self.model = model
+        self.thinking = thinking  # the engine's thinking rules (engine/thinking.py)
         self.kv_cache = kv_cache
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
@@ -185,8 +188,11 @@ class ModelRunner:
         rows = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
         stop_matrix, group_index = self._stop_matrix(rows, stop_table, groups)
-        if self.graphs is not None and len(set(seeds)) == 1 and not any(confidence or ()):
-            # a captured step has one seed and no confidence stop
+        # rows with a thinking budget or minimum: their state on the device (engine/thinking.py)
+        thinking = self.thinking.window(seqs, rows) if self.thinking is not None else None
+        if (self.graphs is not None and len(set(seeds)) == 1 and thinking is None
+                and not any(confidence or ())):
+            # a captured step has one seed and no thinking control or confidence stop
             return self._decode_window_graphed(seqs, window, rows, seeds[0], offsets, stop_matrix,
                                                group_index)
         by_seed: dict[int, list[int]] = {}
@@ -219,6 +225,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
             tokens, logprobs, top = self._sample(logits, temperature, top_k, top_p, min_p, seed_rows,
                                                  offsets_t + j, num_logprobs)
+            if thinking is not None:  # a forced token replaces the sampled one
+                tokens, logprobs = thinking.step(tokens, logprobs, logits)
             out_tokens.append(tokens)
             out_lp.append(logprobs)
             stop = stop_matrix[group_index, tokens]
@@ -228,7 +236,10 @@ class ModelRunner:
             tokens_in = tokens
         if tracker is not None:
             tracker.end()
-        return self._read_back(out_tokens, out_lp, out_stop, out_top, B, window)
+        result = self._read_back(out_tokens, out_lp, out_stop, out_top, B, window)
+        if thinking is not None:
+            thinking.read_back(seqs)
+        return result
 
     @staticmethod
     def _sample(logits, temperature, top_k, top_p, min_p, seed_rows, offsets, num_logprobs):

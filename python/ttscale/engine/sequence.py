@@ -36,7 +36,8 @@ class Sequence:
     ``tokens[:kv_len]`` have K/V in the pool (in ``block_table``); the rest are pending and go
     through the model at the next step. ``tokens[0]`` is the prompt's last token; ``generated``
     counts sampled tokens, ``logprobs`` holds one value per sampled token, and ``sampled_at`` is
-    the index in ``tokens`` of each sampled token.
+    the index in ``tokens`` of each sampled token (a token a thinking control forced in place
+    of a sample counts as one: it took the sample's step and its draw).
     """
 
     seq_id: int
@@ -50,6 +51,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "eos", "length" or "confidence" after a decode call
     freed: bool = False
     prefilled: int = 0  # tokens of its own put into the KV cache without sampling (cost accounting)
+    thinking: object | None = None  # its thinking.Trace, once a thinking control decoded it
 
     @property
     def generated(self) -> int:

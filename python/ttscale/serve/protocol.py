@@ -81,12 +81,24 @@ def sampling_params(body: dict, *, max_n: int, default_max_tokens: int, logprobs
             seed=None if seed is None else int(seed),
             ignore_eos=_flag(body, "ignore_eos"),
             logprobs=logprobs,
+            **_thinking(body),
         )
     except InvalidArgument:
         raise
     except ValueError as error:  # SamplingParams names the argument first: "top_p: ..."
         param = str(error).split(":", 1)[0].strip()
         raise InvalidArgument(str(error), param=param if param.isidentifier() else None) from None
+
+
+def _thinking(body: dict) -> dict[str, Any]:
+    """The thinking fields (vLLM's extra sampling parameters, top-level in the body); texts are
+    checked by SamplingParams (a string or a list of token ids)."""
+    fields = {name: _number(body, name, None, low=0, high=2**31 - 1, integer=True)
+              for name in ("thinking_token_budget", "max_extensions")}
+    fields["min_thinking_tokens"] = _number(body, "min_thinking_tokens", 0, low=0, high=2**31 - 1,
+                                            integer=True)
+    fields.update((name, body.get(name)) for name in ("thinking_end", "continue_text"))
+    return fields
 
 
 def _flag(body: dict, name: str) -> bool:
