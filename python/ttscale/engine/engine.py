@@ -17,7 +17,6 @@ their stop inside a window keep computing until it ends; their extra tokens are 
 from __future__ import annotations
 
 import functools
-import numbers
 import threading
 import weakref
 from collections.abc import Sequence as Seq
@@ -27,17 +26,19 @@ import torch
 from ttscale import backends, ops
 from ttscale.engine import forking, thinking
 from ttscale.engine.block_manager import BlockManager, PoolExhausted
-from ttscale.engine.confidence import TOKEN_STOP, ConfidenceStop
+from ttscale.engine.confidence import ConfidenceStop
 from ttscale.engine.runner import ModelRunner
 from ttscale.engine.sequence import Problem, Sequence
 from ttscale.engine.settings import (
     DEFAULT_GPU_DECODE_SEQS,
+    check_decode_arguments,
     check_engine_arguments,
+    check_token_ids,
     default_kv_budget,
     graphs_possible,
     size_pool,
 )
-from ttscale.engine.stops import TokenTexts, find_stop
+from ttscale.engine.stops import StopRules
 from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
 
@@ -151,8 +152,7 @@ class Engine:
                                   max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs,
                                   cpu_threads=cpu_threads, thinking=self.thinking)
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
-        self._texts = TokenTexts(lambda i: tokenizer.decode([i], skip_special_tokens=False),
-                                 model.config.vocab_size) if tokenizer is not None else None
+        self.stops = StopRules(tokenizer, model.config.eos_token_ids, model.config.vocab_size)
         # One lock over the pool and the sequences: every method that changes them takes it, and
         # so does a scheduler step, so searches and requests on several threads interleave safely.
         self.lock = threading.RLock()
@@ -350,24 +350,10 @@ class Engine:
         sequences it watches, on the device, where their confidence falls below their threshold
         (finish reason ``"confidence"``); it needs ``sampling.logprobs >= confidence_stop.top_k``.
         """
-        if not isinstance(sampling, SamplingParams):
-            raise InvalidArgument(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
-        if not isinstance(max_new_tokens, (list, tuple)):
-            max_new_tokens = [max_new_tokens] * len(seqs)
-        elif len(max_new_tokens) != len(seqs):
-            raise InvalidArgument(f"max_new_tokens: expected one per sequence ({len(seqs)}), "
-                             f"got {len(max_new_tokens)}")
-        for i, n in enumerate(max_new_tokens):
-            if n is not None and (not isinstance(n, numbers.Integral) or isinstance(n, bool)
-                                  or n < 1):
-                where = "" if len(set(max_new_tokens)) == 1 else f" at {i}"
-                raise InvalidArgument(f"max_new_tokens: expected an int >= 1, got {n!r}{where}")
-        if confidence_stop is not None and sampling.logprobs < confidence_stop.top_k:
-            raise InvalidArgument(f"sampling: logprobs={sampling.logprobs}, the confidence stop "
-                                  f"needs its top_k={confidence_stop.top_k}")
+        max_new_tokens = check_decode_arguments(seqs, sampling, max_new_tokens, confidence_stop)
         stops = tuple(stop) if stop is not None else sampling.stop_strings
         self.thinking.control(sampling)  # its texts in this model's tokens, or an error naming one
-        if stops and self._texts is None:
+        if stops and self.stops.texts is None:
             raise InvalidArgument("stop: stop strings need a tokenizer")
         self._check_live(seqs)
         limits = {}
@@ -396,7 +382,7 @@ class Engine:
         admitted = self._admit(active, [min(self.window, limits[s] - s.generated) for s in active])
         self.peak_sequences = max(self.peak_sequences, len(admitted))
         window = min(min(limits[s] - s.generated for s in admitted), self.window)
-        stop_table = self._texts.table(stops) if stops else None
+        stop_table = self.stops.table(stops) if stops else None
         seed = sampling.seed if sampling.seed is not None else self.seed
         offsets = [s.seq_id * DRAWS_PER_SEQUENCE + s.generated for s in admitted]
         tokens, logprobs, top, stopped = self.runner.decode_window(
@@ -434,37 +420,13 @@ class Engine:
                 seq.top_logprobs.append(top[j])
             self.generated_tokens += 1
             fed = j + 1  # this window fed the pending token and the first j samples
-            reason = self._stop_reason(seq, token, stopped[j], stops, limit)
+            reason = self.stops.reason(seq, token, stopped[j], stops, limit)
             if reason is not None:
                 seq.finish_reason = reason
                 break
         seq.kv_len += fed
         thinking.accept(seq, fed)
         self.blocks.trim(seq.block_table, seq.kv_len)
-
-    def _stop_reason(self, seq: Sequence, token: int, flagged: bool, stops, limit) -> str | None:
-        """Why the sequence stops at ``token`` (flagged on the device: a stop or EOS token, or a
-        confidence stop, :mod:`ttscale.engine.confidence`)."""
-        if flagged and not flagged & TOKEN_STOP:
-            return "confidence"
-        if flagged:
-            return "eos" if token in self.eos_token_ids and not self._in_stop_table(token, stops) else "stop"
-        if stops:
-            # A stop string split across tokens: look for one ending inside this token's text,
-            # in the text after the prompt (tokens[0] is the prompt's last token). A token has a
-            # character or more (8 spare for byte pieces), so the longest stop string fits.
-            longest = max(map(len, stops))
-            tail = self.tokenizer.decode(seq.tokens[max(1, len(seq.tokens) - longest - 8):],
-                                         skip_special_tokens=False)
-            start = len(tail) - len(self._texts.all()[token]) - longest + 1
-            if find_stop(tail, stops, max(0, start)) is not None:
-                return "stop"
-        if seq.generated >= limit:
-            return "length"
-        return None
-
-    def _in_stop_table(self, token: int, stops) -> bool:
-        return bool(stops) and bool(self._texts.table(stops)[token])
 
     def _admit(self, active: list[Sequence], steps: list[int]) -> list[Sequence]:
         """Reserve KV slots for each sequence's next window, in order, while the pool lasts."""
@@ -495,21 +457,11 @@ class Engine:
 
     def check_prompt(self, name: str, prompt: Seq[int]) -> list[int]:
         """A prompt's ids as ints: in the vocabulary, not empty, within the model's positions."""
-        ids = self._check_ids(name, prompt)
-        if not ids:
-            raise InvalidArgument(f"{name}: empty prompt")
-        if len(ids) > self.model.max_positions:
-            raise InvalidArgument(
-                f"{name}: {len(ids)} tokens, the model serves {self.model.max_positions}")
-        return ids
+        return check_token_ids(name, prompt, self.model.config.vocab_size,
+                               self.model.max_positions)
 
     def _check_ids(self, name: str, ids: Seq[int]) -> list[int]:
-        ids = [int(i) for i in ids]
-        vocab = self.model.config.vocab_size
-        bad = next((i for i in ids if not 0 <= i < vocab), None)
-        if bad is not None:
-            raise InvalidArgument(f"{name}: token id {bad} outside the vocabulary [0, {vocab})")
-        return ids
+        return check_token_ids(name, ids, self.model.config.vocab_size)
 
     @staticmethod
     def _check_live(seqs: Seq[Sequence]) -> None:

@@ -409,7 +409,7 @@ class Scheduler:
         """The row of the stop-token table for these stop strings (built once per set)."""
         if stops not in self._stop_tables:
             vocab = self.engine.model.config.vocab_size
-            table = (self.engine._texts.table(stops).cpu() if stops
+            table = (self.engine.stops.table(stops).cpu() if stops
                      else torch.zeros(vocab, dtype=torch.bool))
             self._stop_tables[stops] = len(self._stop_rows)
             self._stop_rows.append(table)

@@ -3,6 +3,8 @@ activation memory a decode step's row takes, and whether a step can be captured 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ttscale import _checks, backends
@@ -99,3 +101,40 @@ def size_pool(model, kv_budget_bytes: int | None, memory_share: float | None, cu
     if max_decode_seqs is not None:
         max_decode_seqs = max(1, min(max_decode_seqs, lease.bytes // 2 // per_seq))
     return lease, lease.bytes - min((max_decode_seqs or 0) * per_seq, lease.bytes // 2), max_decode_seqs
+
+
+def check_decode_arguments(seqs, sampling, max_new_tokens, confidence_stop) -> list:
+    """``Engine.decode``'s arguments; ``max_new_tokens`` as one entry (None or an int) per
+    sequence."""
+    from ttscale.sampling_params import SamplingParams
+
+    if not isinstance(sampling, SamplingParams):
+        raise InvalidArgument(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
+    if not isinstance(max_new_tokens, (list, tuple)):
+        max_new_tokens = [max_new_tokens] * len(seqs)
+    elif len(max_new_tokens) != len(seqs):
+        raise InvalidArgument(f"max_new_tokens: expected one per sequence ({len(seqs)}), "
+                         f"got {len(max_new_tokens)}")
+    for i, n in enumerate(max_new_tokens):
+        if n is not None and (not isinstance(n, numbers.Integral) or isinstance(n, bool)
+                              or n < 1):
+            where = "" if len(set(max_new_tokens)) == 1 else f" at {i}"
+            raise InvalidArgument(f"max_new_tokens: expected an int >= 1, got {n!r}{where}")
+    if confidence_stop is not None and sampling.logprobs < confidence_stop.top_k:
+        raise InvalidArgument(f"sampling: logprobs={sampling.logprobs}, the confidence stop "
+                              f"needs its top_k={confidence_stop.top_k}")
+    return max_new_tokens
+
+
+def check_token_ids(name: str, ids, vocab: int, max_positions: int | None = None) -> list[int]:
+    """Token ids as ints, each in the vocabulary ``[0, vocab)``; with ``max_positions``, a
+    prompt: not empty and within the model's positions."""
+    ids = [int(i) for i in ids]
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise InvalidArgument(f"{name}: token id {bad} outside the vocabulary [0, {vocab})")
+    if max_positions is not None and not ids:
+        raise InvalidArgument(f"{name}: empty prompt")
+    if max_positions is not None and len(ids) > max_positions:
+        raise InvalidArgument(f"{name}: {len(ids)} tokens, the model serves {max_positions}")
+    return ids

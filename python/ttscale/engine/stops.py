@@ -43,3 +43,45 @@ class TokenTexts:
     @lru_cache(maxsize=64)  # noqa: B019
     def table(self, stops: tuple[str, ...]) -> torch.Tensor:
         return stop_token_table(self.all(), stops)
+
+
+class StopRules:
+    """Why a sequence stops at a token: the engine's stop strings (by the token table of
+    :class:`TokenTexts`, and across token boundaries by the decoded tail), end-of-sequence, a
+    device-side control's flag, or its length limit."""
+
+    def __init__(self, tokenizer, eos_token_ids, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.texts = TokenTexts(lambda i: tokenizer.decode([i], skip_special_tokens=False),
+                                vocab_size) if tokenizer is not None else None
+
+    def table(self, stops: tuple[str, ...]) -> torch.Tensor:
+        """``bool [V]``: the tokens whose text holds a stop string (needs a tokenizer)."""
+        return self.texts.table(stops)
+
+    def in_table(self, token: int, stops) -> bool:
+        return bool(stops) and bool(self.texts.table(stops)[token])
+
+    def reason(self, seq, token: int, flagged: int, stops, limit: int) -> str | None:
+        """Why ``seq`` stops at ``token``, its last token (``flagged`` on the device: a stop or
+        EOS token, or a confidence stop, :mod:`ttscale.engine.confidence`), or None."""
+        from ttscale.engine.confidence import TOKEN_STOP
+
+        if flagged and not flagged & TOKEN_STOP:
+            return "confidence"
+        if flagged:
+            return "eos" if token in self.eos_token_ids and not self.in_table(token, stops) else "stop"
+        if stops:
+            # A stop string split across tokens: look for one ending inside this token's text,
+            # in the text after the prompt (tokens[0] is the prompt's last token). A token has a
+            # character or more (8 spare for byte pieces), so the longest stop string fits.
+            longest = max(map(len, stops))
+            tail = self.tokenizer.decode(seq.tokens[max(1, len(seq.tokens) - longest - 8):],
+                                         skip_special_tokens=False)
+            start = len(tail) - len(self.texts.all()[token]) - longest + 1
+            if find_stop(tail, stops, max(0, start)) is not None:
+                return "stop"
+        if seq.generated >= limit:
+            return "length"
+        return None
