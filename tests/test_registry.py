@@ -30,6 +30,7 @@ EXPECTED = {  # name -> its own options
     "mcts": ("branching", "exploration", "max_generated_tokens"),
     "rejection_best_of_n": ("check_every", "reject_fraction"),
     "revisions": ("sequential", "window", "revision_fn"),
+    "rsa": ("aggregation_size", "aggregation_rounds", "aggregate_fn"),
 }
 
 
