@@ -350,6 +350,14 @@ SEARCHING = [
         m.llm, [PROBLEM], 4096, 2, **m.search()), "n"),
     ("hierarchical without a verifier", lambda m: ttscale.revisions(
         m.llm, [PROBLEM], 4, 2, select="hierarchical", **m.search()), "select"),
+    ("rsa aggregation_size above n", lambda m: ttscale.rsa(
+        m.llm, [PROBLEM], 2, aggregation_size=3, **m.search()), "aggregation_size"),
+    ("rsa aggregation_rounds<0", lambda m: ttscale.rsa(
+        m.llm, [PROBLEM], 2, aggregation_rounds=-1, **m.search()), "aggregation_rounds"),
+    ("rsa aggregate_fn gives a float", lambda m: ttscale.rsa(
+        m.llm, [PROBLEM], 2, aggregation_size=1, aggregation_rounds=1,
+        aggregate_fn=lambda problem, attempts: 0.5,
+        sampling=SP(max_tokens=4), **m.search()), "aggregate_fn"),
     ("particle_filtering resample_temperature=0", lambda m: ttscale.particle_filtering(
         m.llm, [PROBLEM], 4, verifier=m.prm, resample_temperature=0, **m.search()),
      "resample_temperature"),

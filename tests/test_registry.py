@@ -33,6 +33,7 @@ EXPECTED = {  # name -> its own options
     "revisions": ("sequential", "window", "revision_fn"),
     "deepconf": ("confidence_window", "confidence_top_k", "confidence_score", "confidence_tail",
                  "keep_fraction", "n_init", "consensus"),
+    "rsa": ("aggregation_size", "aggregation_rounds", "aggregate_fn"),
 }
 
 

@@ -159,6 +159,17 @@ def test_beam_search_through_the_extra_body(server):
     assert extra["cost"]["generated_tokens"] > 0
 
 
+def test_rsa_through_the_extra_body(server):
+    r = server.client().completions.create(
+        model="toy", prompt=PROMPT, max_tokens=60, temperature=1.0,
+        extra_body={"ttscale": {"strategy": "rsa", "n": 4, "aggregation_size": 2,
+                                "aggregation_rounds": 1}})
+    extra = r.model_extra["ttscale"]
+    assert extra["strategy"] == "rsa" and len(extra["candidates"]) == 4
+    assert extra["cost"]["generated_tokens"] > 0
+    assert extra["cost"]["prefilled_tokens"] > 14  # the prompt and the aggregation contexts
+
+
 def test_best_of_returns_the_n_most_likely(server):
     r = server.client().completions.create(model="toy", prompt=PROMPT, n=2, max_tokens=60,
                                            temperature=1.0, seed=3, extra_body={"best_of": 6})
@@ -251,6 +262,9 @@ BAD = [  # (route, body or raw bytes, status, param)
         "strategy": "deepconf", "confidence_score": "median"}}, 400, "ttscale.confidence_score"),
     ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": {
         "strategy": "deepconf", "n": 4, "n_init": 8}}, 400, "ttscale.n_init"),
+    ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": {"strategy": "rsa", "n": 2,
+                                                                       "aggregation_size": 3}},
+     400, "ttscale.aggregation_size"),
     ("/v1/completions", {"model": "toy", "prompt": PROMPT, "ttscale": {"strategy": "best_of_n",
                                                                        "temperature": 1}}, 400,
      "ttscale.temperature"),

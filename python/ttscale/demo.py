@@ -35,6 +35,7 @@ POOLED = {"majority": "majority", "best_of_n": "best", "weighted": "weighted"}  
 REVISION_BUDGET = 16
 CALIBRATION_PROBLEMS = 100  # training problems compute_optimal is fitted on
 AGG = "min"  # a solution is as good as its worst step: the toy PRM's errors compound
+EQUAL_TOKENS_ROW = "majority-equal-tokens"  # the vote RSA's rows are set against (at its tokens)
 MAX_TOKENS = 96
 # Budget forcing's rows: chains thinking to 1-4 attempts' worth of tokens, an attempt's worth
 # being what a best-of-N sample of these settings writes on average (144,788 tokens for 16
@@ -179,14 +180,23 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
 
     for strategy in _searched(strategies):
         spec = registry.get(strategy)
+        # a strategy that needs no verifier runs without the PRM: its row is what it does alone,
+        # to set against the majority vote
+        verifier = prm if spec.needs_verifier else None
         for n in ns:
             for suffix, chosen in spec.options.variants(n).items():
                 start = time.perf_counter()
-                # a strategy that needs no verifier runs without one (DeepConf, its own votes)
-                results = spec.function(llm, texts, n, verifier=prm if spec.needs_verifier else None,
-                                        sampling=sampling, agg=AGG, **chosen, **common)
+                results = spec.function(llm, texts, n, verifier=verifier, sampling=sampling,
+                                        agg=AGG, **chosen, **common)
                 record(strategy + suffix, n, results, _tokens(results), time.perf_counter() - start)
                 wall[strategy] = wall.get(strategy, 0.0) + time.perf_counter() - start
+                bar.update(1)
+            if strategy == "rsa":
+                start = time.perf_counter()
+                matched, votes = _majority_at_tokens(llm, texts, results, sampling, common)
+                seconds = time.perf_counter() - start
+                record(EQUAL_TOKENS_ROW, matched, votes, _tokens(votes), seconds)
+                wall[EQUAL_TOKENS_ROW] = wall.get(EQUAL_TOKENS_ROW, 0.0) + seconds
                 bar.update(1)
 
     if "compute_optimal" in strategies:
@@ -243,6 +253,12 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
     if "budget_forcing" in strategies:
         print(f"budget_forcing-K: N chains thinking to K attempts' worth ({ATTEMPT_TOKENS} tokens "
               "each), majority vote over every finished attempt, no PRM.")
+    if "rsa" in strategies:
+        rounds = registry.get("rsa").options().aggregation_rounds
+        print(f"rsa: a population of N rewritten in {rounds} rounds, each member after min(3, N) "
+              "others; tokens generated plus the aggregation "
+              f"contexts' prefill.\n{EQUAL_TOKENS_ROW}: a majority vote over as many samples as "
+              "rsa's tokens buy (its N).")
     if ratio_plot is not None:
         print("revisions-S: N attempts as N/S parallel chains of S attempts (S sequential), "
               "weighted vote with the PRM over all attempts.")
@@ -285,7 +301,21 @@ def _same(answer: str, reference: str) -> bool:
 
 
 def _tokens(results) -> int:
-    return sum(r.cost.generated_tokens for r in results)
+    """Tokens generated, and for RSA the tokens its aggregation contexts cost to prefill."""
+    return sum(r.cost.generated_tokens + r.extra.get("aggregation_prefill_tokens", 0)
+               for r in results)
+
+
+def _majority_at_tokens(llm, texts, results, sampling, common) -> tuple[int, list]:
+    """A majority vote at RSA's tokens: over as many samples per problem as its tokens (generated
+    plus aggregation prefill) buy at the mean length of its first population's samples."""
+    import ttscale
+    from ttscale.llm import DEFAULT_MAX_N
+
+    first = sum(r.extra["generated_tokens"][0] for r in results)
+    per_sample = first / (results[0].extra["population"] * len(results))
+    n = min(DEFAULT_MAX_N, max(1, round(_tokens(results) / len(results) / per_sample)))
+    return n, ttscale.best_of_n(llm, texts, n, sampling=sampling, select="majority", **common)
 
 
 def revision_budget(ns: Sequence[int]) -> int:
@@ -304,7 +334,9 @@ def _work(ns, strategies, revision_lengths=None) -> int:
     revised = len(lengths) if "revisions" in strategies else 0
     fitted = len(ns) if "compute_optimal" in strategies else 0
     forced = len(ns) * len(FORCING_ATTEMPTS) if "budget_forcing" in strategies else 0
-    return ("greedy" in strategies) + (pooled + searched) * len(ns) + fitted + revised + forced
+    matched = len(ns) if "rsa" in strategies else 0  # the majority vote at RSA's tokens
+    return (("greedy" in strategies) + (pooled + searched) * len(ns) + fitted + revised + forced
+            + matched)
 
 
 def print_table(rows: list[Row]) -> None:

@@ -110,6 +110,9 @@ class Inputs:
     problem_ids: list[int]  # each problem's key to its random streams (default: its position)
     progress: bool = True  # a progress bar over problems
     on_progress: Callable[[Any], None] | None = None  # told of each step (search.line.Progress)
+    # how the prompts were built, for strategies that build more prompts the same way (RSA)
+    system_prompt: str | None = None
+    prompt_fn: PromptFn | None = None
 
 
 def prepare(
@@ -208,6 +211,8 @@ def prepare(
         problem_ids,
         progress,
         on_progress,
+        system_prompt,
+        prompt_fn,
     )
 
 

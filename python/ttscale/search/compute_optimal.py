@@ -19,9 +19,9 @@ from typing import Any
 from ttscale._checks import check_int
 from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
+from ttscale.search import registry
 from ttscale.search.best_of_n import best_of_n
 from ttscale.search.common import check_count, check_problem_ids, check_problems
-from ttscale.search import registry
 from ttscale.search.result import Candidate, SearchResult
 from ttscale.search.revisions import revisions
 from ttscale.search.select import check_select, choose

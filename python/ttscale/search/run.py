@@ -64,14 +64,7 @@ class SearchRun:
 
         ``keep_roots`` keeps each problem's root path (the problem, no steps) until the run
         closes, for :meth:`restart`."""
-        engine_problems = self.engine.add_many([self.inputs.prompts[p] for p in self.wave])
-        self._engine_problems += engine_problems
-        for p, problem in zip(self.wave, engine_problems, strict=True):
-            # its samples follow from its id (default: its place in the call), not from its wave
-            # or the problems searched with it
-            problem.stream_key = self.inputs.problem_ids[p]
-            problem.stream_counters = self.stream_counters
-            self.costs[p].prefilled_tokens += problem.kv_len
+        engine_problems = self.add_prompts(self.wave, [self.inputs.prompts[p] for p in self.wave])
         roots = [None] * len(self.wave)
         if self.verifier is not None:
             texts = [self.inputs.problems[p] for p in self.wave]
@@ -99,6 +92,21 @@ class SearchRun:
             self._free_paths(roots, self.wave)
         return lines
 
+    def add_prompts(self, owners: Seq[int], prompts: Seq[Seq[int]]) -> list:
+        """Prefill ``prompts`` (each once, charged to its owner, a problem of the wave) as the
+        engine's prompts to fork sequences from; they are freed when the run closes.
+        :meth:`start` adds the problems' own prompts; a strategy may add more (the shared
+        prefix of RSA's aggregation contexts)."""
+        engine_problems = self.engine.add_many(list(prompts))
+        self._engine_problems += engine_problems
+        for p, problem in zip(owners, engine_problems, strict=True):
+            # its samples follow from its id (default: its place in the call), not from its wave
+            # or the problems searched with it
+            problem.stream_key = self.inputs.problem_ids[p]
+            problem.stream_counters = self.stream_counters
+            self.costs[p].prefilled_tokens += problem.kv_len
+        return engine_problems
+
     def advance(
         self,
         lines: Seq[Line],
@@ -109,10 +117,13 @@ class SearchRun:
         budget: int | None = None,
         report: bool = True,
         confidence_stop=None,
+        score: bool = True,
     ) -> None:
         """Decode each line to its next step delimiter (``whole``: to its end), or for at most
         ``max_new_tokens`` tokens, then score the steps its text completed, and tell the caller's
-        ``on_progress`` (unless ``report`` is false: a lookahead probe is not a step).
+        ``on_progress`` (unless ``report`` is false: a lookahead probe is not a step). With
+        ``score`` false the text is not split into steps or scored (RSA's intermediate
+        populations, which no vote sees).
 
         ``budget`` (with ``whole``, instead of ``max_new_tokens``) ends each solution after that
         many new tokens: a revision's attempt, whose sequence has sampled earlier attempts too,
@@ -143,7 +154,8 @@ class SearchRun:
                 or (budget is not None and line.seq.generated - generated >= budget)
             )
             self._finished[line.problem] += line.finished and report
-        self._score_steps(lines)
+        if score:
+            self._score_steps(lines)
         if report and self.inputs.on_progress is not None:
             self._report(lines)
 
