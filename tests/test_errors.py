@@ -384,6 +384,10 @@ SEARCHING = [
         m.llm, [PROBLEM], 4, confidence_tail=0, **m.search()), "confidence_tail"),
     ("mcts branching=0", lambda m: ttscale.mcts(
         m.llm, [PROBLEM], 4, verifier=m.prm, branching=0, **m.search()), "branching"),
+    ("mcts widening<0", lambda m: ttscale.mcts(
+        m.llm, [PROBLEM], 4, verifier=m.prm, widening=-0.5, **m.search()), "widening"),
+    ("mcts rollouts<0", lambda m: ttscale.mcts(
+        m.llm, [PROBLEM], 4, verifier=m.prm, rollouts=-1, **m.search()), "rollouts"),
     ("mcts n above max_n", lambda m: ttscale.mcts(
         m.llm, [PROBLEM], 5000, verifier=m.prm, **m.search()), "n"),
     ("budget_forcing without a budget", lambda m: ttscale.budget_forcing(

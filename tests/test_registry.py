@@ -28,7 +28,7 @@ EXPECTED = {  # name -> its own options
     "lookahead": ("beam_width", "max_iterations", "lookahead"),
     "particle_filtering": ("resample_temperature", "max_iterations"),
     "rebase": ("balance_temperature", "max_iterations"),
-    "mcts": ("branching", "exploration", "max_generated_tokens"),
+    "mcts": ("branching", "exploration", "widening", "rollouts", "max_generated_tokens"),
     "rejection_best_of_n": ("check_every", "reject_fraction"),
     "revisions": ("sequential", "window", "revision_fn"),
     "deepconf": ("confidence_window", "confidence_top_k", "confidence_score", "confidence_tail",

@@ -409,3 +409,47 @@ def test_mcts_refuses_a_tree_without_choices(llm):
     with pytest.raises(ttscale.InvalidArgument) as caught:
         run("mcts", llm, prefers("a"), branching=1)
     assert caught.value.param == "branching"
+
+
+def test_mcts_closes_a_node_whose_every_sample_repeats_a_finished_child(llm):
+    """Greedy sampling writes one path: each node is expanded once, then, once the child below
+    has closed, once more (every sample a copy), which closes it; the search stops with the
+    root closed, long before the expansion cap (it used to re-expand the last node until then)."""
+    greedy = ttscale.SamplingParams(temperature=0.0, max_tokens=20)
+    kwargs = dict(step_delimiter="\n", extract=last_digit, equal=same, progress=False, seed=0)
+    results = ttscale.mcts(llm, PROBLEMS, N, prefers("a"), greedy, branching=4, rollouts=0,
+                           widening=0.0, max_generated_tokens=10**6, **kwargs)
+    for r in results:
+        path = [node for node in r.tree if node.visits is not None and node.id != 0]
+        assert [node.depth for node in path] == list(range(1, len(path) + 1))  # one path
+        assert r.extra["expansions"] == 2 * len(path) < 8 * N
+        assert len(r.candidates) == 1 and r.candidates[0].finished
+        # every sample of every expansion is a backup through the root
+        assert r.tree[0].visits == 4 * r.extra["expansions"]
+    assert engine_is_empty(llm.engine)
+
+
+def test_mcts_rollouts_finish_a_solution_per_expansion_and_back_up_its_value(llm):
+    results = run("mcts", llm, prefers("a"), rollouts=1)
+    plain = run("mcts", llm, prefers("a"), rollouts=0)
+    # (an expansion whose new children all finished has nothing to roll out)
+    assert sum(r.extra["rollouts"] for r in results) > 0
+    for r, p in zip(results, plain, strict=True):
+        rolled = r.extra["rollouts"]
+        assert rolled <= r.extra["expansions"] and p.extra["rollouts"] == 0
+        # the root sees every sampled step's value and every rollout's outcome
+        assert r.tree[0].visits == 4 * r.extra["expansions"] + rolled
+        assert p.tree[0].visits == 4 * p.extra["expansions"]
+        assert len(r.candidates) >= rolled and all(c.finished for c in r.candidates)
+    assert engine_is_empty(llm.engine)
+
+
+def test_mcts_widening_expands_a_node_again_before_its_children_finish(llm):
+    # a widening this large re-expands the root at every simulation: the tree stays one level
+    # deep; without widening the search goes below the root's children
+    wide = run("mcts", llm, prefers("a"), widening=100.0, rollouts=0)
+    narrow = run("mcts", llm, prefers("a"), widening=0.0, rollouts=0)
+    for r in wide:
+        assert {node.depth for node in r.tree if node.visits is not None} == {0, 1}
+    assert any(node.depth > 1 and node.visits is not None for r in narrow for node in r.tree)
+    assert engine_is_empty(llm.engine)
