@@ -516,3 +516,23 @@ def test_max_new_tokens_per_sequence(engine):
     for bad, message in (([1, 2], "one per sequence"), ([1, 0, 3], "at 1"), (2.0, "int >= 1")):
         with pytest.raises(ValueError, match="max_new_tokens.*" + message):
             engine.decode(engine.fork(engine.add(PROMPT), 3), GREEDY, max_new_tokens=bad)
+
+
+def test_a_dropped_llm_gives_its_pool_back_without_the_garbage_collector(model_dir):
+    """The scheduler holds the engine and the engine holds its scheduler only weakly, so a
+    dropped LLM (and its KV pool) goes at once, not at the collector's next full pass."""
+    import gc
+    import weakref
+
+    llm = LLM(str(model_dir))
+    llm.generate([PROMPT], SamplingParams(n=2, max_tokens=4), use_tqdm=False)
+    assert llm.engine.scheduler is llm.scheduler
+    engine, pool = weakref.ref(llm.engine), weakref.ref(llm.engine.kv_cache)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del llm
+        assert engine() is None and pool() is None
+    finally:
+        if enabled:
+            gc.enable()

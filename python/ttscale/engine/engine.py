@@ -156,7 +156,10 @@ class Engine:
         # One lock over the pool and the sequences: every method that changes them takes it, and
         # so does a scheduler step, so searches and requests on several threads interleave safely.
         self.lock = threading.RLock()
-        self.scheduler = None  # set by the Scheduler that drives this engine, if any
+        # the Scheduler that drives this engine, if any, held weakly: the scheduler holds the
+        # engine, and without a cycle a dropped LLM gives its KV pool back at once, not at the
+        # garbage collector's next full pass
+        self._scheduler = None
         self._next_problem_id = 0
         self._next_seq_id = 0
         self._stream_forks: dict[int, int] = {}  # sequences numbered per stream key
@@ -164,6 +167,14 @@ class Engine:
         self.prefilled_tokens = 0
         self.generated_tokens = 0
         self.peak_sequences = 0
+
+    @property
+    def scheduler(self):
+        return self._scheduler() if self._scheduler is not None else None
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        self._scheduler = weakref.ref(scheduler) if scheduler is not None else None
 
     # ------------------------------------------------------------------------------------------
     # Problems and sequences
