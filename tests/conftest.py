@@ -85,3 +85,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _collect_what_a_long_test_left(request):
+    """After a test that ran a second or more (one that loaded models), a full garbage
+    collection: a search's objects can hold an LLM's KV pool (2 GiB on the CPU) in a reference
+    cycle until the collector's next full pass, and the suite ran one test after another near
+    the machine's memory."""
+    import gc
+    import time
+
+    start = time.perf_counter()
+    yield
+    if time.perf_counter() - start >= 1.0:
+        gc.collect()
