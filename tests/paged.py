@@ -77,3 +77,23 @@ def triton_aot_missing(stderr: str) -> str | None:
     """The line saying Triton has no ahead-of-time compile API, if ``stderr`` says so."""
     found = TRITON_AOT_MISSING.search(stderr)
     return None if found is None else found.group(0)
+
+
+def compile_in_child(argv: list[str]) -> str:
+    """Run ``argv`` (a Python script compiling Triton kernels ahead of time) in a child process
+    out of interpreter mode; skip where this Triton cannot compile ahead of time, fail on any
+    other error; the child's stdout."""
+    import os
+    import subprocess
+
+    import pytest
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    if (missing := triton_aot_missing(done.stderr)) is not None:
+        pytest.skip(f"this Triton has no ahead-of-time compile API: {missing}")
+    if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr:
+        pytest.skip("this Triton build has no ptxas")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
