@@ -20,6 +20,16 @@ from ttscale.errors import InvalidArgument
 PromptFn = Callable[[str], "str | list[int]"]
 
 
+def token_id_list(value) -> list[int] | None:
+    """``value`` as a list of ints when it is a list or tuple of integers (numpy's too, not
+    bools); None otherwise. What a caller's function may return instead of text."""
+    if isinstance(value, list | tuple) and all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value
+    ):
+        return [int(t) for t in value]
+    return None
+
+
 def build_prompt(
     tokenizer, problem: str, system_prompt: str | None = None, prompt_fn: PromptFn | None = None
 ) -> list[int]:
@@ -30,12 +40,11 @@ def build_prompt(
             if not prompt:
                 raise InvalidArgument(f"prompt_fn: returned an empty prompt for {problem[:40]!r}")
             return tokenizer.encode(prompt)
-        if not isinstance(prompt, list | tuple) or not all(
-            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt
-        ):
+        ids = token_id_list(prompt)
+        if ids is None:
             raise InvalidArgument(f"prompt_fn: expected a string or a list of token ids, got "
                              f"{prompt!r:.40} for {problem[:40]!r}")
-        return [int(t) for t in prompt]
+        return ids
     if tokenizer.chat_template is not None:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": problem})

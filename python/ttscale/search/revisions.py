@@ -32,12 +32,12 @@ path forked from the problem's root and scored step by step like any other solut
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ttscale.errors import InvalidArgument
 from ttscale.search.common import Inputs, run_waves
+from ttscale.search.prompts import token_id_list
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import Candidate, SearchResult
 from ttscale.search.run import Line, SearchRun
@@ -81,11 +81,7 @@ def separator_ids(tokenizer, revision_fn: RevisionFn | None, count: int) -> list
         text = REVISION_SEPARATOR if revision_fn is None else revision_fn(position)
         if isinstance(text, str):
             ids = tokenizer.encode(text, add_special_tokens=False)
-        elif isinstance(text, list | tuple) and all(
-            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in text
-        ):
-            ids = [int(t) for t in text]
-        else:
+        elif (ids := token_id_list(text)) is None:
             raise InvalidArgument(f"revision_fn: expected a string or a list of token ids, got "
                                   f"{text!r:.40} at position {position}")
         if not ids:

@@ -36,14 +36,13 @@ contexts cost are reported (``extra["aggregation_prefill_tokens"]``, also part o
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ttscale.errors import InvalidArgument
 from ttscale.search.common import Inputs, run_waves
-from ttscale.search.prompts import PromptFn, build_prompt
+from ttscale.search.prompts import PromptFn, build_prompt, token_id_list
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import Candidate, SearchResult
 from ttscale.search.revisions import REVISION_SEPARATOR
@@ -247,11 +246,7 @@ def context_ids(engine, context) -> list[int]:
         if not context:
             raise InvalidArgument("aggregate_fn: returned an empty context")
         ids = engine.tokenizer.encode(context)
-    elif isinstance(context, list | tuple) and all(
-        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in context
-    ):
-        ids = [int(t) for t in context]
-    else:
+    elif (ids := token_id_list(context)) is None:
         raise InvalidArgument(f"aggregate_fn: expected a string or a list of token ids, got "
                               f"{context!r:.40}")
     ids = engine.check_prompt("aggregate_fn", ids)
