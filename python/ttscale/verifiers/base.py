@@ -6,8 +6,13 @@ free what they drop. A PRM keeps each path's tokens in its own paged KV cache, s
 step costs only that step's tokens; a fork copies a block table.
 
 Scores are probabilities in [0, 1] (higher is better) or None where the verifier says nothing
-about a step (an outcome model before the final step). Aggregating a path's step scores
-(last / min / prod / mean) is the strategy's business (:mod:`ttscale.search.select`).
+about a step (an outcome model before the final step). Which aggregation (last / min / prod /
+mean) ranks paths is the strategy's choice (:mod:`ttscale.search.select`), but the running
+aggregate is kept where the scores are made: :meth:`Verifier.score_aggregate` takes each path's
+state row (aggregate, step count; float32, as :func:`ttscale.ops.prm_step_scores` keeps it) and
+returns it with the new step folded in. A PRM folds on its device, inside the op that scores the
+steps; a verifier whose scores are host numbers folds them with :func:`fold_scores`. A step
+scored None leaves its path's state as it was.
 """
 
 from __future__ import annotations
@@ -15,8 +20,33 @@ from __future__ import annotations
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
 
 from ttscale.errors import InvalidArgument
+from ttscale.reference import PRM_EMPTY_AGGREGATE
+
+
+@dataclass
+class ScoredSteps:
+    """What :meth:`Verifier.score_aggregate` returns for ``P`` paths.
+
+    Attributes
+    ----------
+    scores : list of float or None
+        Each path's new step score, as :meth:`Verifier.score` returns it.
+    state : Tensor
+        ``[P, 2]`` float32 (aggregate, step count), the paths' states with the new scores folded
+        in, on the device where the verifier made them.
+    aggregates : list of float or None
+        ``state[:, 0]`` read to the host in the same read as the scores, for the paths whose
+        step was scored; None where it was not (that path's aggregate did not change).
+    """
+
+    scores: list[float | None]
+    state: torch.Tensor
+    aggregates: list[float | None]
 
 
 class Verifier(ABC):
@@ -24,6 +54,8 @@ class Verifier(ABC):
 
     #: Tokens the verifier has run through its model (cost accounting).
     scored_tokens: int = 0
+    #: Where its paths' aggregate states live (a PRM: its model's device).
+    device = torch.device("cpu")
 
     @abstractmethod
     def start(self, problems: Sequence[str], references: Sequence[str | None] | None = None) -> list[object]:
@@ -40,6 +72,18 @@ class Verifier(ABC):
     @abstractmethod
     def free(self, paths: Sequence[object]) -> None:
         """Release paths the strategy dropped."""
+
+    def score_aggregate(self, paths: Sequence[object], steps: Sequence[str], final: Sequence[bool],
+                        state: torch.Tensor, agg: str) -> ScoredSteps:
+        """:meth:`score`, and the paths' running aggregates ``state`` ``[P, 2]`` (on
+        :attr:`device`) with each new score folded in under ``agg``. This default folds the
+        scores :meth:`score` returns with :func:`fold_scores`; a verifier that makes its scores
+        on a device folds them there."""
+        scores = self.score(paths, steps, final)
+        state = fold_scores(state, scores, agg)
+        rows = state[:, 0].tolist()
+        return ScoredSteps(scores, state, [None if score is None else aggregate
+                                           for score, aggregate in zip(scores, rows, strict=True)])
 
     def score_solution(self, problem: str, steps: Sequence[str], reference: str | None = None) -> list[float | None]:
         """Score every step of one whole solution (non-incremental use, and tests)."""
@@ -78,6 +122,31 @@ class Verifier(ABC):
         finally:
             self.free(paths)
         return scores
+
+
+def fold_scores(state: torch.Tensor, scores: Sequence[float | None], agg: str) -> torch.Tensor:
+    """Fold one step score per row into ``state`` ``[P, 2]`` float32 (aggregate, count), with
+    the float32 arithmetic of :func:`ttscale.ops.prm_step_scores`; a None score leaves its row.
+    Returns a new state."""
+    rows = [i for i, score in enumerate(scores) if score is not None]
+    state = state.clone()
+    if not rows:
+        return state
+    index = torch.tensor(rows, device=state.device)
+    step = torch.tensor([float(scores[i]) for i in rows], dtype=torch.float32, device=state.device)
+    count = state[index, 1]
+    before = torch.where(count > 0, state[index, 0],
+                         torch.full_like(step, PRM_EMPTY_AGGREGATE[agg]))
+    if agg == "last":
+        after = step
+    elif agg == "min":
+        after = torch.fmin(before, step)
+    elif agg == "prod":
+        after = before * step
+    else:
+        after = before + (step - before) / (count + 1)
+    state[index, 0], state[index, 1] = after, count + 1
+    return state
 
 
 def check_parents(paths: Sequence[object], parents) -> list[int]:
