@@ -166,6 +166,21 @@ def test_orm_leaves_the_state_of_steps_it_does_not_score():
     assert got.aggregates[0] == got.state[0, 0].item()
 
 
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_aggregate_solutions_folds_whole_solutions_as_searches_do(models, agg):
+    _, prm = models
+    solutions = [["1+2=3", "3*4=12", "answer: 12"], ["5+5=10"], ["2*3=6", "answer: 7"]]
+    texts = problems(3)
+    scores, aggregates = prm.aggregate_solutions(texts, solutions, agg=agg)
+    assert scores == prm.score_solutions(texts, solutions)
+    assert aggregates == [aggregate(row, agg) for row in scores]
+
+
+def test_aggregate_solutions_names_a_bad_agg(models):
+    with pytest.raises(ValueError, match="agg"):
+        models[1].aggregate_solutions(problems(1), [["1+2=3"]], agg="max")
+
+
 # ------------------------------------------------------------------------------------------------
 # Searches
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ttscale.errors import InvalidArgument
-from ttscale.reference import PRM_EMPTY_AGGREGATE
+from ttscale.reference import PRM_EMPTY_AGGREGATE, prm_empty_state
 
 
 @dataclass
@@ -97,6 +97,23 @@ class Verifier(ABC):
                         references: Sequence[str | None] | None = None) -> list[list[float | None]]:
         """Score every step of several whole solutions, the ``k``-th steps of all of them
         together: ``steps[i]`` is the list of solution ``i``'s steps."""
+        return self._score_whole(problems, steps, references, None)[0]
+
+    def aggregate_solutions(self, problems: Sequence[str], steps: Sequence[Sequence[str]],
+                            references: Sequence[str | None] | None = None, agg: str = "last"
+                            ) -> tuple[list[list[float | None]], list[float | None]]:
+        """:meth:`score_solutions`, and each solution's aggregate under ``agg`` as the verifier
+        folds it (:meth:`score_aggregate`; None for a solution with no scored step), read with
+        the last step's scores."""
+        if agg not in PRM_EMPTY_AGGREGATE:
+            raise InvalidArgument(f"agg: expected one of {', '.join(PRM_EMPTY_AGGREGATE)}, got "
+                                  f"{agg!r}")
+        return self._score_whole(problems, steps, references, agg)
+
+    def _score_whole(self, problems, steps, references, agg: str | None
+                     ) -> tuple[list[list[float | None]], list[float | None]]:
+        """Score whole solutions step position by step position; with ``agg``, fold each step
+        into its solution's state row as searches do."""
         if isinstance(problems, str) or not isinstance(problems, Sequence):
             raise InvalidArgument(f"problems: expected a list of strings, got {problems!r:.60}")
         if (isinstance(steps, str) or not isinstance(steps, Sequence)
@@ -112,16 +129,29 @@ class Verifier(ABC):
             references = [None] * len(problems)
         paths = self.start(problems, references)
         scores: list[list[float | None]] = [[] for _ in problems]
+        aggregates: list[float | None] = [None] * len(problems)
+        if agg is not None:
+            state = prm_empty_state(len(problems), agg, self.device)
         try:
             for k in range(max(map(len, steps), default=0)):
                 live = [i for i, solution in enumerate(steps) if k < len(solution)]
-                got = self.score([paths[i] for i in live], [steps[i][k] for i in live],
-                                 [k == len(steps[i]) - 1 for i in live])
+                args = ([paths[i] for i in live], [steps[i][k] for i in live],
+                        [k == len(steps[i]) - 1 for i in live])
+                if agg is None:
+                    got = self.score(*args)
+                else:
+                    rows = torch.tensor(live, device=state.device)
+                    scored = self.score_aggregate(*args, state[rows], agg)
+                    state[rows] = scored.state
+                    got = scored.scores
+                    for i, score, aggregate in zip(live, got, scored.aggregates, strict=True):
+                        if score is not None:
+                            aggregates[i] = aggregate
                 for i, score in zip(live, got, strict=True):
                     scores[i].append(score)
         finally:
             self.free(paths)
-        return scores
+        return scores, aggregates
 
 
 def fold_scores(state: torch.Tensor, scores: Sequence[float | None], agg: str) -> torch.Tensor:
