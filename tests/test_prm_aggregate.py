@@ -261,6 +261,27 @@ def test_forked_line_state_is_its_parents_plus_its_new_step(models, monkeypatch)
     assert checked
 
 
+def test_ranking_scores_are_gathered_without_a_host_read(models, monkeypatch):
+    """aggregate_scores stacks the lines' rows on the device: reading one to the host inside it
+    fails the search."""
+    llm, prm = models
+    original = SearchRun.aggregate_scores
+    gathered = []
+
+    def no_reads(self, lines, *args, **kwargs):
+        with monkeypatch.context() as m:
+            for name in ("tolist", "item", "__float__", "__bool__", "numpy"):
+                m.setattr(torch.Tensor, name, lambda *a, _n=name: pytest.fail(f"read: {_n}"))
+            scores = original(self, lines, *args, **kwargs)
+        gathered.append(len(lines))
+        return scores
+
+    monkeypatch.setattr(SearchRun, "aggregate_scores", no_reads)
+    ttscale.beam_search(llm, problems(2), 4, prm, SAMPLING, agg="prod", beam_width=2,
+                        max_iterations=3, **COMMON)
+    assert sum(gathered) > 0
+
+
 @pytest.mark.parametrize("name", ["beam_search", "dvts"])
 def test_poisoned_host_score_lists_change_no_selection(models, monkeypatch, name):
     """After every scoring, a line's host step-score list holds 1 - score: a search that
