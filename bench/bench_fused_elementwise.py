@@ -19,6 +19,8 @@ import os
 
 import pytest
 import torch
+from floors import ratios
+
 from ttscale import backends, ops
 from ttscale.model.rope import apply_rotary
 
@@ -101,8 +103,7 @@ def test_fused_elementwise(device, op, model, tokens, impl, measure, machine, ta
     table = f"fused elementwise ops, one layer ({device}, {str(dtype).removeprefix('torch.')})"
     unit, per_s = ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
     rates = machine(device)
-    tables.note(table, f"floor = bytes / {rates.bandwidth / 1e9:.0f} GB/s "
-                f"({rates.bandwidth_note}); bytes = each input read once, each output written once")
+    tables.note(table, rates.floor_note("each input read once, each output written once"))
     ours_fn, unfused, nbytes = _workload(op, model, tokens, dtype, device)
     floor = nbytes / rates.bandwidth
     label = f"{op} {model} T={tokens}"
@@ -117,12 +118,7 @@ def test_fused_elementwise(device, op, model, tokens, impl, measure, machine, ta
     timing = measure(run, device)
     data = tables.add(table, label, {**cells, column: timing.seconds * per_s},
                       {"bytes": nbytes, "floor_s": floor, f"{impl}_s": timing.seconds})
-    ours = [data[f"{b}_s"] for b in OURS[device] if f"{b}_s" in data]
-    if ours:
-        shown = {"ours ÷ floor": f"{min(ours) / floor:.3g}x"}
-        if "unfused_s" in data:
-            shown["unfused ÷ ours"] = f"{data['unfused_s'] / min(ours):.3g}x"
-        tables.add(table, label, shown)
+    tables.add(table, label, ratios(data, OURS[device], ("unfused",), floor))
 
 
 def test_reference_is_the_unfused_code():

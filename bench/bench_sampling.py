@@ -20,6 +20,8 @@ import os
 
 import pytest
 import torch
+from floors import SAMPLE_BYTES_ARE, ratios, sample_bytes
+
 from ttscale import backends, ops
 
 OP = "sample"
@@ -42,14 +44,16 @@ PARAMS = [
 ]
 
 
-def _inputs(batch, vocab, device):
+def sample_inputs(batch, vocab, device, top_k=0, top_p=TOP_P, min_p=0.0):
+    """The arguments of ``ops.sample`` both sampling benchmarks time: logits ``2 * randn``
+    (seeded by the shape), temperature 1 and the given filters on every row."""
     gen = torch.Generator(device=device).manual_seed(batch + vocab)
     logits = torch.randn(batch, vocab, generator=gen, device=device) * 2
-    return dict(
-        logits=logits, temperature=torch.ones(batch, device=device),
-        top_k=torch.zeros(batch, dtype=torch.int32, device=device),
-        top_p=torch.full((batch,), TOP_P, device=device), min_p=torch.zeros(batch, device=device),
-        seed=0, offsets=torch.arange(batch, device=device))
+    full = lambda value, dtype=torch.float32: torch.full((batch,), value, dtype=dtype,
+                                                         device=device)
+    return dict(logits=logits, temperature=full(1.0), top_k=full(top_k, torch.int32),
+                top_p=full(top_p), min_p=full(min_p), seed=0,
+                offsets=torch.arange(batch, device=device))
 
 
 def softmax_multinomial(logits, temperature, **_):
@@ -69,9 +73,8 @@ def test_sample(device, batch, vocab, impl, measure, machine, tables):
     table = f"{OP}, top-p {TOP_P}, temperature 1 ({device}, float32)"
     unit, per_s = ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
     rates = machine(device)
-    tables.note(table, f"floor = bytes / {rates.bandwidth / 1e9:.0f} GB/s ({rates.bandwidth_note});"
-                " bytes = logits read once + tokens and logprobs written")
-    nbytes = batch * vocab * 4 + batch * (8 + 4)
+    tables.note(table, rates.floor_note(SAMPLE_BYTES_ARE))
+    nbytes = sample_bytes(batch, vocab)
     floor = nbytes / rates.bandwidth
     label = f"B={batch} V={vocab}"
     cells = {"workload": label, "MB": nbytes / 1e6, f"floor {unit}": floor * per_s}
@@ -86,7 +89,7 @@ def test_sample(device, batch, vocab, impl, measure, machine, tables):
         tables.add(table, label, {**cells, column: "n/a"})
         pytest.skip(f"backend {impl} has no {OP} kernel on {device} in this build")
 
-    args = _inputs(batch, vocab, device)
+    args = sample_inputs(batch, vocab, device)
     if impl == "softmax_multinomial":
         run = lambda: softmax_multinomial(**args)
     elif impl == "sort_top_p":
@@ -96,9 +99,4 @@ def test_sample(device, batch, vocab, impl, measure, machine, tables):
     timing = measure(run, device)
     data = tables.add(table, label, {**cells, column: timing.seconds * per_s},
                       {"bytes": nbytes, "floor_s": floor, f"{impl}_s": timing.seconds})
-    ours = [data[f"{b}_s"] for b in OURS[device] if f"{b}_s" in data]
-    if ours:
-        shown = {"ours ÷ floor": f"{min(ours) / floor:.3g}x"}
-        shown.update({f"{p} ÷ ours": f"{data[f'{p}_s'] / min(ours):.3g}x"
-                      for p in PEERS if f"{p}_s" in data})
-        tables.add(table, label, shown)
+    tables.add(table, label, ratios(data, OURS[device], PEERS, floor))

@@ -15,17 +15,12 @@ memory bandwidth. Run: ``pytest bench/bench_sampling_filters.py --benchmark-enab
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
+from bench_sampling import DEVICES, OP, TINY, sample_inputs
+from floors import SAMPLE_BYTES_ARE, sample_bytes
+
 from ttscale import backends, ops
 
-OP = "sample"
-TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
-DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
-    "cpu,cuda" if torch.cuda.is_available() else "cpu"
-)
 OURS = {"cpu": "cpu", "cuda": "triton"}
 SHAPES = {"cpu": (16, 151_936), "cuda": (256, 151_936)}  # the CPU's row: seconds otherwise
 if TINY:
@@ -51,9 +46,8 @@ def test_sample_filters(device, setting, measure, machine, tables):
     table = f"{OP} by filter, B={batch} V={vocab}, temperature 1 ({device}, float32)"
     unit, per_s = ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
     rates = machine(device)
-    tables.note(table, f"floor = bytes / {rates.bandwidth / 1e9:.0f} GB/s ({rates.bandwidth_note});"
-                " bytes = logits read once + tokens and logprobs written")
-    nbytes = batch * vocab * 4 + batch * (8 + 4)
+    tables.note(table, rates.floor_note(SAMPLE_BYTES_ARE))
+    nbytes = sample_bytes(batch, vocab)
     floor = nbytes / rates.bandwidth
     cells = {"filters": setting, "MB": nbytes / 1e6, f"floor {unit}": floor * per_s}
     tables.declare(table, [*cells, f"{impl} {unit}", "ours ÷ floor"])
@@ -61,12 +55,7 @@ def test_sample_filters(device, setting, measure, machine, tables):
         tables.add(table, setting, {**cells, f"{impl} {unit}": "n/a"})
         pytest.skip(f"backend {impl} has no {OP} kernel on {device} in this build")
     top_k, top_p, min_p = SETTINGS[setting]
-    gen = torch.Generator(device=device).manual_seed(batch + vocab)
-    full = lambda value, dtype=torch.float32: torch.full((batch,), value, dtype=dtype,
-                                                         device=device)
-    args = dict(logits=torch.randn(batch, vocab, generator=gen, device=device) * 2,
-                temperature=full(1.0), top_k=full(top_k, torch.int32), top_p=full(top_p),
-                min_p=full(min_p), seed=0, offsets=torch.arange(batch, device=device))
+    args = sample_inputs(batch, vocab, device, top_k, top_p, min_p)
     timing = measure(lambda: ops.sample(**args, backend=impl), device)
     tables.add(table, setting, {**cells, f"{impl} {unit}": timing.seconds * per_s,
                                 "ours ÷ floor": f"{timing.seconds / floor:.3g}x"},

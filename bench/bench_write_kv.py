@@ -13,6 +13,8 @@ import os
 
 import pytest
 import torch
+from floors import ratios
+
 from ttscale import backends, ops, reference
 
 OP = "write_kv"
@@ -45,11 +47,7 @@ def test_write_kv(device, what, rows, head_dim, impl, measure, machine, tables):
     table = f"{OP}, one layer ({device}, {str(dtype).removeprefix('torch.')})"
     unit, per_s = ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
     rates = machine(device)
-    tables.note(
-        table,
-        f"floor = bytes / {rates.bandwidth / 1e9:.0f} GB/s ({rates.bandwidth_note}); "
-        "bytes = new K and V rows read and written once + slots",
-    )
+    tables.note(table, rates.floor_note("new K and V rows read and written once + slots"))
     nbytes = 2 * 2 * rows * KV_HEADS * head_dim * dtype.itemsize + rows * 8
     floor = nbytes / rates.bandwidth
     label = f"{what} rows={rows} Hkv={KV_HEADS} D={head_dim}"
@@ -92,9 +90,7 @@ def test_write_kv(device, what, rows, head_dim, impl, measure, machine, tables):
         {**cells, column: timing.seconds * per_s},
         {"bytes": nbytes, "floor_s": floor, f"{impl}_s": timing.seconds},
     )
-    ours = [data[f"{b}_s"] for b in OURS[device] if f"{b}_s" in data]
-    if ours:
-        tables.add(table, label, {"ours ÷ floor": f"{min(ours) / floor:.3g}x"})
+    tables.add(table, label, ratios(data, OURS[device], (), floor))
     print(
         f"\n{table} | {label} | {impl}: {timing.seconds * per_s:.3g} {unit} | "
         f"floor {floor * per_s:.3g} {unit} ({nbytes / 1e6:.2f} MB) | "

@@ -66,6 +66,12 @@ class Machine:
         compute = flops / self.peak_flops if self.peak_flops else 0.0
         return max(bytes_moved / self.bandwidth, compute)
 
+    def floor_note(self, bytes_are: str) -> str:
+        """The note over a table of bytes floors: the bandwidth they divide by, and what the
+        bytes count (``bytes_are``)."""
+        return (f"floor = bytes / {self.bandwidth / 1e9:.0f} GB/s ({self.bandwidth_note}); "
+                f"bytes = {bytes_are}")
+
 
 @dataclass
 class Tables:

@@ -3,7 +3,8 @@
 A step cannot be faster than the larger of bytes / memory bandwidth and FLOPs / peak rate. The
 rates are an H100's: 3.0 TB/s measured copy bandwidth and 989 TFLOP/s dense bf16. Model shapes
 come from the published config.json of each model. Run ``python bench/floors.py`` to print the
-tables that RESULTS.md quotes.
+tables that RESULTS.md quotes. The benchmarks take from here what their rows share with these
+tables: the bytes an op moves (``sample_bytes``) and the ratio cells (``ratios``).
 """
 
 from __future__ import annotations
@@ -99,12 +100,35 @@ def attention_rows() -> list[str]:
     return rows
 
 
+# What sample_bytes counts, as the sampling benchmarks' notes say it.
+SAMPLE_BYTES_ARE = "logits read once + tokens and logprobs written"
+
+
+def sample_bytes(batch: int, vocab: int) -> int:
+    """The sample op's bytes: float32 logits read once, tokens (int64) and log-probabilities
+    (float32) written."""
+    return batch * vocab * FP32 + batch * (8 + FP32)
+
+
+def ratios(data: dict, ours: tuple[str, ...], peers: tuple[str, ...], floor_s: float) -> dict:
+    """A benchmark row's ratio cells from its timings so far (``data["<impl>_s"]``): the best of
+    ours over the floor, each peer over the best of ours; none until one of ours has run."""
+    times = [data[f"{impl}_s"] for impl in ours if f"{impl}_s" in data]
+    if not times:
+        return {}
+    best = min(times)
+    cells = {"ours ÷ floor": f"{best / floor_s:.3g}x"}
+    cells.update({f"{p} ÷ ours": f"{data[f'{p}_s'] / best:.3g}x"
+                  for p in peers if f"{p}_s" in data})
+    return cells
+
+
 def sample_rows() -> list[str]:
     """Logits read once (fp32), tokens (int64) and log-probabilities (fp32) written."""
     rows = []
     for b in (64, 256, 1024):
         for v in (32000, 128256, 151936):
-            nbytes = b * v * FP32 + b * (8 + 4)
+            nbytes = sample_bytes(b, v)
             rows.append(
                 f"| B={b} V={v:,} | {nbytes / 1e6:.1f} MB | {nbytes / BANDWIDTH * 1e6:.1f} µs |"
             )

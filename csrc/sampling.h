@@ -1,6 +1,6 @@
 // Parameters of the sample op, filled in Python (backends/cpu_sampling.py), and the op's
-// counter-based random numbers, which every backend computes bit for bit (reference.py's
-// sampling section is the specification).
+// counter-based random numbers, which every backend computes bit for bit (python/ttscale/
+// reference/sampling.py is the specification).
 #pragma once
 
 #include <cmath>

@@ -30,7 +30,8 @@ struct CopyBlocksParams {
   uintptr_t stream = 0;
 };
 
-// Status flag set when the free stack ran out (python/ttscale/reference.py: POOL_EXHAUSTED).
+// Status flag set when the free stack ran out
+// (python/ttscale/reference/block_pool.py: POOL_EXHAUSTED).
 constexpr int32_t kPoolExhausted = 1;
 
 void select_and_fork_cpu(const SelectParams& p);

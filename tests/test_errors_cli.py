@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -39,20 +40,19 @@ class Files:
         self.empty_model.mkdir()
 
 
-def run(f: Files, *extra: str) -> list[str]:
-    """``ttscale run`` of best-of-N on the toy policy, with ``extra`` flags (the last of a flag
-    given twice wins)."""
-    return ["run", "--model", str(policy_dir()), "--strategy", "best_of_n", "--n", "2",
-            "--data", str(f.data), "--out", str(f.out), "--device", "cpu", "--max-tokens", "8",
-            "--step-delimiter", "\\n", *extra]
+def command(name: str, base: Callable[[Files], list[str]]) -> Callable[..., list[str]]:
+    """A row builder: ``builder(f, *extra)`` is ``ttscale NAME`` with the arguments every row of
+    that command shares (``base(f)``), then the row's ``extra`` flags (the last of a flag given
+    twice wins)."""
+    return lambda f, *extra: [name, *base(f), *extra]
 
 
-def demo(f: Files, *extra: str) -> list[str]:
-    return ["demo", "--out", str(f.folder / "demo_out"), *extra]
-
-
-def serve(f: Files, *extra: str) -> list[str]:
-    return ["serve", "toy", *extra]
+# best-of-N on the toy policy
+run = command("run", lambda f: [
+    "--model", str(policy_dir()), "--strategy", "best_of_n", "--n", "2", "--data", str(f.data),
+    "--out", str(f.out), "--device", "cpu", "--max-tokens", "8", "--step-delimiter", "\\n"])
+demo = command("demo", lambda f: ["--out", str(f.folder / "demo_out")])
+serve = command("serve", lambda f: ["toy"])
 
 
 # (name, argv given the files, the flag stderr names, the exit code)

@@ -1,6 +1,6 @@
 // C++ CPU kernels of select_and_fork and copy_blocks: the block pool's bookkeeping, in the
-// order python/ttscale/reference.py states it (the CPU engine's path, so plain and sequential:
-// the work is a few passes over the candidates' tables).
+// order python/ttscale/reference/block_pool.py states it (the CPU engine's path, so plain and
+// sequential: the work is a few passes over the candidates' tables).
 #include <algorithm>
 #include <cmath>
 #include <cstring>

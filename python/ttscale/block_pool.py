@@ -12,7 +12,7 @@ synchronisation and no shape that depends on data, so it can be captured in a CU
 Running out of blocks never raises: the request gets -1 where a block is missing and sets
 :data:`POOL_EXHAUSTED` in :attr:`BlockPool.status`, which the engine reads whenever it
 synchronises anyway. The plain-Python model of the same operations is in
-:mod:`ttscale.reference` (``pool_allocate``, ``pool_release``).
+:mod:`ttscale.reference.block_pool` (``pool_allocate``, ``pool_release``).
 """
 
 from __future__ import annotations

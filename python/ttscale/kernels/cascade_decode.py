@@ -165,14 +165,18 @@ def fold_state(m_i, l_i, acc, part_lse, part_out):
 
 
 @triton.jit
-def fold_prompt_splits(
-    m_i, l_i, acc, part_out_ptr, part_lse_ptr, prompt_len, seq, head, g_ok,
-    stride_part_split, stride_part_seq,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+def merge_and_store(
+    m_i, l_i, acc, prompt_lens_ptr, problem_ids_ptr, part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
+    seq, head, g_ok,
+    stride_qb, stride_qh, stride_part_split, stride_part_seq,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PROMPT_BLOCK_N: tl.constexpr,
 ):
-    """Fold in the prompt's splits; a split that covered no keys wrote nothing and is skipped."""
+    """Level 1's end in either launch order, in a program of the ``(B, Hkv)`` grid: fold the
+    prompt's splits into the running state of the sequence's group heads, then write the final
+    out and lse. A split that covered no keys wrote nothing and is skipped."""
     d = tl.arange(0, BLOCK_D)
+    prompt_len = tl.load(prompt_lens_ptr + tl.load(problem_ids_ptr + seq))
     for split in tl.static_range(NUM_SPLITS):
         start, end = split_range(prompt_len, split, NUM_SPLITS, PROMPT_BLOCK_N)
         ok = g_ok & (start < end)
@@ -181,18 +185,11 @@ def fold_prompt_splits(
         part_out = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
                            mask=ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
         m_i, l_i, acc = fold_state(m_i, l_i, acc, part_lse, part_out)
-    return m_i, l_i, acc
-
-
-@triton.jit
-def store_final(m_i, l_i, acc, out_ptr, lse_ptr, seq, head, g_ok, stride_qb, stride_qh,
-                Q_HEADS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    d = tl.arange(0, BLOCK_D)
     out, lse = finish(m_i, l_i, acc)
     row = seq * stride_qb + head * stride_qh  # q and out share the layout [B, Hq, D]
     tl.store(out_ptr + row[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=g_ok[:, None] & (d < HEAD_DIM)[None, :])
-    tl.store(lse_ptr + seq * Q_HEADS + head, lse, mask=g_ok)
+    tl.store(lse_ptr + seq * (GROUP * tl.num_programs(1)) + head, lse, mask=g_ok)
 
 
 @triton.jit
@@ -214,13 +211,11 @@ def suffix_merge_kernel(
         stride_qb, stride_qh, stride_kt, stride_kh, stride_table,
         GROUP, HEAD_DIM, BLOCK_D, BLOCK_G, BLOCK_N, BLOCK_SIZE, DOT_PRECISION,
     )
-    prompt_len = tl.load(prompt_lens_ptr + tl.load(problem_ids_ptr + seq))
-    m_i, l_i, acc = fold_prompt_splits(
-        m_i, l_i, acc, part_out_ptr, part_lse_ptr, prompt_len, seq, head, g_ok,
-        stride_part_split, stride_part_seq, HEAD_DIM, BLOCK_D, NUM_SPLITS, PROMPT_BLOCK_N,
+    merge_and_store(
+        m_i, l_i, acc, prompt_lens_ptr, problem_ids_ptr, part_out_ptr, part_lse_ptr, out_ptr,
+        lse_ptr, seq, head, g_ok, stride_qb, stride_qh, stride_part_split, stride_part_seq,
+        GROUP, HEAD_DIM, BLOCK_D, NUM_SPLITS, PROMPT_BLOCK_N,
     )
-    store_final(m_i, l_i, acc, out_ptr, lse_ptr, seq, head, g_ok, stride_qb, stride_qh,
-                GROUP * tl.num_programs(1), HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -286,13 +281,11 @@ def merge_splits_kernel(
     l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)  # a normalised state: its sum is 1
     acc = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
                   mask=g_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
-    prompt_len = tl.load(prompt_lens_ptr + tl.load(problem_ids_ptr + seq))
-    m_i, l_i, acc = fold_prompt_splits(
-        m_i, l_i, acc, part_out_ptr, part_lse_ptr, prompt_len, seq, head, g_ok,
-        stride_part_split, stride_part_seq, HEAD_DIM, BLOCK_D, NUM_SPLITS, PROMPT_BLOCK_N,
+    merge_and_store(
+        m_i, l_i, acc, prompt_lens_ptr, problem_ids_ptr, part_out_ptr, part_lse_ptr, out_ptr,
+        lse_ptr, seq, head, g_ok, stride_qb, stride_qh, stride_part_split, stride_part_seq,
+        GROUP, HEAD_DIM, BLOCK_D, NUM_SPLITS, PROMPT_BLOCK_N,
     )
-    store_final(m_i, l_i, acc, out_ptr, lse_ptr, seq, head, g_ok, stride_qb, stride_qh,
-                GROUP * tl.num_programs(1), HEAD_DIM, BLOCK_D)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ writing the whole activation. Fused:
   head straight into its cache slot beside the v head's copy;
 - ``silu_mul``: one program per (token, block of the intermediate size).
 
-The roundings follow :mod:`ttscale.reference` (the sum and the normalised row are rounded to
-the dtype before the weight multiplies, as the model's unfused code does); only the float32
-summation order of the norm and fused multiply-adds differ.
+The roundings follow :mod:`ttscale.reference.elementwise` (the sum and the normalised row are
+rounded to the dtype before the weight multiplies, as the model's unfused code does); only the
+float32 summation order of the norm and fused multiply-adds differ.
 """
 
 from __future__ import annotations

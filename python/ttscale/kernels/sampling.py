@@ -1,7 +1,8 @@
 """Triton kernels of the sample op: Gumbel-max over the filtered vocabulary, no sort.
 
-The token is the kept token with the largest key ``(x - max x) + g`` (reference.py's sampling
-section defines ``x``, the filters and the noise ``g = -log(E)``, ``E = -log(u)``). Every
+The token is the kept token with the largest key ``(x - max x) + g``
+(:mod:`ttscale.reference.sampling` defines ``x``, the filters and the noise ``g = -log(E)``,
+``E = -log(u)``; :mod:`ttscale.kernels.sampling_keys` computes them here). Every
 filter keeps the tokens at or above a threshold on ``x``, and the few largest keys of a row are
 known after one pass, so:
 
@@ -41,95 +42,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from ttscale.backends import new_output
-from ttscale.kernels.sampling_threshold import (
-    _gathered_threshold,
-    _groups_to_gather,
-    _ordered,
-    _unordered,
+from ttscale.kernels.sampling_keys import (
+    GROUP,
+    TAKEN,
+    _exponential,
+    _row_rng,
+    _scaled_logits,
+    _select,
+    _token_keys,
+    _top_group_tokens,
 )
+from ttscale.kernels.sampling_threshold import _gathered_draw, _ordered, _unordered
 
 CANDIDATES = 4  # largest keys kept per row: a top-p row falls back with odds (1 - top_p) ** 4
 GATHER_GROUPS = 128  # groups (of GROUP tokens) the finishing pass gathers: top-k up to 128
 SEARCH_PROBES = 16  # thresholds tested per pass of the exact search: 8 passes cover float32
 SEARCH_BLOCK = 512
-GROUP = tl.constexpr(32)  # consecutive tokens that pass 1 summarises by their best race
-TAKEN = tl.constexpr(2**30)  # the id of a used or empty slot, above any vocabulary
-
-
-@triton.jit
-def _fmix32(h):
-    """murmur3's 32-bit finaliser on uint32."""
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    h ^= h >> 16
-    return h
-
-
-@triton.jit
-def _row_rng(seed_lo, seed_hi, offset):
-    """The row's (key, step) from the seed's two words and the row's int64 offset."""
-    k = _fmix32(_fmix32(seed_lo.to(tl.uint32) ^ 0x6A09E667) ^ seed_hi.to(tl.uint32))
-    offset_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
-    offset_hi = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    key = _fmix32(_fmix32(offset_lo ^ k) ^ offset_hi)
-    step = _fmix32(key ^ 0xBB67AE85) | 1
-    return key, step
-
-
-@triton.jit
-def _exponential(token, key, step):
-    """E = -log(u) of each token (int32 ids), u exact in (0, 1); the Gumbel noise is -log(E)."""
-    bits = _fmix32(token.to(tl.uint32) * step + key)
-    u = (bits >> 9).to(tl.float32) * 1.1920928955078125e-07 + 5.960464477539063e-08  # 2^-23, 2^-24
-    return -tl.log(u)
-
-
-@triton.jit
-def _scaled_logits(row_ptr, offs, vocab, inv_t):
-    """x = logits * (1 / temperature) in float32; -inf past the vocabulary."""
-    return tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
-
-
-@triton.jit
-def _token_keys(row_ptr, ids, vocab, inv_t, row_max, key, step):
-    """x and the key (x - row_max) + g of the given token ids (TAKEN: -inf)."""
-    x = _scaled_logits(row_ptr, ids, vocab, inv_t)
-    return x, (x - row_max) - tl.log(_exponential(ids, key, step))
-
-
-@triton.jit
-def _select(values, ids, COUNT: tl.constexpr):
-    """The ids of the COUNT largest values, largest first, equal values by lowest id.
-
-    A chosen id becomes TAKEN, so it is not chosen again even when its value ties (``-inf``);
-    slots past the vocabulary carry TAKEN from the start.
-    """
-    chosen = tl.full([COUNT], TAKEN, tl.int32)
-    slot = tl.arange(0, COUNT)
-    for r in tl.static_range(COUNT):
-        best = tl.max(values, 0)
-        best_id = tl.min(tl.where(values == best, ids, TAKEN), 0)
-        chosen = tl.where(slot == r, best_id, chosen)
-        taken = ids == best_id
-        values = tl.where(taken, float("-inf"), values)
-        ids = tl.where(taken, TAKEN, ids)
-    return chosen
-
-
-@triton.jit
-def _top_group_tokens(values, COUNT: tl.constexpr):
-    """Token ids ``[COUNT * GROUP]`` of the COUNT groups with the largest values (equal values:
-    lowest group), given one value per group of GROUP consecutive tokens.
-
-    When a group's value is the largest ranking value among its tokens, these groups hold the
-    COUNT highest-ranked tokens: every group ranked above the one holding the r-th token holds a
-    token ranked above it, and there are fewer than r of those.
-    """
-    groups = _select(values, tl.arange(0, values.shape[0]), COUNT)
-    return tl.reshape(groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :], [COUNT * GROUP])
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
@@ -323,38 +253,6 @@ def _gumbel_max_above(row_ptr, vocab, inv_t, row_max, threshold, min_p, key, ste
         best_id = tl.where(better, tile_id, best_id)
         best_key = tl.where(better, tile_key, best_key)
     return best_id
-
-
-@triton.jit
-def _gathered_draw(
-    row_ptr, gather_ptr, group_max_ptr, vocab, num_groups, inv_t, row_max, row_sum,
-    top_k, top_p, min_p, k_on, p_on, key, step,
-    ROW_GROUPS: tl.constexpr, GATHER_GROUPS: tl.constexpr,
-):
-    """The row's token from the groups that can hold a kept token, exactly, when there are at
-    most GATHER_GROUPS of them (sampling_threshold.py); TAKEN when there are more."""
-    group = tl.arange(0, ROW_GROUPS)
-    in_row = group < num_groups
-    group_max = tl.load(group_max_ptr + group, mask=in_row, other=float("-inf"))
-    need, lo = _groups_to_gather(
-        group_max, in_row, row_max, row_sum, top_k, top_p, min_p, k_on, p_on)
-    count = tl.sum(need.to(tl.int32), 0)
-    token = tl.full([], TAKEN, tl.int32)
-    if count <= GATHER_GROUPS:
-        tl.store(gather_ptr + tl.cumsum(need.to(tl.int32), 0) - 1, group, mask=need)
-        tl.debug_barrier()  # the ids stored above, read back by other threads of the program
-        slot = tl.arange(0, GATHER_GROUPS)
-        chosen = tl.load(gather_ptr + slot, mask=slot < count, other=0)
-        ids = chosen[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        ids = tl.where((slot < count)[:, None] & (ids < vocab), ids, TAKEN)
-        ids = tl.reshape(ids, [GATHER_GROUPS * GROUP])
-        x, keys = _token_keys(row_ptr, ids, vocab, inv_t, row_max, key, step)
-        mass = tl.exp(x - row_max)
-        threshold = _gathered_threshold(x, mass, lo, row_max, row_sum, top_k, top_p, k_on, p_on)
-        keys = tl.where((x >= threshold) & (mass >= min_p), keys, float("-inf"))
-        best = tl.max(keys, 0)
-        token = tl.min(tl.where(keys == best, ids, TAKEN), 0)
-    return token
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])

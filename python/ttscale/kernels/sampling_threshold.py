@@ -1,4 +1,5 @@
-"""Exact sampling thresholds from a row's group maxima, without a second read of the row.
+"""Exact sampling thresholds from a row's group maxima, and the draw from the gathered groups,
+without a second read of the row.
 
 The sample kernels (:mod:`ttscale.kernels.sampling`) summarise every group of ``GROUP``
 consecutive tokens by its largest scaled logit. A token at or above a threshold ``T`` lies in a
@@ -20,12 +21,16 @@ kept:
 
 Values are compared as float32 in the kernels; the bisection runs over ``_ordered`` integers,
 where -0.0 is first made +0.0 so that the integer order and the float comparisons agree.
+``_gathered_draw`` is the finishing program's use of all this: it picks the groups, gathers
+their ids, finds the threshold and takes the Gumbel-max of the gathered tokens above it.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ttscale.kernels.sampling_keys import GROUP, TAKEN, _token_keys
 
 NO_BOUND = tl.constexpr(-2139095042)  # _ordered(-inf) - 1: below every value
 
@@ -123,3 +128,36 @@ def _gathered_threshold(x, mass, lo, row_max, row_sum, top_k, top_p, k_on, p_on)
         kept_mass = tl.sum(mass, 0)
     mass_limit = tl.where(p_on, top_p * kept_mass, float("inf"))
     return _least_kept(x, mass, lo, hi, count_limit, mass_limit)
+
+
+@triton.jit
+def _gathered_draw(
+    row_ptr, gather_ptr, group_max_ptr, vocab, num_groups, inv_t, row_max, row_sum,
+    top_k, top_p, min_p, k_on, p_on, key, step,
+    ROW_GROUPS: tl.constexpr, GATHER_GROUPS: tl.constexpr,
+):
+    """The row's token from the groups that can hold a kept token, exactly, when there are at
+    most GATHER_GROUPS of them (sampling_threshold.py); TAKEN when there are more."""
+    group = tl.arange(0, ROW_GROUPS)
+    in_row = group < num_groups
+    group_max = tl.load(group_max_ptr + group, mask=in_row, other=float("-inf"))
+    need, lo = _groups_to_gather(
+        group_max, in_row, row_max, row_sum, top_k, top_p, min_p, k_on, p_on)
+    count = tl.sum(need.to(tl.int32), 0)
+    token = tl.full([], TAKEN, tl.int32)
+    if count <= GATHER_GROUPS:
+        tl.store(gather_ptr + tl.cumsum(need.to(tl.int32), 0) - 1, group, mask=need)
+        tl.debug_barrier()  # the ids stored above, read back by other threads of the program
+        slot = tl.arange(0, GATHER_GROUPS)
+        chosen = tl.load(gather_ptr + slot, mask=slot < count, other=0)
+        ids = chosen[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        ids = tl.where((slot < count)[:, None] & (ids < vocab), ids, TAKEN)
+        ids = tl.reshape(ids, [GATHER_GROUPS * GROUP])
+        x, keys = _token_keys(row_ptr, ids, vocab, inv_t, row_max, key, step)
+        mass = tl.exp(x - row_max)
+        threshold = _gathered_threshold(x, mass, lo, row_max, row_sum, top_k, top_p, k_on, p_on)
+        keys = tl.where((x >= threshold) & (mass >= min_p), keys, float("-inf"))
+        best = tl.max(keys, 0)
+        token = tl.min(tl.where(keys == best, ids, TAKEN), 0)
+    return token
+

@@ -1,7 +1,7 @@
 """Triton kernels of select_and_fork and copy_blocks.
 
 select_and_fork is a fixed sequence of launches, all on the device and free of host reads, so
-a CUDA graph can capture it (the order of python/ttscale/reference.py, done in parallel):
+a CUDA graph can capture it (the order of :mod:`ttscale.reference.block_pool`, done in parallel):
 
 1. ``_rank_kernel``, a program per group: the group's best ``keep`` by a streaming bitonic
    top-k over chunks of the group (any group size; ``max_keep`` up to ``MAX_KEEP``), each
