@@ -599,15 +599,15 @@ def test_a_verifier_that_raises_fails_its_search_only(models, strategy, monkeypa
     extra = {"beam_width": 2} if strategy == "beam_search" else {}
     search = getattr(ttscale, strategy)
     expected = [r.answer for r in search(llm, [PROBLEM, "Q: (12+7)*3\n"], 4, **common, **extra)]
-    calls, score = [], prm.score
+    calls, score = [], prm.score_aggregate  # what searches call to score a step
 
-    def flaky(paths, steps, final):
+    def flaky(paths, steps, final, state, agg):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("the PRM's device fell over")
-        return score(paths, steps, final)
+        return score(paths, steps, final, state, agg)
 
-    monkeypatch.setattr(prm, "score", flaky)
+    monkeypatch.setattr(prm, "score_aggregate", flaky)
     with pytest.raises(RuntimeError, match="fell over"):
         search(llm, [PROBLEM, "Q: (12+7)*3\n"], 4, **common, **extra)
     monkeypatch.undo()

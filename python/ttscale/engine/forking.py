@@ -53,7 +53,7 @@ def select_and_fork(engine, candidates: Seq[Sequence], scores: Seq[float], group
         bounds["max_children"] = max(list(children) + [0])
         children = torch.tensor(list(children), **int32)
     result = ops.select_and_fork(
-        torch.tensor(list(scores), dtype=torch.float32, device=device), torch.tensor(offsets, **int32),
+        torch.as_tensor(scores, dtype=torch.float32, device=device), torch.tensor(offsets, **int32),
         keep, children, tables.to(device), torch.tensor([s.kv_len for s in candidates], **int32), pool,
         **bounds,
     )

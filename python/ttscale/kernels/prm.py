@@ -4,8 +4,8 @@ Two launches. ``_head_scores_kernel``: each program takes ``BLOCK_T`` step rows,
 hidden states once against the head's one or two rows (never the vocabulary) and applies the
 head's normalisation; the op is a memory-bound GEMV with two outputs per row, so plain
 multiply-and-sum beats ``tl.dot`` (and keeps bf16 exact under the interpreter).
-``_aggregate_kernel``: one program per sequence reduces that sequence's new scores and folds
-them into its state. The steps are grouped by sequence with a stable sort on the device, so a
+``_aggregate_kernel``: one program per sequence folds that sequence's new scores into its state,
+step by step for prod and mean (the float32 fold the C++ kernel and the reference compute). The steps are grouped by sequence with a stable sort on the device, so a
 sequence's steps keep their order ("last" is the final one) and nothing waits on the host.
 """
 
@@ -68,11 +68,6 @@ def _head_scores_kernel(
 
 
 @triton.jit
-def _multiply(a, b):
-    return a * b
-
-
-@triton.jit
 def _aggregate_kernel(
     scores_ptr, order_ptr, seg_starts_ptr, state_in_ptr, state_out_ptr,
     AGG: tl.constexpr, BLOCK: tl.constexpr,
@@ -92,33 +87,31 @@ def _aggregate_kernel(
         empty = 0.0
     before = tl.where(count > 0, stored, empty)
     # Steps of this sequence sit at order[start:end], in their original order (a stable sort).
-    if AGG == 1:
+    if AGG == 0:
+        final = tl.load(order_ptr + tl.maximum(end - 1, 0))  # order has >= 1 entry: T > 0
+        after = tl.load(scores_ptr + final)
+    elif AGG == 1:  # order does not change a minimum: reduce a block at a time
         part = tl.full([BLOCK], float("inf"), tl.float32)
-    elif AGG == 2:
-        part = tl.full([BLOCK], 1.0, tl.float32)
-    else:
-        part = tl.zeros([BLOCK], dtype=tl.float32)
-    if AGG != 0:
         for offset in range(start, end, BLOCK):
             idx = offset + tl.arange(0, BLOCK)
             mask = idx < end
             step = tl.load(order_ptr + idx, mask=mask, other=0)
-            if AGG == 1:
-                part = tl.minimum(part, tl.load(scores_ptr + step, mask=mask, other=float("inf")))
-            elif AGG == 2:
-                part = part * tl.load(scores_ptr + step, mask=mask, other=1.0)
-            else:
-                part += tl.load(scores_ptr + step, mask=mask, other=0.0)
-    total = count + new_steps.to(tl.float32)
-    if AGG == 0:
-        final = tl.load(order_ptr + tl.maximum(end - 1, 0))  # order has >= 1 entry: T > 0
-        after = tl.load(scores_ptr + final)
-    elif AGG == 1:
+            part = tl.minimum(part, tl.load(scores_ptr + step, mask=mask, other=float("inf")))
         after = tl.minimum(before, tl.min(part, axis=0))
-    elif AGG == 2:
-        after = before * tl.reduce(part, 0, _multiply)
     else:
-        after = (before * count + tl.sum(part, axis=0)) / tl.maximum(total, 1.0)
+        # prod and mean fold one step at a time, rounding after each as the C++ kernel and the
+        # reference do: a tree reduction rounds differently, and searches rank by this number,
+        # which must not depend on the backend. A search scores one step per sequence a call.
+        after = before
+        seen = count
+        for i in range(start, end):
+            x = tl.load(scores_ptr + tl.load(order_ptr + i))
+            if AGG == 2:
+                after = after * x
+            else:
+                after = after + (x - after) / (seen + 1.0)
+            seen += 1.0
+    total = count + new_steps.to(tl.float32)
     # A sequence with no new steps keeps its row exactly as it was.
     tl.store(state_out_ptr + 2 * seq, tl.where(new_steps > 0, after, stored))
     tl.store(state_out_ptr + 2 * seq + 1, total)

@@ -54,14 +54,16 @@ def prm_step_scores(hidden, seq_ids, weight, bias=None, kind="two_token", agg="l
     if state is None:
         state = prm_empty_state(int(seq_ids.max()) + 1 if seq_ids.numel() else 0, agg, hidden.device)
     state = state.clone()
+    empty = torch.tensor(PRM_EMPTY_AGGREGATE[agg], dtype=torch.float32, device=state.device)
     for t in range(scores.shape[0]):
-        s, step = int(seq_ids[t]), float(scores[t])
-        count = float(state[s, 1])
-        before = float(state[s, 0]) if count > 0 else PRM_EMPTY_AGGREGATE[agg]
+        # 0-d float32 tensors: every operation rounds to float32, as in the kernels.
+        s, step = int(seq_ids[t]), scores[t]
+        count = state[s, 1]
+        before = state[s, 0] if count > 0 else empty
         if agg == "last":
             after = step
         elif agg == "min":
-            after = min(before, step)
+            after = torch.fmin(before, step)
         elif agg == "prod":
             after = before * step
         else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from ttscale.errors import InvalidArgument
 from ttscale.search.common import Inputs, run_waves
 from ttscale.search.fork import best_per_group, consecutive_groups
@@ -66,19 +68,19 @@ def search_beams(
     sampling = run.inputs.sampling
     lines = run.start(n)
     done: dict[int, list[Line]] = {p: [] for p in run.wave}
-    scores: list[float | None] = []
+    scores = run.aggregate_scores([])
     for iteration in range(max_iterations):
         run.advance(lines, sampling)
         if lookahead:
             scores = lookahead_scores(run, lines, lookahead)
         else:
-            scores = [line.score(run.agg) for line in lines]
+            scores = run.aggregate_scores(lines)
         finished = [line for line in lines if line.finished]
         for line in finished:
             done[line.problem].append(line)
         run.free(finished)
         going = [i for i, line in enumerate(lines) if not line.finished]
-        lines, scores = [lines[i] for i in going], [scores[i] for i in going]
+        lines, scores = [lines[i] for i in going], scores[going]
         if not lines or iteration == max_iterations - 1:
             break
         problems, sizes = consecutive_groups([line.problem for line in lines])
@@ -93,21 +95,22 @@ def search_beams(
         run.free(lines)
     results = []
     for p in run.wave:
-        best = best_per_group([line.score(run.agg) for line in done[p]], [len(done[p])], [n])[0]
+        best = best_per_group([line.aggregate for line in done[p]], [len(done[p])], [n])[0]
         results.append(run.result(p, [run.candidate(done[p][i]) for i in sorted(best)]))
     return results
 
 
-def lookahead_scores(run: SearchRun, lines: list[Line], steps: int) -> list[float | None]:
+def lookahead_scores(run: SearchRun, lines: list[Line], steps: int) -> torch.Tensor:
     """Each unfinished line's aggregate score after ``steps`` more greedy steps, scored on a
-    fork that is then freed (the line itself stays where it was); finished lines keep theirs."""
+    fork that is then freed (the line itself stays where it was); finished lines keep theirs.
+    The aggregates stay on the device (:meth:`SearchRun.aggregate_scores`)."""
     greedy = dataclasses.replace(run.inputs.sampling, temperature=0.0)
-    scores = [line.score(run.agg) for line in lines]
+    scores = run.aggregate_scores(lines)
     going = [i for i, line in enumerate(lines) if not line.finished]
     probes = run.copy([lines[i] for i in going])
     for _ in range(steps):
         run.advance([probe for probe in probes if not probe.finished], greedy, report=False)
-    for i, probe in zip(going, probes, strict=True):
-        scores[i] = probe.score(run.agg)
+    if going:
+        scores[going] = run.aggregate_scores(probes)
     run.free(probes)
     return scores

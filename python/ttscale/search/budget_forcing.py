@@ -33,7 +33,6 @@ from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import Candidate, SearchResult
 from ttscale.search.revisions import REVISION_SEPARATOR
 from ttscale.search.run import Line, SearchRun
-from ttscale.search.select import aggregate
 from ttscale.verifiers.base import split_steps
 
 
@@ -184,10 +183,10 @@ def _score(run: SearchRun, verifier, candidates: dict[int, list[Candidate]]) -> 
     problems = [run.inputs.problems[p] for p, _ in todo]
     references = None if run.inputs.references is None else [
         run.inputs.references[p] for p, _ in todo]
-    scores = verifier.score_solutions(problems, [c.steps for _, c in todo], references)
-    for (_, candidate), steps in zip(todo, scores, strict=True):
-        candidate.step_scores = steps
-        candidate.score = aggregate([s for s in steps if s is not None], run.agg)
+    scores, aggregates = verifier.aggregate_solutions(problems, [c.steps for _, c in todo],
+                                                      references, run.agg)
+    for (_, candidate), steps, score in zip(todo, scores, aggregates, strict=True):
+        candidate.step_scores, candidate.score = steps, score
     weights = [len(c.text) + 1 for _, c in todo]
     for (p, _), share in zip(todo, split_tokens(scored() - before, weights), strict=True):
         run.costs[p].scored_tokens += share

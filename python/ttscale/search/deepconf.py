@@ -189,7 +189,7 @@ def _vote(run: SearchRun, kept: list[Line], scores: dict,
     groups = group_answers(answers, run.inputs.equal)
     select = run.inputs.select
     confidence = [max(scores[line][options.confidence_score], 0.0) for line in answered]
-    prm = [line.score(run.agg) for line in answered]
+    prm = [line.aggregate for line in answered]
     if select == "best" and run.verifier is not None:
         best = max(range(len(answered)), key=lambda i: (_finite(prm[i]), confidence[i], -i))
         total = sum(confidence) or 1.0

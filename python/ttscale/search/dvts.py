@@ -37,18 +37,20 @@ def dvts(inputs: Inputs, n: int, options: BeamOptions) -> list[SearchResult]:
         chosen: dict[tuple[int, int], Candidate] = {}
         for iteration in range(max_iterations):
             run.advance(lines, sampling)
-            scores = [line.score(run.agg) for line in lines]
+            # the subtrees' winners on the host, from the aggregates read with the step scores;
+            # the device op ranks the same values (the states) and agrees
+            aggregates = [line.aggregate for line in lines]
             subtrees, sizes = consecutive_groups([(line.problem, line.group) for line in lines])
             children = []
             for subtree, (best,) in zip(
-                subtrees, best_per_group(scores, sizes, [1] * len(sizes)), strict=True
+                subtrees, best_per_group(aggregates, sizes, [1] * len(sizes)), strict=True
             ):
                 if lines[best].finished:
                     chosen[subtree] = run.candidate(lines[best])
                     children.append(0)
                 else:
                     children.append(1 if iteration == max_iterations - 1 else beam_width)
-            lines = run.select(lines, scores, sizes, 1, children)
+            lines = run.select(lines, run.aggregate_scores(lines), sizes, 1, children)
             if not lines:
                 break
         run.advance(lines, sampling, whole=True)

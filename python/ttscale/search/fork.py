@@ -14,6 +14,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ttscale.engine.sequence import Sequence
 from ttscale.errors import InvalidArgument
@@ -85,8 +86,10 @@ def select_and_fork(
         The engine that owns ``seqs``.
     seqs : sequence of Sequence
         ``C`` live candidates, grouped consecutively.
-    scores : sequence of float or None
-        ``C`` scores, higher is better.
+    scores : Tensor or sequence of float or None
+        ``C`` scores, higher is better: a float32 tensor (the lines' aggregate states, see
+        :meth:`ttscale.search.run.SearchRun.aggregate_scores`; NaN for a missing score) goes to
+        the device op as it is, without a read to the host.
     group_sizes : sequence of int
         ``G`` group sizes summing to ``C``.
     keep, children : int or sequence of int
@@ -106,7 +109,10 @@ def select_and_fork(
             f"group_sizes: expected them to sum to {len(scores)} candidates, got {sum(group_sizes)}"
         )
     # The op ranks NaN below every number, as a missing score should be.
-    numbers = [math.nan if score is None else float(score) for score in scores]
+    if isinstance(scores, torch.Tensor):
+        numbers = scores
+    else:
+        numbers = [math.nan if score is None else float(score) for score in scores]
     out, parents, offsets = engine.select_and_fork(list(seqs), numbers, list(group_sizes), keep, children)
     sizes = [offsets[g + 1] - offsets[g] for g in range(len(group_sizes))]
     return Forked(out, parents, sizes)
@@ -141,9 +147,10 @@ def by_problem(lines: list) -> list[tuple[int, list]]:
             for p, size, end in zip(problems, sizes, ends, strict=True)]
 
 
-def weight_score(line, agg: str) -> float:
-    """A line's aggregate score for a weight: a line with no scored step yet counts as 0."""
-    score = line.score(agg)
+def weight_score(line) -> float:
+    """A line's aggregate score (as read with its last step's score) for a weight: a line with
+    no scored step yet counts as 0."""
+    score = line.aggregate
     return 0.0 if score is None or math.isnan(score) else score
 
 

@@ -8,6 +8,11 @@ that judges final answers (a rule, an outcome model) must see it as such. So whi
 on, it also keeps ``retract``, a fork of its path taken before the last step; if the line ends
 without a new step, the last step is scored again on ``retract`` as final. A fork of a PRM path
 copies a block table, and the second scoring costs one step's tokens, only when it happens.
+
+A line's aggregate score is not recomputed from its step scores: it is the running aggregate
+the verifier folds on its device (:meth:`ttscale.verifiers.base.Verifier.score_aggregate`),
+kept as the line's ``state`` row and forked with the line. ``aggregate`` is that row's value as
+read to the host with the step's scores, for the host's own uses (weights, reports, results).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 from ttscale.engine.sequence import Sequence
-from ttscale.search.select import aggregate
 from ttscale.verifiers.base import split_steps
 
 
@@ -28,6 +34,12 @@ class Line:
     (0, the root, before any); ``group`` the DVTS subtree; ``index`` the sample it began as.
     ``start`` is where the solution begins in its sequence's output: 0, except for a revision
     chain's later attempts, which follow the earlier ones on the same sequence.
+
+    ``state`` is the running aggregate of ``scores`` (a ``[2]`` float32 row: aggregate, step
+    count, on the verifier's device; the scores that are None not folded in), ``aggregate`` its
+    value on the host (None before any scored step), and ``retract_state``/``retract_aggregate``
+    those of ``retract``. Rows are replaced, never written in place, so a parent and its forks
+    may share one.
     """
 
     problem: int
@@ -42,10 +54,10 @@ class Line:
     finished: bool = False
     in_tree: bool = True
     start: int = 0
-
-    def score(self, agg: str) -> float | None:
-        """The aggregate of the step scores so far (None before any)."""
-        return aggregate([s for s in self.scores if s is not None], agg)
+    state: torch.Tensor | None = None
+    aggregate: float | None = None
+    retract_state: torch.Tensor | None = None
+    retract_aggregate: float | None = None
 
     def child(self, seq: Sequence, path: object, retract: object, **changes) -> Line:
         """A line that continues this one's steps on ``seq``, with its own verifier paths."""

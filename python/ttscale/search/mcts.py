@@ -192,7 +192,7 @@ def _add_child(run: SearchRun, node: Node, line: Line, logprob: float, candidate
     """A sampled step below ``node``: a new child valued by the verifier, or, when a sibling
     already wrote the same tokens, one more visit of that sibling (the copy is freed)."""
     p, key = line.problem, (tuple(line.seq.output_ids), line.finished)
-    value = weight_score(line, run.agg)
+    value = weight_score(line)
     same = next((c for c in node.children if c.key == key), None)
     if same is not None:
         run.free([line])
@@ -230,7 +230,7 @@ def _rollout(run: SearchRun, nodes: list[Node], before: list[int], r: int, candi
         if line.finished:
             candidates[line.problem].append(run.candidate(line))
             lengths[line.problem].append(len(line.seq.output_ids))
-        _backup(child, weight_score(line, run.agg))
+        _backup(child, weight_score(line))
     run.free(lines)
 
 

@@ -69,7 +69,7 @@ def _filter(run: SearchRun, n: int, options: ParticleOptions) -> list[SearchResu
             if all(line.finished for line in group):
                 counts += [1] * len(group)  # this problem is done: its particles stay as they are
                 continue
-            weights = softmax([weight_score(line, run.agg) for line in group],
+            weights = softmax([weight_score(line) for line in group],
                               options.resample_temperature)
             rng = np.random.default_rng([seed, ids[p], iteration])
             counts += rng.multinomial(len(group), weights).tolist()

@@ -78,7 +78,7 @@ def _grow(run: SearchRun, n: int, options: RebaseOptions) -> list[SearchResult]:
             break
         counts: list[int] = []
         for p, group in by_problem(lines):
-            scores = [weight_score(line, run.agg) for line in group]
+            scores = [weight_score(line) for line in group]
             counts += split(n - len(done[p]), softmax(scores, options.balance_temperature))
         lines = run.select(lines, [0.0] * len(lines), [1] * len(lines), 1, counts)
     run.advance(lines, sampling, whole=True)  # out of depths: the live nodes to their end

@@ -51,14 +51,13 @@ def rejection_best_of_n(inputs: Inputs, n: int, options: RejectionOptions) -> li
             lines = [line for line in lines if not line.finished]
             if not lines:
                 break
-            scores = [line.score(run.agg) for line in lines]
             _, sizes = consecutive_groups([line.problem for line in lines])
             keep, start = [], 0
             for size in sizes:
-                judged = sum(s is not None for s in scores[start : start + size])
+                judged = sum(line.aggregate is not None for line in lines[start : start + size])
                 keep.append(size - math.floor(reject_fraction * judged))
                 start += size
-            ranked = [math.inf if s is None else s for s in scores]  # unjudged samples stay
+            ranked = run.aggregate_scores(lines, missing=math.inf)  # unjudged samples stay
             lines = run.select(lines, ranked, sizes, keep, 1)
         results = []
         for p in run.wave:

@@ -5,7 +5,10 @@ Strategies move lines with :meth:`SearchRun.advance` (decode to the next step de
 the end, then score every step the text completed), prune and branch them with
 :meth:`SearchRun.select`, and turn them into candidates and results at the end.
 
-A line can hold two verifier paths (:mod:`ttscale.search.line` says why).
+A line can hold two verifier paths (:mod:`ttscale.search.line` says why), and carries its
+running aggregate score as a device row (``Line.state``) that the verifier folds each new step
+into; :meth:`SearchRun.aggregate_scores` gathers those rows for selection, which reads them on
+the device, and :meth:`SearchRun.select` forks them with the lines (``state[parents]``).
 
 Costs are charged to problems exactly where the work is per problem (prompt prefill, each
 sequence's sampled tokens) and shared where a batched call is not: see :mod:`ttscale.search.cost`.
@@ -13,10 +16,14 @@ sequence's sampled tokens) and shared where a batched call is not: see :mod:`tts
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
+import torch
+
+from ttscale import ops
 from ttscale.sampling_params import SamplingParams
 from ttscale.search import fork as forking
 from ttscale.search.cost import split_seconds, split_tokens
@@ -45,6 +52,8 @@ class SearchRun:
         self.verifier = inputs.verifier
         self.delimiter = inputs.delimiter
         self.agg = inputs.agg
+        # where the lines' aggregate states live: where the verifier makes its scores
+        self.state_device = torch.device("cpu") if self.verifier is None else self.verifier.device
         self.wave = wave
         self.costs = {p: Cost() for p in wave}
         self.trees = {p: [TreeNode(0, None, "", None, 0)] for p in wave} if tree else None
@@ -86,6 +95,7 @@ class SearchRun:
                 Line(p, seq, path, index=i)
                 for i, (seq, path) in enumerate(zip(seqs, paths, strict=True))
             ]
+        self._empty_states(lines)
         if keep_roots:
             self._roots.update(zip(self.wave, roots, strict=True))
         else:
@@ -166,7 +176,7 @@ class SearchRun:
             by_problem.setdefault(line.problem, []).append(line)
         for p, group in by_problem.items():
             self._steps[p] += 1
-            scores = [s for s in (line.score(self.agg) for line in group) if s is not None]
+            scores = [line.aggregate for line in group if line.aggregate is not None]
             self.inputs.on_progress(Progress(
                 problem=p, step=self._steps[p], live=sum(not line.finished for line in group),
                 finished=self._finished[p], best_score=max(scores, default=None),
@@ -184,20 +194,36 @@ class SearchRun:
             line.path, line.steps, line.scores = path, [], []
             line.node, line.finished = 0, False
             line.start = len(line.seq.output_ids)
+        self._empty_states(lines)
+
+    def aggregate_scores(self, lines: Seq[Line], missing: float = math.nan) -> torch.Tensor:
+        """The lines' running aggregates ``[C]`` float32, on the verifier's device, as
+        selection ranks them: ``missing`` (NaN: below every score) for a line with no scored
+        step. Nothing is read to the host."""
+        if not lines:
+            return torch.zeros(0, dtype=torch.float32, device=self.state_device)
+        state = torch.stack([line.state for line in lines])  # [C, 2]
+        return torch.where(state[:, 1] > 0, state[:, 0], missing)
 
     def select(
         self,
         lines: Seq[Line],
-        scores: Seq[float | None],
+        scores: torch.Tensor | Seq[float | None],
         group_sizes: Seq[int],
         keep: int | Seq[int],
         children: int | Seq[int],
     ) -> list[Line]:
         """:func:`ttscale.search.fork.select_and_fork` over lines: the kept ones' children, the
-        rest freed. ``lines`` are consumed; children carry their parent's steps and paths."""
+        rest freed. ``lines`` are consumed; children carry their parent's steps, paths and
+        aggregate states (``state[parents]``, gathered on the device). ``scores``: what to rank
+        by, usually :meth:`aggregate_scores` (a tensor, passed to the device op as it is)."""
         forked = forking.select_and_fork(
             self.engine, [line.seq for line in lines], scores, group_sizes, keep, children
         )
+        states = []
+        if forked.parents:
+            parents = torch.tensor(forked.parents, device=self.state_device)
+            states = torch.stack([line.state for line in lines])[parents].unbind(0)
         # A parent's first child continues its verifier paths, as it continues its sequence.
         first: dict[int, int] = {}
         for slot, parent in enumerate(forked.parents):
@@ -209,7 +235,9 @@ class SearchRun:
         children_lines = []
         for slot, (seq, parent) in enumerate(zip(forked.children, forked.parents, strict=True)):
             line = lines[parent]
-            children_lines.append(line.child(seq, *new_paths.get(slot, (line.path, line.retract))))
+            child = line.child(seq, *new_paths.get(slot, (line.path, line.retract)))
+            child.state = states[slot]
+            children_lines.append(child)
         return children_lines
 
     def copy(self, lines: Seq[Line]) -> list[Line]:
@@ -241,7 +269,7 @@ class SearchRun:
             token_ids=line.seq.output_ids[line.start :],
             steps=list(line.steps),
             step_scores=list(line.scores),
-            score=line.score(self.agg),
+            score=line.aggregate,
             answer=self.inputs.extract(text),
             finished=line.finished,
             node=line.node if self.trees is not None else None,
@@ -321,39 +349,68 @@ class SearchRun:
         stale = [line for line, _, _ in batch if line.retract is not None]
         self._free_paths([line.retract for line in stale], [line.problem for line in stale])
         for line in stale:
-            line.retract = None
-        scores = self._verify(
-            [line.problem for line, _, _ in batch],
-            [len(step) + 1 for _, step, _ in batch],
-            self.verifier.score,
-            [line.path for line, _, _ in batch],
+            line.retract = line.retract_state = line.retract_aggregate = None
+        lines = [line for line, _, _ in batch]
+        before = {id(line): (line.state, line.aggregate) for line in held}
+        scored = self._score_aggregate(
+            lines,
+            [line.path for line in lines],
             [step for _, step, _ in batch],
             [last and line.finished for line, _, last in batch],
         )
         for line, retract in zip(held, retracts, strict=True):
+            # the retract path's aggregate is the line's before this step
             line.retract = retract
-        for (line, step, _), score in zip(batch, scores, strict=True):
+            line.retract_state, line.retract_aggregate = before[id(line)]
+        for (line, step, _), score in zip(batch, scored.scores, strict=True):
             self._record(line, step, score)
 
     def _rescore_as_final(self, lines: list[Line]) -> None:
         """Lines that ended right after a step scored as not final: score it again, as final, on
         the retract path; the tree gets a sibling node for the final score."""
-        scores = self._verify(
-            [line.problem for line in lines],
-            [len(line.steps[-1]) + 1 for line in lines],
-            self.verifier.score,
+        for line in lines:  # the aggregate goes back to the retract path's, before the step
+            line.state, line.aggregate = line.retract_state, line.retract_aggregate
+        scored = self._score_aggregate(
+            lines,
             [line.retract for line in lines],
             [line.steps[-1] for line in lines],
             [True] * len(lines),
         )
         self._free_paths([line.path for line in lines], [line.problem for line in lines])
-        for line, score in zip(lines, scores, strict=True):
+        for line, score in zip(lines, scored.scores, strict=True):
             line.path, line.retract = line.retract, None
+            line.retract_state = line.retract_aggregate = None
             line.scores[-1] = score
             if self.trees is not None and line.in_tree:
                 tree = self.trees[line.problem]
                 parent = tree[line.node].parent
                 line.node = self._node(tree, parent, line.steps[-1], score, len(line.steps))
+
+    def _score_aggregate(self, lines: list[Line], paths: list, steps: list[str],
+                         final: list[bool]):
+        """Score one step per line on ``paths`` and fold each score into its line's aggregate
+        state, on the verifier's side (:meth:`Verifier.score_aggregate`); the lines get their
+        new state rows and their aggregates as read with the scores."""
+        state = torch.stack([line.state for line in lines])  # [P, 2]
+        scored = self._verify(
+            [line.problem for line in lines],
+            [len(step) + 1 for step in steps],
+            self.verifier.score_aggregate,
+            paths, steps, final, state, self.agg,
+        )
+        rows = scored.state.unbind(0)
+        for line, row, score, aggregate in zip(lines, rows, scored.scores, scored.aggregates,
+                                               strict=True):
+            if score is not None:
+                line.state, line.aggregate = row, aggregate
+        return scored
+
+    def _empty_states(self, lines: Seq[Line]) -> None:
+        """Give lines that begin a solution the state of no steps."""
+        rows = ops.prm_empty_state(len(lines), self.agg, self.state_device).unbind(0)
+        for line, row in zip(lines, rows, strict=True):
+            line.state, line.aggregate = row, None
+            line.retract_state = line.retract_aggregate = None
 
     def _record(self, line: Line, step: str, score: float | None) -> None:
         line.steps.append(step)

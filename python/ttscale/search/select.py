@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from ttscale.errors import InvalidArgument
+from ttscale.reference import PRM_EMPTY_AGGREGATE
 from ttscale.search.result import Candidate
 
 AGGREGATIONS = ("last", "min", "prod", "mean")
@@ -37,18 +40,28 @@ def check_select(select: str | None, agg: str, has_verifier: bool, allowed=SELEC
 
 
 def aggregate(step_scores: Sequence[float], agg: str) -> float | None:
-    """One number from a candidate's step scores; None when it has none."""
+    """One number from a candidate's step scores; None when it has none.
+
+    The same float32 fold, step by step, as the running aggregate of
+    :func:`ttscale.ops.prm_step_scores` (what searches rank by): ``prod`` and ``mean`` round
+    after every step, so this is that number bit for bit, not a float64 product or mean.
+    """
     if not step_scores:
         return None
-    if agg == "last":
-        return float(step_scores[-1])
-    if agg == "min":
-        return float(min(step_scores))
-    if agg == "prod":
-        return float(math.prod(step_scores))
-    if agg == "mean":
-        return float(sum(step_scores) / len(step_scores))
-    raise InvalidArgument(f"agg: expected one of {', '.join(AGGREGATIONS)}, got {agg!r}")
+    if agg not in AGGREGATIONS:
+        raise InvalidArgument(f"agg: expected one of {', '.join(AGGREGATIONS)}, got {agg!r}")
+    value = np.float32(PRM_EMPTY_AGGREGATE[agg])
+    for count, score in enumerate(step_scores):
+        step = np.float32(score)
+        if agg == "last":
+            value = step
+        elif agg == "min":
+            value = np.fmin(value, step)  # as the kernels' fmin: a NaN step leaves the minimum
+        elif agg == "prod":
+            value = value * step
+        else:
+            value = value + (step - value) / np.float32(count + 1)
+    return float(value)
 
 
 def group_answers(answers: Sequence[str | None], equal: Callable[[str, str], bool]) -> list[int | None]:

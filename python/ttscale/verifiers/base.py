@@ -6,8 +6,13 @@ free what they drop. A PRM keeps each path's tokens in its own paged KV cache, s
 step costs only that step's tokens; a fork copies a block table.
 
 Scores are probabilities in [0, 1] (higher is better) or None where the verifier says nothing
-about a step (an outcome model before the final step). Aggregating a path's step scores
-(last / min / prod / mean) is the strategy's business (:mod:`ttscale.search.select`).
+about a step (an outcome model before the final step). Which aggregation (last / min / prod /
+mean) ranks paths is the strategy's choice (:mod:`ttscale.search.select`), but the running
+aggregate is kept where the scores are made: :meth:`Verifier.score_aggregate` takes each path's
+state row (aggregate, step count; float32, as :func:`ttscale.ops.prm_step_scores` keeps it) and
+returns it with the new step folded in. A PRM folds on its device, inside the op that scores the
+steps; a verifier whose scores are host numbers folds them with :func:`fold_scores`. A step
+scored None leaves its path's state as it was.
 """
 
 from __future__ import annotations
@@ -15,8 +20,33 @@ from __future__ import annotations
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
 
 from ttscale.errors import InvalidArgument
+from ttscale.reference import PRM_EMPTY_AGGREGATE, prm_empty_state
+
+
+@dataclass
+class ScoredSteps:
+    """What :meth:`Verifier.score_aggregate` returns for ``P`` paths.
+
+    Attributes
+    ----------
+    scores : list of float or None
+        Each path's new step score, as :meth:`Verifier.score` returns it.
+    state : Tensor
+        ``[P, 2]`` float32 (aggregate, step count), the paths' states with the new scores folded
+        in, on the device where the verifier made them.
+    aggregates : list of float or None
+        ``state[:, 0]`` read to the host in the same read as the scores, for the paths whose
+        step was scored; None where it was not (that path's aggregate did not change).
+    """
+
+    scores: list[float | None]
+    state: torch.Tensor
+    aggregates: list[float | None]
 
 
 class Verifier(ABC):
@@ -24,6 +54,8 @@ class Verifier(ABC):
 
     #: Tokens the verifier has run through its model (cost accounting).
     scored_tokens: int = 0
+    #: Where its paths' aggregate states live (a PRM: its model's device).
+    device = torch.device("cpu")
 
     @abstractmethod
     def start(self, problems: Sequence[str], references: Sequence[str | None] | None = None) -> list[object]:
@@ -41,6 +73,18 @@ class Verifier(ABC):
     def free(self, paths: Sequence[object]) -> None:
         """Release paths the strategy dropped."""
 
+    def score_aggregate(self, paths: Sequence[object], steps: Sequence[str], final: Sequence[bool],
+                        state: torch.Tensor, agg: str) -> ScoredSteps:
+        """:meth:`score`, and the paths' running aggregates ``state`` ``[P, 2]`` (on
+        :attr:`device`) with each new score folded in under ``agg``. This default folds the
+        scores :meth:`score` returns with :func:`fold_scores`; a verifier that makes its scores
+        on a device folds them there."""
+        scores = self.score(paths, steps, final)
+        state = fold_scores(state, scores, agg)
+        rows = state[:, 0].tolist()
+        return ScoredSteps(scores, state, [None if score is None else aggregate
+                                           for score, aggregate in zip(scores, rows, strict=True)])
+
     def score_solution(self, problem: str, steps: Sequence[str], reference: str | None = None) -> list[float | None]:
         """Score every step of one whole solution (non-incremental use, and tests)."""
         if not isinstance(problem, str):
@@ -53,6 +97,23 @@ class Verifier(ABC):
                         references: Sequence[str | None] | None = None) -> list[list[float | None]]:
         """Score every step of several whole solutions, the ``k``-th steps of all of them
         together: ``steps[i]`` is the list of solution ``i``'s steps."""
+        return self._score_whole(problems, steps, references, None)[0]
+
+    def aggregate_solutions(self, problems: Sequence[str], steps: Sequence[Sequence[str]],
+                            references: Sequence[str | None] | None = None, agg: str = "last"
+                            ) -> tuple[list[list[float | None]], list[float | None]]:
+        """:meth:`score_solutions`, and each solution's aggregate under ``agg`` as the verifier
+        folds it (:meth:`score_aggregate`; None for a solution with no scored step), read with
+        the last step's scores."""
+        if agg not in PRM_EMPTY_AGGREGATE:
+            raise InvalidArgument(f"agg: expected one of {', '.join(PRM_EMPTY_AGGREGATE)}, got "
+                                  f"{agg!r}")
+        return self._score_whole(problems, steps, references, agg)
+
+    def _score_whole(self, problems, steps, references, agg: str | None
+                     ) -> tuple[list[list[float | None]], list[float | None]]:
+        """Score whole solutions step position by step position; with ``agg``, fold each step
+        into its solution's state row as searches do."""
         if isinstance(problems, str) or not isinstance(problems, Sequence):
             raise InvalidArgument(f"problems: expected a list of strings, got {problems!r:.60}")
         if (isinstance(steps, str) or not isinstance(steps, Sequence)
@@ -68,16 +129,54 @@ class Verifier(ABC):
             references = [None] * len(problems)
         paths = self.start(problems, references)
         scores: list[list[float | None]] = [[] for _ in problems]
+        aggregates: list[float | None] = [None] * len(problems)
+        if agg is not None:
+            state = prm_empty_state(len(problems), agg, self.device)
         try:
             for k in range(max(map(len, steps), default=0)):
                 live = [i for i, solution in enumerate(steps) if k < len(solution)]
-                got = self.score([paths[i] for i in live], [steps[i][k] for i in live],
-                                 [k == len(steps[i]) - 1 for i in live])
+                args = ([paths[i] for i in live], [steps[i][k] for i in live],
+                        [k == len(steps[i]) - 1 for i in live])
+                if agg is None:
+                    got = self.score(*args)
+                else:
+                    rows = torch.tensor(live, device=state.device)
+                    scored = self.score_aggregate(*args, state[rows], agg)
+                    state[rows] = scored.state
+                    got = scored.scores
+                    for i, score, aggregate in zip(live, got, scored.aggregates, strict=True):
+                        if score is not None:
+                            aggregates[i] = aggregate
                 for i, score in zip(live, got, strict=True):
                     scores[i].append(score)
         finally:
             self.free(paths)
-        return scores
+        return scores, aggregates
+
+
+def fold_scores(state: torch.Tensor, scores: Sequence[float | None], agg: str) -> torch.Tensor:
+    """Fold one step score per row into ``state`` ``[P, 2]`` float32 (aggregate, count), with
+    the float32 arithmetic of :func:`ttscale.ops.prm_step_scores`; a None score leaves its row.
+    Returns a new state."""
+    rows = [i for i, score in enumerate(scores) if score is not None]
+    state = state.clone()
+    if not rows:
+        return state
+    index = torch.tensor(rows, device=state.device)
+    step = torch.tensor([float(scores[i]) for i in rows], dtype=torch.float32, device=state.device)
+    count = state[index, 1]
+    before = torch.where(count > 0, state[index, 0],
+                         torch.full_like(step, PRM_EMPTY_AGGREGATE[agg]))
+    if agg == "last":
+        after = step
+    elif agg == "min":
+        after = torch.fmin(before, step)
+    elif agg == "prod":
+        after = before * step
+    else:
+        after = before + (step - before) / (count + 1)
+    state[index, 0], state[index, 1] = after, count + 1
+    return state
 
 
 def check_parents(paths: Sequence[object], parents) -> list[int]:

@@ -29,7 +29,13 @@ from ttscale.engine.sequence import Problem, Sequence
 from ttscale.errors import InvalidArgument, ModelLoadError, TokenizerError
 from ttscale.model import load_model, load_tokenizer, read_config
 from ttscale.model.loader import check_load_arguments
-from ttscale.verifiers.base import Verifier, check_parents, check_steps, split_steps
+from ttscale.verifiers.base import (
+    ScoredSteps,
+    Verifier,
+    check_parents,
+    check_steps,
+    split_steps,
+)
 from ttscale.verifiers.formats import (
     FORMATS,
     PRMFormat,
@@ -207,7 +213,17 @@ class PRM(Verifier):
     def score(self, paths, steps, final) -> list[float | None]:
         """Append each step to its path, run only the new tokens, return each step's score."""
         self._append(paths, steps, final)
-        return self._read(list(paths))
+        return self._read(list(paths)).scores
+
+    def score_aggregate(self, paths, steps, final, state, agg) -> ScoredSteps:
+        """:meth:`score`, with each path's running aggregate folded on the device by the same
+        :func:`ops.prm_step_scores` call that reads the scores (one read to the host for both)."""
+        self._append(paths, steps, final)
+        return self._read(list(paths), list(range(len(paths))), state, agg)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def free(self, paths) -> None:
         """Release paths; a problem's prefix is released with its last path."""
@@ -292,21 +308,29 @@ class PRM(Verifier):
         searches may score on this PRM at the same time."""
         return getattr(self._thread, "scored", 0)
 
-    def _read(self, paths: list[PRMPath]) -> list[float]:
-        """Run the paths' pending tokens and score each one's latest step."""
+    def _read(self, paths: list[PRMPath], rows: list[int] | None = None,
+              state: torch.Tensor | None = None, agg: str = "last") -> ScoredSteps:
+        """Run the paths' pending tokens and score each one's latest step, folding path ``i``'s
+        score into row ``rows[i]`` of ``state`` (``[S, 2]``; None: one empty row per path).
+        Scores and their rows' aggregates come to the host in one read."""
+        if state is None:
+            state = ops.prm_empty_state(len(paths), agg, self.device)
         if not paths:
-            return []
+            return ScoredSteps([], state, [])
         seqs = [p.seq for p in paths]
         hidden_at = {p.seq: [len(p.seq.tokens) - 1] for p in paths}
         with self.engine.lock:
             before = self.engine.prefilled_tokens
             hidden = self.engine.run_pending(seqs, hidden_at=hidden_at)
             self._count(self.engine.prefilled_tokens - before)
-        rows = torch.cat([hidden[s] for s in seqs])  # [P, H]
+        hidden_rows = torch.cat([hidden[s] for s in seqs])  # [P, H]
         if self.format.kind == "two_class":
-            rows = F.relu(self.model.score_hidden(rows))
-        scores, _ = ops.prm_step_scores(
-            rows, torch.arange(len(paths), device=rows.device), self._weight, self._bias,
-            kind=self.format.kind, num_seqs=len(paths), backend=self.backend,
+            hidden_rows = F.relu(self.model.score_hidden(hidden_rows))
+        index = torch.arange(len(paths)) if rows is None else torch.tensor(rows)
+        index = index.to(hidden_rows.device)
+        scores, state = ops.prm_step_scores(
+            hidden_rows, index, self._weight, self._bias, kind=self.format.kind, agg=agg,
+            state=state.to(hidden_rows.device), backend=self.backend,
         )
-        return scores.tolist()
+        packed = torch.cat([scores, state[index, 0]]).tolist()  # [2P]: scores, then aggregates
+        return ScoredSteps(packed[: len(paths)], state, packed[len(paths) :])
