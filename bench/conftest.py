@@ -170,6 +170,11 @@ def measure_machine(device: torch.device) -> Machine:
     measured = (
         f"measured here: {copy_bw / 1e9:.1f} GB/s (torch copy of {nbytes >> 20} MB, read + write)"
     )
+    if device.type == "cpu":
+        # What a kernel that only reads (attention over a KV cache) can hope for: on some CPUs
+        # a read-only pass moves fewer bytes a second than a copy's reads and writes together.
+        read_bw = nbytes / _best_of(lambda: src.sum(), 5, sync)
+        measured += f"; a read-only pass (torch sum) reads {read_bw / 1e9:.1f} GB/s"
     if device.type == "cuda":
         hopper = any(tag in name for tag in ("H100", "H200"))
         if "H100" in name:
