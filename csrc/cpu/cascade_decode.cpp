@@ -8,7 +8,7 @@
 // paged cache (no transposed copy), the softmax's max, exp and rescale run 16 rows per
 // instruction, and register tiles of 6 keys x 64 rows (scores) and 6 dims x 64 rows (values) do
 // 24 multiply-adds per 10 loads, as a matrix product's inner kernel does. A prompt with fewer
-// work items than threads is split into key ranges, whose partial states level 1 merges.
+// work items than kMinPromptItems is split into key ranges, whose partial states level 1 merges.
 //
 // Level 1, the suffix, is read by only the G query rows of each kv head, so it is bound by
 // memory, not arithmetic: the head dim is the lanes, a token's keys for all of a work item's kv
@@ -48,6 +48,10 @@ constexpr int kValueDims = 6;
 constexpr int64_t kItemRows = 256;
 // A prompt is split into key ranges only while each range keeps at least this many keys.
 constexpr int64_t kMinSplitKeys = 256;
+// Level 0 splits prompts until it has this many work items (enough for 16 threads). The split
+// depends on the shapes only, never on the thread count, so results are the same bits on any
+// number of threads (a split changes the order of the sums).
+constexpr int64_t kMinPromptItems = 16;
 
 // The tokens [begin, begin + n) of one level as row pointers, each at head_offset in its token
 // and `width` elements wide (one kv head or several adjacent ones): an fp32 cache is read in
@@ -316,9 +320,9 @@ struct PromptItem {
   int64_t problem, first, nseq, kv_head, key_begin, key_end, split;
 };
 
-// Splits per prompt: enough items for every thread, each range at least kMinSplitKeys keys.
-int64_t prompt_splits(int64_t base_items, int64_t threads, int64_t prompt_len) {
-  const int64_t wanted = base_items >= threads ? 1 : (threads + base_items - 1) / base_items;
+// Splits per prompt: kMinPromptItems items in all, each range at least kMinSplitKeys keys.
+int64_t prompt_splits(int64_t base_items, int64_t prompt_len) {
+  const int64_t wanted = (kMinPromptItems + base_items - 1) / base_items;
   return std::max<int64_t>(1, std::min(wanted, prompt_len / kMinSplitKeys));
 }
 
@@ -362,7 +366,7 @@ void decode_impl(const AttentionParams& p) {
   for (int64_t prob = 0; prob < p.num_problems; ++prob) {
     const int64_t len = prompt_lens[prob];
     if (len == 0) continue;
-    const int64_t splits = prompt_splits(base_items, threads, len);
+    const int64_t splits = prompt_splits(base_items, len);
     const int64_t chunks = (len + kChunkKeys - 1) / kChunkKeys;
     const int64_t chunks_per_split = (chunks + splits - 1) / splits;
     num_splits = std::max(num_splits, splits);
