@@ -35,8 +35,8 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Keys per step of the online softmax: the scores of a 64-row tile (16 KB) and, for 16-bit
-// caches, the converted keys and values stay in L1 beside the register tiles' operands.
+// Keys per step of the online softmax: the scores of a 64-row tile (about 16 KB) stay in L1
+// beside the register tiles' operands.
 constexpr int64_t kChunkKeys = 64;
 // Level 0: row vectors of a register tile (64 rows); keys of a score tile; dims of a value tile.
 constexpr int kTileVecs = 4;
@@ -76,8 +76,8 @@ void gather_rows(const typename E::storage* cache, const int32_t* table, int64_t
   for (int64_t t = n; t < padded; ++t) rows[t] = rows[n - 1];
 }
 
-// Asks for the rows of keys [begin, begin + n) ahead of their use: a kv head's row is D elements
-// every Hkv * D, and pages are scattered, so the hardware prefetchers see no stream to follow.
+// Asks for one kv head's rows of the tokens [begin, begin + n) ahead of their use: a row is D
+// elements every Hkv * D, and pages are scattered, so the hardware prefetchers see no stream.
 template <typename S>
 void prefetch_rows(const S* cache, const int32_t* table, int64_t block_size, int64_t token_stride,
                    int64_t head_offset, int64_t begin, int64_t n, int64_t D) {
@@ -137,7 +137,7 @@ inline void prompt_values(const float* w, const float* const* v, int64_t n, int6
 
 // One level-0 work item's rows: queries (scaled, transposed), accumulators, max and sum.
 struct PromptState {
-  int64_t stride;  // rows rounded up to kLanes
+  int64_t stride;  // kItemRows: the row dimension of qt and ot
   std::vector<float> qt, ot, m, l;
   PromptState(int64_t D)
       : stride(kItemRows), qt(D * kItemRows), ot(D * kItemRows), m(kItemRows), l(kItemRows) {}
