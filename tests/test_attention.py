@@ -82,6 +82,60 @@ def test_decode_empty_suffix_equals_prompt_only_attention(backend, device):
     assert_close(lse, expected_lse, torch.float32, "lse")
 
 
+# The C++ kernel's tilings: level 0 takes a problem's rows 64 at a time (up to 256 in one work
+# item) and its prompt 64 keys at a time; level 1 takes the suffix 64 tokens and 16 query heads at
+# a time. These layouts cross each of those edges, with GQA groups 1, 3, 4, 7 and 8 and head dims
+# that are not a multiple of 16 (8 is below one vector).
+TILING_LAYOUTS = [
+    # (name, seqs per problem, prompt lens, suffix lens or None, q heads, kv heads, head dim)
+    ("rows_past_one_tile", [20], [70], None, 8, 2, 64),
+    ("rows_past_one_item", [70, 3], [65, 130], None, 8, 2, 32),
+    ("rows_not_a_lane_multiple", [5], [129], [70, 0, 1, 64, 65], 6, 2, 40),
+    ("long_prompt_one_kv_head", [2], [700], [3, 130], 1, 1, 64),
+    ("group_of_eight_tiny_head", [3], [33], [17, 2, 90], 16, 2, 8),
+    ("group_of_seven", [4, 1], [100, 5], None, 14, 2, 80),
+]
+
+
+@pytest.mark.parametrize("backend,device", backend_params("cascade_decode_attention"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,seqs,prompts,suffixes,q_heads,kv_heads,head_dim", TILING_LAYOUTS,
+                         ids=[x[0] for x in TILING_LAYOUTS])
+def test_decode_across_tile_edges(backend, device, dtype, name, seqs, prompts, suffixes, q_heads,
+                                  kv_heads, head_dim):
+    case = make_case(seqs, prompts, suffixes, q_heads=q_heads, kv_heads=kv_heads,
+                     head_dim=head_dim, dtype=dtype, device=device,
+                     seed=zlib.crc32(name.encode()) % 1000)
+    out, lse = _decode(case, backend)
+    ref_out, ref_lse = reference.cascade_decode_attention(*case.args())
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(lse, ref_lse, dtype, "lse")
+
+
+def test_cpu_decode_gives_the_same_bits_on_any_thread_count():
+    """The C++ kernel splits long prompts into key ranges by the shapes alone (a split changes
+    the order of the sums), so 1 and 4 threads give equal bits; the split path is also checked
+    against the reference here. torch's thread count is the kernel's (one OpenMP runtime)."""
+    from paged import missing_feature
+
+    if (why := missing_feature("cpu", "cpu")) is not None:
+        pytest.skip(why)
+    case = make_case([3, 1], [1100, 300], [5, 70, 0, 16], q_heads=2, kv_heads=1, seed=4)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            results.append(_decode(case, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    (out_1, lse_1), (out_4, lse_4) = results
+    assert torch.equal(out_1, out_4) and torch.equal(lse_1, lse_4)
+    ref_out, ref_lse = reference.cascade_decode_attention(*case.args())
+    assert_close(out_4, ref_out, torch.float32, "out")
+    assert_close(lse_4, ref_lse, torch.float32, "lse")
+
+
 def test_plan_groups_sequences_by_problem():
     problem_ids = torch.tensor([2, 0, 2, 1, 0, 2], dtype=torch.int32)
     plan = ops.plan_cascade_decode(problem_ids, 4)

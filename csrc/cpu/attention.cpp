@@ -1,10 +1,9 @@
-// C++ CPU kernels of the paged two-level attention ops.
+// C++ CPU kernels of the paged two-level attention ops but decode (cascade_decode.cpp): prefill,
+// the merge of two states, write_kv.
 //
-// One routine does the work: a set of query rows (query tokens x the query heads of one KV
+// One routine does prefill's work: a set of query rows (query tokens x the query heads of one KV
 // head) reads one level's keys block by block with an online softmax (running max m, running
-// sum l, unnormalised accumulator acc). Decode runs level 0 once per (problem, kv head) for all
-// of the problem's sequences, so the prompt's K/V are converted and read once per problem, then
-// continues each sequence's state over its own suffix. Prefill gives each row a causal limit.
+// sum l, unnormalised accumulator acc), each row with a causal limit.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -13,6 +12,7 @@
 
 #include "attention.h"
 #include "common.h"
+#include "cpu/lanes.h"
 
 namespace ttscale {
 namespace {
@@ -29,22 +29,6 @@ struct SoftmaxState {
   std::vector<float> m, l, acc;
   SoftmaxState(int64_t rows, int64_t dim) : m(rows, kNegInf), l(rows, 0.f), acc(rows * dim, 0.f) {}
 };
-
-// kLanes floats as one value (GCC/Clang vector extension): the compiler maps it onto the
-// target's registers (one with AVX-512, two with AVX2), where plain loops over fixed-size arrays
-// were vectorised only 4 wide.
-constexpr int64_t kLanes = 16;
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline Lanes load_lanes(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof(v)); }
-
-int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // s[i * s_stride + t] = q_i . k_t for R rows q_i = q + i * D and the keys t < n of a block held
 // transposed, kt[d * k_stride + t] (both strides multiples of kLanes). A multiply-add waits for
@@ -98,8 +82,8 @@ inline void block_values(const float* w, const float* v, int64_t v_stride, int64
 }
 
 // s[t] = q . k_t for one query row and keys read in place, k_t = k + t * k_stride (an fp32 cache):
-// a row or two do not amortise attend_level's transposed copy of a block, and a decode step's
-// suffix pass has one row per query head of a KV head.
+// a row or two (prefill of one token with a small GQA group) do not amortise attend_level's
+// transposed copy of a block.
 inline void direct_scores(const float* q, int64_t D, const float* k, int64_t k_stride, int64_t n,
                           float* s) {
   for (int64_t t = 0; t < n; ++t) {
@@ -229,92 +213,6 @@ void load_scaled(const typename E::storage* src, float scale, int64_t D, float* 
   for (int64_t d = 0; d < D; ++d) dst[d] = E::load(src[d]) * scale;
 }
 
-// Sequences of one problem are taken this many at a time for the level-0 pass: large enough to
-// amortise the prompt read, small enough that the rows' accumulators stay in cache.
-constexpr int64_t kSeqsPerTile = 16;
-
-template <typename E>
-void decode_impl(const AttentionParams& p) {
-  using S = typename E::storage;
-  const int64_t B = p.num_seqs, Hq = p.num_q_heads, Hkv = p.num_kv_heads, D = p.head_dim;
-  const int64_t G = Hq / Hkv, BS = p.block_size;
-  const S* q = as_ptr<const S>(p.q);
-  S* out = as_ptr<S>(p.out);
-  float* lse = as_ptr<float>(p.lse);
-  const int32_t* prompt_tables = as_ptr<const int32_t>(p.prompt_block_tables);
-  const int32_t* prompt_lens = as_ptr<const int32_t>(p.prompt_lens);
-  const int32_t* suffix_tables = as_ptr<const int32_t>(p.suffix_block_tables);
-  const int32_t* suffix_lens = as_ptr<const int32_t>(p.suffix_lens);
-  const int32_t* order = as_ptr<const int32_t>(p.seq_order);
-  const int32_t* starts = as_ptr<const int32_t>(p.problem_starts);
-  TTSCALE_CHECK(order != nullptr && starts != nullptr, "cascade decode needs a plan");
-
-  // Level-0 state per (sequence, query head), handed to the level-1 pass.
-  std::vector<float> m0(B * Hq, kNegInf), l0(B * Hq, 0.f), acc0(B * Hq * D, 0.f);
-
-  // Work items of level 0: (problem, tile of its sequences, kv head).
-  std::vector<int64_t> item_problem, item_first;
-  for (int64_t prob = 0; prob < p.num_problems; ++prob) {
-    for (int64_t i = starts[prob]; i < starts[prob + 1]; i += kSeqsPerTile) {
-      item_problem.push_back(prob);
-      item_first.push_back(i);
-    }
-  }
-  const int64_t items = static_cast<int64_t>(item_problem.size()) * Hkv;
-
-#pragma omp parallel
-  {
-    AttentionBuffers buf(BS, D);
-    auto& [kbuf, vbuf, scores] = buf;
-    std::vector<float> q_rows(kSeqsPerTile * G * D);
-    std::vector<int64_t> limit(kSeqsPerTile * G, std::numeric_limits<int64_t>::max());
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t tile = item / Hkv, h = item % Hkv;
-      const int64_t prob = item_problem[tile], first = item_first[tile];
-      const int64_t nseq = std::min<int64_t>(kSeqsPerTile, starts[prob + 1] - first);
-      const int64_t rows = nseq * G;
-      for (int64_t i = 0; i < nseq; ++i) {
-        const int64_t b = order[first + i];
-        for (int64_t g = 0; g < G; ++g)
-          load_scaled<E>(q + (b * Hq + h * G + g) * D, p.scale, D, &q_rows[(i * G + g) * D]);
-      }
-      SoftmaxState st(rows, D);
-      attend_level<E>(p, prompt_tables + prob * p.max_prompt_blocks, prompt_lens[prob], 0, h,
-                      q_rows.data(), limit.data(), rows, st, kbuf, vbuf, scores);
-      for (int64_t i = 0; i < nseq; ++i) {
-        const int64_t b = order[first + i];
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t r = i * G + g, row = b * Hq + h * G + g;
-          m0[row] = st.m[r];
-          l0[row] = st.l[r];
-          std::copy(&st.acc[r * D], &st.acc[r * D] + D, &acc0[row * D]);
-        }
-      }
-    }
-
-    // Level 1: each sequence continues its own state over its suffix.
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < B * Hkv; ++item) {
-      const int64_t b = item / Hkv, h = item % Hkv;
-      SoftmaxState st(G, D);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t row = b * Hq + h * G + g;
-        load_scaled<E>(q + row * D, p.scale, D, &q_rows[g * D]);
-        st.m[g] = m0[row];
-        st.l[g] = l0[row];
-        std::copy(&acc0[row * D], &acc0[row * D] + D, &st.acc[g * D]);
-      }
-      attend_level<E>(p, suffix_tables + b * p.max_suffix_blocks, suffix_lens[b], 0, h,
-                      q_rows.data(), limit.data(), G, st, kbuf, vbuf, scores);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t row = b * Hq + h * G + g;
-        finish_row<E>(st, g, D, out + row * D, lse + row);
-      }
-    }
-  }
-}
-
 // Query tokens of one sequence taken together in prefill.
 constexpr int64_t kQueriesPerTile = 16;
 
@@ -418,10 +316,6 @@ void merge_impl(const MergeParams& p) {
 }
 
 }  // namespace
-
-void cascade_decode_attention_cpu(const AttentionParams& p) {
-  dispatch_dtype(p.dtype, [&](auto e) { decode_impl<decltype(e)>(p); });
-}
 
 void paged_prefill_attention_cpu(const AttentionParams& p) {
   dispatch_dtype(p.dtype, [&](auto e) { prefill_impl<decltype(e)>(p); });

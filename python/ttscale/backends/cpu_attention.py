@@ -1,4 +1,5 @@
-"""The ``cpu`` backend of the attention ops: C++ kernels in csrc/cpu/attention.cpp."""
+"""The ``cpu`` backend of the attention ops: C++ kernels in csrc/cpu/ (cascade_decode.cpp for
+decode, attention.cpp for the others)."""
 
 from __future__ import annotations
 

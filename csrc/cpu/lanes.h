@@ -1,0 +1,95 @@
+// kLanes floats as one value, and the few operations on it that the CPU attention kernels share.
+//
+// Lanes is a GCC/Clang vector extension type: the compiler maps it onto the target's widest
+// registers (one zmm with AVX-512, two ymm with AVX2, four xmm with SSE), so the kernels stay
+// portable C++ and -march=native picks the width. Only sum_lanes16 has an AVX-512 version in
+// intrinsics (behind __AVX512F__), beside a plain fallback that any target compiles.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace ttscale {
+
+constexpr int64_t kLanes = 16;
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IntLanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline Lanes splat(float x) { return Lanes{} + x; }
+
+inline Lanes max_lanes(Lanes a, Lanes b) { return a > b ? a : b; }
+
+inline int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// exp_nonpositive (common.h) on every lane: the same range reduction and polynomial, with floor
+// done by truncation and a correction (the vector extension has no floor). -inf gives 0.
+inline Lanes exp_nonpositive(Lanes x) {
+  const Lanes lowest = splat(-87.3f);
+  const Lanes y = x < lowest ? lowest : x;
+  const Lanes z = y * 1.44269504088896341f + 0.5f;
+  Lanes k = __builtin_convertvector(__builtin_convertvector(z, IntLanes), Lanes);
+  k = k > z ? k - 1.f : k;  // truncation rounds up below zero
+  const Lanes r = y - k * 0.693359375f + k * 2.12194440e-4f;
+  Lanes p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const IntLanes bits = (__builtin_convertvector(k, IntLanes) + 127) << 23;
+  Lanes scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < lowest ? Lanes{} : p * scale;
+}
+
+// Lane i of the result is the sum of the lanes of v[i]: sixteen dot products finished at once.
+// With AVX-512 a transpose-and-add tree does it in 30 shuffles and 15 adds, where summing each
+// vector on its own takes 64 shuffles, each waiting for the one before.
+inline Lanes sum_lanes16(const Lanes* v) {
+#if defined(__AVX512F__)
+  // The tree leaves the sum of input 4c + j in lane 4j + c, so the inputs go in transposed.
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i) {
+    const int a = 2 * i, b = 2 * i + 1;
+    const __m512 va = (__m512)v[((a & 3) << 2) | (a >> 2)];
+    const __m512 vb = (__m512)v[((b & 3) << 2) | (b >> 2)];
+    // 128-bit quarters [a0 + a2, a1 + a3, b0 + b2, b1 + b3].
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(va, vb, 0x44), _mm512_shuffle_f32x4(va, vb, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {
+    // Quarter q holds four partial sums of input 4i + q.
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xDD));
+  }
+  for (int i = 0; i < 2; ++i) {
+    z[i] = _mm512_add_ps(_mm512_shuffle_ps(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(y[2 * i], y[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return (Lanes)sums;
+#else
+  Lanes out;
+  for (int64_t i = 0; i < kLanes; ++i) {
+    float sum = 0.f;
+    for (int64_t j = 0; j < kLanes; ++j) sum += v[i][j];
+    out[i] = sum;
+  }
+  return out;
+#endif
+}
+
+}  // namespace ttscale
