@@ -267,10 +267,8 @@ class Scheduler:
             progressed = list(dict.fromkeys(r for _, r in admitted if isinstance(r, Request)))
             with self._inbox_lock:
                 self._progressed.update((r.request_id, r) for r in progressed if r.public)
-            for request in progressed:
-                for seq in request.seqs:
-                    if seq.finish_reason is not None and not seq.freed:
-                        self.engine.free([seq])
+            for request in progressed:  # the finished samples' blocks, in one batched free
+                self.engine.free([s for s in request.seqs if s.finish_reason is not None])
                 if not request.unfinished:
                     self._finish(request)
             self._last_stats = self._stats()
@@ -296,7 +294,8 @@ class Scheduler:
                 need = pool.blocks_needed(seq.row, seq.kv_len, new)
                 if need > pool.num_free and not self._make_room(need, (owner.arrival, seq)):
                     return admitted
-                pool.reserve(seq.row, seq.kv_len, new)  # the device's part runs batched, later
+                if need:  # the device's part runs batched, later
+                    pool.reserve(seq.row, seq.kv_len, new)
                 admitted.append((seq, owner))
             if isinstance(owner, Request):
                 owner.preempted = False
