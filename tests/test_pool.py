@@ -98,6 +98,21 @@ def test_every_read_is_one_counted_transfer():
     assert [t.tolist() for t in got] == [[[3, 4]], [[True, False]], [0.5, -1.25]]
 
 
+def test_a_packed_read_gives_back_every_part_bit_for_bit():
+    """The one transfer a device read makes: parts of every dtype and odd byte sizes,
+    concatenated and viewed back (run here on CPU tensors)."""
+    from ttscale.engine.pool import _packed_read
+
+    parts = [torch.tensor([[3, 4, 5]], dtype=torch.int64), torch.tensor([True, False, True]),
+             torch.tensor([0.5, -1.25, float("nan")], dtype=torch.float32),
+             torch.tensor([7], dtype=torch.int8), torch.arange(5, dtype=torch.int32).reshape(5, 1),
+             torch.empty(0, 3, dtype=torch.float64)]
+    got = _packed_read(parts)
+    assert all(g.dtype == p.dtype and g.shape == p.shape for g, p in zip(got, parts, strict=True))
+    assert all(torch.equal(g.view(torch.uint8), p.view(torch.uint8))
+               for g, p in zip(got, parts, strict=True))
+
+
 def test_bad_sizes_are_named():
     with pytest.raises(ValueError, match="num_blocks"):
         Pool(0, 16)

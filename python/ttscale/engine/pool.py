@@ -91,18 +91,11 @@ class Pool:
         step's forks, whose children then keep only their full blocks)."""
         self.flush()
         parts = [*tensors, self.state.free_top, self.state.status]
-        flat = []
-        for t in parts:
-            raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-            pad = -raw.numel() % 8  # keep every part 8-byte aligned for its view back
-            flat.append(raw if not pad else torch.cat([raw, raw.new_zeros(pad)]))
-        host = torch.cat(flat).cpu() if flat else torch.empty(0, dtype=torch.uint8)
         self.host_reads += 1
-        out, at = [], 0
-        for t in parts:
-            n = t.numel() * t.element_size()
-            out.append(host[at:at + n].view(t.dtype).reshape(t.shape))
-            at += n + (-n % 8)
+        if self.device.type == "cpu":  # already in host memory: packing would only copy
+            out = [t.detach() for t in parts]
+        else:
+            out = _packed_read(parts)
         free_top, status = out[len(tensors)], out[len(tensors) + 1]
         self.num_free = int(free_top[0])
         if int(status[0]) & POOL_EXHAUSTED:
@@ -375,3 +368,20 @@ class Pool:
         self.used += [0] * have
         self.private_from += [0] * have
         self._free_rows = list(range(2 * have - 1, have - 1, -1)) + self._free_rows
+
+
+def _packed_read(parts: list[Tensor]) -> list[Tensor]:
+    """``parts`` (device tensors) copied to the host in one transfer: their bytes concatenated,
+    each padded to 8 so that every part views back at an aligned offset."""
+    flat = []
+    for t in parts:
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        pad = -raw.numel() % 8
+        flat.append(raw if not pad else torch.cat([raw, raw.new_zeros(pad)]))
+    host = torch.cat(flat).cpu()
+    out, at = [], 0
+    for t in parts:
+        n = t.numel() * t.element_size()
+        out.append(host[at:at + n].view(t.dtype).reshape(t.shape))
+        at += n + (-n % 8)
+    return out
