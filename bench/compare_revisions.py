@@ -87,7 +87,8 @@ def main() -> None:
                     times[name].append(result["seconds"])
             tokens = samples * 64
             old, new = statistics.median(times["old"]), statistics.median(times["new"])
-            print(f"{getattr(be, shape).name} 1x{samples} P=512 T=64: old {old:.3f} s ({tokens / old:.0f} tok/s), "
+            print(f"{getattr(be, shape).name} 1x{samples} P=512 T=64: "
+                  f"old {old:.3f} s ({tokens / old:.0f} tok/s), "
                   f"new {new:.3f} s ({tokens / new:.0f} tok/s), new/old {new / old:.3f}; "
                   f"rounds old {[round(t, 3) for t in times['old']]} "
                   f"new {[round(t, 3) for t in times['new']]}")

@@ -96,7 +96,7 @@ class EngineStats:
     total_blocks: int
     prefix_hit_tokens: int  # prompt tokens served from other requests' blocks
     steps: int
-    host_reads: int  # device-to-host reads of decode results since the engine started
+    host_reads: int  # device-to-host reads (Pool.read_host) since the engine started
     preemptions: int = 0  # sequences or prompts evicted to make room, since the start
 
 
