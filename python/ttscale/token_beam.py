@@ -146,7 +146,8 @@ def _waves(engine, ids: list[list[int]], params: BeamSearchParams) -> list[list[
     ``max_tokens`` plus one block for a fork's copied partial block."""
     blocks = engine.pool
     per_beam = blocks.blocks_for(params.max_tokens + 1) + 1
-    blocks.refresh()  # the free count now: one read of the pool, once per call
+    with engine.lock:  # the free count now: one read of the pool, once per call
+        blocks.refresh()
     waves: list[list[int]] = [[]]
     used = 0
     for i, prompt in enumerate(ids):

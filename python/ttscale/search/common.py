@@ -280,7 +280,8 @@ def plan_waves(
     counting each sequence at ``max_tokens`` and one more block for a fork's partial block."""
     blocks = engine.pool
     per_sequence = blocks.blocks_for(max_tokens + 1) + 1
-    free = blocks.refresh()  # the free count now: one read of the pool, once per call
+    with engine.lock:  # the free count now: one read of the pool, once per call
+        free = blocks.refresh()
     waves: list[list[int]] = [[]]
     used = 0
     for p, prompt in enumerate(prompts):
