@@ -556,7 +556,7 @@ def test_tokasaurus_workload(model_dirs, machine, tables):
         "floor tok/s (all resident)": w.generated / floor.seconds,
         "of floor": f"{floor.seconds / seconds:.0%}",
         "peak sequences": llm.engine.peak_sequences,
-        "KV pool blocks": llm.engine.blocks.num_blocks,
+        "KV pool blocks": llm.engine.pool.num_blocks,
         "peak MB (after build)": peak / 1e6,
     }
     tables.note(table, "floor tok/s assumes every sequence resident at once (each prompt read "

@@ -26,7 +26,7 @@ def test_beam_search_of_width_one_is_greedy_decoding(tmp_path, monkeypatch):
     prompts = torch.randint(3, 512, (3, 20), generator=torch.Generator().manual_seed(1)).tolist()
     monkeypatch.setattr(bench_beam, "WIDTH", 1)
     beams = bench_beam.beam_search(engine, prompts, 10)
-    assert engine.blocks.num_free == engine.blocks.num_blocks  # it freed every beam and prompt
+    assert engine.pool.refresh() == engine.pool.num_blocks  # it freed every beam and prompt
     seqs = [engine.fork(p, 1)[0] for p in engine.add_many(prompts)]
     engine.decode(seqs, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
     assert beams == [s.output_ids for s in seqs]
@@ -73,8 +73,8 @@ def test_best_of_n_replays_the_lengths_and_scores_every_new_token(tmp_path, monk
         assert low <= search.generated <= high
         # The PRM prefills each candidate once: its tokens and the prompt's last one per path.
         assert search.scored == search.generated + 2 * 4
-        assert search.policy.blocks.num_free == search.policy.blocks.num_blocks
-        assert search.prm.blocks.num_free == search.prm.blocks.num_blocks
+        assert search.policy.pool.refresh() == search.policy.pool.num_blocks
+        assert search.prm.pool.refresh() == search.prm.pool.num_blocks
     finally:
         search.close()
 
@@ -85,7 +85,7 @@ def test_beam_search_scores_only_new_steps(tmp_path, monkeypatch):
     try:
         search.beam_search(bench_search.subset(2), 8, random.Random(0))
         assert search.scored == search.generated + 2 * 8  # each step once, on the shared prefix
-        assert search.policy.blocks.num_free == search.policy.blocks.num_blocks
-        assert search.prm.blocks.num_free == search.prm.blocks.num_blocks
+        assert search.policy.pool.refresh() == search.policy.pool.num_blocks
+        assert search.prm.pool.refresh() == search.prm.pool.num_blocks
     finally:
         search.close()

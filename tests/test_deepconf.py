@@ -198,20 +198,20 @@ def test_the_device_stop_fires_at_the_reference_token(owner, request):
     sampling = ttscale.SamplingParams(temperature=1.0, max_tokens=48, logprobs=k, ignore_eos=True,
                                       seed=3)
     threshold = probe_threshold(llm, sampling, window, k)
-    free = engine.blocks.num_free
+    free = engine.pool.refresh()
     problem = engine.add(engine.tokenizer.encode("Q: (3*4)-5\n"))
     seqs = engine.fork(problem, 8)
     control = ConfidenceStop(window, k)
     control.watch(seqs, threshold)
-    reads = engine.runner.host_reads
+    reads = engine.pool.host_reads
     engine.decode(seqs, sampling, confidence_stop=control)
-    windows = engine.runner.host_reads - reads
+    windows = engine.pool.host_reads - reads
     assert windows <= math.ceil(48 / engine.window) + 1  # one read per window, not per token
     assert check_stops(seqs, window, k, threshold) >= 3
     assert any(window < s.generated < 40 for s in seqs if s.finish_reason == "confidence")
     engine.free(seqs)
     engine.free_problem(problem)
-    assert engine.blocks.num_free == free
+    assert engine.pool.refresh() == free
 
 
 def test_unwatched_rows_and_requests_beside_the_stop_are_unchanged(llm):
@@ -279,10 +279,10 @@ def weighted_answer(result, kept: list[int]):
 @pytest.mark.parametrize("keep_fraction, score",
                          [(0.5, "lowest"), (1.0, "bottom10"), (0.25, "tail")])
 def test_offline_keeps_the_most_confident_and_votes_by_confidence(llm, keep_fraction, score):
-    free = llm.engine.blocks.num_free
+    free = llm.engine.pool.refresh()
     results = search(llm, n=8, keep_fraction=keep_fraction, confidence_score=score,
                      confidence_window=4, confidence_tail=8)
-    assert llm.engine.blocks.num_free == free
+    assert llm.engine.pool.refresh() == free
     for r in results:
         assert len(r.candidates) == 8 and r.extra["stopped"] == 0 and r.extra["threshold"] is None
         kept, answer = reference_vote(r, math.ceil(keep_fraction * 8))
@@ -306,9 +306,9 @@ def test_offline_votes_over_the_samples_best_of_n_draws(llm):
 
 
 def test_online_stops_traces_below_the_warmup_threshold(llm):
-    free = llm.engine.blocks.num_free
+    free = llm.engine.pool.refresh()
     results = search(llm, n=12, n_init=4, keep_fraction=0.5, consensus=1.0, confidence_window=4)
-    assert llm.engine.blocks.num_free == free
+    assert llm.engine.pool.refresh() == free
     stopped = 0
     for r in results:
         assert 4 <= len(r.candidates) <= 12 and r.extra["threshold"] is not None

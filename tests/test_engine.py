@@ -7,8 +7,8 @@ import pytest
 import torch
 from tiny_models import build_tiny_llama
 
-from ttscale.engine.block_manager import PoolExhausted
 from ttscale.engine.engine import Engine
+from ttscale.errors import PoolExhausted
 from ttscale.llm import LLM
 from ttscale.model import load_model, load_tokenizer
 from ttscale.sampling_params import SamplingParams
@@ -114,14 +114,14 @@ def test_seeded_sample_is_the_same_alone_or_in_a_batch(model_dir):
 
 def test_prompt_kv_is_stored_once(engine):
     problem = engine.add(PROMPT + PROMPT)
-    used_by_prompt = engine.blocks.num_blocks - engine.blocks.num_free
+    used_by_prompt = engine.pool.num_blocks - engine.pool.refresh()
     one = engine.fork(problem, 1)
     engine.decode(one, GREEDY, max_new_tokens=10)
-    used_n1 = engine.blocks.num_blocks - engine.blocks.num_free
+    used_n1 = engine.pool.num_blocks - engine.pool.refresh()
     many = engine.fork(problem, 64)
     engine.decode(many, GREEDY, max_new_tokens=10)
-    used_n65 = engine.blocks.num_blocks - engine.blocks.num_free
-    suffix_blocks = engine.blocks.blocks_for(10)  # the prompt's last token + 9 fed samples
+    used_n65 = engine.pool.num_blocks - engine.pool.refresh()
+    suffix_blocks = engine.pool.blocks_for(10)  # the prompt's last token + 9 fed samples
     assert used_n1 - used_by_prompt == suffix_blocks
     assert used_n65 - used_n1 == 64 * suffix_blocks
 
@@ -152,12 +152,12 @@ def test_generate_returns_n_completions_per_prompt(model_dir):
 def test_generate_streams_through_a_small_pool(model_dir):
     """More samples than the pool holds at once: all complete, nothing leaks."""
     llm = LLM(model_dir, kv_budget_bytes=1 << 18, block_size=8)
-    num_blocks = llm.engine.blocks.num_blocks
+    num_blocks = llm.engine.pool.num_blocks
     params = SamplingParams(n=40, temperature=1.0, max_tokens=30, ignore_eos=True, seed=0)
-    assert 40 * llm.engine.blocks.blocks_for(31) > num_blocks  # it cannot all fit at once
+    assert 40 * llm.engine.pool.blocks_for(31) > num_blocks  # it cannot all fit at once
     outs = llm.generate([PROMPT, PROMPT[:7]], params, use_tqdm=False)
     assert all(len(c.token_ids) == 30 for o in outs for c in o.outputs)
-    assert llm.engine.blocks.num_free == num_blocks
+    assert llm.engine.pool.refresh() == num_blocks
 
 
 def test_a_sequence_that_can_never_fit_is_an_error_naming_numbers(model_dir):
@@ -200,7 +200,7 @@ def test_select_and_fork_keeps_the_best_and_frees_the_rest(engine, hf_model):
     assert parents == [1, 1, 3, 3] and offsets == [0, 2, 4]
     assert kids[0] is cands[1] and kids[2] is cands[3]  # a kept candidate carries on as its first child
     assert [c.freed for c in cands] == [True, False, True, False, True]
-    engine.blocks.check([p.block_table for p in problems] + [k.block_table for k in kids])
+    engine.pool.check([p.row for p in problems] + [k.row for k in kids])
     for kid, p in zip(kids, parents):
         assert kid.tokens == before[p]
     # The children continue exactly as a fresh prefill of their context would.
@@ -212,7 +212,7 @@ def test_select_and_fork_keeps_the_best_and_frees_the_rest(engine, hf_model):
     engine.free(kids)
     for p in problems:
         engine.free_problem(p)
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.pool.refresh() == engine.pool.num_blocks
 
 
 def test_a_seeded_generate_call_repeats(model_dir):
@@ -250,7 +250,7 @@ def test_stop_strings_match_the_generated_text_only(model_dir, kind):
 
 def test_generate_checks_every_prompt_before_any_work(model_dir):
     llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
-    blocks = llm.engine.blocks
+    blocks = llm.engine.pool
     with pytest.raises(ValueError, match=r"prompts\[1\]: token id 999 outside the vocabulary"):
         llm.generate([PROMPT, [1, 5, 999]], SamplingParams(max_tokens=5), use_tqdm=False)
     with pytest.raises(ValueError, match=r"prompts\[1\]: empty prompt"):
@@ -263,12 +263,12 @@ def test_generate_checks_every_prompt_before_any_work(model_dir):
     with pytest.raises(ValueError, match=r"prompts\[1\]: its prompt and one sample of "
                                          r"max_tokens=100 need \d+ KV blocks, the pool has 16"):
         small.generate([PROMPT, long_prompt], SamplingParams(max_tokens=100), use_tqdm=False)
-    assert blocks.num_free == blocks.num_blocks and small.engine.blocks.num_free == 16
+    assert blocks.refresh() == blocks.num_blocks and small.engine.pool.refresh() == 16
 
 
 def test_a_failed_generate_call_frees_its_blocks(model_dir, monkeypatch):
     llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
-    blocks, decode_window = llm.engine.blocks, llm.engine.runner.decode_window
+    blocks, decode_window = llm.engine.pool, llm.engine.runner.decode_window
     calls = []
 
     def failing_window(*args, **kwargs):
@@ -281,9 +281,10 @@ def test_a_failed_generate_call_frees_its_blocks(model_dir, monkeypatch):
     with pytest.raises(RuntimeError, match="device lost"):
         llm.generate([PROMPT, PROMPT[:7]], SamplingParams(n=4, max_tokens=30, ignore_eos=True),
                      use_tqdm=False)
+    blocks.refresh()  # stats() reports the figures of the pool's last read
     assert llm.stats().free_blocks == blocks.num_blocks  # free, or held by the prefix cache alone
     llm.scheduler.cache.clear()
-    assert blocks.num_free == blocks.num_blocks
+    assert blocks.refresh() == blocks.num_blocks
     monkeypatch.undo()
     outs = llm.generate([PROMPT], SamplingParams(n=2, max_tokens=5), use_tqdm=False)  # still usable
     assert len(outs[0].outputs) == 2
@@ -343,7 +344,7 @@ def test_unseeded_calls_never_repeat_a_seeded_call_or_a_search(model_dir):
 
 def test_a_prefill_that_fails_frees_its_blocks(model_dir, monkeypatch):
     llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=8)
-    blocks, prefill = llm.engine.blocks, llm.engine.runner.prefill_prompts
+    blocks, prefill = llm.engine.pool, llm.engine.runner.prefill_prompts
     calls = []
 
     def failing_prefill(problems, start=None):
@@ -355,9 +356,10 @@ def test_a_prefill_that_fails_frees_its_blocks(model_dir, monkeypatch):
     monkeypatch.setattr(llm.engine.runner, "prefill_prompts", failing_prefill)
     with pytest.raises(KeyboardInterrupt):
         llm.generate([PROMPT, PROMPT[:9]], SamplingParams(max_tokens=5), use_tqdm=False)
+    blocks.refresh()  # stats() reports the figures of the pool's last read
     assert llm.stats().free_blocks == blocks.num_blocks
     llm.scheduler.cache.clear()
-    assert blocks.num_free == blocks.num_blocks
+    assert blocks.refresh() == blocks.num_blocks
 
 
 def test_cuda_graphs_need_a_cuda_device(tmp_path):

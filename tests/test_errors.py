@@ -541,7 +541,7 @@ def test_the_engine_keeps_serving_after_bad_inputs(models):
     (out,) = llm.generate(PROBLEM, SP(temperature=0, max_tokens=60), use_tqdm=False)
     assert out.outputs[0].text == "88-5=83\n83-18=65\nanswer: 65\n"
     assert not llm.has_unfinished_requests()
-    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+    assert llm.engine.pool.refresh() == llm.engine.pool.num_blocks
 
 
 def test_numpy_integers_and_arrays_are_taken(models):
@@ -576,7 +576,7 @@ def test_a_request_larger_than_the_pool_runs_piecewise(one_thread):
     params = SP(n=24, max_tokens=30, seed=1)
     (out,) = llm.generate(PROBLEM, params, use_tqdm=False)
     assert len(out.outputs) == 24 and all(c.finish_reason for c in out.outputs)
-    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+    assert llm.engine.pool.refresh() == llm.engine.pool.num_blocks
 
 
 def test_score_text_takes_lists(models):
@@ -611,6 +611,6 @@ def test_a_verifier_that_raises_fails_its_search_only(models, strategy, monkeypa
     with pytest.raises(RuntimeError, match="fell over"):
         search(llm, [PROBLEM, "Q: (12+7)*3\n"], 4, **common, **extra)
     monkeypatch.undo()
-    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
-    assert prm.engine.blocks.num_free == prm.engine.blocks.num_blocks
+    assert llm.engine.pool.refresh() == llm.engine.pool.num_blocks
+    assert prm.engine.pool.refresh() == prm.engine.pool.num_blocks
     assert [r.answer for r in search(llm, [PROBLEM, "Q: (12+7)*3\n"], 4, **common, **extra)] == expected

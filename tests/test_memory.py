@@ -36,8 +36,8 @@ def free(monkeypatch):
 
 
 def pool_bytes(engine: Engine) -> int:
-    per_block = block_bytes(engine.model.config, engine.blocks.block_size, torch.float32)
-    return engine.blocks.num_blocks * per_block
+    per_block = block_bytes(engine.model.config, engine.pool.block_size, torch.float32)
+    return engine.pool.num_blocks * per_block
 
 
 def test_policy_and_prm_split_one_budget(model, free):

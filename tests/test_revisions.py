@@ -260,7 +260,7 @@ def test_costs_add_up_and_everything_is_freed(llm):
     assert sum(r.cost.generated_tokens for r in results) == engine.generated_tokens - generated
     assert sum(r.cost.prefilled_tokens for r in results) == engine.prefilled_tokens - prefilled
     assert sum(r.cost.scored_tokens for r in results) == verifier.scored_tokens
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.pool.refresh() == engine.pool.num_blocks
     assert not verifier.live
 
 

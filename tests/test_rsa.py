@@ -238,7 +238,7 @@ def test_the_shared_prefix_is_prefilled_once(llm, kind):
         assert r.extra["aggregation_prefill_tokens"] == total - (len(prompt) - 1)
         if kind == "after the prompt":
             assert shared[0] > len(prompt) + 10  # the instruction is shared, and prefilled once
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.pool.refresh() == engine.pool.num_blocks
 
 
 def _drawn_texts(llm, result):
@@ -315,7 +315,7 @@ def test_costs_add_up_and_everything_is_freed(llm):
     for r in results:  # three populations of three, every member at least one token
         assert 9 <= r.cost.generated_tokens <= 9 * SAMPLING.max_tokens
         assert r.extra["aggregation_prefill_tokens"] > 0
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.pool.refresh() == engine.pool.num_blocks
 
 
 def raises(message):
@@ -343,7 +343,7 @@ def test_bad_options_are_named_and_leave_the_pool_empty(llm, options, name):
     with pytest.raises(InvalidArgument) as error:
         run_rsa(llm, aggregation_rounds=options.pop("aggregation_rounds", 1), **options)
     assert error.value.param == name and str(error.value).startswith(name)
-    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+    assert llm.engine.pool.refresh() == llm.engine.pool.num_blocks
 
 
 def test_the_registry_declares_it():

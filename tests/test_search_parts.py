@@ -64,7 +64,7 @@ def test_select_and_fork_with_no_children_frees_every_candidate(llm):
     forked = select_and_fork(engine, seqs, [1.0, 2.0, 3.0, 4.0], [2, 2], keep=[1, 5], children=0)
     assert forked.children == [] and forked.group_sizes == [0, 0]
     engine.free_problem(seqs[0].problem)
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.pool.refresh() == engine.pool.num_blocks
 
 
 def test_forked_children_decode_on_and_free_cleanly(llm):
@@ -75,7 +75,7 @@ def test_forked_children_decode_on_and_free_cleanly(llm):
     assert forked.children[0].output_ids == forked.children[1].output_ids  # greedy, same past
     engine.free(forked.children)
     engine.free_problem(seqs[0].problem)
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.pool.refresh() == engine.pool.num_blocks
 
 
 def test_select_and_fork_rejects_group_sizes_that_miss_candidates(llm):
@@ -160,8 +160,8 @@ def test_prompt_fn_gives_text_or_token_ids(policy_dir):
 
 def test_waves_split_problems_that_do_not_fit_the_pool_together(llm):
     engine = llm.engine
-    per_problem = 1 + 4 * (engine.blocks.blocks_for(41) + 1)  # prompt block + 4 sequences
-    fits = engine.blocks.num_free // per_problem
+    per_problem = 1 + 4 * (engine.pool.blocks_for(41) + 1)  # prompt block + 4 sequences
+    fits = engine.pool.refresh() // per_problem
     waves = plan_waves(engine, [[1, 2, 3]] * (2 * fits + 1), 4, 40)
     assert [len(w) for w in waves] == [fits, fits, 1]
     assert sum(waves, []) == list(range(2 * fits + 1))

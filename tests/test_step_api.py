@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 from tiny_models import build_tiny_llama
 
 from ttscale.errors import InvalidArgument, TTScaleError, UnknownRequest
@@ -31,9 +32,9 @@ def make_llm(model_dir, blocks: int | None = None) -> LLM:
     if blocks is None:
         return LLM(model_dir, kv_budget_bytes=4 << 20, block_size=BLOCK)
     probe = LLM(model_dir, kv_budget_bytes=1 << 20, block_size=BLOCK)
-    per_block = (1 << 20) // probe.engine.blocks.num_blocks
+    per_block = (1 << 20) // probe.engine.pool.num_blocks
     llm = LLM(model_dir, kv_budget_bytes=blocks * per_block, block_size=BLOCK)
-    assert llm.engine.blocks.num_blocks == blocks
+    assert llm.engine.pool.num_blocks == blocks
     return llm
 
 
@@ -218,6 +219,45 @@ def test_stats_count_steps_and_one_host_read_a_step(model_dir):
     assert llm.stats().host_reads - after.host_reads == llm.stats().steps - after.steps
 
 
+def test_a_step_reads_the_device_once_and_a_window_once_for_its_steps(model_dir):
+    """Every read of the engine goes through the pool's one counted read: one a scheduler step,
+    the tokens, finish flags and the pool's free count packed together; with a window of 4
+    decode steps a scheduler step reads once for its 4 tokens (20 tokens: 5 reads, not 20)."""
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=20, ignore_eos=True, seed=3)
+    last = {}
+    for window in (1, 4):
+        llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=BLOCK, window=window)
+        llm.add_request(PROMPT, params)
+        reads = []
+        while llm.has_unfinished_requests():
+            before = llm.stats().host_reads
+            last[window] = llm.step()
+            reads.append(llm.stats().host_reads - before)
+        assert reads == [1] * (20 // window)
+    assert tokens(last[1]) == tokens(last[4]) and len(last[4][0].outputs[0].token_ids) == 20
+
+
+def test_a_beam_search_step_reads_the_device_once(model_dir):
+    """A search step's selection and forks run on the pool's device; the host reads the
+    children's parents and lengths once per step, with the decode's one read per step."""
+    llm = make_llm(model_dir)
+    engine = llm.engine
+    problem = engine.add(PROMPT)
+    seqs = engine.fork(problem, 6)
+    sampling = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, seed=1)
+    for _ in range(3):
+        before = engine.pool.host_reads
+        engine.decode(seqs, sampling, max_new_tokens=1)
+        decoded = engine.pool.host_reads - before
+        seqs, parents, offsets = engine.select_and_fork(seqs, [float(i % 4) for i in range(6)],
+                                                        [6], keep=3, children=2)
+        assert decoded == 1 and engine.pool.host_reads - before == 2
+        assert (offsets, parents) == ([0, 6], [3, 3, 2, 2, 1, 1])  # best first, ties to the lower
+    engine.free(seqs)
+    engine.free_problem(problem)
+    assert engine.pool.num_free == engine.pool.num_blocks  # no row is live: known unread
+
+
 def test_generate_calls_from_two_threads_share_steps(model_dir):
     llm = make_llm(model_dir)
     params = [SamplingParams(n=4, temperature=1.0, max_tokens=30, ignore_eos=True, seed=s)
@@ -296,44 +336,56 @@ def test_the_cache_gives_its_blocks_back_when_the_pool_runs_short(model_dir):
     assert len(outs) == 12 and all(o.finished for o in outs.values())
     assert llm.stats().free_blocks == 24
     cache = llm.scheduler.cache
-    assert cache.key_of and all(llm.engine.blocks.ref_counts[b] == 1 for b in cache.key_of)
+    counts = llm.engine.pool.state.ref_counts[cache.hit_blocks(list(cache.key_of)).long()]
+    assert cache.key_of and counts.eq(1).all()  # the cache alone holds what it indexes
     cache.clear()
-    assert llm.engine.blocks.num_free == 24
+    assert llm.engine.pool.refresh() == 24
 
 
 def test_prefix_cache_keeps_the_pool_invariants_over_random_use():
     import random
 
-    from ttscale.engine.block_manager import BlockManager
+    from ttscale.engine.pool import Pool
     from ttscale.engine.prefix_cache import PrefixCache
 
     rng = random.Random(0)
-    blocks = BlockManager(40, 4)
-    cache = PrefixCache(blocks)
-    tables: list[list[int]] = []
+    pool = Pool(40, 4)
+    cache = PrefixCache(pool)
+    rows: list[int] = []
     prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
-    for _ in range(2000):
+    for step in range(2000):
         action = rng.random()
         if action < 0.5:
             prompt = rng.choice(prefixes)[: rng.randrange(1, 13)] + [rng.randrange(50) for _ in range(rng.randrange(6))]
             hit = cache.match(prompt)
-            need = blocks.blocks_for(len(prompt) - 1) - len(hit)
+            need = pool.blocks_for(len(prompt) - 1) - len(hit)
             cache.evict(need)
-            if need > blocks.num_free:
-                blocks.free(hit)
+            if need > pool.num_free:
+                cache.unmatch(hit)
                 continue
-            table = hit + blocks.allocate(need)
-            cache.insert(prompt, table)
-            tables.append(table)
-        elif tables:
-            blocks.free(tables.pop(rng.randrange(len(tables))))
+            (row,) = pool.new_rows(1)
+            pool.set_prefix(row, cache.hit_blocks(hit) if hit else torch.empty(0))
+            pool.reserve(row, len(hit) * 4, len(prompt) - 1 - len(hit) * 4)
+            cache.insert(prompt, row, hit)
+            rows.append(row)
+        elif rows:
+            row = rows.pop(rng.randrange(len(rows)))
+            cache.forget_row(row)
+            pool.release([row])
+        if step % 10 == 0:  # a read now and then, as the engine's steps make them
+            free = pool.num_free
+            assert pool.refresh() >= free  # the host's figure is a lower bound
         indexed = list(cache.key_of)
-        blocks.check(tables + [[b] for b in indexed])  # the cache's own reference counts too
-        for block in indexed:
-            parent = cache.key_of[block][0]
+        if step % 50 == 0:  # the cache's own references count too
+            pool.check(rows, cache.hit_blocks(indexed) if indexed else None)
+        for entry in indexed:
+            parent = cache.key_of[entry][0]
             assert parent == -1 or parent in cache.key_of  # a chain never loses its head
-        assert cache.evictable() + blocks.num_free <= blocks.num_blocks
-    for table in tables:
-        blocks.free(table)
+        assert cache.evictable() + pool.num_free <= pool.num_blocks
+    for row in rows:
+        cache.forget_row(row)
+    pool.release(rows)
+    assert cache.evictable() == len(cache.key_of)  # known without a read
     cache.clear()
-    assert blocks.num_free == blocks.num_blocks
+    assert pool.refresh() == pool.num_blocks
+    pool.check([])

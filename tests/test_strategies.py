@@ -161,7 +161,7 @@ def test_search_frees_every_block_and_verifier_path(llm, name):
 
 
 def engine_is_empty(engine) -> bool:
-    return engine.blocks.num_free == engine.blocks.num_blocks
+    return engine.pool.refresh() == engine.pool.num_blocks
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))

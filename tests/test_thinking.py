@@ -168,7 +168,7 @@ def test_min_thinking_writes_the_continue_text_at_most_max_extensions_times(one_
     assert extended >= 10
     engine.free(seqs)
     engine.free_problem(prompt)
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.pool.refresh() == engine.pool.num_blocks
 
 
 def test_state_follows_stops_inside_a_window_and_forks(one_thread, policy, hf_model, tokenizer):

@@ -71,7 +71,7 @@ def assert_matches(outputs, expected):
 def test_equals_brute_force_beam_search(model_dir, hf_model, width):
     llm = LLM(model_dir, kv_budget_bytes=4 << 20, block_size=BLOCK)
     prompts = random_prompts(f"beam-{width}", [5, 13], hf_model.config.vocab_size)
-    free = llm.engine.blocks.num_free
+    free = llm.engine.pool.refresh()
     params = BeamSearchParams(beam_width=width, max_tokens=7, ignore_eos=True)
     outputs = llm.beam_search(prompts, params)
     assert all(isinstance(o, BeamSearchOutput) for o in outputs)
@@ -79,7 +79,7 @@ def test_equals_brute_force_beam_search(model_dir, hf_model, width):
         assert out.prompt_token_ids == prompt
         assert_matches(out, reference_beam_search(hf_model, prompt, width, 7, set(), True, 1.0))
         assert all(len(s.token_ids) == 7 and s.finish_reason == "length" for s in out.sequences)
-    assert llm.engine.blocks.num_free == free  # every beam and prompt block went back
+    assert llm.engine.pool.refresh() == free  # every beam and prompt block went back
 
 
 def test_eos_finishes_beams_ranked_with_the_length_penalty(model_dir, hf_model, tmp_path):

@@ -218,13 +218,13 @@ def test_forked_paths_of_several_problems_score_like_independent_ones(prm_dir, f
 
 def test_forks_share_the_prefix_and_add_only_suffix_blocks(prm_dir):
     prm, _, _ = prm_for(prm_dir, "qwen2.5-math-prm", "chatml")
-    blocks = prm.engine.blocks
+    blocks = prm.engine.pool
     (root,) = prm.start([QUESTION])
     (path,) = prm.fork([root], [0])
     prm.score([path], [STEPS[0]], [False])
-    used = blocks.num_blocks - blocks.num_free
+    used = blocks.num_blocks - blocks.refresh()
     kids = prm.fork([path], [0, 0, 0])
-    assert blocks.num_blocks - blocks.num_free == used  # a fork copies no block
+    assert blocks.num_blocks - blocks.refresh() == used  # a fork copies no block
     length, size = path.seq.kv_len, blocks.block_size
     steps = [STEPS[1], STEPS[2], "x"]
     new_tokens = [len(prm.format.step(s, 1, path.last).ids) for s in steps]
@@ -233,11 +233,12 @@ def test_forks_share_the_prefix_and_add_only_suffix_blocks(prm_dir):
     # block it writes into; the prefix and the parent's full blocks stay shared.
     ceil = lambda n: -(-n // size)
     grown = sum(ceil(length + n) - ceil(length) + (length % size > 0) for n in new_tokens)
-    assert blocks.num_blocks - blocks.num_free == used + grown
+    assert blocks.num_blocks - blocks.refresh() == used + grown
     for kid in kids:
-        assert kid.seq.block_table[: length // size] == path.seq.block_table[: length // size]
+        shared = length // size
+        assert blocks.read_table(kid.seq.row)[:shared] == blocks.read_table(path.seq.row)[:shared]
     prm.free([root, path, *kids])
-    assert blocks.num_free == blocks.num_blocks
+    assert blocks.refresh() == blocks.num_blocks
 
 
 def test_scored_tokens_counts_each_token_once(prm_dir):
@@ -267,9 +268,9 @@ def test_freeing_every_path_returns_every_block(prm_dir):
     paths = prm.fork(roots, [0, 1, 1])
     prm.score(paths, STEPS[:3], [False] * 3)
     prm.free(roots)
-    assert prm.engine.blocks.num_free < prm.engine.blocks.num_blocks  # the paths hold them
+    assert prm.engine.pool.refresh() < prm.engine.pool.num_blocks  # the paths hold them
     prm.free(paths)
-    assert prm.engine.blocks.num_free == prm.engine.blocks.num_blocks
+    assert prm.engine.pool.refresh() == prm.engine.pool.num_blocks
 
 
 # ---------------------------------------------------------------------------------------------

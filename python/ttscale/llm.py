@@ -274,7 +274,7 @@ class LLM:
 
     def _worst_case(self, params: SamplingParams) -> int:
         """KV blocks one sample needs at ``max_tokens``: the least a request needs to progress."""
-        blocks = self.engine.blocks
+        blocks = self.engine.pool
         worst_case = blocks.blocks_for(params.max_tokens + 1)
         if worst_case > blocks.num_blocks:
             raise invalid(
@@ -319,11 +319,11 @@ class LLM:
             raise invalid(
                 "max_tokens", f"{name} has {len(ids)} tokens, so at most {positions - len(ids) + 1} "
                 f"new tokens fit the model's {positions} positions, got {params.max_tokens}")
-        need = engine.blocks.blocks_for(len(ids) - 1) + worst_case
-        if need > engine.blocks.num_blocks:
+        need = engine.pool.blocks_for(len(ids) - 1) + worst_case
+        if need > engine.pool.num_blocks:
             raise invalid(
                 name, f"its prompt and one sample of max_tokens={params.max_tokens} need {need} "
-                f"KV blocks, the pool has {engine.blocks.num_blocks}; raise kv_budget_bytes")
+                f"KV blocks, the pool has {engine.pool.num_blocks}; raise kv_budget_bytes")
 
     def _completion(self, index: int, seq: Sequence, params: SamplingParams) -> CompletionOutput:
         token_ids = seq.output_ids

@@ -144,8 +144,10 @@ def beam_search(llm, prompts: str | Seq[str] | Seq[Seq[int]],
 def _waves(engine, ids: list[list[int]], params: BeamSearchParams) -> list[list[int]]:
     """Consecutive prompts whose KV fits the free pool at once: the prompt, and every beam at
     ``max_tokens`` plus one block for a fork's copied partial block."""
-    blocks = engine.blocks
+    blocks = engine.pool
     per_beam = blocks.blocks_for(params.max_tokens + 1) + 1
+    with engine.lock:  # the free count now: one read of the pool, once per call
+        blocks.refresh()
     waves: list[list[int]] = [[]]
     used = 0
     for i, prompt in enumerate(ids):

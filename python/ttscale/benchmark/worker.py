@@ -57,7 +57,7 @@ def run_ttscale(spec: dict) -> dict:
         elapsed = time.perf_counter() - start
         outputs = [sum(len(c.token_ids) for c in o.outputs) for o in outs]
     return {"ready": ready, "elapsed_time": elapsed, "output_tokens": outputs,
-            "block_size": llm.engine.blocks.block_size, "prefix_caching": True,
+            "block_size": llm.engine.pool.block_size, "prefix_caching": True,
             "versions": {"ttscale": ttscale.__version__, "torch": torch.__version__}}
 
 

@@ -25,10 +25,18 @@ import torch
 
 from ttscale import backends, ops
 from ttscale.engine import forking, thinking
-from ttscale.engine.block_manager import BlockManager, PoolExhausted
 from ttscale.engine.confidence import ConfidenceStop
-from ttscale.engine.runner import ModelRunner
-from ttscale.engine.sequence import Problem, Sequence
+from ttscale.engine.pool import Pool
+from ttscale.engine.runner import ModelRunner, copy_kv_blocks
+from ttscale.engine.sequence import (
+    DRAWS_PER_SEQUENCE,
+    MAX_STREAM_KEY,
+    STREAM_BITS,
+    Problem,
+    Sequence,
+    copy_sequence,
+    keyed_seq_id,
+)
 from ttscale.engine.settings import (
     DEFAULT_GPU_DECODE_SEQS,
     check_decode_arguments,
@@ -39,17 +47,8 @@ from ttscale.engine.settings import (
     size_pool,
 )
 from ttscale.engine.stops import StopRules
-from ttscale.errors import InvalidArgument
+from ttscale.errors import InvalidArgument, PoolExhausted
 from ttscale.sampling_params import SamplingParams
-
-# A draw's RNG offset is seq_id * DRAWS_PER_SEQUENCE + its index in the sequence, so a sequence's
-# draws depend neither on its batch nor on other sequences.
-DRAWS_PER_SEQUENCE = 1 << 24
-# A problem with a stream key numbers its sequences key * 2**STREAM_BITS + k, k counting that key's
-# sequences in the problem's counters (a search's own): a search's samples of a problem then depend on the key,
-# the seed and that problem's own forks only, not on which problems share its call or its wave.
-STREAM_BITS = 16
-MAX_STREAM_KEY = 1 << 18  # keeps seq_id * DRAWS_PER_SEQUENCE below 2**63
 
 
 def _locked(method):
@@ -145,12 +144,16 @@ class Engine:
             raise
         if self.memory_lease is not None:  # the share returns when the engine (and pool) goes
             weakref.finalize(self, self.memory_lease.release)
-        self.blocks = BlockManager(self.kv_cache.num_blocks, block_size)
+        # the pool's one owner: counts, free stack and tables on the model's device
+        self.pool = Pool(self.kv_cache.num_blocks, block_size, device)
         self.thinking = thinking.Controls(tokenizer, model.config.eos_token_ids,
                                           model.config.vocab_size, device)
         self.runner = ModelRunner(model, self.kv_cache, backend=backend,
                                   max_batch_tokens=max_batch_tokens, cuda_graphs=cuda_graphs,
-                                  cpu_threads=cpu_threads, thinking=self.thinking)
+                                  cpu_threads=cpu_threads, thinking=self.thinking,
+                                  pool=self.pool)
+        # the pool copies through the cache itself, not the runner: no cycle keeps either alive
+        self.pool.copy_blocks = functools.partial(copy_kv_blocks, self.kv_cache, backend)
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self.stops = StopRules(tokenizer, model.config.eos_token_ids, model.config.vocab_size)
         # One lock over the pool and the sequences: every method that changes them takes it, and
@@ -184,33 +187,37 @@ class Engine:
         return self.add_many([prompt_ids])[0]
 
     @_locked
-    def add_many(self, prompts: Seq[Seq[int]], cached: Seq[list[int]] | None = None) -> list[Problem]:
+    def add_many(self, prompts: Seq[Seq[int]], cached: Seq[torch.Tensor | None] | None = None,
+                 ) -> list[Problem]:
         """Prefill several prompts together; each is stored once.
 
-        ``cached``: per prompt, blocks already holding its first full blocks (a prefix cache's
-        hit, referenced for this prompt's table); only the rest is prefilled."""
-        problems = []
-        cached = list(cached) if cached is not None else [[] for _ in prompts]
+        ``cached``: per prompt, None or the device ids of blocks already holding its first full
+        blocks (a prefix cache's hit, referenced for this prompt's table); only the rest is
+        prefilled."""
+        pool, problems = self.pool, []
+        cached = list(cached) if cached is not None else [None] * len(prompts)
         for i, prompt in enumerate(prompts):
             ids = self.check_prompt(f"prompts[{i}]", prompt)
-            need = self.blocks.blocks_for(len(ids) - 1)
-            if need > self.blocks.num_blocks:
-                raise PoolExhausted(f"prompts[{i}]: needs {need} KV blocks, the pool has {self.blocks.num_blocks}")
+            need = pool.blocks_for(len(ids) - 1)
+            if need > pool.num_blocks:
+                raise PoolExhausted(
+                    f"prompts[{i}]: needs {need} KV blocks, the pool has {pool.num_blocks}")
             problems.append(Problem(self._next_problem_id, ids))
             self._next_problem_id += 1
+        rows = pool.new_rows(len(problems))
         start = {}
         try:
-            for problem, hit in zip(problems, cached, strict=True):
-                problem.block_table = list(hit)  # referenced by the caller for this table
-                start[problem] = len(hit) * self.blocks.block_size
-            for problem in problems:
-                problem.block_table += self.blocks.allocate(
-                    self.blocks.blocks_for(len(problem.prompt_ids) - 1) - len(problem.block_table))
+            for problem, row, hit in zip(problems, rows, cached, strict=True):
+                problem.row = row
+                pool.set_prefix(row, hit if hit is not None else torch.empty(0))
+                start[problem] = pool.used[row] * pool.block_size
+            pool.reserve_all(rows, [start[p] for p in problems],
+                             [len(p.prompt_ids) - 1 - start[p] for p in problems])
             self.runner.prefill_prompts(problems, start)
         except BaseException:  # a full pool, an interrupt, a device error: nothing stays held
+            pool.release(rows)
             for problem in problems:
-                self.blocks.free(problem.block_table)
-                problem.block_table, problem.freed = [], True
+                problem.row, problem.freed = None, True
             raise
         for problem in problems:
             problem.kv_len = len(problem.prompt_ids) - 1
@@ -225,16 +232,13 @@ class Engine:
         if parent.freed:
             raise InvalidArgument("parent: already freed")
         children = []
-        for _ in range(k):
+        pool = self.pool
+        rows = pool.new_rows(k) if isinstance(parent, Problem) else pool.fork(parent.row, k)
+        for row in rows:
             if isinstance(parent, Problem):
-                child = Sequence(self._new_seq_id(parent), parent, [parent.prompt_ids[-1]])
+                child = Sequence(self._new_seq_id(parent), parent, [parent.prompt_ids[-1]], row)
             else:
-                child = Sequence(self._new_seq_id(parent.problem), parent.problem,
-                                 list(parent.tokens),
-                                 self.blocks.fork(parent.block_table), parent.kv_len,
-                                 list(parent.logprobs), list(parent.top_logprobs),
-                                 list(parent.sampled_at), parent.finish_reason)
-                child.thinking = parent.thinking and parent.thinking.copy()
+                child = copy_sequence(parent, self._new_seq_id(parent.problem), row)
             children.append(child)
         problem = parent if isinstance(parent, Problem) else parent.problem
         problem.num_sequences += k
@@ -286,12 +290,12 @@ class Engine:
     @_locked
     def free(self, seqs: Seq[Sequence]) -> None:
         """Release sequences' blocks; their tokens stay readable."""
-        for seq in seqs:
-            if not seq.freed:
-                self.blocks.free(seq.block_table)
-                seq.freed = True
-                seq.problem.num_sequences -= 1
-                seq.problem.live.discard(seq)
+        live = list(dict.fromkeys(s for s in seqs if not s.freed))
+        self.pool.release([s.row for s in live])
+        for seq in live:
+            seq.row, seq.freed = None, True
+            seq.problem.num_sequences -= 1
+            seq.problem.live.discard(seq)
 
     @_locked
     def free_problem(self, problem: Problem) -> None:
@@ -299,22 +303,15 @@ class Engine:
         if problem.num_sequences:
             raise InvalidArgument(f"problem: {problem.num_sequences} of its sequences are still live")
         if not problem.freed:
-            self.blocks.free(problem.block_table)
-            problem.freed = True
+            self.pool.release([problem.row])
+            problem.row, problem.freed = None, True
 
     def _new_seq_id(self, problem: Problem) -> int:
-        """The next sequence's number: by the problem's stream key when it has one (beyond
-        2**STREAM_BITS sequences of one key they run into the next key's numbers)."""
-        key = problem.stream_key
-        if key is None:
-            self._next_seq_id += 1
-            return self._next_seq_id - 1
-        if not 0 <= key < MAX_STREAM_KEY:
-            raise InvalidArgument(f"problem: stream key {key} outside [0, {MAX_STREAM_KEY})")
-        counters = problem.stream_counters if problem.stream_counters is not None else self._stream_forks
-        k = counters.get(key, 0)
-        counters[key] = k + 1
-        return (key << STREAM_BITS) + k
+        """The next sequence's number: by the problem's stream key when it has one."""
+        if problem.stream_key is not None:
+            return keyed_seq_id(problem, self._stream_forks)
+        self._next_seq_id += 1
+        return self._next_seq_id - 1
 
     def text(self, seq: Sequence) -> str:
         """The sequence's text after the prompt."""
@@ -340,7 +337,8 @@ class Engine:
         todo = [(s, s.pending - keep_last) for s in seqs if s.pending - keep_last > 0]
         if not todo:
             return {}
-        self._reserve([s for s, _ in todo], [n for _, n in todo])
+        self.pool.reserve_all([s.row for s, _ in todo], [s.kv_len for s, _ in todo],
+                              [n for _, n in todo])
         hidden = self.runner.prefill_sequences(todo, hidden_at=hidden_at)
         for seq, n in todo:
             seq.kv_len += n
@@ -408,63 +406,24 @@ class Engine:
 
     def _accept(self, seq: Sequence, tokens, logprobs, top, stopped, stops, limit) -> None:
         """Take a window's samples up to the first stop; the stopping token stays pending."""
-        n = len(tokens)
-        if not stops and not any(stopped) and seq.generated + n < limit:
-            # Nothing can stop inside this window (no stop strings, no flagged token, the limit
-            # beyond it): take it whole, without a Python step per token.
-            start = len(seq.tokens)
-            seq.tokens.extend(tokens)
-            seq.sampled_at.extend(range(start, start + n))
-            seq.logprobs.extend(logprobs)
-            if top is not None:
-                seq.top_logprobs.extend(top)
-            self.generated_tokens += n
-            seq.kv_len += n
-            thinking.accept(seq, n)
-            return
-        fed = 0
-        for j, token in enumerate(tokens):
-            seq.tokens.append(token)
-            seq.sampled_at.append(len(seq.tokens) - 1)
-            seq.logprobs.append(logprobs[j])
-            if top is not None:
-                seq.top_logprobs.append(top[j])
-            self.generated_tokens += 1
-            fed = j + 1  # this window fed the pending token and the first j samples
-            reason = self.stops.reason(seq, token, stopped[j], stops, limit)
-            if reason is not None:
-                seq.finish_reason = reason
-                break
+        taken, fed = self.stops.take_window(seq, tokens, logprobs, top, stopped, stops, limit)
+        self.generated_tokens += taken
         seq.kv_len += fed
         thinking.accept(seq, fed)
-        self.blocks.trim(seq.block_table, seq.kv_len)
+        self.pool.trim(seq.row, seq.kv_len)
 
     def _admit(self, active: list[Sequence], steps: list[int]) -> list[Sequence]:
         """Reserve KV slots for each sequence's next window, in order, while the pool lasts."""
-        admitted, copies = [], []
-        limit = len(active) if self.max_decode_seqs is None else self.max_decode_seqs
-        for seq, n in zip(active[:limit], steps):
-            try:
-                copies += self.blocks.reserve(seq.block_table, seq.kv_len, n)
-            except PoolExhausted:
-                break
-            admitted.append(seq)
-        if not admitted:
-            seq = active[0]
-            need = self.blocks.blocks_needed(seq.block_table, seq.kv_len, steps[0])
+        active = active[: self.max_decode_seqs or len(active)]
+        fits = self.pool.reserve_rows([s.row for s in active], [s.kv_len for s in active], steps)
+        if not fits:
+            seq, pool = active[0], self.pool
+            need = pool.blocks_needed(seq.row, seq.kv_len, steps[0])
             raise PoolExhausted(
-                f"no sequence fits: the next needs {need} free KV blocks, {self.blocks.num_free} of "
-                f"{self.blocks.num_blocks} are free ({seq.context_len} tokens so far); free finished "
-                f"sequences or give the engine a larger kv_budget_bytes"
-            )
-        self.runner.copy_blocks(copies)
-        return admitted
-
-    def _reserve(self, seqs: list[Sequence], counts: list[int]) -> None:
-        copies = []
-        for seq, n in zip(seqs, counts):
-            copies += self.blocks.reserve(seq.block_table, seq.kv_len, n)
-        self.runner.copy_blocks(copies)
+                f"no sequence fits: the next needs {need} free KV blocks, {pool.num_free} of "
+                f"{pool.num_blocks} are free ({seq.context_len} tokens so far); free finished "
+                "sequences or give the engine a larger kv_budget_bytes")
+        return active[:fits]
 
     def check_prompt(self, name: str, prompt: Seq[int]) -> list[int]:
         """A prompt's ids as ints: in the vocabulary, not empty, within the model's positions."""
@@ -481,4 +440,4 @@ class Engine:
                 raise InvalidArgument(f"seqs: sequence {seq.seq_id} was freed")
 
 
-__all__ = ["Engine", "PoolExhausted", "default_kv_budget", "ops"]
+__all__ = ["MAX_STREAM_KEY", "STREAM_BITS", "Engine", "PoolExhausted", "default_kv_budget", "ops"]

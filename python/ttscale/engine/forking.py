@@ -1,10 +1,11 @@
-"""A search step's selection and forks on the device pool, as the engine does it today.
+"""A search step's selection and forks, on the pool's device.
 
-The host ``BlockManager`` is the pool's truth; ``select_and_fork`` uploads its state into a
-device ``BlockPool``, runs ``ops.select_and_fork`` (segmented top-k per group, forks of the kept
-candidates, frees of the rest, copy-on-write pairs) and reads the new state back, once per
-search step. One owner of the pool on the device, with no such round trip, is the open part of
-the engine work in docs/DESIGN.md.
+``select_and_fork`` gathers the candidates' table rows, runs ``ops.select_and_fork`` (segmented
+top-k per group, forks of the kept candidates, frees of the rest, copy-on-write pairs) on the
+pool's own state, copies the pairs with ``ops.copy_blocks`` and writes the children's tables
+into rows, all on the device. The host reads what it must know to hand the search its children
+(each child's parent, the groups' offsets, the lengths) in one counted read, which also brings
+the pool's free count.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from ttscale import ops
-from ttscale.block_pool import BlockPool
-from ttscale.engine.block_manager import CopyOnWrite
-from ttscale.engine.sequence import Sequence
+from ttscale.engine.sequence import Sequence, copy_sequence
 from ttscale.errors import InvalidArgument
 
 
@@ -29,19 +28,14 @@ def select_and_fork(engine, candidates: Seq[Sequence], scores: Seq[float], group
             f"scores/group_sizes: expected {len(candidates)} scores and group sizes summing to it, "
             f"got {len(scores)} scores and sizes summing to {sum(group_sizes)}", param="scores"
         )
-    device = engine.model.device
-    int32 = dict(dtype=torch.int32, device=device)
-    bm = engine.blocks
+    pool = engine.pool
+    int32 = dict(dtype=torch.int32, device=pool.device)
     for seq in candidates:
-        bm.trim(seq.block_table, seq.kv_len)
-    width = max([len(s.block_table) for s in candidates] + [1])
-    tables = torch.full((len(candidates), width), -1, dtype=torch.int32)
-    for row, seq in enumerate(candidates):
-        tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-    free = torch.zeros(bm.num_blocks, dtype=torch.int32)
-    free[: bm.num_free] = torch.tensor(bm.free_stack, dtype=torch.int32)
-    pool = BlockPool(torch.tensor(bm.ref_counts, **int32), free.to(device),
-                     torch.tensor([bm.num_free], **int32), torch.zeros(1, **int32), bm.block_size)
+        pool.trim(seq.row, seq.kv_len)
+    rows = [s.row for s in candidates]
+    # whether each candidate's partial last block is its own (else its first child shares it)
+    own_last = [pool.private_from[r] < pool.used[r] for r in rows]
+    tables = pool.gather(rows, pad=-1)
     offsets = [0]
     for size in group_sizes:
         offsets.append(offsets[-1] + size)
@@ -53,43 +47,44 @@ def select_and_fork(engine, candidates: Seq[Sequence], scores: Seq[float], group
         bounds["max_children"] = max(list(children) + [0])
         children = torch.tensor(list(children), **int32)
     result = ops.select_and_fork(
-        torch.as_tensor(scores, dtype=torch.float32, device=device), torch.tensor(offsets, **int32),
-        keep, children, tables.to(device), torch.tensor([s.kv_len for s in candidates], **int32), pool,
-        **bounds,
+        torch.as_tensor(scores, dtype=torch.float32, device=pool.device),
+        torch.tensor(offsets, **int32), keep, children, tables,
+        torch.tensor([s.kv_len for s in candidates], **int32), pool.state, **bounds,
     )
-    # The pool's new state becomes the host's (one read-back per search step).
-    top = int(pool.free_top)
-    bm.ref_counts = pool.ref_counts.tolist()
-    bm.free_stack = pool.free_stack[:top].tolist()
-    child_offsets = result.child_offsets.tolist()
+    engine.runner.copy_blocks(result.copy_src, result.copy_dst)
+    # a child that found the pool empty keeps only its full blocks (and re-prefills the rest)
+    child_offsets, parents, lens = (t.tolist() for t in pool.read_host(
+        [result.child_offsets, result.parents, result.lens], allow_exhausted=True))
     num_children = child_offsets[-1]
-    parents = result.parents[:num_children].tolist()
-    lens = result.lens[:num_children].tolist()
-    child_tables = result.block_tables[:num_children].tolist()
-    pairs = [CopyOnWrite(src, dst) for src, dst in zip(result.copy_src.tolist(), result.copy_dst.tolist())
-             if src >= 0]
-    engine.runner.copy_blocks(pairs)
-    kids, continuing = [], set()
+    parents, lens = parents[:num_children], lens[:num_children]
+    # the first child of each kept candidate carries on as the candidate itself, in its row
+    continuing: dict[int, int] = {}
+    for slot, p in enumerate(parents):
+        continuing.setdefault(p, slot)
+    new_rows = iter(pool.new_rows(num_children - len(continuing)))
+    child_rows = [rows[p] if continuing[p] == slot else next(new_rows)
+                  for slot, p in enumerate(parents)]
+    used = [pool.blocks_for(n) for n in lens]  # shorter than the parent's only if the pool ran out
+    pool.forget([rows[p] for p in range(len(candidates)) if p not in continuing])
+    private = [bool(n % pool.block_size) and (continuing[p] != slot or own_last[p])
+               for slot, (p, n) in enumerate(zip(parents, lens, strict=True))]
+    pool.set_rows(child_rows, result.block_tables[:num_children], used,
+                  [u - own for u, own in zip(used, private, strict=True)])
+    kids = []
     for slot, p in enumerate(parents):
         parent = candidates[p]
-        kv_len = lens[slot]  # shorter than the parent's only if the pool ran out: re-prefilled
-        table = child_tables[slot][: bm.blocks_for(kv_len)]
-        if p not in continuing:  # the first child carries on as the candidate itself
-            continuing.add(p)
-            parent.block_table, parent.kv_len = table, kv_len
+        if continuing[p] == slot:
+            parent.kv_len = lens[slot]
             kids.append(parent)
             continue
-        kid = Sequence(engine._new_seq_id(parent.problem), parent.problem, list(parent.tokens),
-                       table, kv_len, list(parent.logprobs), list(parent.top_logprobs),
-                       list(parent.sampled_at), parent.finish_reason)
-        kid.thinking = parent.thinking and parent.thinking.copy()
+        kid = copy_sequence(parent, engine._new_seq_id(parent.problem), child_rows[slot])
+        kid.kv_len = lens[slot]
         kid.problem.num_sequences += 1
         kid.problem.live.add(kid)
         kids.append(kid)
     for p, seq in enumerate(candidates):
         if p not in continuing:
-            seq.block_table = []
-            seq.freed = True
+            seq.row, seq.freed = None, True
             seq.problem.num_sequences -= 1
             seq.problem.live.discard(seq)
     return kids, parents, child_offsets

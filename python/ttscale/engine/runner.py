@@ -11,6 +11,7 @@ import torch
 
 from ttscale import ops
 from ttscale.engine.confidence import ConfidenceStop, WindowConfidence
+from ttscale.engine.pool import Pool
 from ttscale.engine.sequence import Problem, Sequence
 from ttscale.engine.thinking import Controls
 from ttscale.engine.threads import ThreadGovernor, governed
@@ -18,36 +19,32 @@ from ttscale.model import AttentionBatch
 from ttscale.sampling_params import SamplingParams
 
 
-def padded_tables(tables: list[list[int]], device) -> torch.Tensor:
-    """``int32 [R, max_len]`` block tables, padded with block 0 (never read past a length)."""
-    width = max([len(t) for t in tables] + [1])
-    # One tensor from padded lists, not one per row (5 us each: 0.3 ms a step at 64 sequences).
-    rows = [table + [0] * (width - len(table)) for table in tables]
-    return torch.tensor(rows, dtype=torch.int32).reshape(len(tables), width).to(device)
-
-
-def _read_back(out_tokens, out_lp, out_stop, out_top, B: int, window: int):
-    """A window's per-step outputs as per-sequence lists: its one host synchronisation."""
-    tokens = torch.stack(out_tokens, 1).tolist()
-    logprobs = torch.stack(out_lp, 1).tolist()
-    stopped = torch.stack(out_stop, 1).tolist()
+def _read_back(pool: Pool, out_tokens, out_lp, out_stop, out_top, B: int, window: int,
+               thinking=None):
+    """A window's per-step outputs as per-sequence lists, read with the pool's figures (and the
+    thinking rows' states) in the window's one host read."""
+    parts = [torch.stack(out_tokens, 1), torch.stack(out_lp, 1), torch.stack(out_stop, 1)]
+    if out_top:
+        parts += [torch.stack([t[0] for t in out_top], 1), torch.stack([t[1] for t in out_top], 1)]
+    if thinking is not None:
+        parts.append(thinking.history_tensor())
+    host = pool.read_host(parts)
+    if thinking is not None:
+        thinking.history = host.pop().tolist()
+    tokens, logprobs, stopped = (t.tolist() for t in host[:3])
     top = None
     if out_top:
-        ids = torch.stack([t[0] for t in out_top], 1).tolist()
-        values = torch.stack([t[1] for t in out_top], 1).tolist()
+        ids, values = host[3].tolist(), host[4].tolist()
         top = [[list(zip(ids[b][j], values[b][j])) for j in range(window)] for b in range(B)]
     return tokens, logprobs, top, stopped
-
-
-def slot_of(table: list[int], position: int, block_size: int) -> int:
-    return table[position // block_size] * block_size + position % block_size
 
 
 class ModelRunner:
     def __init__(self, model, kv_cache, *, backend: str | None, max_batch_tokens: int,
                  cuda_graphs: bool = False, cpu_threads: int | None = None,
-                 thinking: Controls | None = None):
+                 thinking: Controls | None = None, pool: Pool):
         self.model = model
+        self.pool = pool  # the block tables and the one host read (engine/pool.py)
         self.thinking = thinking  # the engine's thinking rules (engine/thinking.py)
         self.kv_cache = kv_cache
         self.backend = backend
@@ -55,7 +52,6 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.device = model.device
         self.graphs = None
-        self.host_reads = 0  # device-to-host reads of decode results (stats().host_reads)
         # on the CPU, each step's thread count, measured (engine/threads.py)
         self.threads = ThreadGovernor(fixed=cpu_threads) if self.device.type == "cpu" else None
         if cuda_graphs:
@@ -84,18 +80,19 @@ class ModelRunner:
                     budget -= take
             if not chunk:
                 return
-            ids, positions, slots = [], [], []
+            ids, positions, table_rows = [], [], []
             for p, n in chunk:
                 start = done[p]
                 ids += p.prompt_ids[start : start + n]
                 positions += range(start, start + n)
-                slots += [slot_of(p.block_table, i, self.block_size) for i in range(start, start + n)]
+                table_rows += [p.row] * n
             rows = len(chunk)
+            positions_t = self._tensor(positions)
             batch = AttentionBatch(
                 "prefill",
-                positions=self._tensor(positions),
-                slots=self._tensor(slots),
-                prompt_block_tables=padded_tables([p.block_table for p, _ in chunk], self.device),
+                positions=positions_t,
+                slots=self.pool.slots(self._tensor(table_rows), positions_t),
+                prompt_block_tables=self.pool.gather([p.row for p, _ in chunk]),
                 prompt_lens=self._tensor([done[p] + n for p, n in chunk], torch.int32),
                 problem_ids=torch.arange(rows, dtype=torch.int32, device=self.device),
                 suffix_block_tables=torch.zeros(rows, 1, dtype=torch.int32, device=self.device),
@@ -108,18 +105,18 @@ class ModelRunner:
                 done[p] += n
 
     def _sequence_batch(self, mode: str, seqs: list[Sequence], q_lens: list[int],
-                        positions: list[int], slots: list[int], suffix_lens: list[int]) -> AttentionBatch:
+                        positions: list[int], slots: torch.Tensor, suffix_lens: list[int]) -> AttentionBatch:
         problems: dict[Problem, int] = {}
         for s in seqs:
             problems.setdefault(s.problem, len(problems))
         return AttentionBatch(
             mode,
             positions=self._tensor(positions),
-            slots=self._tensor(slots),
-            prompt_block_tables=padded_tables([p.block_table for p in problems], self.device),
+            slots=slots,
+            prompt_block_tables=self.pool.gather([p.row for p in problems]),
             prompt_lens=self._tensor([p.kv_len for p in problems], torch.int32),
             problem_ids=self._tensor([problems[s.problem] for s in seqs], torch.int32),
-            suffix_block_tables=padded_tables([s.block_table for s in seqs], self.device),
+            suffix_block_tables=self.pool.gather([s.row for s in seqs]),
             suffix_lens=self._tensor(suffix_lens, torch.int32),
             q_lens=self._tensor(q_lens, torch.int32) if mode == "prefill" else None,
             backend=self.backend,
@@ -141,7 +138,7 @@ class ModelRunner:
                 total += todo[stop][1]
                 stop += 1
             chunk = todo[start:stop]
-            ids, positions, slots, rows, owners = [], [], [], [], []
+            ids, positions, table_rows, table_positions, rows, owners = [], [], [], [], [], []
             for seq, n in chunk:
                 first = seq.kv_len
                 for i in range(first, first + n):
@@ -150,7 +147,9 @@ class ModelRunner:
                         owners.append(seq)
                     ids.append(seq.tokens[i])
                     positions.append(seq.problem.kv_len + i)
-                    slots.append(slot_of(seq.block_table, i, self.block_size))
+                table_rows += [seq.row] * n
+                table_positions += range(first, first + n)
+            slots = self.pool.slots(self._tensor(table_rows), self._tensor(table_positions))
             seqs = [s for s, _ in chunk]
             batch = self._sequence_batch("prefill", seqs, [n for _, n in chunk], positions, slots,
                                          [s.kv_len + n for s, n in chunk])
@@ -199,10 +198,13 @@ class ModelRunner:
         for i, s_ in enumerate(seeds):
             by_seed.setdefault(s_, []).append(i)
         seed_rows = [(s_, None if len(by_seed) == 1 else self._tensor(idx)) for s_, idx in by_seed.items()]
-        bs = self.block_size
-        slots = [[slot_of(s.block_table, s.kv_len + j, bs) for s in seqs] for j in range(window)]
+        kv_lens = self._tensor([s.kv_len for s in seqs])
+        steps = torch.arange(window, device=self.device)[:, None]
+        all_slots = self.pool.slots(self._tensor([s.row for s in seqs]).expand(window, B),
+                                    kv_lens[None, :] + steps)  # [window, B]
         base = self._sequence_batch(
-            "decode", seqs, [1] * B, [s.context_len - 1 for s in seqs], slots[0], [s.kv_len + 1 for s in seqs]
+            "decode", seqs, [1] * B, [s.context_len - 1 for s in seqs], all_slots[0],
+            [s.kv_len + 1 for s in seqs]
         )
         temperature = self._tensor([p.temperature for p in rows], torch.float32)
         top_p = self._tensor([p.top_p for p in rows], torch.float32)
@@ -211,7 +213,6 @@ class ModelRunner:
         num_logprobs = max(p.logprobs for p in rows)
         offsets_t = self._tensor(offsets)
         tokens_in = self._tensor([s.tokens[-1] for s in seqs])
-        all_slots = self._tensor(slots)
         out_tokens, out_lp, out_stop, out_top = [], [], [], []
         tracker = WindowConfidence.begin(seqs, confidence, self.device, num_logprobs)
         for j in range(window):
@@ -236,7 +237,7 @@ class ModelRunner:
             tokens_in = tokens
         if tracker is not None:
             tracker.end()
-        result = self._read_back(out_tokens, out_lp, out_stop, out_top, B, window)
+        result = _read_back(self.pool, out_tokens, out_lp, out_stop, out_top, B, window, thinking)
         if thinking is not None:
             thinking.read_back(seqs)
         return result
@@ -260,11 +261,6 @@ class ModelRunner:
             if top is not None:
                 top[0][idx], top[1][idx] = tp[0].to(top[0].dtype), tp[1]
         return tokens, logprobs, top
-
-    def _read_back(self, out_tokens, out_lp, out_stop, out_top, B: int, window: int):
-        """The window's one device-to-host read (counted in ``host_reads``)."""
-        self.host_reads += 1
-        return _read_back(out_tokens, out_lp, out_stop, out_top, B, window)
 
     def _stop_matrix(self, rows: list[SamplingParams], stop_table: torch.Tensor | None,
                      groups: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,8 +291,8 @@ class ModelRunner:
         problems: dict[Problem, int] = {}
         for s in seqs:
             problems.setdefault(s.problem, len(problems))
-        prompt_tables = padded_tables([p.block_table for p in problems], self.device)
-        suffix_tables = padded_tables([s.block_table for s in seqs], self.device)
+        prompt_tables = self.pool.gather([p.row for p in problems])
+        suffix_tables = self.pool.gather([s.row for s in seqs])
         key = GraphKey(bucket(B), bucket(len(problems)), width_bucket(prompt_tables.shape[1]),
                        width_bucket(suffix_tables.shape[1]), seed, max(p.logprobs for p in rows),
                        self.backend)
@@ -315,18 +311,20 @@ class ModelRunner:
             if top is not None:
                 out_top.append((top[0][:B].clone(), top[1][:B].clone()))
         out_stop = [stop_matrix[group_index, t] for t in out_tokens]
-        return self._read_back(out_tokens, out_lp, out_stop, out_top, B, window)
+        return _read_back(self.pool, out_tokens, out_lp, out_stop, out_top, B, window)
 
-    def copy_blocks(self, copies) -> None:
-        """Perform copy-on-write block copies in every layer (``ops.copy_blocks``: one call over
-        the whole pool, or one per layer for a pool not allocated as one tensor)."""
-        if not copies:
-            return
-        src = self._tensor([c.src for c in copies], torch.int32)
-        dst = self._tensor([c.dst for c in copies], torch.int32)
-        kv = self.kv_cache
-        if kv.k_layers is not None:
-            ops.copy_blocks(kv.k_layers, kv.v_layers, src, dst, backend=self.backend)
-            return
-        for k, v in zip(kv.k, kv.v, strict=True):
-            ops.copy_blocks(k, v, src, dst, backend=self.backend)
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        copy_kv_blocks(self.kv_cache, self.backend, src, dst)
+
+
+def copy_kv_blocks(kv, backend: str | None, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Perform copy-on-write block copies ``src[i] -> dst[i]`` (int32 device tensors, -1 pairs
+    skipped) in every layer of the KV cache ``kv`` (``ops.copy_blocks``: one call over the whole
+    pool, or one per layer for a pool not allocated as one tensor)."""
+    if not src.numel():
+        return
+    if kv.k_layers is not None:
+        ops.copy_blocks(kv.k_layers, kv.v_layers, src, dst, backend=backend)
+        return
+    for k, v in zip(kv.k, kv.v, strict=True):
+        ops.copy_blocks(k, v, src, dst, backend=backend)

@@ -15,8 +15,8 @@ request (seed and stream) and its index, never by the batch it runs in.
 Prompts share their full blocks across requests (:mod:`ttscale.engine.prefix_cache`): a request
 whose prompt starts like an earlier one's prefills only the rest.
 
-What is not here yet (see docs/DESIGN.md): search work items (strategies still run closed
-batches through ``Engine.decode``), the pool on the device.
+The pool's bookkeeping lives on the device (:mod:`ttscale.engine.pool`); admission trusts the
+host's lower bound of its free blocks, which each step's one read makes exact again.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class EngineStats:
     total_blocks: int
     prefix_hit_tokens: int  # prompt tokens served from other requests' blocks
     steps: int
-    host_reads: int  # device-to-host reads of decode results since the engine started
+    host_reads: int  # device-to-host reads (Pool.read_host) since the engine started
     preemptions: int = 0  # sequences or prompts evicted to make room, since the start
 
 
@@ -110,7 +110,7 @@ class Scheduler:
     def __init__(self, engine: Engine, prefix_caching: bool = True):
         self.engine = engine
         engine.scheduler = self  # the engine's decode calls become this scheduler's work
-        self.cache = PrefixCache(engine.blocks) if prefix_caching else None
+        self.cache = PrefixCache(engine.pool) if prefix_caching else None
         self.requests: dict[str, Request] = {}  # live, in arrival order
         self.items: list[DecodeItem] = []  # searches' decode work, in arrival order
         self.lock = engine.lock  # held through a step: the engine's state
@@ -230,11 +230,11 @@ class Scheduler:
             running=sum(r.problem is not None for r in live),
             waiting=waiting_new + sum(r.problem is None and not r.preempted for r in live),
             preempted=sum(r.preempted for r in live),
-            free_blocks=self.engine.blocks.num_free + (self.cache.evictable() if self.cache else 0),
-            total_blocks=self.engine.blocks.num_blocks,
+            free_blocks=self.engine.pool.num_free + (self.cache.evictable() if self.cache else 0),
+            total_blocks=self.engine.pool.num_blocks,
             prefix_hit_tokens=self.cache.hit_tokens if self.cache else 0,
             steps=self.steps,
-            host_reads=self.engine.runner.host_reads,
+            host_reads=self.engine.pool.host_reads,
             preemptions=self.preemptions,
         )
 
@@ -247,14 +247,16 @@ class Scheduler:
             if not self.requests and not self.items:
                 return []
             self.steps += 1
-            admitted, copies = self._schedule()
+            admitted = self._schedule()
+            if not admitted:  # the pool's lower bound may lag frees: read the count, try again
+                self.engine.pool.refresh()
+                admitted = self._schedule()
             if not admitted:
                 raise PoolExhausted(
-                    f"no sequence fits: {self.engine.blocks.num_free} of "
-                    f"{self.engine.blocks.num_blocks} KV blocks are free, and the next sequence "
+                    f"no sequence fits: {self.engine.pool.num_free} of "
+                    f"{self.engine.pool.num_blocks} KV blocks are free, and the next sequence "
                     "needs more free KV blocks; free finished work or give the engine a larger "
                     "kv_budget_bytes")
-            self.engine.runner.copy_blocks(copies)
             self.engine.run_pending([s for s, _ in admitted], keep_last=True)
             self._decode(admitted)
             for item in dict.fromkeys(o for _, o in admitted if isinstance(o, DecodeItem)):
@@ -265,10 +267,8 @@ class Scheduler:
             progressed = list(dict.fromkeys(r for _, r in admitted if isinstance(r, Request)))
             with self._inbox_lock:
                 self._progressed.update((r.request_id, r) for r in progressed if r.public)
-            for request in progressed:
-                for seq in request.seqs:
-                    if seq.finish_reason is not None and not seq.freed:
-                        self.engine.free([seq])
+            for request in progressed:  # the finished samples' blocks, in one batched free
+                self.engine.free([s for s in request.seqs if s.finish_reason is not None])
                 if not request.unfinished:
                     self._finish(request)
             self._last_stats = self._stats()
@@ -276,10 +276,9 @@ class Scheduler:
 
     def _schedule(self):
         """The sequences of this step, in arrival order, with room reserved for their window."""
-        engine = self.engine
+        engine, pool = self.engine, self.engine.pool
         limit = engine.max_decode_seqs or float("inf")
         admitted: list[tuple[Sequence, Request | DecodeItem]] = []
-        copies = []
         work = sorted([*self.requests.values(), *self.items], key=lambda w: w.arrival)
         for owner in work:
             if isinstance(owner, DecodeItem):
@@ -290,33 +289,39 @@ class Scheduler:
                 rows = [(seq, owner.params.max_tokens) for seq in owner.unfinished]
             for seq, most in rows:
                 if len(admitted) >= limit:
-                    return admitted, copies
+                    return admitted
                 new = seq.pending - 1 + min(engine.window, most - seq.generated)
-                need = engine.blocks.blocks_needed(seq.block_table, seq.kv_len, new)
-                if need > engine.blocks.num_free and not self._make_room(need, (owner.arrival, seq)):
-                    return admitted, copies
-                copies += engine.blocks.reserve(seq.block_table, seq.kv_len, new)
+                need = pool.blocks_needed(seq.row, seq.kv_len, new)
+                if need > pool.num_free and not self._make_room(need, (owner.arrival, seq)):
+                    return admitted
+                if need:  # the device's part runs batched, later
+                    pool.reserve(seq.row, seq.kv_len, new)
                 admitted.append((seq, owner))
             if isinstance(owner, Request):
                 owner.preempted = False
-        return admitted, copies
+        return admitted
 
     def _admit_prompt(self, request: Request) -> bool:
         """Prefill the prompt of a request that starts (or resumes) when it fits with one window;
         full blocks another request already prefilled are shared, not prefilled again."""
         engine = self.engine
-        blocks = engine.blocks
+        pool = engine.pool
         hit = self.cache.match(request.prompt_ids) if self.cache else []
-        need = (blocks.blocks_for(len(request.prompt_ids) - 1) - len(hit)
-                + blocks.blocks_for(engine.window + 1))
-        if need > blocks.num_free and not self._make_room(need, (request.arrival, None)):
-            blocks.free(list(hit))
+        need = (pool.blocks_for(len(request.prompt_ids) - 1) - len(hit)
+                + pool.blocks_for(engine.window + 1))
+        if need > pool.num_free and not self._make_room(need, (request.arrival, None)):
             if self.cache:
-                self.cache.hit_tokens -= len(hit) * blocks.block_size
+                self.cache.unmatch(hit)
             return False
-        (problem,) = engine.add_many([request.prompt_ids], cached=[hit])
+        cached = self.cache.hit_blocks(hit) if hit else None
+        try:
+            (problem,) = engine.add_many([request.prompt_ids], cached=[cached])
+        except BaseException:
+            if self.cache:
+                self.cache.unmatch(hit, release=False)  # the failed prefill gave them back
+            raise
         if self.cache:
-            self.cache.insert(request.prompt_ids, problem.block_table)
+            self.cache.insert(request.prompt_ids, problem.row, hit)
         request.problem = problem
         if not request.seqs:
             request.seqs = engine.fork(problem, request.params.n)
@@ -324,7 +329,8 @@ class Scheduler:
                                       for k, seq in enumerate(request.seqs)}
         else:  # resuming after its prompt was preempted: its samples keep their tokens
             for seq in request.unfinished:
-                seq.problem, seq.freed, seq.kv_len, seq.block_table = problem, False, 0, []
+                seq.problem, seq.freed, seq.kv_len = problem, False, 0
+                (seq.row,) = pool.new_rows(1)
                 problem.num_sequences += 1
                 problem.live.add(seq)
         return True
@@ -332,7 +338,7 @@ class Scheduler:
     def _make_room(self, need: int, before: tuple[int, Sequence | None]) -> bool:
         """Preempt work newer than ``before`` (arrival, sequence) until ``need`` blocks are free:
         first the newest sequences' own blocks, then the newest requests' prompts."""
-        blocks = self.engine.blocks
+        pool = self.engine.pool
         arrival, mine = before
         if self.cache:  # first what only the prefix cache holds
             self.cache.evict(need)
@@ -342,34 +348,34 @@ class Scheduler:
             for seq in reversed(request.unfinished):
                 if seq is mine:
                     break
-                if blocks.num_free >= need:
+                if pool.num_free >= need:
                     return True
-                if seq.block_table:  # recomputed from its tokens when it runs again
-                    blocks.free(seq.block_table)
+                if seq.row is not None and pool.used[seq.row]:  # recomputed when it runs again
+                    pool.release([seq.row], keep_rows=True)
                     seq.kv_len = 0
                     request.preempted = True
                     self.preemptions += 1
             if request.arrival == arrival:
                 break
-            if blocks.num_free >= need:
+            if pool.num_free >= need:
                 return True
-            if request.problem is not None and all(not s.block_table for s in request.unfinished):
+            if request.problem is not None and all(not pool.used[s.row] for s in request.unfinished):
                 self._release(request)
                 request.preempted = True
                 self.preemptions += 1
         # Last, the rows of newer searches' decode work: their blocks are freed and their tokens
         # recomputed when they run again (searches that together outgrow the pool take turns).
         for item in reversed(self.items):
-            if item.arrival < arrival or blocks.num_free >= need:
+            if item.arrival < arrival or pool.num_free >= need:
                 break
             for seq in reversed(item.active):
-                if seq is mine or blocks.num_free >= need:
+                if seq is mine or pool.num_free >= need:
                     break
-                if seq.block_table:
-                    blocks.free(seq.block_table)
+                if pool.used[seq.row]:
+                    pool.release([seq.row], keep_rows=True)
                     seq.kv_len = 0
                     self.preemptions += 1
-        return blocks.num_free >= need
+        return pool.num_free >= need
 
     def _decode(self, admitted: list[tuple[Sequence, Request | DecodeItem]]) -> None:
         """One window for every admitted row. A request's rows draw from its own streams (seed,
@@ -420,6 +426,8 @@ class Scheduler:
         live = [s for s in request.seqs if not s.freed]
         self.engine.free(live)
         if request.problem is not None:
+            if self.cache:
+                self.cache.forget_row(request.problem.row)
             self.engine.free_problem(request.problem)
             request.problem = None
 

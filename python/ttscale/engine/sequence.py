@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ttscale.errors import InvalidArgument
+
+# A draw's RNG offset is seq_id * DRAWS_PER_SEQUENCE + its index in the sequence, so a sequence's
+# draws depend neither on its batch nor on other sequences.
+DRAWS_PER_SEQUENCE = 1 << 24
+# A problem with a stream key numbers its sequences key * 2**STREAM_BITS + k, k counting that
+# key's sequences in the problem's counters (a search's own): a search's samples of a problem
+# then depend on the key, the seed and that problem's own forks only, not on which problems
+# share its call or its wave.
+STREAM_BITS = 16
+MAX_STREAM_KEY = 1 << 18  # keeps seq_id * DRAWS_PER_SEQUENCE below 2**63
+
 
 @dataclass(eq=False)
 class Problem:
@@ -16,7 +28,7 @@ class Problem:
 
     problem_id: int
     prompt_ids: list[int]
-    block_table: list[int] = field(default_factory=list)
+    row: int | None = None  # its block table: a row of the engine's pool (engine/pool.py)
     kv_len: int = 0  # prompt tokens whose K/V are in the pool: len(prompt_ids) - 1 once prefilled
     num_sequences: int = 0  # live sequences of this problem
     freed: bool = False
@@ -33,17 +45,17 @@ class Problem:
 class Sequence:
     """One sample path: its own tokens after the problem's prefilled prompt.
 
-    ``tokens[:kv_len]`` have K/V in the pool (in ``block_table``); the rest are pending and go
-    through the model at the next step. ``tokens[0]`` is the prompt's last token; ``generated``
-    counts sampled tokens, ``logprobs`` holds one value per sampled token, and ``sampled_at`` is
-    the index in ``tokens`` of each sampled token (a token a thinking control forced in place
-    of a sample counts as one: it took the sample's step and its draw).
+    ``tokens[:kv_len]`` have K/V in the pool (in its table, pool row ``row``); the rest are
+    pending and go through the model at the next step. ``tokens[0]`` is the prompt's last token;
+    ``generated`` counts sampled tokens, ``logprobs`` holds one value per sampled token, and
+    ``sampled_at`` is the index in ``tokens`` of each sampled token (a token a thinking control
+    forced in place of a sample counts as one: it took the sample's step and its draw).
     """
 
     seq_id: int
     problem: Problem
     tokens: list[int]
-    block_table: list[int] = field(default_factory=list)
+    row: int | None = None  # its block table: a row of the engine's pool (None once freed)
     kv_len: int = 0
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -70,3 +82,26 @@ class Sequence:
     def output_ids(self) -> list[int]:
         """Everything after the prompt: sampled tokens and any the caller appended."""
         return self.tokens[1:]
+
+
+def copy_sequence(parent: Sequence, seq_id: int, row: int) -> Sequence:
+    """A fork of ``parent``: its tokens, samples and thinking state, with its own table ``row``
+    (holding ``parent``'s blocks) and number ``seq_id``."""
+    child = Sequence(seq_id, parent.problem, list(parent.tokens), row, parent.kv_len,
+                     list(parent.logprobs), list(parent.top_logprobs), list(parent.sampled_at),
+                     parent.finish_reason)
+    child.thinking = parent.thinking and parent.thinking.copy()
+    return child
+
+
+def keyed_seq_id(problem: Problem, engine_counters: dict[int, int]) -> int:
+    """The next number of a sequence of ``problem``, which has a stream key: counted in the
+    problem's counters, else the engine's (beyond 2**STREAM_BITS sequences of one key they run
+    into the next key's numbers)."""
+    key = problem.stream_key
+    if not 0 <= key < MAX_STREAM_KEY:
+        raise InvalidArgument(f"problem: stream key {key} outside [0, {MAX_STREAM_KEY})")
+    counters = problem.stream_counters if problem.stream_counters is not None else engine_counters
+    k = counters.get(key, 0)
+    counters[key] = k + 1
+    return (key << STREAM_BITS) + k

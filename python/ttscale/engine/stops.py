@@ -85,3 +85,30 @@ class StopRules:
         if seq.generated >= limit:
             return "length"
         return None
+
+    def take_window(self, seq, tokens, logprobs, top, stopped, stops, limit) -> tuple[int, int]:
+        """Append a window's samples to ``seq`` up to the first stop (whose reason becomes its
+        ``finish_reason``; the stopping token stays pending). Returns the tokens taken and the
+        tokens the window fed into the KV cache (the pending token and all taken but the last)."""
+        n = len(tokens)
+        if not stops and not any(stopped) and seq.generated + n < limit:
+            # Nothing can stop inside this window (no stop strings, no flagged token, the limit
+            # beyond it): take it whole, without a Python step per token.
+            start = len(seq.tokens)
+            seq.tokens.extend(tokens)
+            seq.sampled_at.extend(range(start, start + n))
+            seq.logprobs.extend(logprobs)
+            if top is not None:
+                seq.top_logprobs.extend(top)
+            return n, n
+        for j, token in enumerate(tokens):
+            seq.tokens.append(token)
+            seq.sampled_at.append(len(seq.tokens) - 1)
+            seq.logprobs.append(logprobs[j])
+            if top is not None:
+                seq.top_logprobs.append(top[j])
+            reason = self.reason(seq, token, stopped[j], stops, limit)
+            if reason is not None:
+                seq.finish_reason = reason
+                return j + 1, j + 1
+        return n, n

@@ -255,10 +255,15 @@ class Window:
         logprobs = torch.where(replaced, scaled.gather(1, out[:, None])[:, 0], logprobs)
         return out, logprobs
 
+    def history_tensor(self) -> torch.Tensor:
+        """``int64 [B, window, 5]`` the rows' states after each step, for the window's read;
+        the runner puts the host copy, as lists, back in :attr:`history`."""
+        return torch.stack(self.history, 1)
+
     def read_back(self, seqs) -> None:
         """Hand each controlled sequence its state after every step of the window (read with
         the window's tokens); :func:`accept` keeps the one of its last accepted token."""
-        steps = torch.stack(self.history, 1).tolist()  # [B, window, 5]
+        steps = self.history  # [B, window, 5], lists (from the window's read)
         for seq, control, row in zip(seqs, self.controls, steps, strict=True):
             if control is not None:
                 seq.thinking.window = row  # lists; accept() keeps one as a State

@@ -278,9 +278,10 @@ def plan_waves(
 ) -> list[list[int]]:
     """Consecutive groups of problems whose prompts and sequences fit the free KV pool at once,
     counting each sequence at ``max_tokens`` and one more block for a fork's partial block."""
-    blocks = engine.blocks
+    blocks = engine.pool
     per_sequence = blocks.blocks_for(max_tokens + 1) + 1
-    free = blocks.num_free
+    with engine.lock:  # the free count now: one read of the pool, once per call
+        free = blocks.refresh()
     waves: list[list[int]] = [[]]
     used = 0
     for p, prompt in enumerate(prompts):
