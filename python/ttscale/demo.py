@@ -14,6 +14,8 @@ of their own (``revisions.png``): accuracy against the ratio, overall and by dif
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -22,11 +24,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ttscale.demo_runs import Run, run_all
 from ttscale.engine.memory import pair_shares
 from ttscale.errors import InvalidArgument
 from ttscale.grading import coverage_at_k
 from ttscale.sampling_params import SamplingParams
 from ttscale.search import registry
+from ttscale.search.prompts import build_prompts
+from ttscale.search.revisions import attempt_budget
 from ttscale.search.select import aggregate, choose
 
 # The default rows: greedy decoding, the three choices from one best-of-N pool, and searches.
@@ -157,11 +162,19 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         wall["greedy"] = time.perf_counter() - start
         bar.update(1)
 
+    def grouped(search):
+        """``search(texts, common)`` on a job's problems, each keeping its id (its random
+        streams) and its reference."""
+        return lambda group: search([texts[i] for i in group],
+                                    {**common, "references": [references[i] for i in group],
+                                     "problem_ids": group})
+
     pooled = [s for s in POOLED if s in strategies]
     if pooled:
-        start = time.perf_counter()
-        pool = ttscale.best_of_n(llm, texts, max(ns), verifier=prm, sampling=sampling, agg=AGG, **common)
-        seconds = time.perf_counter() - start
+        pool_run = Run("pool", grouped(lambda texts_, common_: ttscale.best_of_n(
+            llm, texts_, max(ns), verifier=prm, sampling=sampling, agg=AGG, **common_)), max(ns))
+        pool, (begun, ended) = run_all([pool_run], len(texts))["pool"]
+        seconds = ended - begun
         wall[f"one pool of {max(ns)} ({', '.join(pooled)})"] = seconds
         total_tokens = _tokens(pool)
         right = [sum(c.answer is not None and _same(c.answer, ref) for c in r.candidates)
@@ -178,6 +191,9 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
                             _mean_by(covered, levels)))
             bar.update(len(pooled))
 
+    # Every searched row at once, on threads sharing the engine's steps (ttscale.demo_runs),
+    # the largest N first; recorded in the table's order afterwards.
+    searches, spans = [], {}
     for strategy in _searched(strategies):
         spec = registry.get(strategy)
         # a strategy that needs no verifier runs without the PRM: its row is what it does alone,
@@ -185,19 +201,27 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         verifier = prm if spec.needs_verifier else None
         for n in ns:
             for suffix, chosen in spec.options.variants(n).items():
-                start = time.perf_counter()
-                results = spec.function(llm, texts, n, verifier=verifier, sampling=sampling,
-                                        agg=AGG, **chosen, **common)
-                record(strategy + suffix, n, results, _tokens(results), time.perf_counter() - start)
-                wall[strategy] = wall.get(strategy, 0.0) + time.perf_counter() - start
-                bar.update(1)
-            if strategy == "rsa":
-                start = time.perf_counter()
-                matched, votes = _majority_at_tokens(llm, texts, results, sampling, common)
-                seconds = time.perf_counter() - start
-                record(EQUAL_TOKENS_ROW, matched, votes, _tokens(votes), seconds)
-                wall[EQUAL_TOKENS_ROW] = wall.get(EQUAL_TOKENS_ROW, 0.0) + seconds
-                bar.update(1)
+                search = functools.partial(_search_with, spec.function, llm, n, verifier,
+                                           sampling, chosen)
+                searches.append(Run((strategy, suffix, n), grouped(search), n))
+    done = run_all(sorted(searches, key=lambda run: -run.lines), len(texts),
+                   on_done=lambda run: bar.update(1))
+    for run in searches:
+        strategy, suffix, n = run.key
+        results, (begun, ended) = done[run.key]
+        record(strategy + suffix, n, results, _tokens(results), ended - begun)
+        spans.setdefault(strategy, []).append((begun, ended))
+        if strategy == "rsa" and suffix == list(registry.get(strategy).options.variants(n))[-1]:
+            start = time.perf_counter()
+            matched, votes = _majority_at_tokens(llm, texts, results, sampling, common)
+            seconds = time.perf_counter() - start
+            record(EQUAL_TOKENS_ROW, matched, votes, _tokens(votes), seconds)
+            wall[EQUAL_TOKENS_ROW] = wall.get(EQUAL_TOKENS_ROW, 0.0) + seconds
+            bar.update(1)
+    if spans:  # the searched rows ran at once: one line for them all, first start to last end
+        name = " and ".join(spans) + (", at once" if len(spans) > 1 else "")
+        wall[name] = (max(e for runs in spans.values() for _, e in runs)
+                      - min(b for runs in spans.values() for b, _ in runs))
 
     if "compute_optimal" in strategies:
         # fitted on the task's training split (its answers known), then run on the held-out set
@@ -232,14 +256,23 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         # (the cap the training script measures revisions with)
         revising = SamplingParams(temperature=1.0, max_tokens=MAX_REVISION_TOKENS)
         budget = revision_budget(ns)
-        for sequential in revision_ratios(budget) if revision_lengths is None else revision_lengths:
-            start = time.perf_counter()
-            results = ttscale.revisions(llm, texts, budget, sequential, verifier=prm, sampling=revising,
-                                        agg=AGG, **common)
-            record(f"revisions-{sequential}", budget, results, _tokens(results),
-                   time.perf_counter() - start)
-            wall["revisions"] = wall.get("revisions", 0.0) + time.perf_counter() - start
-            bar.update(1)
+        lengths = revision_ratios(budget) if revision_lengths is None else revision_lengths
+        # every ratio at once, on threads sharing the engine's steps, the longest chains first:
+        # a chain's attempts are sequential, and the other ratios fill its steps
+        # each attempt's cap, of all the problems' prompts: what one call over them all caps
+        # it at (it depends on the longest prompt), whatever problems a job holds
+        prompts = build_prompts(llm.tokenizer, texts, prompt_fn=common["prompt_fn"])
+        revised = [Run(sequential, grouped(functools.partial(
+            _revise, llm, budget, sequential, prm, dataclasses.replace(
+                revising, max_tokens=attempt_budget(llm, prompts, revising.max_tokens, sequential)))),
+            budget // sequential) for sequential in lengths]
+        done = run_all(sorted(revised, key=lambda run: -run.key), len(texts),
+                       on_done=lambda run: bar.update(1))
+        for sequential in lengths:
+            results, (begun, ended) = done[sequential]
+            record(f"revisions-{sequential}", budget, results, _tokens(results), ended - begun)
+        wall["revisions"] = (max(e for _, (_, e) in done.values())
+                             - min(b for _, (b, _) in done.values()))
     bar.close()
 
     (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
@@ -291,6 +324,20 @@ def _choose_first(result, n: int, select: str) -> _Picked:
         c.score = aggregate(c.step_scores, AGG) if c.step_scores else c.score
     index = choose(candidates, select)
     return _Picked(None if index is None else candidates[index].answer)
+
+
+def _search_with(function, llm, n, verifier, sampling, options, texts, common) -> list:
+    """A searched row's strategy on some of the problems (``common`` names them)."""
+    return function(llm, texts, n, verifier=verifier, sampling=sampling, agg=AGG, **options,
+                    **common)
+
+
+def _revise(llm, budget, sequential, prm, sampling, texts, common) -> list:
+    """Revisions at one ratio on some of the problems (``common`` names them)."""
+    import ttscale
+
+    return ttscale.revisions(llm, texts, budget, sequential, verifier=prm, sampling=sampling,
+                             agg=AGG, **common)
 
 
 def _same(answer: str, reference: str) -> bool:
