@@ -169,13 +169,56 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
                                     {**common, "references": [references[i] for i in group],
                                      "problem_ids": group})
 
+    # The pool, every searched row and every revision ratio at once, as jobs on threads sharing
+    # the engine's steps (ttscale.demo_runs); recorded in the table's order afterwards. The
+    # longest chains of revisions start first: their attempts are sequential, and the rest fills
+    # their steps.
     pooled = [s for s in POOLED if s in strategies]
+    runs: list[Run] = []
+    if "revisions" in strategies:
+        from ttscale.toy.evaluate import MAX_REVISION_TOKENS
+
+        # room for a revision that works its products in parts, as the embedded policy's do
+        # (the cap the training script measures revisions with)
+        revising = SamplingParams(temperature=1.0, max_tokens=MAX_REVISION_TOKENS)
+        budget = revision_budget(ns)
+        lengths = revision_ratios(budget) if revision_lengths is None else revision_lengths
+        # each attempt's cap of all the problems' prompts: what one call over them all caps it
+        # at (it depends on the longest prompt), whatever problems a job holds
+        prompts = build_prompts(llm.tokenizer, texts, prompt_fn=common["prompt_fn"])
+        for sequential in sorted(lengths, reverse=True):
+            capped = dataclasses.replace(revising, max_tokens=attempt_budget(
+                llm, prompts, revising.max_tokens, sequential))
+            runs.append(Run(("revisions", sequential), grouped(functools.partial(
+                _revise, llm, budget, sequential, prm, capped)), budget // sequential))
+    searches = []
+    for strategy in _searched(strategies):
+        spec = registry.get(strategy)
+        # a strategy that needs no verifier runs without the PRM: its row is what it does alone,
+        # to set against the majority vote
+        verifier = prm if spec.needs_verifier else None
+        for n in ns:
+            for suffix, chosen in spec.options.variants(n).items():
+                search = functools.partial(_search_with, spec.function, llm, n, verifier,
+                                           sampling, chosen)
+                searches.append(Run((strategy, suffix, n), grouped(search), n))
+    runs += sorted(searches, key=lambda run: -run.lines)
     if pooled:
-        pool_run = Run("pool", grouped(lambda texts_, common_: ttscale.best_of_n(
-            llm, texts_, max(ns), verifier=prm, sampling=sampling, agg=AGG, **common_)), max(ns))
-        pool, (begun, ended) = run_all([pool_run], len(texts))["pool"]
+        runs.append(Run(("pool",), grouped(lambda texts_, common_: ttscale.best_of_n(
+            llm, texts_, max(ns), verifier=prm, sampling=sampling, agg=AGG, **common_)), max(ns)))
+    done = run_all(runs, len(texts), on_done=lambda run: bar.update(
+        len(pooled) * len(ns) if run.key == ("pool",) else 1))
+    if done:  # one line for them all: the first job's start to the last one's end
+        names = [f"one pool of {max(ns)} ({', '.join(pooled)})"] if pooled else []
+        names += list(dict.fromkeys(run.key[0] for run in searches))
+        names += ["revisions"] if "revisions" in strategies else []
+        name = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
+        wall[name + (", at once" if len(names) > 1 else "")] = (
+            max(e for _, (_, e) in done.values()) - min(b for _, (b, _) in done.values()))
+
+    if pooled:
+        pool, (begun, ended) = done[("pool",)]
         seconds = ended - begun
-        wall[f"one pool of {max(ns)} ({', '.join(pooled)})"] = seconds
         total_tokens = _tokens(pool)
         right = [sum(c.answer is not None and _same(c.answer, ref) for c in r.candidates)
                  for r, ref in zip(pool, references)]
@@ -189,28 +232,11 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
             rows.append(Row("coverage", n, sum(covered) / len(covered), len(pool),
                             int(total_tokens * share), seconds * share,
                             _mean_by(covered, levels)))
-            bar.update(len(pooled))
 
-    # Every searched row at once, on threads sharing the engine's steps (ttscale.demo_runs),
-    # the largest N first; recorded in the table's order afterwards.
-    searches, spans = [], {}
-    for strategy in _searched(strategies):
-        spec = registry.get(strategy)
-        # a strategy that needs no verifier runs without the PRM: its row is what it does alone,
-        # to set against the majority vote
-        verifier = prm if spec.needs_verifier else None
-        for n in ns:
-            for suffix, chosen in spec.options.variants(n).items():
-                search = functools.partial(_search_with, spec.function, llm, n, verifier,
-                                           sampling, chosen)
-                searches.append(Run((strategy, suffix, n), grouped(search), n))
-    done = run_all(sorted(searches, key=lambda run: -run.lines), len(texts),
-                   on_done=lambda run: bar.update(1))
     for run in searches:
         strategy, suffix, n = run.key
         results, (begun, ended) = done[run.key]
         record(strategy + suffix, n, results, _tokens(results), ended - begun)
-        spans.setdefault(strategy, []).append((begun, ended))
         if strategy == "rsa" and suffix == list(registry.get(strategy).options.variants(n))[-1]:
             start = time.perf_counter()
             matched, votes = _majority_at_tokens(llm, texts, results, sampling, common)
@@ -218,10 +244,6 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
             record(EQUAL_TOKENS_ROW, matched, votes, _tokens(votes), seconds)
             wall[EQUAL_TOKENS_ROW] = wall.get(EQUAL_TOKENS_ROW, 0.0) + seconds
             bar.update(1)
-    if spans:  # the searched rows ran at once: one line for them all, first start to last end
-        name = " and ".join(spans) + (", at once" if len(spans) > 1 else "")
-        wall[name] = (max(e for runs in spans.values() for _, e in runs)
-                      - min(b for runs in spans.values() for b, _ in runs))
 
     if "compute_optimal" in strategies:
         # fitted on the task's training split (its answers known), then run on the held-out set
@@ -250,29 +272,9 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
                 bar.update(1)
 
     if "revisions" in strategies:
-        from ttscale.toy.evaluate import MAX_REVISION_TOKENS
-
-        # room for a revision that works its products in parts, as the embedded policy's do
-        # (the cap the training script measures revisions with)
-        revising = SamplingParams(temperature=1.0, max_tokens=MAX_REVISION_TOKENS)
-        budget = revision_budget(ns)
-        lengths = revision_ratios(budget) if revision_lengths is None else revision_lengths
-        # every ratio at once, on threads sharing the engine's steps, the longest chains first:
-        # a chain's attempts are sequential, and the other ratios fill its steps
-        # each attempt's cap, of all the problems' prompts: what one call over them all caps
-        # it at (it depends on the longest prompt), whatever problems a job holds
-        prompts = build_prompts(llm.tokenizer, texts, prompt_fn=common["prompt_fn"])
-        revised = [Run(sequential, grouped(functools.partial(
-            _revise, llm, budget, sequential, prm, dataclasses.replace(
-                revising, max_tokens=attempt_budget(llm, prompts, revising.max_tokens, sequential)))),
-            budget // sequential) for sequential in lengths]
-        done = run_all(sorted(revised, key=lambda run: -run.key), len(texts),
-                       on_done=lambda run: bar.update(1))
         for sequential in lengths:
-            results, (begun, ended) = done[sequential]
+            results, (begun, ended) = done[("revisions", sequential)]
             record(f"revisions-{sequential}", budget, results, _tokens(results), ended - begun)
-        wall["revisions"] = (max(e for _, (_, e) in done.values())
-                             - min(b for _, (b, _) in done.values()))
     bar.close()
 
     (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
