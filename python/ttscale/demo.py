@@ -34,6 +34,10 @@ from ttscale.search.prompts import build_prompts
 from ttscale.search.revisions import attempt_budget
 from ttscale.search.select import aggregate, choose
 
+# Searched rows that run as jobs sharing steps with the pool and the revisions (demo_runs): those
+# whose results are checked not to depend on the problems searched with them; any other strategy
+# runs alone, on all the problems in one call, after them.
+SHARED = ("beam_search", "dvts")
 # The default rows: greedy decoding, the three choices from one best-of-N pool, and searches.
 STRATEGIES = ("greedy", "majority", "best_of_n", "weighted", "beam_search", "dvts", "revisions")
 POOLED = {"majority": "majority", "best_of_n": "best", "weighted": "weighted"}  # row -> select
@@ -169,10 +173,10 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
                                     {**common, "references": [references[i] for i in group],
                                      "problem_ids": group})
 
-    # The pool, every searched row and every revision ratio at once, as jobs on threads sharing
-    # the engine's steps (ttscale.demo_runs); recorded in the table's order afterwards. The
-    # longest chains of revisions start first: their attempts are sequential, and the rest fills
-    # their steps.
+    # The pool, the searched rows of SHARED and every revision ratio at once, as jobs on threads
+    # sharing the engine's steps (ttscale.demo_runs); recorded in the table's order afterwards.
+    # The longest chains of revisions start first: their attempts are sequential, and the rest
+    # fills their steps.
     pooled = [s for s in POOLED if s in strategies]
     runs: list[Run] = []
     if "revisions" in strategies:
@@ -202,7 +206,8 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
                 search = functools.partial(_search_with, spec.function, llm, n, verifier,
                                            sampling, chosen)
                 searches.append(Run((strategy, suffix, n), grouped(search), n))
-    runs += sorted(searches, key=lambda run: -run.lines)
+    runs += sorted([run for run in searches if run.key[0] in SHARED],
+                   key=lambda run: -run.lines)
     if pooled:
         runs.append(Run(("pool",), grouped(lambda texts_, common_: ttscale.best_of_n(
             llm, texts_, max(ns), verifier=prm, sampling=sampling, agg=AGG, **common_)), max(ns)))
@@ -210,7 +215,7 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         len(pooled) * len(ns) if run.key == ("pool",) else 1))
     if done:  # one line for them all: the first job's start to the last one's end
         names = [f"one pool of {max(ns)} ({', '.join(pooled)})"] if pooled else []
-        names += list(dict.fromkeys(run.key[0] for run in searches))
+        names += list(dict.fromkeys(run.key[0] for run in searches if run.key[0] in SHARED))
         names += ["revisions"] if "revisions" in strategies else []
         name = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
         wall[name + (", at once" if len(names) > 1 else "")] = (
@@ -235,7 +240,14 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
 
     for run in searches:
         strategy, suffix, n = run.key
-        results, (begun, ended) = done[run.key]
+        if run.key in done:
+            results, (begun, ended) = done[run.key]
+        else:  # alone, on all the problems in one call
+            begun = time.perf_counter()
+            results = run.search(list(range(len(texts))))
+            ended = time.perf_counter()
+            wall[strategy] = wall.get(strategy, 0.0) + ended - begun
+            bar.update(1)
         record(strategy + suffix, n, results, _tokens(results), ended - begun)
         if strategy == "rsa" and suffix == list(registry.get(strategy).options.variants(n))[-1]:
             start = time.perf_counter()
@@ -404,7 +416,8 @@ def print_table(rows: list[Row]) -> None:
 
 
 def print_wall_time(wall: dict[str, float], total: float) -> None:
-    """Where the demo's time went: wall seconds per strategy (all its N together) and in total."""
+    """Where the demo's time went: wall seconds per phase (loading, greedy, the runs that share
+    steps at once, any run alone after them) and in total."""
     print("\nwall time:")
     width = max(len(name) for name in wall)
     for name, seconds in wall.items():
