@@ -12,7 +12,7 @@ One module per family of ops; each op's reference has the op's name:
 - :mod:`~ttscale.reference.kv_cache`: ``write_kv``, ``copy_blocks``;
 - :mod:`~ttscale.reference.elementwise`: ``add_rms_norm``, ``rope_write_kv`` (``rotate``),
   ``silu_mul``;
-- :mod:`~ttscale.reference.prm`: ``prm_step_scores``, ``prm_empty_state``;
+- :mod:`~ttscale.reference.prm`: ``prm_step_scores``, ``prm_empty_state``, ``prm_fold``;
 - :mod:`~ttscale.reference.block_pool`: ``select_and_fork``, and the pool's own ``pool_allocate``
   and ``pool_release``;
 - :mod:`~ttscale.reference.sampling`: ``sample``, its filters (``sampling_kept``) and its
@@ -41,6 +41,7 @@ from ttscale.reference.prm import (
     PRM_EMPTY_AGGREGATE,
     PRM_KINDS,
     prm_empty_state,
+    prm_fold,
     prm_head_scores,
     prm_step_scores,
     two_token_from_full_vocab,
@@ -75,6 +76,7 @@ __all__ = [
     "PRM_AGGS",
     "PRM_EMPTY_AGGREGATE",
     "prm_empty_state",
+    "prm_fold",
     "prm_head_scores",
     "two_token_from_full_vocab",
     "prm_step_scores",

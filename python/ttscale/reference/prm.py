@@ -60,13 +60,18 @@ def prm_step_scores(hidden, seq_ids, weight, bias=None, kind="two_token", agg="l
         s, step = int(seq_ids[t]), scores[t]
         count = state[s, 1]
         before = state[s, 0] if count > 0 else empty
-        if agg == "last":
-            after = step
-        elif agg == "min":
-            after = torch.fmin(before, step)
-        elif agg == "prod":
-            after = before * step
-        else:
-            after = before + (step - before) / (count + 1)
-        state[s, 0], state[s, 1] = after, count + 1
+        state[s, 0], state[s, 1] = prm_fold(agg, before, step, count), count + 1
     return scores, state
+
+
+def prm_fold(agg: str, before, step, count):
+    """One step's score folded into an aggregate of ``count`` steps (float32 tensors: each
+    operation rounds to float32, as in the kernels); ``before`` is the empty aggregate when
+    ``count`` is 0."""
+    if agg == "last":
+        return step
+    if agg == "min":
+        return torch.fmin(before, step)
+    if agg == "prod":
+        return before * step
+    return before + (step - before) / (count + 1)

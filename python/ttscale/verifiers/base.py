@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ttscale.errors import InvalidArgument
-from ttscale.reference import PRM_EMPTY_AGGREGATE, prm_empty_state
+from ttscale.reference import PRM_EMPTY_AGGREGATE, prm_empty_state, prm_fold
 
 
 @dataclass
@@ -167,15 +167,7 @@ def fold_scores(state: torch.Tensor, scores: Sequence[float | None], agg: str) -
     count = state[index, 1]
     before = torch.where(count > 0, state[index, 0],
                          torch.full_like(step, PRM_EMPTY_AGGREGATE[agg]))
-    if agg == "last":
-        after = step
-    elif agg == "min":
-        after = torch.fmin(before, step)
-    elif agg == "prod":
-        after = before * step
-    else:
-        after = before + (step - before) / (count + 1)
-    state[index, 0], state[index, 1] = after, count + 1
+    state[index, 0], state[index, 1] = prm_fold(agg, before, step, count), count + 1
     return state
 
 
