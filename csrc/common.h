@@ -119,17 +119,23 @@ inline void dispatch_dtype(int dtype, Fn&& fn) {
 // that the compiler vectorises, where std::exp is a scalar call: exp(x) = 2^k exp(r) with
 // r = x - k ln 2 in [-ln 2 / 2, ln 2 / 2] and Cephes' degree-6 polynomial for exp(r), within
 // 2 ulp of std::exp. Below -87.3 (exp under float's smallest normal, and -inf) it returns 0.
-inline float exp_nonpositive(float x) {
-  const float y = x < -87.3f ? -87.3f : x;
-  const float k = std::floor(y * 1.44269504088896341f + 0.5f);
-  const float r = y - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+// exp(y - k ln 2) for |y - k ln 2| <= ln 2 / 2: ln 2 in two parts (exact product with k, then
+// the correction) and the polynomial; on a float or on every lane of a vector of floats.
+template <class F>
+inline F exp_reduced(F y, F k) {
+  const F r = y - k * 0.693359375f + k * 2.12194440e-4f;
+  F p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
+  return p * r * r + r + 1.f;
+}
+
+inline float exp_nonpositive(float x) {
+  const float y = x < -87.3f ? -87.3f : x;
+  const float k = std::floor(y * 1.44269504088896341f + 0.5f);
+  const float p = exp_reduced(y, k);
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -41,14 +43,7 @@ inline Lanes exp_nonpositive(Lanes x) {
   const Lanes z = y * 1.44269504088896341f + 0.5f;
   Lanes k = __builtin_convertvector(__builtin_convertvector(z, IntLanes), Lanes);
   k = k > z ? k - 1.f : k;  // truncation rounds up below zero
-  const Lanes r = y - k * 0.693359375f + k * 2.12194440e-4f;
-  Lanes p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
+  const Lanes p = exp_reduced(y, k);
   const IntLanes bits = (__builtin_convertvector(k, IntLanes) + 127) << 23;
   Lanes scale;
   std::memcpy(&scale, &bits, sizeof(scale));
