@@ -14,8 +14,6 @@ of their own (``revisions.png``): accuracy against the ratio, overall and by dif
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import time
 from collections.abc import Sequence
@@ -24,20 +22,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ttscale.demo_runs import Run, run_all
 from ttscale.engine.memory import pair_shares
 from ttscale.errors import InvalidArgument
 from ttscale.grading import coverage_at_k
 from ttscale.sampling_params import SamplingParams
 from ttscale.search import registry
-from ttscale.search.prompts import build_prompts
-from ttscale.search.revisions import attempt_budget
 from ttscale.search.select import aggregate, choose
 
-# Searched rows that run as jobs sharing steps with the pool and the revisions (demo_runs): those
-# whose results are checked not to depend on the problems searched with them; any other strategy
-# runs alone, on all the problems in one call, after them.
-SHARED = ("beam_search", "dvts")
 # The default rows: greedy decoding, the three choices from one best-of-N pool, and searches.
 STRATEGIES = ("greedy", "majority", "best_of_n", "weighted", "beam_search", "dvts", "revisions")
 POOLED = {"majority": "majority", "best_of_n": "best", "weighted": "weighted"}  # row -> select
@@ -166,64 +157,12 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
         wall["greedy"] = time.perf_counter() - start
         bar.update(1)
 
-    def grouped(search):
-        """``search(texts, common)`` on a job's problems, each keeping its id (its random
-        streams) and its reference."""
-        return lambda group: search([texts[i] for i in group],
-                                    {**common, "references": [references[i] for i in group],
-                                     "problem_ids": group})
-
-    # The pool, the searched rows of SHARED and every revision ratio at once, as jobs on threads
-    # sharing the engine's steps (ttscale.demo_runs); recorded in the table's order afterwards.
-    # The longest chains of revisions start first: their attempts are sequential, and the rest
-    # fills their steps.
     pooled = [s for s in POOLED if s in strategies]
-    runs: list[Run] = []
-    if "revisions" in strategies:
-        from ttscale.toy.evaluate import MAX_REVISION_TOKENS
-
-        # room for a revision that works its products in parts, as the embedded policy's do
-        # (the cap the training script measures revisions with)
-        revising = SamplingParams(temperature=1.0, max_tokens=MAX_REVISION_TOKENS)
-        budget = revision_budget(ns)
-        lengths = revision_ratios(budget) if revision_lengths is None else revision_lengths
-        # each attempt's cap of all the problems' prompts: what one call over them all caps it
-        # at (it depends on the longest prompt), whatever problems a job holds
-        prompts = build_prompts(llm.tokenizer, texts, prompt_fn=common["prompt_fn"])
-        for sequential in sorted(lengths, reverse=True):
-            capped = dataclasses.replace(revising, max_tokens=attempt_budget(
-                llm, prompts, revising.max_tokens, sequential))
-            runs.append(Run(("revisions", sequential), grouped(functools.partial(
-                _revise, llm, budget, sequential, prm, capped)), budget // sequential))
-    searches = []
-    for strategy in _searched(strategies):
-        spec = registry.get(strategy)
-        # a strategy that needs no verifier runs without the PRM: its row is what it does alone,
-        # to set against the majority vote
-        verifier = prm if spec.needs_verifier else None
-        for n in ns:
-            for suffix, chosen in spec.options.variants(n).items():
-                search = functools.partial(_search_with, spec.function, llm, n, verifier,
-                                           sampling, chosen)
-                searches.append(Run((strategy, suffix, n), grouped(search), n))
-    runs += sorted([run for run in searches if run.key[0] in SHARED],
-                   key=lambda run: -run.lines)
     if pooled:
-        runs.append(Run(("pool",), grouped(lambda texts_, common_: ttscale.best_of_n(
-            llm, texts_, max(ns), verifier=prm, sampling=sampling, agg=AGG, **common_)), max(ns)))
-    done = run_all(runs, len(texts), on_done=lambda run: bar.update(
-        len(pooled) * len(ns) if run.key == ("pool",) else 1))
-    if done:  # one line for them all: the first job's start to the last one's end
-        names = [f"one pool of {max(ns)} ({', '.join(pooled)})"] if pooled else []
-        names += list(dict.fromkeys(run.key[0] for run in searches if run.key[0] in SHARED))
-        names += ["revisions"] if "revisions" in strategies else []
-        name = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
-        wall[name + (", at once" if len(names) > 1 else "")] = (
-            max(e for _, (_, e) in done.values()) - min(b for _, (b, _) in done.values()))
-
-    if pooled:
-        pool, (begun, ended) = done[("pool",)]
-        seconds = ended - begun
+        start = time.perf_counter()
+        pool = ttscale.best_of_n(llm, texts, max(ns), verifier=prm, sampling=sampling, agg=AGG, **common)
+        seconds = time.perf_counter() - start
+        wall[f"one pool of {max(ns)} ({', '.join(pooled)})"] = seconds
         total_tokens = _tokens(pool)
         right = [sum(c.answer is not None and _same(c.answer, ref) for c in r.candidates)
                  for r, ref in zip(pool, references)]
@@ -237,25 +176,28 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
             rows.append(Row("coverage", n, sum(covered) / len(covered), len(pool),
                             int(total_tokens * share), seconds * share,
                             _mean_by(covered, levels)))
+            bar.update(len(pooled))
 
-    for run in searches:
-        strategy, suffix, n = run.key
-        if run.key in done:
-            results, (begun, ended) = done[run.key]
-        else:  # alone, on all the problems in one call
-            begun = time.perf_counter()
-            results = run.search(list(range(len(texts))))
-            ended = time.perf_counter()
-            wall[strategy] = wall.get(strategy, 0.0) + ended - begun
-            bar.update(1)
-        record(strategy + suffix, n, results, _tokens(results), ended - begun)
-        if strategy == "rsa" and suffix == list(registry.get(strategy).options.variants(n))[-1]:
-            start = time.perf_counter()
-            matched, votes = _majority_at_tokens(llm, texts, results, sampling, common)
-            seconds = time.perf_counter() - start
-            record(EQUAL_TOKENS_ROW, matched, votes, _tokens(votes), seconds)
-            wall[EQUAL_TOKENS_ROW] = wall.get(EQUAL_TOKENS_ROW, 0.0) + seconds
-            bar.update(1)
+    for strategy in _searched(strategies):
+        spec = registry.get(strategy)
+        # a strategy that needs no verifier runs without the PRM: its row is what it does alone,
+        # to set against the majority vote
+        verifier = prm if spec.needs_verifier else None
+        for n in ns:
+            for suffix, chosen in spec.options.variants(n).items():
+                start = time.perf_counter()
+                results = spec.function(llm, texts, n, verifier=verifier, sampling=sampling,
+                                        agg=AGG, **chosen, **common)
+                record(strategy + suffix, n, results, _tokens(results), time.perf_counter() - start)
+                wall[strategy] = wall.get(strategy, 0.0) + time.perf_counter() - start
+                bar.update(1)
+            if strategy == "rsa":
+                start = time.perf_counter()
+                matched, votes = _majority_at_tokens(llm, texts, results, sampling, common)
+                seconds = time.perf_counter() - start
+                record(EQUAL_TOKENS_ROW, matched, votes, _tokens(votes), seconds)
+                wall[EQUAL_TOKENS_ROW] = wall.get(EQUAL_TOKENS_ROW, 0.0) + seconds
+                bar.update(1)
 
     if "compute_optimal" in strategies:
         # fitted on the task's training split (its answers known), then run on the held-out set
@@ -284,9 +226,20 @@ def run_demo(ns: Sequence[int] = (1, 4, 16, 64), strategies: Sequence[str] = STR
                 bar.update(1)
 
     if "revisions" in strategies:
-        for sequential in lengths:
-            results, (begun, ended) = done[("revisions", sequential)]
-            record(f"revisions-{sequential}", budget, results, _tokens(results), ended - begun)
+        from ttscale.toy.evaluate import MAX_REVISION_TOKENS
+
+        # room for a revision that works its products in parts, as the embedded policy's do
+        # (the cap the training script measures revisions with)
+        revising = SamplingParams(temperature=1.0, max_tokens=MAX_REVISION_TOKENS)
+        budget = revision_budget(ns)
+        for sequential in revision_ratios(budget) if revision_lengths is None else revision_lengths:
+            start = time.perf_counter()
+            results = ttscale.revisions(llm, texts, budget, sequential, verifier=prm, sampling=revising,
+                                        agg=AGG, **common)
+            record(f"revisions-{sequential}", budget, results, _tokens(results),
+                   time.perf_counter() - start)
+            wall["revisions"] = wall.get("revisions", 0.0) + time.perf_counter() - start
+            bar.update(1)
     bar.close()
 
     (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
@@ -338,20 +291,6 @@ def _choose_first(result, n: int, select: str) -> _Picked:
         c.score = aggregate(c.step_scores, AGG) if c.step_scores else c.score
     index = choose(candidates, select)
     return _Picked(None if index is None else candidates[index].answer)
-
-
-def _search_with(function, llm, n, verifier, sampling, options, texts, common) -> list:
-    """A searched row's strategy on some of the problems (``common`` names them)."""
-    return function(llm, texts, n, verifier=verifier, sampling=sampling, agg=AGG, **options,
-                    **common)
-
-
-def _revise(llm, budget, sequential, prm, sampling, texts, common) -> list:
-    """Revisions at one ratio on some of the problems (``common`` names them)."""
-    import ttscale
-
-    return ttscale.revisions(llm, texts, budget, sequential, verifier=prm, sampling=sampling,
-                             agg=AGG, **common)
 
 
 def _same(answer: str, reference: str) -> bool:
@@ -416,8 +355,7 @@ def print_table(rows: list[Row]) -> None:
 
 
 def print_wall_time(wall: dict[str, float], total: float) -> None:
-    """Where the demo's time went: wall seconds per phase (loading, greedy, the runs that share
-    steps at once, any run alone after them) and in total."""
+    """Where the demo's time went: wall seconds per strategy (all its N together) and in total."""
     print("\nwall time:")
     width = max(len(name) for name in wall)
     for name, seconds in wall.items():

@@ -137,10 +137,18 @@ def revisions(inputs: Inputs, n: int, options: RevisionOptions) -> list[SearchRe
     bad = next((t for separator in separators for t in separator if not 0 <= t < vocab), None)
     if bad is not None:
         raise InvalidArgument(f"revision_fn: token id {bad} outside the vocabulary [0, {vocab})")
+    # A chain's own tokens at most: `held` earlier attempts with their separators, then one more.
     held = min(window, sequential - 1)
     longest_separator = max(map(len, separators), default=0)
-    attempt_tokens = _attempt_tokens(llm.engine.model.max_positions, inputs.prompts,
-                                     inputs.sampling.max_tokens, held, longest_separator)
+    room = llm.engine.model.max_positions - max(map(len, inputs.prompts))
+    attempt_tokens = min(
+        inputs.sampling.max_tokens, (room - held * longest_separator) // (held + 1)
+    )
+    if attempt_tokens < 1:
+        raise InvalidArgument(
+            f"window: {held} earlier attempts with their separators leave no room for a new one "
+            f"in the model's context of {llm.engine.model.max_positions}; lower window"
+        )
     # The engine bounds what a sequence samples in its life; a chain's sequence hosts several
     # attempts, so it gets the chain's bound and each attempt its own through advance's budget.
     # Waves are planned for a whole chain's context.
@@ -180,31 +188,6 @@ def revisions(inputs: Inputs, n: int, options: RevisionOptions) -> list[SearchRe
     return run_waves(
         dataclasses.replace(inputs, sampling=chain_sampling), chains, search
     )
-
-
-def attempt_budget(llm, prompts: Sequence[Sequence[int]], max_tokens: int, sequential: int,
-                   window: int = RevisionOptions.window) -> int:
-    """The tokens each attempt of :func:`revisions` (default separators) may take with these
-    prompts: ``max_tokens``, capped so that a chain's context fits the model. The cap depends on
-    the longest prompt, so a caller that splits its problems over several calls and wants the
-    results of one call passes this budget of all its prompts as ``sampling.max_tokens``."""
-    separators = separator_ids(llm.tokenizer, None, sequential - 1)
-    return _attempt_tokens(llm.engine.model.max_positions, prompts, max_tokens,
-                           min(window, sequential - 1), max(map(len, separators), default=0))
-
-
-def _attempt_tokens(max_positions: int, prompts: Sequence[Sequence[int]], max_tokens: int,
-                    held: int, longest_separator: int) -> int:
-    """``max_tokens``, capped so that a chain's own tokens (``held`` earlier attempts with their
-    separators, then the new one) fit the model's context after the longest prompt."""
-    room = max_positions - max(map(len, prompts))
-    attempt_tokens = min(max_tokens, (room - held * longest_separator) // (held + 1))
-    if attempt_tokens < 1:
-        raise InvalidArgument(
-            f"window: {held} earlier attempts with their separators leave no room for a new one "
-            f"in the model's context of {max_positions}; lower window"
-        )
-    return attempt_tokens
 
 
 def _next_context(
