@@ -35,7 +35,7 @@ _EXPORTS = {
     "CompletionOutput": "ttscale.llm",
     "BeamSearchParams": "ttscale.token_beam",
     "BeamSearchOutput": "ttscale.token_beam",
-    "EngineStats": "ttscale.engine.scheduler",
+    "EngineStats": "ttscale.engine.work",
     "TTScaleError": "ttscale.errors",
     "InvalidArgument": "ttscale.errors",
     "UnknownRequest": "ttscale.errors",

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from ttscale._checks import check_flag, check_int, check_text
 from ttscale.engine.engine import Engine, check_engine_arguments
-from ttscale.engine.scheduler import EngineStats, Request, Scheduler
+from ttscale.engine.scheduler import Scheduler
+from ttscale.engine.work import EngineStats, Request
 from ttscale.engine.sequence import Sequence
 from ttscale.engine.stops import find_stop
 from ttscale.errors import InvalidArgument, ModelLoadError, invalid

@@ -39,7 +39,6 @@ from ttscale.engine.sequence import (
 )
 from ttscale.engine.settings import (
     DEFAULT_GPU_DECODE_SEQS,
-    check_decode_arguments,
     check_engine_arguments,
     check_token_ids,
     default_kv_budget,
@@ -358,49 +357,18 @@ class Engine:
         ``confidence_stop`` (:class:`~ttscale.engine.confidence.ConfidenceStop`) also stops the
         sequences it watches, on the device, where their confidence falls below their threshold
         (finish reason ``"confidence"``); it needs ``sampling.logprobs >= confidence_stop.top_k``.
-        """
-        max_new_tokens = check_decode_arguments(seqs, sampling, max_new_tokens, confidence_stop)
-        stops = tuple(stop) if stop is not None else sampling.stop_strings
-        self.thinking.control(sampling)  # its texts in this model's tokens, or an error naming one
-        if stops and self.stops.texts is None:
-            raise InvalidArgument("stop: stop strings need a tokenizer")
-        self._check_live(seqs)
-        limits = {}
-        for seq, most in zip(seqs, max_new_tokens, strict=True):
-            limit = sampling.max_tokens
-            if most is not None:
-                limit = min(limit, seq.generated + int(most))
-            limits[seq] = limit
-            seq.finish_reason = "length" if seq.generated >= limit else None
-        active = [s for s in seqs if s.finish_reason is None]
-        if self.scheduler is not None and active:
-            # one piece of work for the scheduler: these rows join the steps every other request
-            # and search runs, and this thread drives steps until they stop
-            seed = sampling.seed if sampling.seed is not None else self.seed
-            self.scheduler.run_decode(active, sampling, stops, limits, seed, confidence_stop)
-            return
-        while active:
-            active = self.step(active, sampling, stops, limits, confidence_stop)
 
-    @_locked
-    def step(self, active: list[Sequence], sampling: SamplingParams, stops: tuple[str, ...],
-             limits: dict[Sequence, int], confidence_stop: ConfidenceStop | None = None,
-             ) -> list[Sequence]:
-        """Advance the sequences that fit in the pool by one window; return those still running."""
-        self.run_pending(active, keep_last=True)
-        admitted = self._admit(active, [min(self.window, limits[s] - s.generated) for s in active])
-        self.peak_sequences = max(self.peak_sequences, len(admitted))
-        window = min(min(limits[s] - s.generated for s in admitted), self.window)
-        stop_table = self.stops.table(stops) if stops else None
-        seed = sampling.seed if sampling.seed is not None else self.seed
-        offsets = [s.seq_id * DRAWS_PER_SEQUENCE + s.generated for s in admitted]
-        tokens, logprobs, top, stopped = self.runner.decode_window(
-            admitted, window, sampling, seed, offsets, stop_table,
-            confidence=None if confidence_stop is None else [confidence_stop] * len(admitted))
-        for i, seq in enumerate(admitted):
-            self._accept(seq, tokens[i], logprobs[i], None if top is None else top[i], stopped[i],
-                         stops, limits[seq])
-        return [s for s in active if s.finish_reason is None]
+        The rows run as the scheduler's work (:meth:`Scheduler.decode`), beside every request and
+        search on this engine; an engine without one (not made by an ``LLM``) gets a scheduler of
+        its own for the call.
+        """
+        scheduler = self.scheduler
+        if scheduler is None:
+            from ttscale.engine.scheduler import Scheduler  # it builds on this module
+
+            scheduler = Scheduler(self, prefix_caching=False, attach=False)
+        scheduler.decode(seqs, sampling, stop=stop, max_new_tokens=max_new_tokens,
+                         confidence_stop=confidence_stop)
 
     # ------------------------------------------------------------------------------------------
 
@@ -411,19 +379,6 @@ class Engine:
         seq.kv_len += fed
         thinking.accept(seq, fed)
         self.pool.trim(seq.row, seq.kv_len)
-
-    def _admit(self, active: list[Sequence], steps: list[int]) -> list[Sequence]:
-        """Reserve KV slots for each sequence's next window, in order, while the pool lasts."""
-        active = active[: self.max_decode_seqs or len(active)]
-        fits = self.pool.reserve_rows([s.row for s in active], [s.kv_len for s in active], steps)
-        if not fits:
-            seq, pool = active[0], self.pool
-            need = pool.blocks_needed(seq.row, seq.kv_len, steps[0])
-            raise PoolExhausted(
-                f"no sequence fits: the next needs {need} free KV blocks, {pool.num_free} of "
-                f"{pool.num_blocks} are free ({seq.context_len} tokens so far); free finished "
-                "sequences or give the engine a larger kv_budget_bytes")
-        return active[:fits]
 
     def check_prompt(self, name: str, prompt: Seq[int]) -> list[int]:
         """A prompt's ids as ints: in the vocabulary, not empty, within the model's positions."""

@@ -1,16 +1,26 @@
-"""The scheduler: requests join the running batch at any step.
+"""The scheduler: requests and searches join the running batch at any step.
 
     scheduler.add(request)        # queued; its prompt is prefilled when it is admitted
     progressed = scheduler.step() # one decode window for every sequence that fits
     scheduler.abort(request_id)   # its blocks return to the pool at once
+    scheduler.decode(seqs, ...)   # a search's sequences, to their next stop, in the same steps
+    wave = scheduler.begin_wave(...); scheduler.prefill(prompts, wave); ...; scheduler.end_wave(wave)
 
-One step admits work in arrival order (requests, then each request's samples by index). Admission
-is optimistic, as in vLLM: a sequence runs when its next window fits the pool, not its whole
-``max_tokens``, so a request with more samples than the pool can hold at once runs them
-piecewise. When growth runs the pool short, the newest work is preempted: a sequence's own blocks
-are freed and its tokens recomputed when it resumes; if that is not enough, the newest request's
-prompt goes too. Nothing of this changes a result: each sample's random stream is keyed by its
-request (seed and stream) and its index, never by the batch it runs in.
+One step admits work in arrival order (requests, then each request's samples by index; a
+search's decode work by its wave's arrival). Admission is optimistic, as in vLLM: a sequence runs
+when its next window fits the pool, not its whole ``max_tokens``, so a request with more samples
+than the pool can hold at once runs them piecewise. When growth runs the pool short, the newest
+work is preempted: a sequence's own blocks are freed and its tokens recomputed when it resumes;
+if that is not enough, the newest request's prompt goes too, and then newer searches' sequences
+(those in a decode step, and those the search holds between steps). Nothing of this changes a
+result: each sample's random stream is keyed by its request (seed and stream) and its index, or
+by its search's seed and the sequence's number, never by the batch it runs in.
+
+Searches enter in waves (:mod:`ttscale.engine.work`): a wave is admitted at once when the oldest
+wave could still grow to its longest beside every wave's prompts, so two searches started apart
+run side by side and share steps, and the oldest always finishes. Work that waits for room
+another search holds waits (it never fails while someone else can free blocks); work that could
+never fit fails at once with the argument's name.
 
 Prompts share their full blocks across requests (:mod:`ttscale.engine.prefix_cache`): a request
 whose prompt starts like an earlier one's prefills only the rest.
@@ -21,83 +31,22 @@ host's lower bound of its free blocks, which each step's one read makes exact ag
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from dataclasses import dataclass, field
+import time
+from collections.abc import Sequence as Seq
 
 import torch
 
 from ttscale.engine.confidence import ConfidenceStop
-from ttscale.engine.engine import DRAWS_PER_SEQUENCE, Engine
+from ttscale.engine.engine import Engine
 from ttscale.engine.prefix_cache import PrefixCache
-from ttscale.engine.sequence import Problem, Sequence
-from ttscale.errors import PoolExhausted, UnknownRequest, invalid
+from ttscale.engine.sequence import DRAWS_PER_SEQUENCE, Problem, Sequence
+from ttscale.engine.settings import check_decode_arguments
+from ttscale.engine.work import DecodeItem, EngineStats, Request, Wave, sample_stream
+from ttscale.errors import InvalidArgument, PoolExhausted, UnknownRequest, invalid
 from ttscale.sampling_params import SamplingParams
 
-STREAM_BITS = 39  # a sample's stream number; times DRAWS_PER_SEQUENCE (2**24) stays below 2**63
-
-
-def sample_stream(seed: int, stream: int, index: int) -> int:
-    """The first random offset of sample ``index`` of a request keyed by (``seed``, ``stream``):
-    a hash, so that requests never share a stream whatever runs beside them."""
-    digest = hashlib.blake2b(f"{seed}:{stream}:{index}".encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "little") >> (64 - STREAM_BITS)) * DRAWS_PER_SEQUENCE
-
-
-@dataclass(eq=False)
-class Request:
-    """One prompt and its ``params.n`` samples, as the scheduler tracks them."""
-
-    request_id: str
-    prompt: str | None
-    prompt_ids: list[int]
-    params: SamplingParams
-    seed: int
-    stream: int
-    arrival: int = 0
-    problem: Problem | None = None  # the prefilled prompt, while admitted
-    seqs: list[Sequence] = field(default_factory=list)  # one per sample, from the first admission
-    stream_offsets: dict[Sequence, int] = field(default_factory=dict)  # each sample's first offset
-    finished: bool = False
-    aborted: bool = False
-    preempted: bool = False  # work of this request was evicted and waits to be recomputed
-    public: bool = True  # added through the step API (its progress is reported by step())
-
-    @property
-    def unfinished(self) -> list[Sequence]:
-        return [s for s in self.seqs if s.finish_reason is None] if self.seqs else []
-
-
-@dataclass(eq=False)
-class DecodeItem:
-    """A search's piece of work: decode these sequences until each stops (a step delimiter, EOS,
-    its limit). Its rows join the same steps as requests and other searches' rows; the search
-    owns the sequences (the scheduler never frees or preempts them)."""
-
-    active: list[Sequence]
-    sampling: SamplingParams
-    stops: tuple[str, ...]
-    limits: dict[Sequence, int]
-    seed: int
-    arrival: int = 0
-    done: bool = False
-    confidence_stop: ConfidenceStop | None = None  # DeepConf's online stop for its rows
-    error: BaseException | None = None
-
-
-@dataclass
-class EngineStats:
-    """What the scheduler holds, as of the last step (reading it touches no device)."""
-
-    running: int  # requests with a prefilled prompt and samples still to finish
-    waiting: int  # requests not yet admitted
-    preempted: int  # requests with work evicted, waiting to be recomputed
-    free_blocks: int  # KV blocks a new request could take now
-    total_blocks: int
-    prefix_hit_tokens: int  # prompt tokens served from other requests' blocks
-    steps: int
-    host_reads: int  # device-to-host reads (Pool.read_host) since the engine started
-    preemptions: int = 0  # sequences or prompts evicted to make room, since the start
+WAIT_SECONDS = 0.002  # how long work that waits for room sleeps before it looks again
 
 
 class Scheduler:
@@ -107,12 +56,14 @@ class Scheduler:
     adding and aborting never wait for a running step.
     """
 
-    def __init__(self, engine: Engine, prefix_caching: bool = True):
+    def __init__(self, engine: Engine, prefix_caching: bool = True, attach: bool = True):
         self.engine = engine
-        engine.scheduler = self  # the engine's decode calls become this scheduler's work
+        if attach:  # the engine's decode calls become this scheduler's work
+            engine.scheduler = self
         self.cache = PrefixCache(engine.pool) if prefix_caching else None
         self.requests: dict[str, Request] = {}  # live, in arrival order
         self.items: list[DecodeItem] = []  # searches' decode work, in arrival order
+        self.waves: list[Wave] = []  # searches' admitted waves, in arrival order
         self.lock = engine.lock  # held through a step: the engine's state
         # Arrivals and aborts wait here for the next step, behind a lock that is never held
         # through a step, so that adding or aborting from an event loop never waits for one.
@@ -174,16 +125,43 @@ class Scheduler:
         with self._inbox_lock:
             return bool(self._progressed)
 
+    def decode(self, seqs: Seq[Sequence], sampling: SamplingParams, *,
+               stop: Seq[str] | None = None, max_new_tokens: int | Seq[int] | None = None,
+               confidence_stop: ConfidenceStop | None = None) -> None:
+        """Sample each sequence until it stops (``seq.finish_reason`` says why), as rows of the
+        shared steps: any thread's step advances them, and this call drives steps until they
+        stop. :meth:`Engine.decode` documents the arguments."""
+        engine = self.engine
+        max_new_tokens = check_decode_arguments(seqs, sampling, max_new_tokens, confidence_stop)
+        stops = tuple(stop) if stop is not None else sampling.stop_strings
+        engine.thinking.control(sampling)  # its texts in this model's tokens, or an error naming one
+        if stops and engine.stops.texts is None:
+            raise InvalidArgument("stop: stop strings need a tokenizer")
+        engine._check_live(seqs)
+        limits = {}
+        for seq, most in zip(seqs, max_new_tokens, strict=True):
+            limit = sampling.max_tokens
+            if most is not None:
+                limit = min(limit, seq.generated + int(most))
+            limits[seq] = limit
+            seq.finish_reason = "length" if seq.generated >= limit else None
+        active = [s for s in seqs if s.finish_reason is None]
+        if active:
+            seed = sampling.seed if sampling.seed is not None else engine.seed
+            self.run_decode(active, sampling, stops, limits, seed, confidence_stop)
+
     def run_decode(self, active: list[Sequence], sampling: SamplingParams, stops: tuple[str, ...],
                    limits: dict[Sequence, int], seed: int,
                    confidence_stop: ConfidenceStop | None = None) -> None:
         """Decode a search's sequences until each stops, as rows of the shared steps: queue the
-        work, then drive steps (any thread's step advances it) until it is done."""
+        work, then drive steps (any thread's step advances it) until it is done. The work of a
+        wave's sequences ranks by the wave's arrival."""
+        wave = active[0].problem.wave
         item = DecodeItem(list(active), sampling, tuple(stops), limits, seed,
-                          confidence_stop=confidence_stop)
+                          confidence_stop=confidence_stop, wave=wave)
         with self._inbox_lock:
-            item.arrival = self._arrivals
-            self._arrivals += 1
+            item.arrival = self._arrivals if wave is None else wave.arrival
+            self._arrivals += wave is None
             self._incoming_items.append(item)
         try:
             while not item.done:
@@ -196,6 +174,70 @@ class Scheduler:
                     if item in self._incoming_items:
                         self._incoming_items.remove(item)
             raise
+
+    # ------------------------------------------------------------------------------------------
+    # Search waves
+
+    def begin_wave(self, prompt_blocks: int, seq_blocks: int) -> Wave:
+        """Admit a search's wave, whose prompts take ``prompt_blocks`` and whose sequences at
+        their longest ``seq_blocks``: at once when the oldest wave could still grow to its
+        longest beside every wave's prompts (and so could this one, once it is the oldest);
+        else once waves before it end, driving their steps meanwhile."""
+        total = self.engine.pool.num_blocks
+        if prompt_blocks + seq_blocks > total:
+            raise PoolExhausted(f"a wave needs {prompt_blocks + seq_blocks} KV blocks at its "
+                                f"longest, the pool has {total}")
+        while True:
+            with self.lock:
+                self._take_inbox()
+                longest = max([seq_blocks] + [w.seq_blocks for w in self.waves])
+                prompts = prompt_blocks + sum(w.prompt_blocks for w in self.waves)
+                if longest + prompts <= total:
+                    with self._inbox_lock:
+                        wave = Wave(self._arrivals, prompt_blocks, seq_blocks)
+                        self._arrivals += 1
+                    self.waves.append(wave)
+                    return wave
+            self._wait()
+
+    def end_wave(self, wave: Wave) -> None:
+        """The wave's search is over (its blocks are freed): later waves may enter."""
+        with self.lock:
+            if wave in self.waves:
+                self.waves.remove(wave)
+
+    def prefill(self, prompts: Seq[Seq[int]], wave: Wave | None = None) -> list[Problem]:
+        """Prefill a wave's prompts (:meth:`Engine.add_many`) when they fit: newer work gives
+        way; while older work holds the room, this waits for it, driving steps."""
+        pool = self.engine.pool
+        need = sum(pool.blocks_for(len(p) - 1) for p in prompts)
+        arrival = self._arrivals if wave is None else wave.arrival
+        while True:
+            with self.lock:
+                self._take_inbox()
+                if (need <= pool.num_free or need <= pool.refresh()
+                        or self._make_room(need, (arrival, None)) or not self._others_hold(wave)):
+                    problems = self.engine.add_many(prompts)  # a pool too small raises here
+                    for problem in problems:
+                        problem.wave = wave
+                    if wave is not None:
+                        wave.problems += problems
+                    return problems
+            self._wait()
+
+    def _others_hold(self, wave: Wave | None) -> bool:
+        """Whether work other than ``wave`` holds blocks it may free (so waiting can end)."""
+        return bool(self.requests or self.items or any(w is not wave for w in self.waves))
+
+    def _wait(self) -> None:
+        """Let the work that holds the room move: run a step if there is any, else sleep a
+        moment (the holders are searches scoring between their steps, on other threads)."""
+        with self._inbox_lock:
+            pending = bool(self._incoming or self._incoming_items)
+        if pending or self.requests or self.items:
+            if self.step():
+                return
+        time.sleep(WAIT_SECONDS)
 
     def _take_inbox(self) -> None:
         """Apply the arrivals and aborts queued since the last step (the lock is held)."""
@@ -241,38 +283,55 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
-        """One decode window for every sequence that fits; the requests that progressed."""
+        """One decode window for every sequence that fits; the requests that progressed.
+
+        When nothing fits because searches on other threads hold the room (between their
+        steps), the step sleeps a moment and returns nothing; when nothing fits and nobody else
+        could free a block, :class:`PoolExhausted`."""
         with self.lock:
             self._take_inbox()
             if not self.requests and not self.items:
                 return []
-            self.steps += 1
             admitted = self._schedule()
             if not admitted:  # the pool's lower bound may lag frees: read the count, try again
                 self.engine.pool.refresh()
                 admitted = self._schedule()
-            if not admitted:
+            if not admitted and not self._held_elsewhere():
                 raise PoolExhausted(
                     f"no sequence fits: {self.engine.pool.num_free} of "
                     f"{self.engine.pool.num_blocks} KV blocks are free, and the next sequence "
                     "needs more free KV blocks; free finished work or give the engine a larger "
                     "kv_budget_bytes")
-            self.engine.run_pending([s for s, _ in admitted], keep_last=True)
-            self._decode(admitted)
-            for item in dict.fromkeys(o for _, o in admitted if isinstance(o, DecodeItem)):
-                item.active = [s for s in item.active if s.finish_reason is None]
-                if not item.active:
-                    item.done = True
-                    self.items.remove(item)
-            progressed = list(dict.fromkeys(r for _, r in admitted if isinstance(r, Request)))
-            with self._inbox_lock:
-                self._progressed.update((r.request_id, r) for r in progressed if r.public)
-            for request in progressed:  # the finished samples' blocks, in one batched free
-                self.engine.free([s for s in request.seqs if s.finish_reason is not None])
-                if not request.unfinished:
-                    self._finish(request)
-            self._last_stats = self._stats()
-            return progressed
+            if admitted:
+                return self._run(admitted)
+        time.sleep(WAIT_SECONDS)  # outside the lock: the holders' threads free or decode
+        return []
+
+    def _held_elsewhere(self) -> bool:
+        """Whether searches with no decode work in this step hold blocks: their threads are
+        scoring or selecting, and will free them or bring them to a step."""
+        decoding = {id(item.wave) for item in self.items}
+        return any(id(wave) not in decoding for wave in self.waves)
+
+    def _run(self, admitted: list[tuple[Sequence, Request | DecodeItem]]) -> list[Request]:
+        """Decode the admitted rows one window; retire what finished (the lock is held)."""
+        self.steps += 1
+        self.engine.run_pending([s for s, _ in admitted], keep_last=True)
+        self._decode(admitted)
+        for item in dict.fromkeys(o for _, o in admitted if isinstance(o, DecodeItem)):
+            item.active = [s for s in item.active if s.finish_reason is None]
+            if not item.active:
+                item.done = True
+                self.items.remove(item)
+        progressed = list(dict.fromkeys(r for _, r in admitted if isinstance(r, Request)))
+        with self._inbox_lock:
+            self._progressed.update((r.request_id, r) for r in progressed if r.public)
+        for request in progressed:  # the finished samples' blocks, in one batched free
+            self.engine.free([s for s in request.seqs if s.finish_reason is not None])
+            if not request.unfinished:
+                self._finish(request)
+        self._last_stats = self._stats()
+        return progressed
 
     def _schedule(self):
         """The sequences of this step, in arrival order, with room reserved for their window."""
@@ -375,6 +434,19 @@ class Scheduler:
                     pool.release([seq.row], keep_rows=True)
                     seq.kv_len = 0
                     self.preemptions += 1
+        # Then the sequences newer searches hold between their steps (recomputed when they
+        # decode next): what lets the oldest search grow to its longest beside them.
+        for wave in reversed(self.waves):
+            if wave.arrival <= arrival or pool.num_free >= need:
+                break
+            for problem in reversed(wave.problems):
+                for seq in sorted(problem.live, key=lambda s: s.seq_id, reverse=True):
+                    if pool.num_free >= need:
+                        return True
+                    if seq.row is not None and pool.used[seq.row]:
+                        pool.release([seq.row], keep_rows=True)
+                        seq.kv_len = 0
+                        self.preemptions += 1
         return pool.num_free >= need
 
     def _decode(self, admitted: list[tuple[Sequence, Request | DecodeItem]]) -> None:

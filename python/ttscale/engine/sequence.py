@@ -39,6 +39,7 @@ class Problem:
     # so that searches running at once never share numbers; None: the engine's own.
     stream_counters: dict[int, int] | None = None
     live: set = field(default_factory=set)  # its sequences not yet freed (to free all on failure)
+    wave: object | None = None  # the search wave that prefilled it (engine.work.Wave), if any
 
 
 @dataclass(eq=False)

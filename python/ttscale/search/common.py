@@ -276,29 +276,37 @@ def check_references(references, count: int) -> list[str | None] | None:
 def plan_waves(
     engine, prompts: Sequence[Sequence[int]], seqs_per_problem: int, max_tokens: int
 ) -> list[list[int]]:
-    """Consecutive groups of problems whose prompts and sequences fit the free KV pool at once,
-    counting each sequence at ``max_tokens`` and one more block for a fork's partial block."""
-    blocks = engine.pool
-    per_sequence = blocks.blocks_for(max_tokens + 1) + 1
-    with engine.lock:  # the free count now: one read of the pool, once per call
-        free = blocks.refresh()
+    """Consecutive groups of problems whose prompts and sequences fit the KV pool together,
+    counting each sequence at ``max_tokens`` and one more block for a fork's partial block.
+    Each wave is admitted through the scheduler (:meth:`Scheduler.begin_wave`), which runs it
+    beside other work and makes room for it as it grows."""
+    pool = engine.pool
+    total = pool.num_blocks
     waves: list[list[int]] = [[]]
     used = 0
     for p, prompt in enumerate(prompts):
-        need = blocks.blocks_for(len(prompt)) + seqs_per_problem * per_sequence
-        if need > free:
+        need = sum(wave_blocks(pool, [prompt], seqs_per_problem, max_tokens))
+        if need > total:
             raise InvalidArgument(
                 f"n: {seqs_per_problem} sequences of up to {max_tokens} tokens for problems[{p}] "
-                f"need {need} KV blocks, {free} are free; lower n or sampling.max_tokens, or give "
-                "the LLM a larger kv_budget_bytes"
+                f"need {need} KV blocks, the pool holds {total}; lower n or sampling.max_tokens, "
+                "or give the LLM a larger kv_budget_bytes"
             )
         full = (len(waves[-1]) + 1) * seqs_per_problem > MAX_WAVE_SEQUENCES
-        if waves[-1] and (used + need > free or full):
+        if waves[-1] and (used + need > total or full):
             waves.append([])
             used = 0
         waves[-1].append(p)
         used += need
     return waves
+
+
+def wave_blocks(pool, prompts: Sequence[Sequence[int]], seqs_per_problem: int,
+                max_tokens: int) -> tuple[int, int]:
+    """The blocks of a wave's prompts, and of its sequences at their longest."""
+    per_sequence = pool.blocks_for(max_tokens + 1) + 1
+    return (sum(pool.blocks_for(len(p)) for p in prompts),
+            len(prompts) * seqs_per_problem * per_sequence)
 
 
 def run_waves(
@@ -310,31 +318,38 @@ def run_waves(
     progress: bool | None = None,
 ) -> list[SearchResult]:
     """Run ``body`` (one search over a wave, returning its problems' results in order) on each
-    wave; sequence numbering restarts once per call, so a seed replays the same samples."""
+    wave, each admitted through the policy's scheduler (so searches started apart share the
+    pool and the steps); sequence numbering restarts once per call, so a seed replays the same
+    samples."""
     engine = inputs.llm.engine
-    scheduler = getattr(inputs.llm, "scheduler", None)
-    if scheduler is not None and scheduler.cache is not None:
-        with engine.lock:  # a search plans with the free pool: give back what only the cache holds
-            scheduler.cache.clear()
+    scheduler = engine.scheduler
     # This call's own fork counters: its sequences' numbers (and so their random streams) depend
     # on its problems' ids and forks only, even while other searches run on the engine.
     counters: dict[int, int] = {}
     results: list[SearchResult] = []
-    waves = plan_waves(engine, inputs.prompts, seqs_per_problem, inputs.sampling.max_tokens)
+    max_tokens = inputs.sampling.max_tokens
+    waves = plan_waves(engine, inputs.prompts, seqs_per_problem, max_tokens)
     progress = inputs.progress if progress is None else progress
     with tqdm(
         total=len(inputs.problems), desc=inputs.strategy, unit="problem", disable=not progress
     ) as bar:
         for wave in waves:
-            run = SearchRun(inputs, wave, tree=tree, stream_counters=counters)
+            needs = wave_blocks(engine.pool, [inputs.prompts[p] for p in wave], seqs_per_problem,
+                                max_tokens)
+            admitted = scheduler.begin_wave(*needs) if scheduler is not None else None
             try:
-                results += body(run)
-            except BaseException:
-                # a verifier that raises, an interrupt: every block this wave took goes back,
-                # and the engines serve on
-                run.abandon()
-                raise
-            run.close()
+                run = SearchRun(inputs, wave, tree=tree, stream_counters=counters,
+                                admitted=admitted)
+                try:
+                    results += body(run)
+                except BaseException:
+                    # a verifier that raises, an interrupt: every block this wave took goes
+                    # back, and the engines serve on
+                    run.abandon()
+                    raise
+                run.close()
+            finally:
+                if admitted is not None:
+                    scheduler.end_wave(admitted)
             bar.update(len(wave))
     return results
-

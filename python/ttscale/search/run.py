@@ -43,12 +43,20 @@ class SearchRun:
         The problems (indices into ``inputs.problems``) searched together.
     tree : bool
         Record each problem's search tree.
+    stream_counters : dict, optional
+        The search's fork counters (one per call, shared by its waves).
+    admitted : Wave, optional
+        The scheduler's record of this wave (:meth:`Scheduler.begin_wave`): its prompts are
+        prefilled and its sequences decoded as the scheduler's work, ranked by its arrival.
     """
 
     def __init__(self, inputs, wave: list[int], *, tree: bool = False,
-                 stream_counters: dict[int, int] | None = None):
+                 stream_counters: dict[int, int] | None = None, admitted=None):
         self.inputs = inputs
         self.engine = inputs.llm.engine
+        # decode and prefill through the scheduler, beside every other request and search
+        self.scheduler = self.engine.scheduler
+        self.admitted = admitted
         self.verifier = inputs.verifier
         self.delimiter = inputs.delimiter
         self.agg = inputs.agg
@@ -107,7 +115,10 @@ class SearchRun:
         engine's prompts to fork sequences from; they are freed when the run closes.
         :meth:`start` adds the problems' own prompts; a strategy may add more (the shared
         prefix of RSA's aggregation contexts)."""
-        engine_problems = self.engine.add_many(list(prompts))
+        if self.scheduler is not None:
+            engine_problems = self.scheduler.prefill(list(prompts), self.admitted)
+        else:
+            engine_problems = self.engine.add_many(list(prompts))
         self._engine_problems += engine_problems
         for p, problem in zip(owners, engine_problems, strict=True):
             # its samples follow from its id (default: its place in the call), not from its wave
@@ -138,7 +149,7 @@ class SearchRun:
         ``budget`` (with ``whole``, instead of ``max_new_tokens``) ends each solution after that
         many new tokens: a revision's attempt, whose sequence has sampled earlier attempts too,
         so that ``sampling.max_tokens`` bounds the whole chain and ``budget`` the attempt.
-        ``confidence_stop`` is passed to ``Engine.decode`` (DeepConf's online stop; a line it
+        ``confidence_stop`` is passed to ``Scheduler.decode`` (DeepConf's online stop; a line it
         stops is not finished)."""
         if not lines:
             return
@@ -147,7 +158,7 @@ class SearchRun:
         # line's pending tokens but the one it feeds itself: counted per sequence, so that other
         # work sharing the engine's steps is not charged here.
         prefilled = [line.seq.prefilled for line in lines]
-        self.engine.decode(
+        (self.scheduler or self.engine).decode(
             [line.seq for line in lines],
             sampling,
             stop=[] if whole else [self.delimiter],
