@@ -207,13 +207,13 @@ def test_window_rebuilds_the_context_from_the_last_attempts(llm, monkeypatch):
     context is rebuilt on a fresh sequence, and the rebuild's prefill is counted."""
     engine, problem, chains, sequential, window = llm.engine, PROBLEMS[0], 2, 4, 1
     contexts: list[list[list[int]]] = []
-    decode = engine.decode
+    decode = llm.scheduler.decode  # what a search's decode goes through
 
     def spy(seqs, sampling, **kwargs):
         contexts.append([s.problem.prompt_ids[:-1] + s.tokens for s in seqs])
         return decode(seqs, sampling, **kwargs)
 
-    monkeypatch.setattr(engine, "decode", spy)
+    monkeypatch.setattr(llm.scheduler, "decode", spy)
     before = engine.prefilled_tokens
     (result,) = revise(llm, chains * sequential, sequential, problems=[problem], window=window)
     prefilled = engine.prefilled_tokens - before

@@ -77,10 +77,10 @@ def test_an_older_wave_grows_into_the_blocks_a_newer_wave_holds_between_its_step
         scheduler = llm.scheduler
         old = scheduler.begin_wave(1, 28)  # its prompt's block and 4 x 7 blocks at 96 tokens
         new = scheduler.begin_wave(1, 12)
-        (held_problem,) = scheduler.prefill([[1, 5, 9, 14]], new)
+        (held_problem,) = scheduler.add_prompts([[1, 5, 9, 14]], new)
         held = llm.engine.fork(held_problem, 4)
         scheduler.decode(held, LONG, max_new_tokens=40)  # 4 x 3 blocks, then held
-        (problem,) = scheduler.prefill([[1, 7, 3]], old)
+        (problem,) = scheduler.add_prompts([[1, 7, 3]], old)
         growing = llm.engine.fork(problem, 4)
         before = llm.stats().preemptions
         scheduler.decode(growing, LONG)  # 4 x 7 blocks: needs the held ones' room

@@ -4,7 +4,9 @@
     progressed = scheduler.step() # one decode window for every sequence that fits
     scheduler.abort(request_id)   # its blocks return to the pool at once
     scheduler.decode(seqs, ...)   # a search's sequences, to their next stop, in the same steps
-    wave = scheduler.begin_wave(...); scheduler.prefill(prompts, wave); ...; scheduler.end_wave(wave)
+
+(:mod:`ttscale.engine.search_work` holds the methods for searches' waves and decode work and
+for a verifier's batched prefills.)
 
 One step admits work in arrival order (requests, then each request's samples by index; a
 search's decode work by its wave's arrival). Admission is optimistic, as in vLLM: a sequence runs
@@ -16,11 +18,9 @@ if that is not enough, the newest request's prompt goes too, and then newer sear
 result: each sample's random stream is keyed by its request (seed and stream) and its index, or
 by its search's seed and the sequence's number, never by the batch it runs in.
 
-Searches enter in waves (:mod:`ttscale.engine.work`): a wave is admitted at once when the oldest
-wave could still grow to its longest beside every wave's prompts, so two searches started apart
-run side by side and share steps, and the oldest always finishes. Work that waits for room
-another search holds waits (it never fails while someone else can free blocks); work that could
-never fit fails at once with the argument's name.
+Searches enter in waves (:mod:`ttscale.engine.work`), admitted at once while the oldest wave
+could still grow to its longest beside every wave's prompts: searches started apart share steps,
+and the oldest always finishes. Work that finds the room held by another search waits for it.
 
 Prompts share their full blocks across requests (:mod:`ttscale.engine.prefix_cache`): a request
 whose prompt starts like an earlier one's prefills only the rest.
@@ -33,23 +33,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence as Seq
 
-import torch
-
-from ttscale.engine.confidence import ConfidenceStop
 from ttscale.engine.engine import Engine
 from ttscale.engine.prefix_cache import PrefixCache
-from ttscale.engine.sequence import DRAWS_PER_SEQUENCE, Problem, Sequence
-from ttscale.engine.settings import check_decode_arguments
-from ttscale.engine.work import DecodeItem, EngineStats, Request, Wave, sample_stream
-from ttscale.errors import InvalidArgument, PoolExhausted, UnknownRequest, invalid
-from ttscale.sampling_params import SamplingParams
-
-WAIT_SECONDS = 0.002  # how long work that waits for room sleeps before it looks again
+from ttscale.engine.search_work import WAIT_SECONDS, SearchWork
+from ttscale.engine.sequence import Sequence
+from ttscale.engine.window import decode_rows
+from ttscale.engine.work import DecodeItem, EngineStats, PrefillItem, Request, Wave, sample_stream
+from ttscale.errors import PoolExhausted, UnknownRequest, invalid
 
 
-class Scheduler:
+class Scheduler(SearchWork):
     """Admission, the decode batch, preemption and the pool budget for requests on one engine.
 
     Thread-safe: requests added (or aborted) from any thread join (or leave) at the next step;
@@ -70,15 +64,13 @@ class Scheduler:
         self._inbox_lock = threading.Lock()
         self._incoming: dict[str, Request] = {}
         self._incoming_items: list[DecodeItem] = []
+        self._incoming_prefills: list[PrefillItem] = []
         self._aborting: set[str] = set()
         # requests of the step API that progressed in any thread's step, not yet reported
         self._progressed: dict[str, Request] = {}
         self.steps = 0
         self.preemptions = 0  # sequences or prompts evicted to make room, since the start
         self._arrivals = 0
-        self._stop_tables: dict[tuple[str, ...], int] = {}
-        self._stop_rows: list[torch.Tensor] = []
-        self._stop_table: torch.Tensor | None = None  # _stop_rows stacked, rebuilt when one is added
         self._last_stats = self._stats()
 
     # ------------------------------------------------------------------------------------------
@@ -124,120 +116,6 @@ class Scheduler:
     def has_progress(self) -> bool:
         with self._inbox_lock:
             return bool(self._progressed)
-
-    def decode(self, seqs: Seq[Sequence], sampling: SamplingParams, *,
-               stop: Seq[str] | None = None, max_new_tokens: int | Seq[int] | None = None,
-               confidence_stop: ConfidenceStop | None = None) -> None:
-        """Sample each sequence until it stops (``seq.finish_reason`` says why), as rows of the
-        shared steps: any thread's step advances them, and this call drives steps until they
-        stop. :meth:`Engine.decode` documents the arguments."""
-        engine = self.engine
-        max_new_tokens = check_decode_arguments(seqs, sampling, max_new_tokens, confidence_stop)
-        stops = tuple(stop) if stop is not None else sampling.stop_strings
-        engine.thinking.control(sampling)  # its texts in this model's tokens, or an error naming one
-        if stops and engine.stops.texts is None:
-            raise InvalidArgument("stop: stop strings need a tokenizer")
-        engine._check_live(seqs)
-        limits = {}
-        for seq, most in zip(seqs, max_new_tokens, strict=True):
-            limit = sampling.max_tokens
-            if most is not None:
-                limit = min(limit, seq.generated + int(most))
-            limits[seq] = limit
-            seq.finish_reason = "length" if seq.generated >= limit else None
-        active = [s for s in seqs if s.finish_reason is None]
-        if active:
-            seed = sampling.seed if sampling.seed is not None else engine.seed
-            self.run_decode(active, sampling, stops, limits, seed, confidence_stop)
-
-    def run_decode(self, active: list[Sequence], sampling: SamplingParams, stops: tuple[str, ...],
-                   limits: dict[Sequence, int], seed: int,
-                   confidence_stop: ConfidenceStop | None = None) -> None:
-        """Decode a search's sequences until each stops, as rows of the shared steps: queue the
-        work, then drive steps (any thread's step advances it) until it is done. The work of a
-        wave's sequences ranks by the wave's arrival."""
-        wave = active[0].problem.wave
-        item = DecodeItem(list(active), sampling, tuple(stops), limits, seed,
-                          confidence_stop=confidence_stop, wave=wave)
-        with self._inbox_lock:
-            item.arrival = self._arrivals if wave is None else wave.arrival
-            self._arrivals += wave is None
-            self._incoming_items.append(item)
-        try:
-            while not item.done:
-                self.step()
-        except BaseException:
-            with self.lock:
-                if item in self.items:
-                    self.items.remove(item)
-                with self._inbox_lock:
-                    if item in self._incoming_items:
-                        self._incoming_items.remove(item)
-            raise
-
-    # ------------------------------------------------------------------------------------------
-    # Search waves
-
-    def begin_wave(self, prompt_blocks: int, seq_blocks: int) -> Wave:
-        """Admit a search's wave, whose prompts take ``prompt_blocks`` and whose sequences at
-        their longest ``seq_blocks``: at once when the oldest wave could still grow to its
-        longest beside every wave's prompts (and so could this one, once it is the oldest);
-        else once waves before it end, driving their steps meanwhile."""
-        total = self.engine.pool.num_blocks
-        if prompt_blocks + seq_blocks > total:
-            raise PoolExhausted(f"a wave needs {prompt_blocks + seq_blocks} KV blocks at its "
-                                f"longest, the pool has {total}")
-        while True:
-            with self.lock:
-                self._take_inbox()
-                longest = max([seq_blocks] + [w.seq_blocks for w in self.waves])
-                prompts = prompt_blocks + sum(w.prompt_blocks for w in self.waves)
-                if longest + prompts <= total:
-                    with self._inbox_lock:
-                        wave = Wave(self._arrivals, prompt_blocks, seq_blocks)
-                        self._arrivals += 1
-                    self.waves.append(wave)
-                    return wave
-            self._wait()
-
-    def end_wave(self, wave: Wave) -> None:
-        """The wave's search is over (its blocks are freed): later waves may enter."""
-        with self.lock:
-            if wave in self.waves:
-                self.waves.remove(wave)
-
-    def prefill(self, prompts: Seq[Seq[int]], wave: Wave | None = None) -> list[Problem]:
-        """Prefill a wave's prompts (:meth:`Engine.add_many`) when they fit: newer work gives
-        way; while older work holds the room, this waits for it, driving steps."""
-        pool = self.engine.pool
-        need = sum(pool.blocks_for(len(p) - 1) for p in prompts)
-        arrival = self._arrivals if wave is None else wave.arrival
-        while True:
-            with self.lock:
-                self._take_inbox()
-                if (need <= pool.num_free or need <= pool.refresh()
-                        or self._make_room(need, (arrival, None)) or not self._others_hold(wave)):
-                    problems = self.engine.add_many(prompts)  # a pool too small raises here
-                    for problem in problems:
-                        problem.wave = wave
-                    if wave is not None:
-                        wave.problems += problems
-                    return problems
-            self._wait()
-
-    def _others_hold(self, wave: Wave | None) -> bool:
-        """Whether work other than ``wave`` holds blocks it may free (so waiting can end)."""
-        return bool(self.requests or self.items or any(w is not wave for w in self.waves))
-
-    def _wait(self) -> None:
-        """Let the work that holds the room move: run a step if there is any, else sleep a
-        moment (the holders are searches scoring between their steps, on other threads)."""
-        with self._inbox_lock:
-            pending = bool(self._incoming or self._incoming_items)
-        if pending or self.requests or self.items:
-            if self.step():
-                return
-        time.sleep(WAIT_SECONDS)
 
     def _take_inbox(self) -> None:
         """Apply the arrivals and aborts queued since the last step (the lock is held)."""
@@ -307,17 +185,11 @@ class Scheduler:
         time.sleep(WAIT_SECONDS)  # outside the lock: the holders' threads free or decode
         return []
 
-    def _held_elsewhere(self) -> bool:
-        """Whether searches with no decode work in this step hold blocks: their threads are
-        scoring or selecting, and will free them or bring them to a step."""
-        decoding = {id(item.wave) for item in self.items}
-        return any(id(wave) not in decoding for wave in self.waves)
-
     def _run(self, admitted: list[tuple[Sequence, Request | DecodeItem]]) -> list[Request]:
         """Decode the admitted rows one window; retire what finished (the lock is held)."""
         self.steps += 1
         self.engine.run_pending([s for s, _ in admitted], keep_last=True)
-        self._decode(admitted)
+        decode_rows(self.engine, admitted)
         for item in dict.fromkeys(o for _, o in admitted if isinstance(o, DecodeItem)):
             item.active = [s for s in item.active if s.finish_reason is None]
             if not item.active:
@@ -448,50 +320,6 @@ class Scheduler:
                         seq.kv_len = 0
                         self.preemptions += 1
         return pool.num_free >= need
-
-    def _decode(self, admitted: list[tuple[Sequence, Request | DecodeItem]]) -> None:
-        """One window for every admitted row. A request's rows draw from its own streams (seed,
-        stream, sample index); a search's from its seed and each sequence's number."""
-        engine = self.engine
-        rows, seeds, offsets, stops, limits, controls = [], [], [], [], [], []
-        for seq, owner in admitted:
-            if isinstance(owner, DecodeItem):
-                rows.append(owner.sampling)
-                seeds.append(owner.seed)
-                offsets.append(seq.seq_id * DRAWS_PER_SEQUENCE + seq.generated)
-                stops.append(owner.stops)
-                limits.append(owner.limits[seq])
-                controls.append(owner.confidence_stop)
-            else:
-                rows.append(owner.params)
-                seeds.append(0)
-                offsets.append(owner.stream_offsets[seq] + seq.generated)
-                stops.append(owner.params.stop_strings)
-                limits.append(owner.params.max_tokens)
-                controls.append(None)
-        window = min([engine.window] + [most - s.generated for (s, _), most in zip(admitted, limits)])
-        seqs = [s for s, _ in admitted]
-        groups = [self._stop_group(stop) for stop in stops]
-        if self._stop_table is None or len(self._stop_table) != len(self._stop_rows):
-            self._stop_table = torch.stack(self._stop_rows)
-        stop_table = self._stop_table
-        tokens, logprobs, top, stopped = engine.runner.decode_window(
-            seqs, window, rows, seeds, offsets, stop_table, groups, controls)
-        for i, (seq, _) in enumerate(admitted):
-            asked = rows[i].logprobs
-            row_top = None if top is None or not asked else [t[:asked] for t in top[i]]
-            engine._accept(seq, tokens[i], logprobs[i], row_top, stopped[i], stops[i], limits[i])
-        engine.peak_sequences = max(engine.peak_sequences, len(admitted))
-
-    def _stop_group(self, stops: tuple[str, ...]) -> int:
-        """The row of the stop-token table for these stop strings (built once per set)."""
-        if stops not in self._stop_tables:
-            vocab = self.engine.model.config.vocab_size
-            table = (self.engine.stops.table(stops).cpu() if stops
-                     else torch.zeros(vocab, dtype=torch.bool))
-            self._stop_tables[stops] = len(self._stop_rows)
-            self._stop_rows.append(table)
-        return self._stop_tables[stops]
 
     def _release(self, request: Request) -> None:
         """Free every block the request holds (its samples' tokens stay readable)."""

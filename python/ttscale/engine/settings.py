@@ -126,6 +126,18 @@ def check_decode_arguments(seqs, sampling, max_new_tokens, confidence_stop) -> l
     return max_new_tokens
 
 
+def decode_limits(seqs, sampling, max_new_tokens: list) -> dict:
+    """Each sequence's limit of sampled tokens in its life for a decode call:
+    ``sampling.max_tokens``, or fewer by its ``max_new_tokens`` entry; a sequence already at
+    its limit finishes as "length", the others are unfinished."""
+    limits = {}
+    for seq, most in zip(seqs, max_new_tokens, strict=True):
+        limits[seq] = sampling.max_tokens if most is None else min(sampling.max_tokens,
+                                                                   seq.generated + int(most))
+        seq.finish_reason = "length" if seq.generated >= limits[seq] else None
+    return limits
+
+
 def check_token_ids(name: str, ids, vocab: int, max_positions: int | None = None) -> list[int]:
     """Token ids as ints, each in the vocabulary ``[0, vocab)``; with ``max_positions``, a
     prompt: not empty and within the model's positions."""

@@ -55,10 +55,32 @@ class StopRules:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.texts = TokenTexts(lambda i: tokenizer.decode([i], skip_special_tokens=False),
                                 vocab_size) if tokenizer is not None else None
+        self.vocab_size = vocab_size
+        # one row of stop tokens per set of stop strings the engine has met, for mixed steps
+        self._groups: dict[tuple[str, ...], int] = {}
+        self._group_rows: list[torch.Tensor] = []
+        self._group_table: torch.Tensor | None = None
 
     def table(self, stops: tuple[str, ...]) -> torch.Tensor:
         """``bool [V]``: the tokens whose text holds a stop string (needs a tokenizer)."""
         return self.texts.table(stops)
+
+    def group(self, stops: tuple[str, ...]) -> int:
+        """The row of :meth:`group_table` for these stop strings (built once per set): the rows
+        of one step index it, each by its own set."""
+        if stops not in self._groups:
+            row = (self.table(stops).cpu() if stops
+                   else torch.zeros(self.vocab_size, dtype=torch.bool))
+            self._groups[stops] = len(self._group_rows)
+            self._group_rows.append(row)
+            self._group_table = None
+        return self._groups[stops]
+
+    def group_table(self) -> torch.Tensor:
+        """``bool [G, V]``: the stop tokens of every set :meth:`group` has numbered."""
+        if self._group_table is None:
+            self._group_table = torch.stack(self._group_rows)
+        return self._group_table
 
     def in_table(self, token: int, stops) -> bool:
         return bool(stops) and bool(self.texts.table(stops)[token])

@@ -73,6 +73,20 @@ class DecodeItem:
 
 
 @dataclass(eq=False)
+class PrefillItem:
+    """A verifier's piece of work: run these sequences' pending tokens (new steps) and return
+    the final hidden states at ``hidden_at``. Items queued by several threads at once run in one
+    forward."""
+
+    seqs: list[Sequence]
+    hidden_at: dict
+    hidden: dict | None = None  # sequence -> [k, H], once done
+    tokens: int = 0  # the tokens it put into the KV cache (what its caller is charged)
+    done: bool = False
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
 class Wave:
     """One search's wave of problems, as the scheduler admits it (:meth:`Scheduler.begin_wave`).
 

@@ -116,7 +116,7 @@ class SearchRun:
         :meth:`start` adds the problems' own prompts; a strategy may add more (the shared
         prefix of RSA's aggregation contexts)."""
         if self.scheduler is not None:
-            engine_problems = self.scheduler.prefill(list(prompts), self.admitted)
+            engine_problems = self.scheduler.add_prompts(list(prompts), self.admitted)
         else:
             engine_problems = self.engine.add_many(list(prompts))
         self._engine_problems += engine_problems

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ttscale import ops
 from ttscale._checks import check_text
 from ttscale.engine.engine import Engine, check_engine_arguments
+from ttscale.engine.scheduler import Scheduler
 from ttscale.engine.sequence import Problem, Sequence
 from ttscale.errors import InvalidArgument, ModelLoadError, TokenizerError
 from ttscale.model import load_model, load_tokenizer, read_config
@@ -163,6 +164,9 @@ class PRM(Verifier):
                              # of one to keep out of its pool
                              backend=backend, cuda_graphs=False, max_decode_seqs=1)
         self.backend = backend
+        # its own scheduler, the policy's design: scoring calls from several searches at once
+        # are work items that share a forward
+        self.scheduler = Scheduler(self.engine, prefix_caching=False)
         self._weight, self._bias = self._head()
         self.scored_tokens = 0  # every token scored since the start
         self._thread = threading.local()  # and those scored by each thread (a search's own)
@@ -319,10 +323,11 @@ class PRM(Verifier):
             return ScoredSteps([], state, [])
         seqs = [p.seq for p in paths]
         hidden_at = {p.seq: [len(p.seq.tokens) - 1] for p in paths}
-        with self.engine.lock:
-            before = self.engine.prefilled_tokens
-            hidden = self.engine.run_pending(seqs, hidden_at=hidden_at)
-            self._count(self.engine.prefilled_tokens - before)
+        # through the scheduler: searches scoring on other threads at the same time share the
+        # forward
+        item = self.scheduler.prefill(seqs, hidden_at)
+        self._count(item.tokens)
+        hidden = item.hidden
         hidden_rows = torch.cat([hidden[s] for s in seqs])  # [P, H]
         if self.format.kind == "two_class":
             hidden_rows = F.relu(self.model.score_hidden(hidden_rows))
@@ -332,5 +337,7 @@ class PRM(Verifier):
             hidden_rows, index, self._weight, self._bias, kind=self.format.kind, agg=agg,
             state=state.to(hidden_rows.device), backend=self.backend,
         )
-        packed = torch.cat([scores, state[index, 0]]).tolist()  # [2P]: scores, then aggregates
+        # [2P]: scores, then aggregates, in the engine's one counted read
+        (packed,) = self.engine.pool.read_host([torch.cat([scores, state[index, 0]])])
+        packed = packed.tolist()
         return ScoredSteps(packed[: len(paths)], state, packed[len(paths) :])

@@ -1,0 +1,183 @@
+"""The scheduler's side of searches and verifiers: decode items, waves, batched prefills.
+
+:class:`SearchWork` holds the :class:`~ttscale.engine.scheduler.Scheduler` methods a strategy
+and a PRM call (the scheduler module holds requests, steps, admission and preemption):
+
+    scheduler.decode(seqs, sampling, stop=[...])  # to the next stop, in the shared steps
+    wave = scheduler.begin_wave(prompt_blocks, seq_blocks)   # a search's problems, admitted
+    problems = scheduler.add_prompts(prompts, wave)          # prefilled when they fit
+    scheduler.end_wave(wave)
+    item = scheduler.prefill(seqs, hidden_at)     # a PRM's new steps, batched across threads
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+
+from ttscale.engine.confidence import ConfidenceStop
+from ttscale.engine.sequence import Problem, Sequence
+from ttscale.engine.settings import check_decode_arguments, decode_limits
+from ttscale.engine.work import DecodeItem, PrefillItem, Wave
+from ttscale.errors import InvalidArgument, PoolExhausted
+from ttscale.sampling_params import SamplingParams
+
+WAIT_SECONDS = 0.002  # how long work that waits for room sleeps before it looks again
+
+
+class SearchWork:
+    """The scheduler's methods for searches and verifiers (mixed into ``Scheduler``, whose
+    lock, inbox, steps and preemption they use)."""
+
+    def decode(self, seqs: Seq[Sequence], sampling: SamplingParams, *,
+               stop: Seq[str] | None = None, max_new_tokens: int | Seq[int] | None = None,
+               confidence_stop: ConfidenceStop | None = None) -> None:
+        """Sample each sequence until it stops (``seq.finish_reason`` says why), as rows of the
+        shared steps: any thread's step advances them, and this call drives steps until they
+        stop. :meth:`Engine.decode` documents the arguments."""
+        engine = self.engine
+        most = check_decode_arguments(seqs, sampling, max_new_tokens, confidence_stop)
+        stops = tuple(stop) if stop is not None else sampling.stop_strings
+        engine.thinking.control(sampling)  # its texts in this model's tokens, or an error naming one
+        if stops and engine.stops.texts is None:
+            raise InvalidArgument("stop: stop strings need a tokenizer")
+        engine._check_live(seqs)
+        limits = decode_limits(seqs, sampling, most)
+        active = [s for s in seqs if s.finish_reason is None]
+        if active:
+            seed = sampling.seed if sampling.seed is not None else engine.seed
+            self.run_decode(active, sampling, stops, limits, seed, confidence_stop)
+
+    def run_decode(self, active: list[Sequence], sampling: SamplingParams, stops: tuple[str, ...],
+                   limits: dict[Sequence, int], seed: int,
+                   confidence_stop: ConfidenceStop | None = None) -> None:
+        """Decode a search's sequences until each stops, as rows of the shared steps: queue the
+        work, then drive steps (any thread's step advances it) until it is done. The work of a
+        wave's sequences ranks by the wave's arrival."""
+        wave = active[0].problem.wave
+        item = DecodeItem(list(active), sampling, tuple(stops), limits, seed,
+                          confidence_stop=confidence_stop, wave=wave)
+        with self._inbox_lock:
+            item.arrival = self._arrivals if wave is None else wave.arrival
+            self._arrivals += wave is None
+            self._incoming_items.append(item)
+        try:
+            while not item.done:
+                self.step()
+        except BaseException:
+            with self.lock:
+                if item in self.items:
+                    self.items.remove(item)
+                with self._inbox_lock:
+                    if item in self._incoming_items:
+                        self._incoming_items.remove(item)
+            raise
+
+    def prefill(self, seqs: Seq[Sequence], hidden_at: dict | None = None) -> PrefillItem:
+        """Run sequences' pending tokens into the KV cache (a verifier's new steps), with the
+        final hidden states at ``hidden_at`` (:meth:`Engine.run_pending`). Work other threads
+        queue meanwhile runs in the same forward: whichever thread takes the engine first runs
+        every queued item. Returns the item: its ``hidden`` states and its ``tokens``."""
+        item = PrefillItem(list(seqs), dict(hidden_at or {}))
+        with self._inbox_lock:
+            self._incoming_prefills.append(item)
+        while not item.done:
+            with self.lock:
+                with self._inbox_lock:
+                    items, self._incoming_prefills = self._incoming_prefills, []
+                if items:
+                    self._run_prefills(items)
+        if item.error is not None:
+            raise item.error
+        return item
+
+    def _run_prefills(self, items: list[PrefillItem]) -> None:
+        """One forward for every item; if it fails, each item alone, so that only the item
+        that cannot run (a pool too small for it) fails."""
+        groups = [items] if len(items) > 1 else []
+        groups += [[item] for item in items]
+        for group in groups:
+            if all(item.done for item in group):
+                continue
+            seqs = [s for item in group for s in item.seqs]
+            tokens = [sum(s.pending for s in item.seqs) for item in group]
+            hidden_at = {s: at for item in group for s, at in item.hidden_at.items()}
+            try:
+                hidden = self.engine.run_pending(seqs, hidden_at=hidden_at)
+            except BaseException as error:
+                if len(group) == 1:
+                    group[0].error, group[0].done = error, True
+                continue
+            for item, n in zip(group, tokens, strict=True):
+                item.hidden = {s: hidden[s] for s in item.hidden_at if s in hidden}
+                item.tokens, item.done = n, True
+
+    # ------------------------------------------------------------------------------------------
+    # Search waves
+
+    def begin_wave(self, prompt_blocks: int, seq_blocks: int) -> Wave:
+        """Admit a search's wave, whose prompts take ``prompt_blocks`` and whose sequences at
+        their longest ``seq_blocks``: at once when the oldest wave could still grow to its
+        longest beside every wave's prompts (and so could this one, once it is the oldest);
+        else once waves before it end, driving their steps meanwhile."""
+        total = self.engine.pool.num_blocks
+        if prompt_blocks + seq_blocks > total:
+            raise PoolExhausted(f"a wave needs {prompt_blocks + seq_blocks} KV blocks at its "
+                                f"longest, the pool has {total}")
+        while True:
+            with self.lock:
+                self._take_inbox()
+                longest = max([seq_blocks] + [w.seq_blocks for w in self.waves])
+                prompts = prompt_blocks + sum(w.prompt_blocks for w in self.waves)
+                if longest + prompts <= total:
+                    with self._inbox_lock:
+                        wave = Wave(self._arrivals, prompt_blocks, seq_blocks)
+                        self._arrivals += 1
+                    self.waves.append(wave)
+                    return wave
+            self._wait()
+
+    def end_wave(self, wave: Wave) -> None:
+        """The wave's search is over (its blocks are freed): later waves may enter."""
+        with self.lock:
+            if wave in self.waves:
+                self.waves.remove(wave)
+
+    def add_prompts(self, prompts: Seq[Seq[int]], wave: Wave | None = None) -> list[Problem]:
+        """Prefill a wave's prompts (:meth:`Engine.add_many`) when they fit: newer work gives
+        way; while older work holds the room, this waits for it, driving steps."""
+        pool = self.engine.pool
+        need = sum(pool.blocks_for(len(p) - 1) for p in prompts)
+        arrival = self._arrivals if wave is None else wave.arrival
+        while True:
+            with self.lock:
+                self._take_inbox()
+                if (need <= pool.num_free or need <= pool.refresh()
+                        or self._make_room(need, (arrival, None)) or not self._others_hold(wave)):
+                    problems = self.engine.add_many(prompts)  # a pool too small raises here
+                    for problem in problems:
+                        problem.wave = wave
+                    if wave is not None:
+                        wave.problems += problems
+                    return problems
+            self._wait()
+
+    def _others_hold(self, wave: Wave | None) -> bool:
+        """Whether work other than ``wave`` holds blocks it may free (so waiting can end)."""
+        return bool(self.requests or self.items or any(w is not wave for w in self.waves))
+
+    def _wait(self) -> None:
+        """Let the work that holds the room move: run a step if there is any, else sleep a
+        moment (the holders are searches scoring between their steps, on other threads)."""
+        with self._inbox_lock:
+            pending = bool(self._incoming or self._incoming_items)
+        if pending or self.requests or self.items:
+            if self.step():
+                return
+        time.sleep(WAIT_SECONDS)
+
+    def _held_elsewhere(self) -> bool:
+        """Whether searches with no decode work in this step hold blocks: their threads are
+        scoring or selecting, and will free them or bring them to a step."""
+        decoding = {id(item.wave) for item in self.items}
+        return any(id(wave) not in decoding for wave in self.waves)
