@@ -139,3 +139,22 @@ def test_a_failing_search_ends_its_wave_and_gives_its_blocks_back(prm):
                           progress=False, on_progress=fail)
     assert llm.scheduler.waves == [] and llm.engine.pool.refresh() == 220
     assert best_of_8(llm, prm, PROBLEMS[:1], 1)  # and the next search runs
+
+
+def test_a_search_that_fails_beside_another_fails_alone(prm):
+    """A verifier callback that raises in one search ends that search only: the one beside it
+    finishes with the results it gets alone, and the pool is whole again."""
+    llm = policy(220)
+    alone = best_of_8(policy(1024), prm, PROBLEMS[3:], 2)
+
+    def fail(_):
+        raise RuntimeError("a callback of the first search")
+
+    def failing():
+        return ttscale.best_of_n(llm, PROBLEMS[:3], 8, verifier=prm, seed=1, sampling=LONG,
+                                 prompt_fn=lambda p: p + "\n", progress=False,
+                                 step_delimiter=task.STEP_DELIMITER, on_progress=fail)
+
+    error, other = on_threads(failing, lambda: best_of_8(llm, prm, PROBLEMS[3:], 2))
+    assert isinstance(error, RuntimeError) and other == alone
+    assert llm.scheduler.waves == [] and llm.engine.pool.refresh() == 220

@@ -29,7 +29,6 @@ from ttscale.engine.confidence import ConfidenceStop
 from ttscale.engine.pool import Pool
 from ttscale.engine.runner import ModelRunner, copy_kv_blocks
 from ttscale.engine.sequence import (
-    DRAWS_PER_SEQUENCE,
     MAX_STREAM_KEY,
     STREAM_BITS,
     Problem,

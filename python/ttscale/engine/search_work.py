@@ -38,7 +38,7 @@ class SearchWork:
         engine = self.engine
         most = check_decode_arguments(seqs, sampling, max_new_tokens, confidence_stop)
         stops = tuple(stop) if stop is not None else sampling.stop_strings
-        engine.thinking.control(sampling)  # its texts in this model's tokens, or an error naming one
+        engine.thinking.control(sampling)  # its texts in this model's tokens, or an error
         if stops and engine.stops.texts is None:
             raise InvalidArgument("stop: stop strings need a tokenizer")
         engine._check_live(seqs)
