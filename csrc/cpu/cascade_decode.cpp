@@ -55,10 +55,11 @@ constexpr int64_t kMinPromptItems = 16;
 
 // The tokens [begin, begin + n) of one level as row pointers, each at head_offset in its token
 // and `width` elements wide (one kv head or several adjacent ones): an fp32 cache is read in
-// place unless `pack`; a 16-bit one is converted into buf ([n][width]). Level 0 packs: it reads
-// a chunk's rows once per 64-row tile, and in place one kv head's rows lie Hkv * D apart, on a
-// few of L1's sets (measured: 10-20% faster at N=64). rows[n, padded) repeat the last token, so
-// that tiles never run out of keys (their scores are computed and dropped).
+// place unless `pack`; a 16-bit one is converted into buf ([n][width]). Level 0 packs when it
+// has several 64-row tiles, which read a chunk's rows once each: in place, one kv head's rows lie
+// Hkv * D apart, on a few of L1's sets (measured: 10-20% faster at N=64; with one tile the copy
+// costs more than it saves, 5-10% at N=16). rows[n, padded) repeat the last token, so that tiles
+// never run out of keys (their scores are computed and dropped).
 template <typename E>
 void gather_rows(const typename E::storage* cache, const int32_t* table, int64_t block_size,
                  int64_t token_stride, int64_t head_offset, int64_t begin, int64_t n,
@@ -202,10 +203,13 @@ void prompt_tile(PromptState& st, int64_t r0, const float* const* k, const float
   }
   float* ot = st.ot.data() + r0 * D;
   int64_t d0 = 0;
-  for (; d0 + kValueDims <= D; d0 += kValueDims) {
+  // Six dims a tile while that leaves no 2-dim edge (64 = 10 x 6 + 4, 128 = 20 x 6 + 2 x 4):
+  // a 4-dim tile does 16 multiply-adds per 8 loads, a 2-dim one 8 per 6.
+  for (; d0 + kValueDims <= D && D - d0 != 8; d0 += kValueDims) {
     prompt_values<kValueDims, RV>(s, v, n, d0, alpha, ot, kTileRows);
     ahead.step();
   }
+  for (; d0 + 4 <= D; d0 += 4) prompt_values<4, RV>(s, v, n, d0, alpha, ot, kTileRows);
   for (; d0 + 2 <= D; d0 += 2) prompt_values<2, RV>(s, v, n, d0, alpha, ot, kTileRows);
   for (; d0 < D; ++d0) prompt_values<1, RV>(s, v, n, d0, alpha, ot, kTileRows);
 }
@@ -536,13 +540,14 @@ void decode_impl(const AttentionParams& p) {
       std::fill(st.m.begin(), st.m.begin() + padded_rows, kNegInf);
       std::fill(st.l.begin(), st.l.begin() + padded_rows, 0.f);
       const int32_t* table = prompt_tables + item.problem * p.max_prompt_blocks;
+      const bool pack = padded_rows > kTileRows;  // gather_rows: worth it from two tiles a chunk
       for (int64_t begin = item.key_begin; begin < item.key_end; begin += kChunkKeys) {
         const int64_t n = std::min(kChunkKeys, item.key_end - begin);
         const int64_t padded = (n + kScoreKeys - 1) / kScoreKeys * kScoreKeys;
         gather_rows<E>(kc, table, BS, token_stride, item.kv_head * D, begin, n, padded, D,
-                       buf.kbuf.data(), buf.k.data(), true);
+                       buf.kbuf.data(), buf.k.data(), pack);
         gather_rows<E>(vc, table, BS, token_stride, item.kv_head * D, begin, n, n, D,
-                       buf.vbuf.data(), buf.v.data(), true);
+                       buf.vbuf.data(), buf.v.data(), pack);
         // The next chunk, while this one computes: a step after each register tile.
         const int64_t next = std::max<int64_t>(0, std::min(kChunkKeys, item.key_end - begin - n));
         const int64_t tiles = (padded_rows + kTileRows - 1) / kTileRows;
