@@ -83,8 +83,8 @@ void gather_rows(const typename E::storage* cache, const int32_t* table, int64_t
 // The lines of one kv head's key and value rows of the tokens [begin, begin + n), asked for ahead
 // of their use a few at a time: level 0 asks for the next chunk's between the register tiles of
 // this one. A row is D elements every Hkv * D and pages are scattered, so the hardware
-// prefetchers see no stream; and 2 x 64 rows asked for at once wait for the core's few fill
-// buffers, stalling the tiles (measured: a third of the time at N=16, one tile a chunk).
+// prefetchers see no stream; 2 x 64 rows asked for at once would hold the core's few fill
+// buffers while the tiles load (in the measurements here the two were within the noise).
 struct ChunkPrefetch {
   const char* rows[2 * kChunkKeys];
   int64_t num_rows = 0, row_bytes = 0, row = 0, byte = 0, per_step = 0;
