@@ -136,6 +136,31 @@ def test_cpu_decode_gives_the_same_bits_on_any_thread_count():
     assert_close(lse_4, ref_lse, torch.float32, "lse")
 
 
+def test_cpu_decode_gives_the_same_bits_when_threads_split_the_kv_heads():
+    """With fewer sequences than threads the C++ kernel's suffix level takes a sequence's kv
+    heads in ranges, so a row's queries land in a full 16-row block (packed, keys loaded once a
+    group) on one thread and in a partial block (a key pointer per row) on several: both must
+    sum each row's dot products in the same order."""
+    from paged import missing_feature
+
+    if (why := missing_feature("cpu", "cpu")) is not None:
+        pytest.skip(why)
+    case = make_case([2], [300], [70, 9], q_heads=32, kv_heads=8, head_dim=64, seed=6)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            results.append(_decode(case, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    (out_1, lse_1), (out_4, lse_4) = results
+    assert torch.equal(out_1, out_4) and torch.equal(lse_1, lse_4)
+    ref_out, ref_lse = reference.cascade_decode_attention(*case.args())
+    assert_close(out_4, ref_out, torch.float32, "out")
+    assert_close(lse_4, ref_lse, torch.float32, "lse")
+
+
 def test_plan_groups_sequences_by_problem():
     problem_ids = torch.tensor([2, 0, 2, 1, 0, 2], dtype=torch.int32)
     plan = ops.plan_cascade_decode(problem_ids, 4)

@@ -55,19 +55,23 @@ constexpr int64_t kMinPromptItems = 16;
 
 // The tokens [begin, begin + n) of one level as row pointers, each at head_offset in its token
 // and `width` elements wide (one kv head or several adjacent ones): an fp32 cache is read in
-// place; a 16-bit one is converted into buf ([n][width]). rows[n, padded) repeat the last token,
-// so that tiles never run out of keys (their scores are computed and dropped).
+// place unless `pack`; a 16-bit one is converted into buf ([n][width]). Level 0 packs when it
+// has several 64-row tiles, which read a chunk's rows once each: in place, one kv head's rows lie
+// Hkv * D apart, on a few of L1's sets (measured: 10-20% faster at N=64; with one tile the copy
+// costs more than it saves, 5-10% at N=16). rows[n, padded) repeat the last token, so that tiles
+// never run out of keys (their scores are computed and dropped).
 template <typename E>
 void gather_rows(const typename E::storage* cache, const int32_t* table, int64_t block_size,
                  int64_t token_stride, int64_t head_offset, int64_t begin, int64_t n,
-                 int64_t padded, int64_t width, float* buf, const float** rows) {
+                 int64_t padded, int64_t width, float* buf, const float** rows,
+                 bool pack = false) {
   using S = typename E::storage;
   for (int64_t t = 0; t < n; ++t) {
     const int64_t pos = begin + t;
     const S* src = cache + (table[pos / block_size] * block_size + pos % block_size) *
                                token_stride + head_offset;
-    if constexpr (std::is_same_v<S, float>) {
-      rows[t] = src;
+    if (std::is_same_v<S, float> && !pack) {
+      rows[t] = reinterpret_cast<const float*>(src);
     } else {
       for (int64_t d = 0; d < width; ++d) buf[t * width + d] = E::load(src[d]);
       rows[t] = buf + t * width;
@@ -76,23 +80,45 @@ void gather_rows(const typename E::storage* cache, const int32_t* table, int64_t
   for (int64_t t = n; t < padded; ++t) rows[t] = rows[n - 1];
 }
 
-// Asks for one kv head's rows of the tokens [begin, begin + n) ahead of their use: a row is D
-// elements every Hkv * D, and pages are scattered, so the hardware prefetchers see no stream.
-template <typename S>
-void prefetch_rows(const S* cache, const int32_t* table, int64_t block_size, int64_t token_stride,
-                   int64_t head_offset, int64_t begin, int64_t n, int64_t D) {
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t pos = begin + t;
-    const char* row = reinterpret_cast<const char*>(
-        cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride +
-        head_offset);
-    for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(S)); byte += 64)
-      __builtin_prefetch(row + byte);
+// The lines of one kv head's key and value rows of the tokens [begin, begin + n), asked for ahead
+// of their use a few at a time: level 0 asks for the next chunk's between the register tiles of
+// this one. A row is D elements every Hkv * D and pages are scattered, so the hardware
+// prefetchers see no stream; 2 x 64 rows asked for at once would hold the core's few fill
+// buffers while the tiles load (in the measurements here the two were within the noise).
+struct ChunkPrefetch {
+  const char* rows[2 * kChunkKeys];
+  int64_t num_rows = 0, row_bytes = 0, row = 0, byte = 0, per_step = 0;
+
+  template <typename S>
+  void assign(const S* kc, const S* vc, const int32_t* table, int64_t block_size,
+              int64_t token_stride, int64_t head_offset, int64_t begin, int64_t n, int64_t D,
+              int64_t steps) {
+    num_rows = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t pos = begin + t;
+      const int64_t at = (table[pos / block_size] * block_size + pos % block_size) * token_stride +
+                         head_offset;
+      rows[num_rows++] = reinterpret_cast<const char*>(kc + at);
+      rows[num_rows++] = reinterpret_cast<const char*>(vc + at);
+    }
+    row_bytes = D * static_cast<int64_t>(sizeof(S));
+    row = byte = 0;
+    per_step = ((row_bytes + 63) / 64 * num_rows + steps - 1) / std::max<int64_t>(1, steps);
   }
-}
+  // Asks for the next per_step lines (all that are left if `all`), into L2.
+  void step(bool all = false) {
+    for (int64_t i = 0; (all || i < per_step) && row < num_rows; ++i) {
+      __builtin_prefetch(rows[row] + byte, 0, 2);
+      byte += 64;
+      if (byte >= row_bytes) byte = 0, ++row;
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
-// Level 0: rows as lanes. qt and ot are [D][stride] (row r of dim d at d * stride + r).
+// Level 0: rows as lanes. qt and ot are [row tiles][D][kTileRows] (PromptState::at): a tile's
+// operands are contiguous, where one [D][kItemRows] array put a tile's rows of successive dims
+// 1 KB apart, on a quarter of L1's sets.
 
 // s[kt * kTileRows + r] = q_r . k_kt for KT keys and RV * 16 rows.
 template <int KT, int RV>
@@ -137,20 +163,26 @@ inline void prompt_values(const float* w, const float* const* v, int64_t n, int6
 
 // One level-0 work item's rows: queries (scaled, transposed), accumulators, max and sum.
 struct PromptState {
-  int64_t stride;  // kItemRows: the row dimension of qt and ot
+  int64_t D;
   std::vector<float> qt, ot, m, l;
-  PromptState(int64_t D)
-      : stride(kItemRows), qt(D * kItemRows), ot(D * kItemRows), m(kItemRows), l(kItemRows) {}
+  PromptState(int64_t head_dim)
+      : D(head_dim), qt(D * kItemRows), ot(D * kItemRows), m(kItemRows), l(kItemRows) {}
+  // Index of row r, dim d in qt and ot; a tile starting at row r0 starts at r0 * D.
+  int64_t at(int64_t r, int64_t d) const {
+    return (r / kTileRows) * D * kTileRows + d * kTileRows + r % kTileRows;
+  }
 };
 
 // The rows [r0, r0 + RV * 16) take in n keys and values: scores into s ([n][kTileRows]), the
 // online softmax turns them into weights, the weights times the values into ot.
 template <int RV>
 void prompt_tile(PromptState& st, int64_t r0, const float* const* k, const float* const* v,
-                 int64_t n, int64_t D, float* s) {
-  const float* qt = st.qt.data() + r0;
-  for (int64_t t0 = 0; t0 < n; t0 += kScoreKeys)
-    prompt_scores<kScoreKeys, RV>(qt, st.stride, k + t0, D, s + t0 * kTileRows);
+                 int64_t n, int64_t D, float* s, ChunkPrefetch& ahead) {
+  const float* qt = st.qt.data() + r0 * D;
+  for (int64_t t0 = 0; t0 < n; t0 += kScoreKeys) {
+    prompt_scores<kScoreKeys, RV>(qt, kTileRows, k + t0, D, s + t0 * kTileRows);
+    ahead.step();
+  }
   Lanes alpha[RV];
   for (int rv = 0; rv < RV; ++rv) {
     float* s_rv = s + rv * kLanes;
@@ -169,12 +201,17 @@ void prompt_tile(PromptState& st, int64_t r0, const float* const* k, const float
     store_lanes(&st.l[r0 + rv * kLanes], load_lanes(&st.l[r0 + rv * kLanes]) * alpha[rv] + sum);
     store_lanes(&st.m[r0 + rv * kLanes], m_new);
   }
-  float* ot = st.ot.data() + r0;
+  float* ot = st.ot.data() + r0 * D;
   int64_t d0 = 0;
-  for (; d0 + kValueDims <= D; d0 += kValueDims)
-    prompt_values<kValueDims, RV>(s, v, n, d0, alpha, ot, st.stride);
-  for (; d0 + 2 <= D; d0 += 2) prompt_values<2, RV>(s, v, n, d0, alpha, ot, st.stride);
-  for (; d0 < D; ++d0) prompt_values<1, RV>(s, v, n, d0, alpha, ot, st.stride);
+  // Six dims a tile while that leaves no 2-dim edge (64 = 10 x 6 + 4, 128 = 20 x 6 + 2 x 4):
+  // a 4-dim tile does 16 multiply-adds per 8 loads, a 2-dim one 8 per 6.
+  for (; d0 + kValueDims <= D && D - d0 != 8; d0 += kValueDims) {
+    prompt_values<kValueDims, RV>(s, v, n, d0, alpha, ot, kTileRows);
+    ahead.step();
+  }
+  for (; d0 + 4 <= D; d0 += 4) prompt_values<4, RV>(s, v, n, d0, alpha, ot, kTileRows);
+  for (; d0 + 2 <= D; d0 += 2) prompt_values<2, RV>(s, v, n, d0, alpha, ot, kTileRows);
+  for (; d0 < D; ++d0) prompt_values<1, RV>(s, v, n, d0, alpha, ot, kTileRows);
 }
 
 // Per-thread scratch: key and value row pointers (and converted rows, up to row_width elements a
@@ -194,13 +231,61 @@ struct ChunkBuffers {
 // Level 1: the head dim as lanes. A sequence's keys are read token by token, the keys of all of
 // the item's kv heads at once (contiguous in the cache), so the pass streams through each page in
 // address order and the hardware prefetchers run ahead of it; each token's values are prefetched
-// in the same order for the value pass, which goes head by head.
+// in the same order for the value pass, which goes head by head. A token's scores come out 16
+// query rows to a vector, so the online softmax runs on 16 rows per instruction; scores are
+// [token][padded rows].
 
-// s[j * kChunkKeys] = q_j . k_(j / G) for the query rows j0 <= j < j0 + count (count <= 16) of
-// q ([rows][D]) and one token's keys k ([kv heads][D]): 16 dot products summed across lanes in
-// one tree. Lanes past count repeat the last row (computed and dropped).
-inline void token_scores(const float* q, const float* k, int64_t j0, int64_t count, int64_t G,
-                         int64_t D, float* s) {
+// One level-1 work item's R = heads * G query rows (scaled), in blocks of 16 rows. A whole block
+// whose rows fall on its kv heads evenly (G divides 16, or 16 divides G) is also kept packed as
+// [D / 16][16 rows][16 lanes], so its scores load each key vector once for the G rows of its head
+// and each query vector from a constant offset: 16 rows cost about 1.25 loads per multiply-add.
+struct SuffixQueries {
+  int64_t R = 0, padded = 0, G = 1, D = 0;
+  int group = 0;  // rows per kv head in a packed block (G or 16), 0: no block is packed
+  std::vector<float> rows, packed;
+
+  void assign(int64_t num_rows, int64_t group_size, int64_t head_dim) {
+    R = num_rows, padded = round_up_lanes(num_rows), G = group_size, D = head_dim;
+    group = kLanes % G == 0 ? static_cast<int>(G) : G % kLanes == 0 ? static_cast<int>(kLanes) : 0;
+    rows.resize(R * D);
+    packed.resize(R / kLanes * kLanes * (D / kLanes * kLanes));
+  }
+  // Whether block b (rows 16 b ...) is read from `packed`: every row real, the grouping even.
+  bool is_packed(int64_t b) const { return group != 0 && (b + 1) * kLanes <= R; }
+  void pack() {
+    const int64_t vecs = D / kLanes;
+    for (int64_t b = 0; is_packed(b); ++b) {
+      for (int64_t c = 0; c < vecs; ++c) {
+        for (int64_t i = 0; i < kLanes; ++i) {
+          const float* src = &rows[(b * kLanes + i) * D + c * kLanes];
+          std::copy(src, src + kLanes, &packed[((b * vecs + c) * kLanes + i) * kLanes]);
+        }
+      }
+    }
+  }
+};
+
+// The 16 scores of packed block qp ([D / 16][16][16]) against one token's keys k, from the
+// block's first kv head: rows i * GB ... of the block belong to kv head i. 16 dot products summed
+// across lanes in one tree. Head dims past a multiple of 16 are added by the caller.
+template <int GB>
+inline Lanes packed_block_scores(const float* qp, const float* k, int64_t D) {
+  constexpr int kHeads = kLanes / GB;
+  Lanes acc[kLanes] = {};
+  for (int64_t c = 0; c < D / kLanes; ++c) {
+    for (int h = 0; h < kHeads; ++h) {
+      const Lanes key = load_lanes(k + h * D + c * kLanes);
+      for (int g = 0; g < GB; ++g)
+        acc[h * GB + g] += load_lanes(qp + (c * kLanes + h * GB + g) * kLanes) * key;
+    }
+  }
+  return sum_lanes16(acc);
+}
+
+// The scores of rows j0 <= j < j0 + count (count <= 16) of q ([rows][D]) against one token's keys
+// k ([kv heads][D]), any grouping; lanes past count repeat the last row (computed, not used).
+inline Lanes row_block_scores(const float* q, const float* k, int64_t j0, int64_t count,
+                              int64_t G, int64_t D) {
   const float* qr[kLanes];
   const float* kr[kLanes];
   for (int64_t i = 0; i < kLanes; ++i) {
@@ -209,22 +294,47 @@ inline void token_scores(const float* q, const float* k, int64_t j0, int64_t cou
     kr[i] = k + (j / G) * D;
   }
   Lanes acc[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) {
+  for (int64_t d = 0; d + kLanes <= D; d += kLanes) {
     for (int64_t i = 0; i < kLanes; ++i) acc[i] += load_lanes(qr[i] + d) * load_lanes(kr[i] + d);
   }
-  Lanes dots = sum_lanes16(acc);
-  for (; d < D; ++d) {  // head dims that are not a multiple of kLanes
-    for (int64_t i = 0; i < count; ++i) dots[i] += qr[i][d] * kr[i][d];
-  }
-  for (int64_t i = 0; i < count; ++i) s[(j0 + i) * kChunkKeys] = dots[i];
+  return sum_lanes16(acc);
 }
 
-// acc_g = alpha_g acc_g + sum over t < n of w[g * kChunkKeys + t] v_t for RG rows, VC vectors
-// of dims from d0: each value vector is loaded once for the RG rows.
+// s[0 .. padded) = the scores of every row of sq against one token's keys k.
+inline void token_scores(const SuffixQueries& sq, const float* k, float* s) {
+  const int64_t D = sq.D, vecs = D / kLanes;
+  for (int64_t j0 = 0; j0 < sq.R; j0 += kLanes) {
+    const int64_t b = j0 / kLanes, count = std::min(kLanes, sq.R - j0);
+    const float* kb = k + (j0 / sq.G) * D;
+    Lanes dots;
+    if (!sq.is_packed(b)) {
+      dots = row_block_scores(sq.rows.data(), k, j0, count, sq.G, D);
+    } else {
+      const float* qp = sq.packed.data() + b * vecs * kLanes * kLanes;
+      switch (sq.group) {
+        case 1: dots = packed_block_scores<1>(qp, kb, D); break;
+        case 2: dots = packed_block_scores<2>(qp, kb, D); break;
+        case 4: dots = packed_block_scores<4>(qp, kb, D); break;
+        case 8: dots = packed_block_scores<8>(qp, kb, D); break;
+        default: dots = packed_block_scores<16>(qp, kb, D); break;
+      }
+    }
+    for (int64_t d = vecs * kLanes; d < D; ++d) {  // head dims that are not a multiple of kLanes
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t j = j0 + i;
+        dots[i] += sq.rows[j * D + d] * k[(j / sq.G) * D + d];
+      }
+    }
+    store_lanes(s + j0, dots);
+  }
+}
+
+// acc_g = alpha_g acc_g + sum over t < n of w[t * stride + g] v_t for RG rows, VC vectors of
+// dims from d0: each value vector is loaded once for the RG rows.
 template <int RG, int VC>
-inline void suffix_values(const float* w, const float* const* v, int64_t v_offset, int64_t n,
-                          int64_t d0, const float* alpha, float* acc, int64_t D) {
+inline void suffix_values(const float* w, int64_t stride, const float* const* v,
+                          int64_t v_offset, int64_t n, int64_t d0, const float* alpha,
+                          float* acc, int64_t D) {
   Lanes a[RG][VC];
   for (int g = 0; g < RG; ++g) {
     for (int c = 0; c < VC; ++c) a[g][c] = alpha[g] * load_lanes(acc + g * D + d0 + c * kLanes);
@@ -233,7 +343,7 @@ inline void suffix_values(const float* w, const float* const* v, int64_t v_offse
     Lanes value[VC];
     for (int c = 0; c < VC; ++c) value[c] = load_lanes(v[t] + v_offset + d0 + c * kLanes);
     for (int g = 0; g < RG; ++g) {
-      const float weight = w[g * kChunkKeys + t];
+      const float weight = w[t * stride + g];
       for (int c = 0; c < VC; ++c) a[g][c] += weight * value[c];
     }
   }
@@ -244,16 +354,17 @@ inline void suffix_values(const float* w, const float* const* v, int64_t v_offse
 
 // suffix_values over all D dims of RG rows reading kv head row v[t] + v_offset.
 template <int RG>
-void suffix_rows_values(const float* w, const float* const* v, int64_t v_offset, int64_t n,
-                        int64_t D, const float* alpha, float* acc) {
+void suffix_rows_values(const float* w, int64_t stride, const float* const* v, int64_t v_offset,
+                        int64_t n, int64_t D, const float* alpha, float* acc) {
   int64_t d0 = 0;
   for (; d0 + 4 * kLanes <= D; d0 += 4 * kLanes)
-    suffix_values<RG, 4>(w, v, v_offset, n, d0, alpha, acc, D);
-  for (; d0 + kLanes <= D; d0 += kLanes) suffix_values<RG, 1>(w, v, v_offset, n, d0, alpha, acc, D);
+    suffix_values<RG, 4>(w, stride, v, v_offset, n, d0, alpha, acc, D);
+  for (; d0 + kLanes <= D; d0 += kLanes)
+    suffix_values<RG, 1>(w, stride, v, v_offset, n, d0, alpha, acc, D);
   for (; d0 < D; ++d0) {  // head dims that are not a multiple of kLanes
     for (int g = 0; g < RG; ++g) {
       float a = alpha[g] * acc[g * D + d0];
-      for (int64_t t = 0; t < n; ++t) a += w[g * kChunkKeys + t] * v[t][v_offset + d0];
+      for (int64_t t = 0; t < n; ++t) a += w[t * stride + g] * v[t][v_offset + d0];
       acc[g * D + d0] = a;
     }
   }
@@ -264,50 +375,59 @@ void suffix_rows_values(const float* w, const float* const* v, int64_t v_offset,
 // faster than the prefetchers alone; 16 ahead is no faster).
 constexpr int64_t kKeyPrefetchTokens = 8;
 
-// The R = heads * G rows of q ([R][D], scaled) continue their state (m, l, acc) over n tokens:
-// k[t] and v[t] point at the token's rows of the item's first kv head (heads contiguous). With
-// prefetch (k and v in the cache itself, not converted copies) each token's values, and the keys
-// kKeyPrefetchTokens ahead, are asked for while its keys are scored: the value pass then finds
-// them in cache.
-void suffix_chunk(const float* q, int64_t heads, int64_t G, const float* const* k,
-                  const float* const* v, int64_t n, int64_t D, bool prefetch, float* s,
-                  float* m, float* l, float* alpha, float* acc) {
-  const int64_t R = heads * G;
+// Asks for the bytes [row, row + bytes) ahead of their use.
+inline void prefetch_bytes(const float* row, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(p + byte);
+}
+
+// The rows of sq continue their state (m, l, alpha: [padded]; acc: [R][D]) over n tokens: k[t]
+// and v[t] point at the token's rows of the item's first kv head (heads contiguous); s is
+// [n][padded]. With prefetch (k and v in the cache itself, not converted copies) each token's
+// values, and the keys kKeyPrefetchTokens ahead, are asked for while its keys are scored: the
+// value pass then finds them in cache. The keys ahead run on into the next chunk's first tokens
+// (next_k, next_n of them), so a chunk does not start by waiting for its keys.
+void suffix_chunk(const SuffixQueries& sq, int64_t heads, const float* const* k,
+                  const float* const* v, int64_t n, bool prefetch, const float* const* next_k,
+                  int64_t next_n, float* s, float* m, float* l, float* alpha, float* acc) {
+  const int64_t G = sq.G, D = sq.D, P = sq.padded, bytes = heads * D * 4;
   for (int64_t t = 0; t < n; ++t) {
     if (prefetch) {
-      const char* row = reinterpret_cast<const char*>(v[t]);
-      for (int64_t byte = 0; byte < heads * D * 4; byte += 64) __builtin_prefetch(row + byte);
-      if (t + kKeyPrefetchTokens < n) {
-        const char* krow = reinterpret_cast<const char*>(k[t + kKeyPrefetchTokens]);
-        for (int64_t byte = 0; byte < heads * D * 4; byte += 64) __builtin_prefetch(krow + byte);
+      prefetch_bytes(v[t], bytes);
+      const int64_t ahead = t + kKeyPrefetchTokens;
+      if (ahead < n) {
+        prefetch_bytes(k[ahead], bytes);
+      } else if (ahead - n < next_n) {
+        prefetch_bytes(next_k[ahead - n], bytes);
       }
     }
-    for (int64_t j0 = 0; j0 < R; j0 += kLanes)
-      token_scores(q, k[t], j0, std::min(kLanes, R - j0), G, D, s + t);
+    token_scores(sq, k[t], s + t * P);
   }
-  for (int64_t j = 0; j < R; ++j) {
-    float* sj = s + j * kChunkKeys;
-    float block_max = kNegInf;
-    for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, sj[t]);
-    const float m_new = std::max(m[j], block_max);
-    alpha[j] = m[j] == kNegInf ? 0.f : std::exp(m[j] - m_new);
-    float sum = 0.f;
+  for (int64_t j0 = 0; j0 < P; j0 += kLanes) {
+    Lanes block_max = load_lanes(s + j0);
+    for (int64_t t = 1; t < n; ++t) block_max = max_lanes(block_max, load_lanes(s + t * P + j0));
+    const Lanes m_old = load_lanes(m + j0);
+    const Lanes m_new = max_lanes(m_old, block_max);
+    const Lanes a = exp_nonpositive(m_old - m_new);  // 0 while m_old is -inf
+    Lanes sum = {};
     for (int64_t t = 0; t < n; ++t) {
-      sj[t] = exp_nonpositive(sj[t] - m_new);
-      sum += sj[t];
+      const Lanes e = exp_nonpositive(load_lanes(s + t * P + j0) - m_new);
+      store_lanes(s + t * P + j0, e);
+      sum += e;
     }
-    l[j] = l[j] * alpha[j] + sum;
-    m[j] = m_new;
+    store_lanes(l + j0, load_lanes(l + j0) * a + sum);
+    store_lanes(m + j0, m_new);
+    store_lanes(alpha + j0, a);
   }
   for (int64_t h = 0; h < heads; ++h) {
     int64_t g = 0;
     for (; g + 4 <= G; g += 4) {
       const int64_t j = h * G + g;
-      suffix_rows_values<4>(s + j * kChunkKeys, v, h * D, n, D, alpha + j, acc + j * D);
+      suffix_rows_values<4>(s + j, P, v, h * D, n, D, alpha + j, acc + j * D);
     }
     for (; g < G; ++g) {
       const int64_t j = h * G + g;
-      suffix_rows_values<1>(s + j * kChunkKeys, v, h * D, n, D, alpha + j, acc + j * D);
+      suffix_rows_values<1>(s + j, P, v, h * D, n, D, alpha + j, acc + j * D);
     }
   }
 }
@@ -399,48 +519,52 @@ void decode_impl(const AttentionParams& p) {
   {
     ChunkBuffers buf(Hkv * D);
     PromptState st(D);
+    ChunkPrefetch ahead;
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < num_items; ++i) {
       const PromptItem& item = items[i];
-      const int64_t rows = item.nseq * G, stride = st.stride;
+      const int64_t rows = item.nseq * G;
       const int64_t padded_rows = round_up_lanes(rows);
       for (int64_t j = 0; j < item.nseq; ++j) {
         const S* q_seq = q + (order[item.first + j] * Hq + item.kv_head * G) * D;
         for (int64_t g = 0; g < G; ++g) {
           for (int64_t d = 0; d < D; ++d)
-            st.qt[d * stride + j * G + g] = E::load(q_seq[g * D + d]) * p.scale;
+            st.qt[st.at(j * G + g, d)] = E::load(q_seq[g * D + d]) * p.scale;
         }
       }
-      for (int64_t d = 0; d < D; ++d) {
-        std::fill(&st.qt[d * stride + rows], &st.qt[d * stride + padded_rows], 0.f);
-        std::fill(&st.ot[d * stride], &st.ot[d * stride + padded_rows], 0.f);
+      for (int64_t r = rows; r < padded_rows; ++r) {
+        for (int64_t d = 0; d < D; ++d) st.qt[st.at(r, d)] = 0.f;
       }
+      const int64_t tiled_rows = (padded_rows + kTileRows - 1) / kTileRows * kTileRows;
+      std::fill(st.ot.begin(), st.ot.begin() + tiled_rows * D, 0.f);
       std::fill(st.m.begin(), st.m.begin() + padded_rows, kNegInf);
       std::fill(st.l.begin(), st.l.begin() + padded_rows, 0.f);
       const int32_t* table = prompt_tables + item.problem * p.max_prompt_blocks;
+      const bool pack = padded_rows > kTileRows;  // gather_rows: worth it from two tiles a chunk
       for (int64_t begin = item.key_begin; begin < item.key_end; begin += kChunkKeys) {
         const int64_t n = std::min(kChunkKeys, item.key_end - begin);
         const int64_t padded = (n + kScoreKeys - 1) / kScoreKeys * kScoreKeys;
         gather_rows<E>(kc, table, BS, token_stride, item.kv_head * D, begin, n, padded, D,
-                       buf.kbuf.data(), buf.k.data());
+                       buf.kbuf.data(), buf.k.data(), pack);
         gather_rows<E>(vc, table, BS, token_stride, item.kv_head * D, begin, n, n, D,
-                       buf.vbuf.data(), buf.v.data());
-        if (begin + kChunkKeys < item.key_end) {  // the next chunk, while this one computes
-          const int64_t next = std::min(kChunkKeys, item.key_end - begin - kChunkKeys);
-          prefetch_rows(kc, table, BS, token_stride, item.kv_head * D, begin + kChunkKeys, next, D);
-          prefetch_rows(vc, table, BS, token_stride, item.kv_head * D, begin + kChunkKeys, next, D);
-        }
+                       buf.vbuf.data(), buf.v.data(), pack);
+        // The next chunk, while this one computes: a step after each register tile.
+        const int64_t next = std::max<int64_t>(0, std::min(kChunkKeys, item.key_end - begin - n));
+        const int64_t tiles = (padded_rows + kTileRows - 1) / kTileRows;
+        ahead.assign(kc, vc, table, BS, token_stride, item.kv_head * D, begin + n, next, D,
+                     tiles * ((padded + kScoreKeys - 1) / kScoreKeys + D / kValueDims));
         for (int64_t r0 = 0; r0 < padded_rows; r0 += kTileRows) {
           const float* const* k = buf.k.data();
           const float* const* v = buf.v.data();
           float* s = buf.scores.data();
           switch (std::min<int64_t>(kTileVecs, (padded_rows - r0) / kLanes)) {
-            case 1: prompt_tile<1>(st, r0, k, v, n, D, s); break;
-            case 2: prompt_tile<2>(st, r0, k, v, n, D, s); break;
-            case 3: prompt_tile<3>(st, r0, k, v, n, D, s); break;
-            default: prompt_tile<4>(st, r0, k, v, n, D, s); break;
+            case 1: prompt_tile<1>(st, r0, k, v, n, D, s, ahead); break;
+            case 2: prompt_tile<2>(st, r0, k, v, n, D, s, ahead); break;
+            case 3: prompt_tile<3>(st, r0, k, v, n, D, s, ahead); break;
+            default: prompt_tile<4>(st, r0, k, v, n, D, s, ahead); break;
           }
         }
+        ahead.step(true);
       }
       for (int64_t j = 0; j < item.nseq; ++j) {
         const int64_t b = order[item.first + j];
@@ -449,26 +573,31 @@ void decode_impl(const AttentionParams& p) {
           const int64_t slot = item.split * rows_total + b * Hq + item.kv_head * G + g;
           m0[slot] = st.m[r];
           l0[slot] = st.l[r];
-          for (int64_t d = 0; d < D; ++d) acc0[slot * D + d] = st.ot[d * stride + r];
+          for (int64_t d = 0; d < D; ++d) acc0[slot * D + d] = st.ot[st.at(r, d)];
         }
       }
     }
 
     // Level 1: each (sequence, kv heads) merges its level-0 ranges and continues over its suffix.
-    std::vector<float> q_rows(Hq * D), m(Hq), l(Hq), alpha(Hq), acc(Hq * D);
-    std::vector<float> scores(Hq * kChunkKeys);
+    SuffixQueries sq;
+    const int64_t padded_heads = round_up_lanes(Hq);
+    std::vector<float> m(padded_heads), l(padded_heads), alpha(padded_heads), acc(Hq * D);
+    std::vector<float> scores(kChunkKeys * padded_heads);
+    const float* next_k[kKeyPrefetchTokens] = {};
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < B * head_ranges; ++item) {
       const int64_t b = item / head_ranges, range = item % head_ranges;
       const int64_t h0 = range * heads_per_range;
       const int64_t heads = std::min(heads_per_range, Hkv - h0), R = heads * G;
+      sq.assign(R, G, D);
+      std::fill(m.begin(), m.end(), kNegInf);  // rows past R: computed, never read
+      std::fill(l.begin(), l.end(), 0.f);
       for (int64_t j = 0; j < R; ++j) {
         const int64_t row = b * Hq + h0 * G + j;
-        for (int64_t d = 0; d < D; ++d) q_rows[j * D + d] = E::load(q[row * D + d]) * p.scale;
+        for (int64_t d = 0; d < D; ++d) sq.rows[j * D + d] = E::load(q[row * D + d]) * p.scale;
         float m_all = kNegInf;
         for (int64_t s = 0; s < num_splits; ++s) m_all = std::max(m_all, m0[s * rows_total + row]);
         m[j] = m_all;
-        l[j] = 0.f;
         std::fill(&acc[j * D], &acc[j * D] + D, 0.f);
         if (m_all == kNegInf) continue;
         for (int64_t s = 0; s < num_splits; ++s) {
@@ -479,6 +608,7 @@ void decode_impl(const AttentionParams& p) {
           for (int64_t d = 0; d < D; ++d) acc[j * D + d] += weight * acc0[slot * D + d];
         }
       }
+      sq.pack();
       const int32_t* table = suffix_tables + b * p.max_suffix_blocks;
       const int64_t len = suffix_lens[b];
       for (int64_t begin = 0; begin < len; begin += kChunkKeys) {
@@ -487,9 +617,13 @@ void decode_impl(const AttentionParams& p) {
                        buf.kbuf.data(), buf.k.data());
         gather_rows<E>(vc, table, BS, token_stride, h0 * D, begin, n, n, heads * D,
                        buf.vbuf.data(), buf.v.data());
-        suffix_chunk(q_rows.data(), heads, G, buf.k.data(), buf.v.data(), n, D,
-                     std::is_same_v<S, float>, scores.data(), m.data(), l.data(), alpha.data(),
-                     acc.data());
+        const int64_t next_n = std::min(kKeyPrefetchTokens, std::max<int64_t>(0, len - begin - n));
+        if constexpr (std::is_same_v<S, float>) {
+          gather_rows<E>(kc, table, BS, token_stride, h0 * D, begin + n, next_n, next_n,
+                         heads * D, nullptr, next_k);
+        }
+        suffix_chunk(sq, heads, buf.k.data(), buf.v.data(), n, std::is_same_v<S, float>, next_k,
+                     next_n, scores.data(), m.data(), l.data(), alpha.data(), acc.data());
       }
       for (int64_t j = 0; j < R; ++j) {
         const int64_t row = b * Hq + h0 * G + j;
