@@ -16,20 +16,15 @@ Run: ``pytest bench/bench_sampling.py --benchmark-enable -s``. CPU rows stop at 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from floors import SAMPLE_BYTES_ARE, ratios, sample_bytes
+from settings import DEVICES, TINY
 
 from ttscale import backends, ops
 
 OP = "sample"
 TOP_P = 0.95
-TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
-DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
-    "cpu,cuda" if torch.cuda.is_available() else "cpu"
-)
 OURS = {"cpu": ("cpu",), "cuda": ("triton",)}  # no CUDA kernel: Triton is the GPU path
 PEERS = ("softmax_multinomial", "sort_top_p")
 WORKLOADS = [(4, 1000)] if TINY else [
@@ -38,7 +33,7 @@ WORKLOADS = [(4, 1000)] if TINY else [
 CPU_MAX_ELEMENTS = 64 * 151_936
 PARAMS = [
     pytest.param(device, batch, vocab, impl, id=f"{device}-B{batch}-V{vocab}-{impl}")
-    for device in DEVICES.split(",")
+    for device in DEVICES
     for batch, vocab in WORKLOADS
     for impl in OURS[device] + PEERS
 ]

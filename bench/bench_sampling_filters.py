@@ -16,8 +16,9 @@ memory bandwidth. Run: ``pytest bench/bench_sampling_filters.py --benchmark-enab
 from __future__ import annotations
 
 import pytest
-from bench_sampling import DEVICES, OP, TINY, sample_inputs
+from bench_sampling import OP, sample_inputs
 from floors import SAMPLE_BYTES_ARE, sample_bytes
+from settings import DEVICES, TINY
 
 from ttscale import backends, ops
 
@@ -34,7 +35,7 @@ SETTINGS = {  # name: (top_k, top_p, min_p)
 }
 PARAMS = [
     pytest.param(device, name, id=f"{device}-{name.replace(' ', '').replace(',', '-')}")
-    for device in DEVICES.split(",")
+    for device in DEVICES
     for name in SETTINGS
 ]
 

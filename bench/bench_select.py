@@ -18,12 +18,13 @@ import time
 
 import pytest
 import torch
+from settings import AVAILABLE_DEVICES
 from ttscale import ops
 from ttscale.testing import make_fork_case
 
 WORKLOADS = [(64, 16), (256, 16), (4096, 64)]  # (candidates, beams per problem)
 CHILDREN = 4
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = AVAILABLE_DEVICES  # every device here, whatever TTSCALE_BENCH_DEVICES says
 RESULTS: dict[tuple, dict[str, float]] = {}
 
 
@@ -136,6 +137,8 @@ def test_select_and_fork(benchmark, device, candidates, beams):
         _sync(device)
 
     benchmark.pedantic(run, setup=setup, rounds=20, warmup_rounds=2)
+    if benchmark.stats is None:  # --benchmark-disable: one call, run but not measured
+        return
     entry = RESULTS.setdefault((device, candidates, beams), {})
     entry["ours"] = benchmark.stats.stats.median
     entry["bytes"] = _bytes(case, beams)
@@ -156,4 +159,6 @@ def test_topk_and_python_tables(benchmark, device, candidates, beams):
                                case.lens, counts, free, 16)
 
     benchmark.pedantic(run, setup=setup, rounds=5, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: one call, run but not measured
+        return
     RESULTS.setdefault((device, candidates, beams), {})["peer"] = benchmark.stats.stats.median
