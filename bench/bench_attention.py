@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from floors import ratios
+from floors import ratios, time_unit
 from settings import DEVICES, QUICK, TINY
 from ttscale import backends, ops, reference
 
@@ -249,13 +249,9 @@ def _table(device: str) -> str:
     return f"{OP}, one layer ({device}, {str(DTYPES[device]).removeprefix('torch.')})"
 
 
-def _unit(device: str) -> tuple[str, float]:
-    return ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
-
-
 def _row_cells(w: Workload, device: str, machine) -> tuple[dict, dict]:
     dtype = DTYPES[device]
-    unit, per_s = _unit(device)
+    unit, per_s = time_unit(device)
     nbytes, flops = w.bytes_floor(dtype), w.flops()
     floor = machine.floor_seconds(nbytes, flops)
     cells = {
@@ -308,7 +304,7 @@ def _notes(tables, table: str, device: str, rates) -> None:
 
 
 def _measure_row(device, workload, impl, measure, machine, tables):
-    table, (unit, per_s), rates = _table(device), _unit(device), machine(device)
+    table, (unit, per_s), rates = _table(device), time_unit(device), machine(device)
     _notes(tables, table, device, rates)
     cells, data = _row_cells(workload, device, rates)
     column = f"{impl} {unit}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from floors import ratios
+from floors import ratios, time_unit
 from settings import DEVICES, TINY
 
 from ttscale import backends, ops
@@ -96,7 +96,7 @@ def _workload(op, model, tokens, dtype, device):
 def test_fused_elementwise(device, op, model, tokens, impl, measure, machine, tables):
     dtype = DTYPES[device]
     table = f"fused elementwise ops, one layer ({device}, {str(dtype).removeprefix('torch.')})"
-    unit, per_s = ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
+    unit, per_s = time_unit(device)
     rates = machine(device)
     tables.note(table, rates.floor_note("each input read once, each output written once"))
     ours_fn, unfused, nbytes = _workload(op, model, tokens, dtype, device)

@@ -73,14 +73,8 @@ def save_policy(directory, shape: tuple[int, ...]):
 _POLICIES: dict[str, tuple[ttscale.LLM, int]] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One torch thread: on a machine whose cores are shared, torch's two-thread ops wait
-    # milliseconds for the second thread, and a decode step is many small ops.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# A decode step is many small ops, each of which would wait for torch's second thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -89,14 +89,14 @@ def _bytes(case, beams) -> int:
     return 4 * (case.scores.shape[0] * (width + 2) + slots * (width + 2) + 2 * 2 * blocks)
 
 
+# One torch thread: the C++ kernel is sequential and the peer is Python. (Torn down before the
+# report below, which measures the copy bandwidth with every thread.)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def report():
-    # One torch thread: the C++ kernel is sequential, the peer is Python, and on a machine whose
-    # cores are busy torch's two-thread ops wait milliseconds for the second thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     if not RESULTS:
         return
     print("\n\nselect_and_fork: one beam-search step (keep beams/4 per problem, 4 children each)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from floors import ratios
+from floors import ratios, time_unit
 from settings import DEVICES, TINY
 
 from ttscale import backends, ops, reference
@@ -40,7 +40,7 @@ PARAMS = [
 def test_write_kv(device, what, rows, head_dim, impl, measure, machine, tables):
     dtype = DTYPES[device]
     table = f"{OP}, one layer ({device}, {str(dtype).removeprefix('torch.')})"
-    unit, per_s = ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
+    unit, per_s = time_unit(device)
     rates = machine(device)
     tables.note(table, rates.floor_note("new K and V rows read and written once + slots"))
     nbytes = 2 * 2 * rows * KV_HEADS * head_dim * dtype.itemsize + rows * 8

@@ -222,6 +222,16 @@ def pytest_configure(config):
     config.stash[_MACHINES] = {}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's rows: on a machine whose cores are shared, torch's
+    two-thread ops wait milliseconds for the second thread, which would be timed with them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tables(pytestconfig) -> Tables:
     return pytestconfig.stash[_TABLES]

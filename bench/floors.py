@@ -110,6 +110,12 @@ def sample_bytes(batch: int, vocab: int) -> int:
     return batch * vocab * FP32 + batch * (8 + FP32)
 
 
+def time_unit(device: str) -> tuple[str, float]:
+    """The unit a device's table shows times in, and its count per second: µs on a GPU, ms on
+    the CPU."""
+    return ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
+
+
 def ratios(data: dict, ours: tuple[str, ...], peers: tuple[str, ...], floor_s: float) -> dict:
     """A benchmark row's ratio cells from its timings so far (``data["<impl>_s"]``): the best of
     ours over the floor (naming it when there are several of ours), each peer over the best of
