@@ -351,7 +351,7 @@ def floor_for(w: Workload, model, machine) -> Floor:
     return Floor(prefill + decode, decode / w.new_tokens, params, weights, kv_token)
 
 
-_CPU_RATES: dict[str, object] = {}  # machine name -> rates, measured once per session
+_CPU_RATES: dict[str, object] = {}  # machine name -> rates, measured once per pytest run
 
 
 def cpu_rates(machine):

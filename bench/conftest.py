@@ -1,5 +1,5 @@
 """Shared benchmark machinery: timing with the caches flushed, the machine's rates for the
-floors, and the readable tables every benchmark prints at the end of the session.
+floors, and the readable tables every benchmark prints at the end of the pytest run.
 
 Run a benchmark file with ``pytest bench/bench_X.py --benchmark-enable -s``. Without
 ``--benchmark-enable`` (pytest-benchmark is disabled in the project's addopts) each row runs once,
