@@ -25,7 +25,8 @@ import time
 
 import pytest
 import torch
-from bench_engine import QWEN2_20M, TINY, TINY_QWEN2, write_model
+from bench_engine import QWEN2_20M, TINY_QWEN2, write_model
+from settings import TINY
 
 from ttscale.llm import LLM
 from ttscale.sampling_params import SamplingParams

@@ -26,20 +26,16 @@ kernel's launch shapes at the target row, to tune ``decode_config``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
+from floors import ratios, time_unit
+from settings import DEVICES, QUICK, TINY
 from ttscale import backends, ops, reference
 
 OP = "cascade_decode_attention"
-TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
-QUICK = os.environ.get("TTSCALE_BENCH_QUICK", "0") not in ("", "0")
-DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
-    "cpu,cuda" if torch.cuda.is_available() else "cpu"
-)
 
 # (query heads, KV heads, head dim) of one attention layer.
 HEADS = {"Llama-3.2-1B": (32, 8, 64), "Llama-3.1-8B": (32, 8, 128)}
@@ -103,7 +99,7 @@ if QUICK and not TINY:
 def _params(workloads: list[Workload]) -> list:
     return [
         pytest.param(device, w, impl, id=f"{device}-{w.label.replace(' ', '-')}-{impl}")
-        for device in DEVICES.split(",")
+        for device in DEVICES
         for w in workloads
         for impl in OURS[device] + PEERS
     ]
@@ -253,13 +249,9 @@ def _table(device: str) -> str:
     return f"{OP}, one layer ({device}, {str(DTYPES[device]).removeprefix('torch.')})"
 
 
-def _unit(device: str) -> tuple[str, float]:
-    return ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
-
-
 def _row_cells(w: Workload, device: str, machine) -> tuple[dict, dict]:
     dtype = DTYPES[device]
-    unit, per_s = _unit(device)
+    unit, per_s = time_unit(device)
     nbytes, flops = w.bytes_floor(dtype), w.flops()
     floor = machine.floor_seconds(nbytes, flops)
     cells = {
@@ -281,18 +273,6 @@ def _row_cells(w: Workload, device: str, machine) -> tuple[dict, dict]:
         "peak_flops": machine.peak_flops,
     }
     return cells, data
-
-
-def _update_ratios(data: dict, device: str) -> dict:
-    """Derived cells from the times recorded so far: best of ours over the floor and vs SDPA."""
-    ours = {b: data[f"{b}_s"] for b in OURS[device] if f"{b}_s" in data}
-    if not ours:
-        return {}
-    best = min(ours, key=ours.get)
-    cells = {"ours ÷ floor": f"{ours[best] / data['floor_s']:.3g}x ({best})"}
-    if "sdpa_replicated_s" in data:
-        cells["SDPA ÷ ours"] = f"{data['sdpa_replicated_s'] / ours[best]:.1f}x"
-    return cells
 
 
 def _agrees(actual: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -318,25 +298,18 @@ def _runner(impl: str, inputs: Inputs):
 
 def _notes(tables, table: str, device: str, rates) -> None:
     timer = "CUDA-event time of a CUDA graph's replay" if device == "cuda" else "host time"
-    tables.note(
-        table,
-        f"floor = max(bytes / {rates.bandwidth / 1e9:.0f} GB/s, FLOPs / peak); "
-        f"bandwidth: {rates.bandwidth_note}; peak: {rates.peak_note}",
-    )
-    tables.note(
-        table,
-        f"bytes = prompt KV once + every suffix KV + q + out + lse; times: median {timer}, "
-        "caches flushed before every call",
-    )
+    tables.note(table, rates.floor_note("prompt KV once + every suffix KV + q + out + lse",
+                                        flops=True))
+    tables.note(table, f"times: median {timer}, caches flushed before every call")
 
 
 def _measure_row(device, workload, impl, measure, machine, tables):
-    table, (unit, per_s), rates = _table(device), _unit(device), machine(device)
+    table, (unit, per_s), rates = _table(device), time_unit(device), machine(device)
     _notes(tables, table, device, rates)
     cells, data = _row_cells(workload, device, rates)
     column = f"{impl} {unit}"
-    ratios = ["ours ÷ floor", "SDPA ÷ ours"]
-    tables.declare(table, [*cells, *(f"{b} {unit}" for b in OURS[device] + PEERS), *ratios])
+    tables.declare(table, [*cells, *(f"{b} {unit}" for b in OURS[device] + PEERS), "ours ÷ floor",
+                           *(f"{p} ÷ ours" for p in PEERS)])
     if device == "cpu" and not workload.fits_cpu():
         tables.add(table, workload.label, {**cells, "note": "skipped: " + CPU_SKIP_REASON}, data)
         pytest.skip(CPU_SKIP_REASON)
@@ -369,7 +342,7 @@ def _measure_row(device, workload, impl, measure, machine, tables):
         {**cells, column: shown},
         {**data, **times, "measured": timing.measured},
     )
-    tables.add(table, workload.label, _update_ratios(data, device))
+    tables.add(table, workload.label, ratios(data, OURS[device], PEERS, data["floor_s"]))
     print(
         f"\n{table} | {workload.label} | {impl}: {timing.seconds * per_s:.3g} {unit} "
         f"({timing.rounds} rounds{'' if timing.measured else ', unmeasured'}) | "
@@ -401,7 +374,7 @@ LAUNCH_SHAPES = [(16, 1, False, 16, 4), (16, 3, True, 16, 8)] if TINY else [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES.split(","))
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_m,num_splits,overlap,suffix_block_n,suffix_warps", LAUNCH_SHAPES)
 def test_decode_launch_shapes(device, block_m, num_splits, overlap, suffix_block_n, suffix_warps,
                               measure, machine, tables):

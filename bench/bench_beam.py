@@ -28,11 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 from bench_search import random_model
+from settings import DEVICES, TINY, TINY_DIMS
 
-TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
-DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
-    "cpu,cuda" if torch.cuda.is_available() else "cpu"
-)
 WIDTH = 4
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -43,8 +40,7 @@ LLAMA3_8B = {
 }
 SMALL = {**LLAMA3_8B, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
          "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 4096}
-TINY_SHAPE = {**SMALL, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "vocab_size": 512}
+TINY_SHAPE = {**SMALL, **TINY_DIMS}
 # (model, prompts, prompt length, new tokens) per device.
 WORKLOADS = {"cuda": (LLAMA3_8B, 100, 256, 256), "cpu": (SMALL, 8, 256, 64)}
 if TINY:
@@ -103,7 +99,7 @@ def floor_seconds(config: dict, prompts: int, prompt_len: int, new_tokens: int, 
     return total
 
 
-@pytest.mark.parametrize("device", DEVICES.split(","))
+@pytest.mark.parametrize("device", DEVICES)
 def test_token_beam_search(device, machine, tables, tmp_path):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")

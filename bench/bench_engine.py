@@ -45,11 +45,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import flush_caches
+from settings import DEVICES, TINY, TINY_DIMS
 
-TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
-DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
-    "cpu,cuda" if torch.cuda.is_available() else "cpu"
-)
 DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 BLOCK_SIZE = 16
 IMPLS = ("ttscale", "transformers")
@@ -110,8 +107,7 @@ LLAMA32_1B = Shape(  # meta-llama/Llama-3.2-1B config.json
 )
 TINY_QWEN2 = Shape(
     "tiny-Qwen2",
-    {**QWEN2_20M.config, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512},
+    {**QWEN2_20M.config, **TINY_DIMS},
 )
 
 
@@ -160,7 +156,7 @@ else:
 
 PARAMS = [
     pytest.param(device, w, id=f"{device}-{w.label.replace(' ', '-')}")
-    for device in DEVICES.split(",")
+    for device in DEVICES
     for w in WORKLOADS[device]
 ]
 
@@ -355,7 +351,7 @@ def floor_for(w: Workload, model, machine) -> Floor:
     return Floor(prefill + decode, decode / w.new_tokens, params, weights, kv_token)
 
 
-_CPU_RATES: dict[str, object] = {}  # machine name -> rates, measured once per session
+_CPU_RATES: dict[str, object] = {}  # machine name -> rates, measured once per pytest run
 
 
 def cpu_rates(machine):
@@ -458,9 +454,8 @@ def measure_rounds(contenders: list[Contender], device: str, rounds: int) -> Non
 def test_repeated_sampling(device, workload, model_dirs, machine, tables):
     table = TABLE.format(device=device, dtype=_dtype_name(device))
     rates = machine(device) if device == "cuda" else cpu_rates(machine(device))
-    tables.note(table, f"floor: prefill + every decode step, max(bytes / "
-                       f"{rates.bandwidth / 1e9:.0f} GB/s, FLOPs / peak); bandwidth: "
-                       f"{rates.bandwidth_note}; peak: {rates.peak_note}")
+    tables.note(table, "floor: the prefill's and every decode step's, summed; " + rates.floor_note(
+        "the weights + each problem's prompt KV once + every sequence's suffix KV", flops=True))
     tables.note(table, "tokens/s: generated tokens over the wall time of the whole call (prefill "
                        "included), median of the rounds after a warm-up call; peak MB: memory "
                        "taken above the process before the implementation was built, over its "
@@ -523,12 +518,12 @@ def test_repeated_sampling(device, workload, model_dirs, machine, tables):
     _release(device)
 
 
-@pytest.mark.skipif(not TINY and "cuda" not in DEVICES.split(","), reason="a GPU row")
+@pytest.mark.skipif(not TINY and "cuda" not in DEVICES, reason="a GPU row")
 def test_tokasaurus_workload(model_dirs, machine, tables):
     """Streams P × N sequences through the default KV pool; prints tokens/s and peak residency."""
     if HEADLINE.problems == 0:
         pytest.skip("TTSCALE_BENCH_HEADLINE_PROBLEMS=0")
-    device = "cuda" if "cuda" in DEVICES.split(",") else "cpu"
+    device = "cuda" if "cuda" in DEVICES else "cpu"
     w = HEADLINE
     table = HEADLINE_TABLE.format(device=device, dtype=_dtype_name(device))
     rates = machine(device)

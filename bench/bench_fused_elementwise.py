@@ -15,19 +15,14 @@ Run: ``pytest bench/bench_fused_elementwise.py --benchmark-enable -s``.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from floors import ratios
+from floors import ratios, time_unit
+from settings import DEVICES, TINY
 
 from ttscale import backends, ops
 from ttscale.model.rope import apply_rotary
 
-TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
-DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
-    "cpu,cuda" if torch.cuda.is_available() else "cpu"
-)
 DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 OURS = {"cpu": ("torch",), "cuda": ("triton",)}
 # name: (hidden, q heads, kv heads, head dim, intermediate)
@@ -41,7 +36,7 @@ BLOCK_SIZE = 16
 
 PARAMS = [
     pytest.param(device, op, model, tokens, impl, id=f"{device}-{op}-{model}-T{tokens}-{impl}")
-    for device in DEVICES.split(",")
+    for device in DEVICES
     for op in OPS
     for model in MODELS
     for tokens in TOKENS[device]
@@ -101,7 +96,7 @@ def _workload(op, model, tokens, dtype, device):
 def test_fused_elementwise(device, op, model, tokens, impl, measure, machine, tables):
     dtype = DTYPES[device]
     table = f"fused elementwise ops, one layer ({device}, {str(dtype).removeprefix('torch.')})"
-    unit, per_s = ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
+    unit, per_s = time_unit(device)
     rates = machine(device)
     tables.note(table, rates.floor_note("each input read once, each output written once"))
     ours_fn, unfused, nbytes = _workload(op, model, tokens, dtype, device)

@@ -22,6 +22,7 @@ import time
 
 import pytest
 import torch
+from settings import AVAILABLE_DEVICES
 
 from ttscale import ops
 
@@ -29,7 +30,7 @@ VOCAB = 128_256
 PLUS_ID, MINUS_ID = 10, 12
 STEPS = [64, 1024, 8192]
 HIDDEN_SIZES = [2048, 4096]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = AVAILABLE_DEVICES  # every device here, whatever TTSCALE_BENCH_DEVICES says
 CPU_UNFUSED_MAX_STEPS = 64
 
 ROWS: list[tuple] = []

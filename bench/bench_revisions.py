@@ -17,24 +17,23 @@ model and workload, to check the benchmark code itself.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import ttscale
+from settings import DEVICES, TINY, TINY_DIMS
 from ttscale.search.prompts import build_prompt
 from ttscale.search.revisions import revision_context_ids, separator_ids
 from ttscale.toy.task import problems as toy_problems
 
-TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
-DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
-    "cpu,cuda" if torch.cuda.is_available() else "cpu"
-)
 ATTEMPT_TOKENS = 8 if TINY else 64
-# (hidden, intermediate, layers, heads, kv heads) of the random policy, per device.
+# (hidden, intermediate, layers, heads, kv heads) of the random policy, per device; its
+# vocabulary is the toy tokenizer's.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads")
+TINY_SHAPE = tuple(TINY_DIMS[name] for name in SHAPE_FIELDS)
 MODELS = {
-    "cpu": (64, 128, 2, 4, 2) if TINY else (256, 1024, 6, 8, 4),
-    "cuda": (64, 128, 2, 4, 2) if TINY else (1024, 4096, 12, 16, 8),
+    "cpu": TINY_SHAPE if TINY else (256, 1024, 6, 8, 4),
+    "cuda": TINY_SHAPE if TINY else (1024, 4096, 12, 16, 8),
 }
 # (problems, chains per problem, attempts per chain, window), per device.
 WORKLOADS = {
@@ -44,23 +43,21 @@ WORKLOADS = {
 IMPLS = ("ours", "naive")
 PARAMS = [
     pytest.param(device, *workload, impl, id=f"{device}-{'-'.join(map(str, workload))}-{impl}")
-    for device in DEVICES.split(",")
+    for device in DEVICES
     for workload in WORKLOADS[device]
     for impl in IMPLS
 ]
 
 
-def save_policy(directory, hidden, intermediate, layers, heads, kv_heads):
+def save_policy(directory, shape: tuple[int, ...]):
+    """A random Llama of ``shape`` (``SHAPE_FIELDS``) over the toy tokenizer, saved in
+    ``directory``; returns its parameter count."""
     import transformers
     from ttscale.toy.tokenizer import build_tokenizer, save_tokenizer
 
     tokenizer = build_tokenizer()
     config = transformers.LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
+        **dict(zip(SHAPE_FIELDS, shape, strict=True)),
         vocab_size=tokenizer.get_vocab_size(),
         max_position_embeddings=2048,
         eos_token_id=tokenizer.token_to_id("</s>"),
@@ -76,14 +73,8 @@ def save_policy(directory, hidden, intermediate, layers, heads, kv_heads):
 _POLICIES: dict[str, tuple[ttscale.LLM, int]] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One torch thread: on a machine whose cores are shared, torch's two-thread ops wait
-    # milliseconds for the second thread, and a decode step is many small ops.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# A decode step is many small ops, each of which would wait for torch's second thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -91,7 +82,7 @@ def policy(tmp_path_factory):
     def get(device: str) -> tuple[ttscale.LLM, int]:
         if device not in _POLICIES:
             directory = tmp_path_factory.mktemp(f"policy-{device}")
-            params = save_policy(directory, *MODELS[device])
+            params = save_policy(directory, MODELS[device])
             dtype = torch.float32 if device == "cpu" else torch.bfloat16
             llm = ttscale.LLM(directory, device=device, dtype=dtype, kv_budget_bytes=256 << 20)
             _POLICIES[device] = (llm, params)

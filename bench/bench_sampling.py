@@ -16,20 +16,15 @@ Run: ``pytest bench/bench_sampling.py --benchmark-enable -s``. CPU rows stop at 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from floors import SAMPLE_BYTES_ARE, ratios, sample_bytes
+from floors import SAMPLE_BYTES_ARE, ratios, sample_bytes, time_unit
+from settings import DEVICES, TINY
 
 from ttscale import backends, ops
 
 OP = "sample"
 TOP_P = 0.95
-TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
-DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
-    "cpu,cuda" if torch.cuda.is_available() else "cpu"
-)
 OURS = {"cpu": ("cpu",), "cuda": ("triton",)}  # no CUDA kernel: Triton is the GPU path
 PEERS = ("softmax_multinomial", "sort_top_p")
 WORKLOADS = [(4, 1000)] if TINY else [
@@ -38,7 +33,7 @@ WORKLOADS = [(4, 1000)] if TINY else [
 CPU_MAX_ELEMENTS = 64 * 151_936
 PARAMS = [
     pytest.param(device, batch, vocab, impl, id=f"{device}-B{batch}-V{vocab}-{impl}")
-    for device in DEVICES.split(",")
+    for device in DEVICES
     for batch, vocab in WORKLOADS
     for impl in OURS[device] + PEERS
 ]
@@ -68,16 +63,23 @@ def sort_top_p(logits, temperature, top_p, **_):
     return order.gather(1, torch.multinomial(probs / probs.sum(-1, keepdim=True), 1))
 
 
-@pytest.mark.parametrize("device,batch,vocab,impl", PARAMS)
-def test_sample(device, batch, vocab, impl, measure, machine, tables):
-    table = f"{OP}, top-p {TOP_P}, temperature 1 ({device}, float32)"
-    unit, per_s = ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
-    rates = machine(device)
+def floor_cells(tables, table: str, rates, batch: int, vocab: int) -> tuple[dict, dict]:
+    """A sampling row's floor: noted over ``table``, and as the row's shown cells (MB, floor)
+    and kept data (bytes, ``floor_s``)."""
+    unit, per_s = time_unit(rates.device)
     tables.note(table, rates.floor_note(SAMPLE_BYTES_ARE))
     nbytes = sample_bytes(batch, vocab)
     floor = nbytes / rates.bandwidth
+    return {"MB": nbytes / 1e6, f"floor {unit}": floor * per_s}, {"bytes": nbytes, "floor_s": floor}
+
+
+@pytest.mark.parametrize("device,batch,vocab,impl", PARAMS)
+def test_sample(device, batch, vocab, impl, measure, machine, tables):
+    table = f"{OP}, top-p {TOP_P}, temperature 1 ({device}, float32)"
+    unit, per_s = time_unit(device)
     label = f"B={batch} V={vocab}"
-    cells = {"workload": label, "MB": nbytes / 1e6, f"floor {unit}": floor * per_s}
+    floor_shown, floor_data = floor_cells(tables, table, machine(device), batch, vocab)
+    cells = {"workload": label, **floor_shown}
     tables.declare(table, [*cells, *(f"{n} {unit}" for n in OURS[device] + PEERS), "ours ÷ floor",
                            *(f"{p} ÷ ours" for p in PEERS)])
     column = f"{impl} {unit}"
@@ -98,5 +100,5 @@ def test_sample(device, batch, vocab, impl, measure, machine, tables):
         run = lambda: ops.sample(**args, backend=impl)
     timing = measure(run, device)
     data = tables.add(table, label, {**cells, column: timing.seconds * per_s},
-                      {"bytes": nbytes, "floor_s": floor, f"{impl}_s": timing.seconds})
-    tables.add(table, label, ratios(data, OURS[device], PEERS, floor))
+                      {**floor_data, f"{impl}_s": timing.seconds})
+    tables.add(table, label, ratios(data, OURS[device], PEERS, data["floor_s"]))

@@ -16,8 +16,9 @@ memory bandwidth. Run: ``pytest bench/bench_sampling_filters.py --benchmark-enab
 from __future__ import annotations
 
 import pytest
-from bench_sampling import DEVICES, OP, TINY, sample_inputs
-from floors import SAMPLE_BYTES_ARE, sample_bytes
+from bench_sampling import OP, floor_cells, sample_inputs
+from floors import ratios, time_unit
+from settings import DEVICES, TINY
 
 from ttscale import backends, ops
 
@@ -34,7 +35,7 @@ SETTINGS = {  # name: (top_k, top_p, min_p)
 }
 PARAMS = [
     pytest.param(device, name, id=f"{device}-{name.replace(' ', '').replace(',', '-')}")
-    for device in DEVICES.split(",")
+    for device in DEVICES
     for name in SETTINGS
 ]
 
@@ -44,12 +45,9 @@ def test_sample_filters(device, setting, measure, machine, tables):
     batch, vocab = SHAPES[device]
     impl = OURS[device]
     table = f"{OP} by filter, B={batch} V={vocab}, temperature 1 ({device}, float32)"
-    unit, per_s = ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
-    rates = machine(device)
-    tables.note(table, rates.floor_note(SAMPLE_BYTES_ARE))
-    nbytes = sample_bytes(batch, vocab)
-    floor = nbytes / rates.bandwidth
-    cells = {"filters": setting, "MB": nbytes / 1e6, f"floor {unit}": floor * per_s}
+    unit, per_s = time_unit(device)
+    floor_shown, floor_data = floor_cells(tables, table, machine(device), batch, vocab)
+    cells = {"filters": setting, **floor_shown}
     tables.declare(table, [*cells, f"{impl} {unit}", "ours ÷ floor"])
     if impl not in backends.available(OP, device):
         tables.add(table, setting, {**cells, f"{impl} {unit}": "n/a"})
@@ -57,6 +55,6 @@ def test_sample_filters(device, setting, measure, machine, tables):
     top_k, top_p, min_p = SETTINGS[setting]
     args = sample_inputs(batch, vocab, device, top_k, top_p, min_p)
     timing = measure(lambda: ops.sample(**args, backend=impl), device)
-    tables.add(table, setting, {**cells, f"{impl} {unit}": timing.seconds * per_s,
-                                "ours ÷ floor": f"{timing.seconds / floor:.3g}x"},
-               {"bytes": nbytes, "floor_s": floor, f"{impl}_s": timing.seconds})
+    data = tables.add(table, setting, {**cells, f"{impl} {unit}": timing.seconds * per_s},
+                      {**floor_data, f"{impl}_s": timing.seconds})
+    tables.add(table, setting, ratios(data, (impl,), (), data["floor_s"]))

@@ -39,11 +39,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from settings import DEVICES, TINY, TINY_DIMS
 
-TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
-DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
-    "cpu,cuda" if torch.cuda.is_available() else "cpu"
-)
 SHAPES = json.loads((Path(__file__).parent / "math500_shapes.json").read_text())["problems"]
 BEAM_WIDTH = 4
 MAX_ITERATIONS = 40  # search-and-learn's default
@@ -71,9 +68,7 @@ MODELS = {  # (policy config, PRM config) per device
     ),
 }
 if TINY:
-    tiny = {**QWEN2, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
-            "tie_word_embeddings": True}
+    tiny = {**QWEN2, **TINY_DIMS, "tie_word_embeddings": True}
     MODELS = {"cuda": (tiny, tiny), "cpu": (tiny, tiny)}
 SAMPLES = {"cuda": 256, "cpu": 16}
 if TINY:
@@ -252,7 +247,7 @@ def expected_tokens(shapes: list[dict], n: int) -> int:
 
 
 PARAMS = [pytest.param(device, strategy, id=f"{device}-{strategy}")
-          for device in DEVICES.split(",") for strategy in ("best_of_n", "beam_search")]
+          for device in DEVICES for strategy in ("best_of_n", "beam_search")]
 
 
 @pytest.mark.parametrize("device,strategy", PARAMS)

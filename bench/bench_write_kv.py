@@ -9,19 +9,14 @@ Run: ``pytest bench/bench_write_kv.py --benchmark-enable -s``.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from floors import ratios
+from floors import ratios, time_unit
+from settings import DEVICES, TINY
 
 from ttscale import backends, ops, reference
 
 OP = "write_kv"
-TINY = os.environ.get("TTSCALE_BENCH_TINY", "0") not in ("", "0")
-DEVICES = os.environ.get("TTSCALE_BENCH_DEVICES") or (
-    "cpu,cuda" if torch.cuda.is_available() else "cpu"
-)
 DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 OURS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 KV_HEADS, BLOCK_SIZE, NUM_BLOCKS = 8, 16, 1024 if TINY else 8192
@@ -35,7 +30,7 @@ PARAMS = [
     pytest.param(
         device, what, rows, head_dim, impl, id=f"{device}-{what}-{rows}-D{head_dim}-{impl}"
     )
-    for device in DEVICES.split(",")
+    for device in DEVICES
     for what, rows, head_dim in ROWS
     for impl in OURS[device] + ("torch_index_put",)
 ]
@@ -45,7 +40,7 @@ PARAMS = [
 def test_write_kv(device, what, rows, head_dim, impl, measure, machine, tables):
     dtype = DTYPES[device]
     table = f"{OP}, one layer ({device}, {str(dtype).removeprefix('torch.')})"
-    unit, per_s = ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
+    unit, per_s = time_unit(device)
     rates = machine(device)
     tables.note(table, rates.floor_note("new K and V rows read and written once + slots"))
     nbytes = 2 * 2 * rows * KV_HEADS * head_dim * dtype.itemsize + rows * 8

@@ -1,5 +1,5 @@
 """Shared benchmark machinery: timing with the caches flushed, the machine's rates for the
-floors, and the readable tables every benchmark prints at the end of the session.
+floors, and the readable tables every benchmark prints at the end of the pytest run.
 
 Run a benchmark file with ``pytest bench/bench_X.py --benchmark-enable -s``. Without
 ``--benchmark-enable`` (pytest-benchmark is disabled in the project's addopts) each row runs once,
@@ -7,9 +7,12 @@ unmeasured: a smoke test of the benchmark code.
 
 Environment:
 - ``TTSCALE_BENCH_DEVICES``: comma-separated devices to benchmark (default ``cpu``, plus ``cuda``
-  when available). Read by each benchmark file when it builds its parameters.
+  when available).
 - ``TTSCALE_BENCH_TINY=1``: tiny shapes, to check the benchmark code itself (``bench/gpu.sh
-  --dry-run``). Read by each benchmark file.
+  --dry-run``).
+- ``TTSCALE_BENCH_QUICK=1``: the rows one short GPU run measures.
+  These three are read once, in ``settings.py``, which the benchmark files import as they build
+  their parameters (``settings.TINY_DIMS`` gives the tiny models' dimensions too).
 - ``TTSCALE_BENCH_JSON=path``: write every table row, with the machine's rates and versions, to
   this JSON file after every row and at the end (``bench/gpu.sh`` collects them).
 
@@ -66,11 +69,15 @@ class Machine:
         compute = flops / self.peak_flops if self.peak_flops else 0.0
         return max(bytes_moved / self.bandwidth, compute)
 
-    def floor_note(self, bytes_are: str) -> str:
-        """The note over a table of bytes floors: the bandwidth they divide by, and what the
+    def floor_note(self, bytes_are: str, flops: bool = False) -> str:
+        """The note over a table of floors: the bandwidth the bytes divide by (and, with
+        ``flops``, the peak rate the FLOPs divide by, the floor being the larger), and what the
         bytes count (``bytes_are``)."""
-        return (f"floor = bytes / {self.bandwidth / 1e9:.0f} GB/s ({self.bandwidth_note}); "
-                f"bytes = {bytes_are}")
+        bandwidth = f"{self.bandwidth / 1e9:.0f} GB/s"
+        if not flops:
+            return f"floor = bytes / {bandwidth} ({self.bandwidth_note}); bytes = {bytes_are}"
+        return (f"floor = max(bytes / {bandwidth}, FLOPs / peak); bandwidth: "
+                f"{self.bandwidth_note}; peak: {self.peak_note}; bytes = {bytes_are}")
 
 
 @dataclass
@@ -213,6 +220,16 @@ _ENABLED = pytest.StashKey[bool]()  # whether pytest-benchmark measured (not --b
 def pytest_configure(config):
     config.stash[_TABLES] = Tables()
     config.stash[_MACHINES] = {}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's rows: on a machine whose cores are shared, torch's
+    two-thread ops wait milliseconds for the second thread, which would be timed with them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -110,14 +110,22 @@ def sample_bytes(batch: int, vocab: int) -> int:
     return batch * vocab * FP32 + batch * (8 + FP32)
 
 
+def time_unit(device: str) -> tuple[str, float]:
+    """The unit a device's table shows times in, and its count per second: µs on a GPU, ms on
+    the CPU."""
+    return ("µs", 1e6) if device == "cuda" else ("ms", 1e3)
+
+
 def ratios(data: dict, ours: tuple[str, ...], peers: tuple[str, ...], floor_s: float) -> dict:
     """A benchmark row's ratio cells from its timings so far (``data["<impl>_s"]``): the best of
-    ours over the floor, each peer over the best of ours; none until one of ours has run."""
-    times = [data[f"{impl}_s"] for impl in ours if f"{impl}_s" in data]
+    ours over the floor (naming it when there are several of ours), each peer over the best of
+    ours; none until one of ours has run."""
+    times = {impl: data[f"{impl}_s"] for impl in ours if f"{impl}_s" in data}
     if not times:
         return {}
-    best = min(times)
-    cells = {"ours ÷ floor": f"{best / floor_s:.3g}x"}
+    fastest = min(times, key=times.get)
+    best = times[fastest]
+    cells = {"ours ÷ floor": f"{best / floor_s:.3g}x" + (f" ({fastest})" if len(ours) > 1 else "")}
     cells.update({f"{p} ÷ ours": f"{data[f'{p}_s'] / best:.3g}x"
                   for p in peers if f"{p}_s" in data})
     return cells

@@ -16,8 +16,7 @@ import bench_search  # noqa: E402
 from ttscale.engine.engine import Engine  # noqa: E402
 from ttscale.sampling_params import SamplingParams  # noqa: E402
 
-TINY = {**bench_beam.SMALL, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "vocab_size": 512}
+TINY = bench_beam.TINY_SHAPE  # bench/settings.py's tiny dimensions over the small Llama
 
 
 def test_beam_search_of_width_one_is_greedy_decoding(tmp_path, monkeypatch):

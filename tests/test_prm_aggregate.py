@@ -124,6 +124,32 @@ def test_fold_scores_steps_like_the_op_and_skips_none(agg):
             assert value == aggregate(scored, agg)
 
 
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_aggregate_and_fold_scores_agree_on_any_scores(agg):
+    """The two host entry points to the fold, a candidate's list (select.aggregate) and a step
+    a row (fold_scores), give the same float32 number on random lists with NaN, infinities,
+    zeros, ones and float64 values that round, and lists with no scored step (None, and an
+    empty row); both are reference.prm_fold stepped the same way."""
+    rng = random.Random(20 + AGGREGATIONS.index(agg))
+    odd = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0]
+    rows = [[rng.choice(odd) if rng.random() < 0.3 else rng.random()
+             for _ in range(rng.randint(0, 8))] for _ in range(200)]
+    rows[:3] = [[], [math.nan], [math.nan, 0.5]]  # no step; a NaN first step; then a number
+    width = max(len(row) for row in rows)
+    state = ops.prm_empty_state(len(rows), agg)
+    for k in range(width):  # a row's steps one call each, None once it has no more
+        state = fold_scores(state, [row[k] if k < len(row) else None for row in rows], agg)
+    for row, (value, count) in zip(rows, state.tolist(), strict=True):
+        assert count == len(row)
+        if row:
+            got = aggregate(row, agg)
+            assert same_float(got, value), row
+            assert value != 0 or math.copysign(1, got) == math.copysign(1, value), row
+        else:
+            assert aggregate(row, agg) is None
+            assert value == reference.PRM_EMPTY_AGGREGATE[agg]
+
+
 def test_prm_folds_in_the_scoring_op_with_no_extra_read(models, monkeypatch):
     """PRM.score_aggregate returns score() 's scores and the folded state, reading the host no
     more often than score() alone."""

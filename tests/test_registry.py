@@ -16,7 +16,7 @@ from ttscale import demo, run_command
 from ttscale.errors import InvalidArgument
 from ttscale.search import registry
 from ttscale.search.common import Inputs
-from ttscale.search.compute_optimal import menu
+from ttscale.search.compute_optimal_menu import menu
 from ttscale.search.registry import Options, option, strategy
 from ttscale.toy import policy_dir
 

@@ -67,7 +67,10 @@ def prm_step_scores(hidden, seq_ids, weight, bias=None, kind="two_token", agg="l
 def prm_fold(agg: str, before, step, count):
     """One step's score folded into an aggregate of ``count`` steps (float32 tensors: each
     operation rounds to float32, as in the kernels); ``before`` is the empty aggregate when
-    ``count`` is 0."""
+    ``count`` is 0. ``min`` is ``fmin``, as the kernels': a NaN step leaves the minimum.
+
+    The one definition of the fold: the op's reference, the host verifiers' ``fold_scores`` and
+    ``search.select.aggregate`` all step through it."""
     if agg == "last":
         return step
     if agg == "min":

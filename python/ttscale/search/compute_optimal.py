@@ -7,102 +7,35 @@ sequential/parallel ratio asked for (``"revisions-4"``: chains of 4 attempts, N 
 Difficulty is the verifier's own estimate, so that it is available for new problems: the mean
 aggregate score of a small pilot of best-of-N samples (a low score means a hard problem).
 A new problem gets its pilot, falls into a bin, and is searched with that bin's choice.
+
+This module fits the table and searches by it; the options, running one, and the table itself
+are :mod:`ttscale.search.compute_optimal_menu`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ttscale._checks import check_int
 from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
-from ttscale.search import registry
 from ttscale.search.best_of_n import best_of_n
 from ttscale.search.common import check_count, check_problem_ids, check_problems
-from ttscale.search.result import Candidate, SearchResult
-from ttscale.search.revisions import revisions
+from ttscale.search.compute_optimal_menu import (
+    REVISIONS_PREFIX,
+    ComputeOptimalTable,
+    fits,
+    menu,
+    pilot_score,
+    run_option,
+)
+from ttscale.search.result import SearchResult
 from ttscale.search.select import check_select, choose
 from ttscale.verifiers.base import Verifier
 
-REVISIONS_PREFIX = "revisions-"  # an option "revisions-<sequential>"
-
-
-@dataclass
-class ComputeOptimalTable:
-    """What :func:`fit_compute_optimal` measured and chose.
-
-    Attributes
-    ----------
-    edges : list of float
-        Ascending pilot scores separating the bins: bin ``b`` holds scores from ``edges[b - 1]``
-        (inclusive) up to ``edges[b]``; bin 0 is the hardest.
-    choices : list of (str, int)
-        The chosen (strategy, N) of each bin; a strategy ``"revisions-<sequential>"`` is
-        :func:`ttscale.revisions` with that many attempts per chain.
-    accuracy : dict
-        ``"strategy:N"`` -> accuracy per bin on the calibration set (None for an empty bin).
-    counts : list of int
-        Calibration problems per bin.
-    pilot_n, budget : int
-        Pilot samples per problem, and the largest N measured.
-    window : int
-        The revisions' window.
-    """
-
-    edges: list[float]
-    choices: list[tuple[str, int]]
-    accuracy: dict[str, list[float | None]] = field(default_factory=dict)
-    counts: list[int] = field(default_factory=list)
-    pilot_n: int = 4
-    budget: int = 16
-    window: int = 3
-
-    def bin_of(self, pilot_score: float) -> int:
-        """The bin of a problem whose pilot scored ``pilot_score``."""
-        return sum(pilot_score >= edge for edge in self.edges)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def render(self) -> str:
-        """The table the choices were made from, for a person: accuracy of every option per
-        bin (the chosen one starred), and the bins' pilot-score ranges and sizes."""
-        bounds = ["-inf", *(f"{edge:.3g}" for edge in self.edges), "inf"]
-        bins = [
-            f"bin {b} [{bounds[b]}, {bounds[b + 1]}) n={count}"
-            for b, count in enumerate(self.counts)
-        ]
-        rows = [["option", *bins]]
-        for option, accuracy in self.accuracy.items():
-            name, n = option.rsplit(":", 1)
-            cells = [
-                ("-" if a is None else f"{a:.3f}")
-                + ("*" if self.choices[b] == (name, int(n)) else "")
-                for b, a in enumerate(accuracy)
-            ]
-            rows.append([option, *cells])
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-            for row in rows
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(
-            f"* the bin's choice; pilot of {self.pilot_n} best-of-N samples, budget {self.budget}"
-        )
-        return "\n".join(lines)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ComputeOptimalTable:
-        return cls(**{**data, "choices": [tuple(c) for c in data["choices"]]})
-
-
-def pilot_score(candidates: Sequence[Candidate]) -> float:
-    """The mean aggregate score of pilot samples (0 for samples without one)."""
-    return sum(c.score or 0.0 for c in candidates) / max(len(candidates), 1)
+__all__ = ["ComputeOptimalTable", "compute_optimal", "fit_compute_optimal", "menu"]
 
 
 def check_common(common: dict[str, Any]) -> None:
@@ -137,48 +70,6 @@ def check_revision_ratios(ratios: Sequence[int], sizes: Sequence[int]) -> list[i
                 f"revision_ratios: {ratio} divides no N measured ({', '.join(map(str, sizes))})"
             )
     return ratios
-
-
-def menu() -> dict[str, registry.Strategy]:
-    """The strategies compute-optimal chooses among (declared with ``menu=True``), by name."""
-    return {name: spec for name, spec in registry.strategies().items() if spec.menu}
-
-
-def _knobs(spec: registry.Strategy, **knobs) -> dict[str, Any]:
-    """Of compute-optimal's knobs, those ``spec`` takes."""
-    return {k: v for k, v in knobs.items() if k in spec.option_names}
-
-
-def _fits(name: str, n: int, **knobs) -> bool:
-    """Whether option ``name`` runs at budget ``n`` with these knobs (a beam width divides it)."""
-    spec = menu()[name]
-    try:
-        spec.options(**_knobs(spec, **knobs)).check(n)
-    except InvalidArgument:
-        return False
-    return True
-
-
-def run_option(
-    name: str,
-    llm,
-    problems: Sequence[str],
-    n: int,
-    verifier: Verifier,
-    sampling: SamplingParams | None,
-    *,
-    beam_width: int,
-    max_iterations: int,
-    window: int,
-    **shared,
-) -> list[SearchResult]:
-    """Search ``problems`` with one option: a strategy by name, or ``"revisions-<sequential>"``."""
-    if name.startswith(REVISIONS_PREFIX):
-        sequential = int(name.removeprefix(REVISIONS_PREFIX))
-        return revisions(llm, problems, n, sequential, verifier, sampling, window=window, **shared)
-    spec = menu()[name]
-    knobs = _knobs(spec, beam_width=beam_width, max_iterations=max_iterations)
-    return spec.function(llm, problems, n, verifier, sampling, **knobs, **shared)
 
 
 def fit_compute_optimal(
@@ -240,8 +131,10 @@ def fit_compute_optimal(
     ratios = check_revision_ratios(revision_ratios, sizes)
     check_count("window", window)
     knobs = dict(beam_width=beam_width, max_iterations=max_iterations)
-    if not ratios and not any(_fits(name, n, **knobs) for name in strategies for n in sizes):
-        raise InvalidArgument(f"budget: no N up to {budget} is a multiple of beam_width={beam_width}")
+    if not ratios and not any(fits(name, n, **knobs) for name in strategies for n in sizes):
+        raise InvalidArgument(
+            f"budget: no N up to {budget} is a multiple of beam_width={beam_width}"
+        )
     if verifier is None:
         raise InvalidArgument("verifier: compute_optimal needs a verifier to estimate difficulty")
     chosen_rule = check_select(select, agg, True)
@@ -261,17 +154,13 @@ def fit_compute_optimal(
     options = [*strategies, *(f"{REVISIONS_PREFIX}{ratio}" for ratio in ratios)]
     for name in options:
         for n in sizes:
-            if name.startswith(REVISIONS_PREFIX):
-                runs_at_n = n % int(name.removeprefix(REVISIONS_PREFIX)) == 0
-            else:
-                runs_at_n = _fits(name, n, **knobs)
             if name == "best_of_n":
                 picks = [choose(r.candidates[:n], chosen_rule, equal) for r in bon]
                 answers = [
                     None if i is None else r.candidates[i].answer
                     for r, i in zip(bon, picks, strict=True)
                 ]
-            elif runs_at_n:
+            elif fits(name, n, **knobs):
                 runs = run_option(
                     name,
                     llm,

@@ -16,12 +16,13 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
 from ttscale.errors import InvalidArgument
-from ttscale.reference import PRM_EMPTY_AGGREGATE
+from ttscale.reference import PRM_AGGS, PRM_EMPTY_AGGREGATE, prm_fold
 from ttscale.search.result import Candidate
 
-AGGREGATIONS = ("last", "min", "prod", "mean")
+AGGREGATIONS = PRM_AGGS  # "last", "min", "prod", "mean": the running aggregates the PRM keeps
 SELECTIONS = ("best", "weighted", "majority")
 REVISION_SELECTIONS = (*SELECTIONS, "hierarchical")
 
@@ -42,25 +43,20 @@ def check_select(select: str | None, agg: str, has_verifier: bool, allowed=SELEC
 def aggregate(step_scores: Sequence[float], agg: str) -> float | None:
     """One number from a candidate's step scores; None when it has none.
 
-    The same float32 fold, step by step, as the running aggregate of
-    :func:`ttscale.ops.prm_step_scores` (what searches rank by): ``prod`` and ``mean`` round
-    after every step, so this is that number bit for bit, not a float64 product or mean.
+    Folds them one at a time with :func:`ttscale.reference.prm_fold`, the float32 rule that
+    :func:`ttscale.ops.prm_step_scores` keeps as its running aggregate (what searches rank by):
+    ``prod`` and ``mean`` round after every step, so this is that number bit for bit, not a
+    float64 product or mean.
     """
     if not step_scores:
         return None
     if agg not in AGGREGATIONS:
         raise InvalidArgument(f"agg: expected one of {', '.join(AGGREGATIONS)}, got {agg!r}")
-    value = np.float32(PRM_EMPTY_AGGREGATE[agg])
-    for count, score in enumerate(step_scores):
-        step = np.float32(score)
-        if agg == "last":
-            value = step
-        elif agg == "min":
-            value = np.fmin(value, step)  # as the kernels' fmin: a NaN step leaves the minimum
-        elif agg == "prod":
-            value = value * step
-        else:
-            value = value + (step - value) / np.float32(count + 1)
+    steps = torch.from_numpy(np.array(step_scores, dtype=np.float32))  # each rounded to float32
+    counts = torch.arange(len(steps), dtype=torch.float32)
+    value = torch.tensor(PRM_EMPTY_AGGREGATE[agg], dtype=torch.float32)
+    for step, count in zip(steps.unbind(), counts.unbind(), strict=True):
+        value = prm_fold(agg, value, step, count)
     return float(value)
 
 
