@@ -9,6 +9,7 @@ import torch
 import ttscale
 from tiny_policy import save_tiny_policy
 from ttscale.search.compute_optimal import ComputeOptimalTable, fit_compute_optimal
+from ttscale.search.line import completed_steps
 from ttscale.search.prompts import build_prompt
 from ttscale.search.result import Candidate
 from ttscale.search.revisions import (
@@ -17,7 +18,6 @@ from ttscale.search.revisions import (
     revision_context_ids,
     separator_ids,
 )
-from ttscale.search.run import completed_steps
 from ttscale.search.select import choose
 from ttscale.verifiers.base import Verifier
 

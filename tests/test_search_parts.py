@@ -15,8 +15,8 @@ from ttscale.model import load_tokenizer
 from ttscale.search.common import plan_waves
 from ttscale.search.cost import split_seconds, split_tokens
 from ttscale.search.fork import consecutive_groups, select_and_fork
+from ttscale.search.line import completed_steps
 from ttscale.search.prompts import build_prompt
-from ttscale.search.run import completed_steps
 
 GREEDY = ttscale.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 

@@ -11,8 +11,8 @@ import ttscale
 from tiny_policy import save_tiny_policy
 from ttscale.search import fork
 from ttscale.search.compute_optimal import ComputeOptimalTable, fit_compute_optimal
+from ttscale.search.line import completed_steps
 from ttscale.search.result import SearchResult
-from ttscale.search.run import completed_steps
 from ttscale.verifiers.base import Verifier
 
 N = 4
