@@ -158,3 +158,36 @@ def test_a_search_that_fails_beside_another_fails_alone(prm):
     error, other = on_threads(failing, lambda: best_of_8(llm, prm, PROBLEMS[3:], 2))
     assert isinstance(error, RuntimeError) and other == alone
     assert llm.scheduler.waves == [] and llm.engine.pool.refresh() == 220
+
+
+def test_prompts_beyond_a_waves_budget_fail_that_wave_instead_of_hanging_both():
+    """A newer wave adds prompts past what it declared (as RSA's contexts can) while an older
+    wave grows: when neither can go on, the newer one gets PoolExhausted (never a hang on both
+    sides), and once it has given its blocks back, as a failing search does, the older
+    finishes."""
+    llm = policy(8)
+    scheduler, engine = llm.scheduler, llm.engine
+    older, newer = scheduler.begin_wave(1, 6), scheduler.begin_wave(1, 1)
+    out = {}
+
+    def grow():
+        (problem,) = scheduler.add_prompts([[1, 7, 3]], older)
+        (seq,) = engine.fork(problem, 1)
+        scheduler.decode([seq], ttscale.SamplingParams(temperature=1.0, max_tokens=90,
+                                                       ignore_eos=True))
+        out["older"] = seq.generated
+
+    def add_contexts():
+        try:
+            for _ in range(2):
+                scheduler.add_prompts([[1 + i % 40 for i in range(60)]], newer)
+                time.sleep(0.3)  # scoring
+        except ttscale.PoolExhausted as error:
+            out["newer"] = error
+            for problem in newer.problems:  # what SearchRun.abandon and run_waves do
+                engine.free_problem(problem)
+            scheduler.end_wave(newer)
+
+    returned = on_threads(add_contexts, grow, delay=0.1)
+    assert returned == [None, None], returned
+    assert isinstance(out["newer"], ttscale.PoolExhausted) and out["older"] == 90

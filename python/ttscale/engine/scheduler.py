@@ -296,7 +296,7 @@ class Scheduler(SearchWork):
                 self.preemptions += 1
         # Last, the rows of newer searches' decode work: their blocks are freed and their tokens
         # recomputed when they run again (searches that together outgrow the pool take turns).
-        for item in reversed(self.items):
+        for item in sorted(self.items, key=lambda i: i.arrival, reverse=True):
             if item.arrival < arrival or pool.num_free >= need:
                 break
             for seq in reversed(item.active):

@@ -104,10 +104,15 @@ class SearchWork:
             hidden_at = {s: at for item in group for s, at in item.hidden_at.items()}
             try:
                 hidden = self.engine.run_pending(seqs, hidden_at=hidden_at)
-            except BaseException as error:
+            except Exception as error:  # noqa: BLE001 - the item's caller gets it
                 if len(group) == 1:
                     group[0].error, group[0].done = error, True
                 continue
+            except BaseException as error:  # an interrupt: every queued item's caller gets it
+                for item in items:
+                    if not item.done:
+                        item.error, item.done = error, True
+                raise
             for item, n in zip(group, tokens, strict=True):
                 item.hidden = {s: hidden[s] for s in item.hidden_at if s in hidden}
                 item.tokens, item.done = n, True
@@ -128,7 +133,7 @@ class SearchWork:
             with self.lock:
                 self._take_inbox()
                 longest = max([seq_blocks] + [w.seq_blocks for w in self.waves])
-                prompts = prompt_blocks + sum(w.prompt_blocks for w in self.waves)
+                prompts = prompt_blocks + sum(self._prompt_blocks(w) for w in self.waves)
                 if longest + prompts <= total:
                     with self._inbox_lock:
                         wave = Wave(self._arrivals, prompt_blocks, seq_blocks)
@@ -149,22 +154,38 @@ class SearchWork:
         pool = self.engine.pool
         need = sum(pool.blocks_for(len(p) - 1) for p in prompts)
         arrival = self._arrivals if wave is None else wave.arrival
-        while True:
-            with self.lock:
-                self._take_inbox()
-                if (need <= pool.num_free or need <= pool.refresh()
-                        or self._make_room(need, (arrival, None)) or not self._others_hold(wave)):
-                    problems = self.engine.add_many(prompts)  # a pool too small raises here
-                    for problem in problems:
-                        problem.wave = wave
-                    if wave is not None:
-                        wave.problems += problems
-                    return problems
-            self._wait()
+        try:
+            while True:
+                with self.lock:
+                    self._take_inbox()
+                    if (need <= pool.num_free or need <= pool.refresh()
+                            or self._make_room(need, (arrival, None))
+                            or not self._others_hold(wave)):
+                        problems = self.engine.add_many(prompts)  # a pool too small raises
+                        for problem in problems:
+                            problem.wave = wave
+                        if wave is not None:
+                            wave.problems += problems
+                        return problems
+                    if wave is not None:  # it frees nothing while it waits (see _held_elsewhere)
+                        wave.waiting = True
+                self._wait()
+        finally:
+            if wave is not None:
+                wave.waiting = False
+
+    def _prompt_blocks(self, wave: Wave) -> int:
+        """The blocks a wave's prompts take: as it declared, or more where it added more (RSA's
+        aggregation contexts)."""
+        pool = self.engine.pool
+        held = sum(pool.blocks_for(len(p.prompt_ids) - 1) for p in wave.problems if not p.freed)
+        return max(wave.prompt_blocks, held)
 
     def _others_hold(self, wave: Wave | None) -> bool:
-        """Whether work other than ``wave`` holds blocks it may free (so waiting can end)."""
-        return bool(self.requests or self.items or any(w is not wave for w in self.waves))
+        """Whether work other than ``wave`` holds blocks it may free (so waiting can end): a
+        wave that itself waits for room frees nothing."""
+        return bool(self.requests or self.items
+                    or any(w is not wave and not w.waiting for w in self.waves))
 
     def _wait(self) -> None:
         """Let the work that holds the room move: run a step if there is any, else sleep a
@@ -178,6 +199,8 @@ class SearchWork:
 
     def _held_elsewhere(self) -> bool:
         """Whether searches with no decode work in this step hold blocks: their threads are
-        scoring or selecting, and will free them or bring them to a step."""
+        scoring or selecting, and will free them or bring them to a step. A wave whose thread
+        waits for room itself (in :meth:`add_prompts`) frees nothing: if only such waves hold
+        the room, nothing fits and nobody can make it fit, which is an error, not a wait."""
         decoding = {id(item.wave) for item in self.items}
-        return any(id(wave) not in decoding for wave in self.waves)
+        return any(id(wave) not in decoding and not wave.waiting for wave in self.waves)

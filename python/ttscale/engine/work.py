@@ -99,6 +99,7 @@ class Wave:
     prompt_blocks: int
     seq_blocks: int
     problems: list[Problem] = field(default_factory=list)  # the engine's prompts it prefilled
+    waiting: bool = False  # its thread waits for room to prefill (it frees nothing meanwhile)
 
 
 @dataclass
