@@ -337,7 +337,9 @@ class PRM(Verifier):
             hidden_rows, index, self._weight, self._bias, kind=self.format.kind, agg=agg,
             state=state.to(hidden_rows.device), backend=self.backend,
         )
-        # [2P]: scores, then aggregates, in the engine's one counted read
-        (packed,) = self.engine.pool.read_host([torch.cat([scores, state[index, 0]])])
+        # [2P]: scores, then aggregates, in the engine's one counted read (which flushes the
+        # pool's queued work, so it holds the engine like every other change to the pool)
+        with self.engine.lock:
+            (packed,) = self.engine.pool.read_host([torch.cat([scores, state[index, 0]])])
         packed = packed.tolist()
         return ScoredSteps(packed[: len(paths)], state, packed[len(paths) :])
