@@ -193,7 +193,9 @@ class SearchWork:
         with self._inbox_lock:
             pending = bool(self._incoming or self._incoming_items)
         if pending or self.requests or self.items:
-            if self.step():
+            steps = self.steps
+            self.step()  # when nothing fits, it sleeps itself
+            if self.steps != steps:
                 return
         time.sleep(WAIT_SECONDS)
 
