@@ -209,9 +209,13 @@ def hand_prefill(prompt: list[int], rounds: list[list[list[int]]]) -> tuple[int,
 
 @pytest.mark.parametrize("kind", ["after the prompt", "a prefix of its own", "nothing shared",
                                   "revision format"])
-def test_the_shared_prefix_is_prefilled_once(llm, kind):
+def test_the_shared_prefix_is_prefilled_once(llm, kind, monkeypatch):
     tokenizer = llm.tokenizer
     engine = llm.engine
+    trunks = []  # the shared tokens after a prompt go through the scheduler (room made for them)
+    original = llm.scheduler.prefill_pending
+    monkeypatch.setattr(llm.scheduler, "prefill_pending",
+                        lambda seqs, wave=None: (trunks.append(wave), original(seqs, wave))[1])
     prompts = {p: build_prompt(tokenizer, p) for p in PROBLEMS}
     makers = {
         # the prompt, a shared instruction, then each call's own digits and attempts
@@ -245,6 +249,8 @@ def test_the_shared_prefix_is_prefilled_once(llm, kind):
         assert r.extra["aggregation_prefill_tokens"] == total - (len(prompt) - 1)
         if kind == "after the prompt":
             assert shared[0] > len(prompt) + 10  # the instruction is shared, and prefilled once
+    if kind == "after the prompt":
+        assert len(trunks) == 2 * len(results) and None not in trunks  # two rounds, in the wave
     assert pool_is_whole(llm)
 
 

@@ -98,6 +98,38 @@ def test_an_older_wave_grows_into_the_blocks_a_newer_wave_holds_between_its_step
     assert tokens == expected
 
 
+def test_an_older_waves_context_prefill_takes_the_room_a_newer_wave_holds():
+    """RSA's shared context after a prompt is prefilled through the scheduler
+    (``prefill_pending``): the blocks it needs come from a newer wave's held sequences, which
+    are recomputed to the same tokens when they decode again."""
+
+    def scenario(llm):
+        scheduler, engine = llm.scheduler, llm.engine
+        old = scheduler.begin_wave(1, 12)
+        new = scheduler.begin_wave(1, 12)
+        (held_problem,) = scheduler.add_prompts([[1, 5, 9, 14]], new)
+        held = engine.fork(held_problem, 4)
+        scheduler.decode(held, LONG, max_new_tokens=40)  # 4 x 3 blocks, then held
+        (problem,) = scheduler.add_prompts([[1, 7, 3]], old)
+        (trunk,) = engine.fork(problem, 1)
+        engine.extend(trunk, [2 + i % 30 for i in range(120)])  # 8 blocks of context
+        before = llm.stats().preemptions
+        scheduler.prefill_pending([trunk], old)
+        assert trunk.kv_len == len(trunk.tokens) - 1
+        preempted = [s.kv_len for s in held]
+        scheduler.decode([trunk], LONG, max_new_tokens=8)
+        engine.free([trunk])
+        scheduler.decode(held, LONG, max_new_tokens=2)  # recomputed, then two more tokens
+        for wave in (old, new):
+            scheduler.end_wave(wave)
+        return [s.tokens for s in [trunk, *held]], llm.stats().preemptions - before, preempted
+
+    tokens, preemptions, preempted = scenario(policy(16))  # 2 prompts + 12 held: 2 free
+    expected, none, _ = scenario(policy(1024))
+    assert none == 0 and preemptions > 0 and 0 in preempted
+    assert tokens == expected
+
+
 def test_a_wave_that_cannot_run_beside_the_others_waits_for_them():
     llm = policy(40)
     scheduler = llm.scheduler

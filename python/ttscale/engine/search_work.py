@@ -6,6 +6,7 @@ and a PRM call (the scheduler module holds requests, steps, admission and preemp
     scheduler.decode(seqs, sampling, stop=[...])  # to the next stop, in the shared steps
     wave = scheduler.begin_wave(prompt_blocks, seq_blocks)   # a search's problems, admitted
     problems = scheduler.add_prompts(prompts, wave)          # prefilled when they fit
+    scheduler.prefill_pending(seqs, wave)                    # more context, when it fits
     scheduler.end_wave(wave)
     item = scheduler.prefill(seqs, hidden_at)     # a PRM's new steps, batched across threads
 """
@@ -13,7 +14,9 @@ and a PRM call (the scheduler module holds requests, steps, admission and preemp
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from typing import TypeVar
 
 from ttscale.engine.confidence import ConfidenceStop
 from ttscale.engine.sequence import Problem, Sequence
@@ -23,6 +26,7 @@ from ttscale.errors import InvalidArgument, PoolExhausted
 from ttscale.sampling_params import SamplingParams
 
 WAIT_SECONDS = 0.002  # how long work that waits for room sleeps before it looks again
+T = TypeVar("T")
 
 
 class SearchWork:
@@ -151,8 +155,31 @@ class SearchWork:
     def add_prompts(self, prompts: Seq[Seq[int]], wave: Wave | None = None) -> list[Problem]:
         """Prefill a wave's prompts (:meth:`Engine.add_many`) when they fit: newer work gives
         way; while older work holds the room, this waits for it, driving steps."""
+        need = sum(self.engine.pool.blocks_for(len(p) - 1) for p in prompts)
+
+        def add() -> list[Problem]:
+            problems = self.engine.add_many(prompts)  # a pool too small raises
+            for problem in problems:
+                problem.wave = wave
+            if wave is not None:
+                wave.problems += problems
+            return problems
+
+        return self._when_room(need, wave, add)
+
+    def prefill_pending(self, seqs: Seq[Sequence], wave: Wave | None = None) -> None:
+        """Run a wave's sequences' pending tokens but the last into the KV cache
+        (:meth:`Engine.run_pending`; RSA's shared context after a prompt) when they fit, as
+        :meth:`add_prompts` does."""
         pool = self.engine.pool
-        need = sum(pool.blocks_for(len(p) - 1) for p in prompts)
+        need = sum(pool.blocks_needed(s.row, s.kv_len, s.pending - 1) for s in seqs)
+        self._when_room(need, wave, lambda: self.engine.run_pending(seqs, keep_last=True))
+
+    def _when_room(self, need: int, wave: Wave | None, run: Callable[[], T]) -> T:
+        """``run()`` under the lock once ``need`` blocks are free: newer work is preempted to
+        make room; while older work holds it, this waits, driving steps. When nobody else holds
+        blocks it may free, ``run`` goes ahead (and raises if the pool is too small)."""
+        pool = self.engine.pool
         arrival = self._arrivals if wave is None else wave.arrival
         try:
             while True:
@@ -161,12 +188,7 @@ class SearchWork:
                     if (need <= pool.num_free or need <= pool.refresh()
                             or self._make_room(need, (arrival, None))
                             or not self._others_hold(wave)):
-                        problems = self.engine.add_many(prompts)  # a pool too small raises
-                        for problem in problems:
-                            problem.wave = wave
-                        if wave is not None:
-                            wave.problems += problems
-                        return problems
+                        return run()
                     if wave is not None:  # it frees nothing while it waits (see _held_elsewhere)
                         wave.waiting = True
                 self._wait()

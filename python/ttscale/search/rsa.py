@@ -289,7 +289,7 @@ def _place(run: SearchRun, p: int, prompt, contexts: list[list[int]]):
         # the shared tokens after the prompt, prefilled once on a sequence the rest fork from
         trunk = engine.fork(base, 1)[0]
         engine.extend(trunk, contexts[0][based:shared])
-        engine.run_pending([trunk], keep_last=True)
+        run.prefill([trunk])
         run.costs[p].prefilled_tokens += trunk.prefilled
         seqs = engine.fork(trunk, len(contexts))
         engine.free([trunk])

@@ -22,6 +22,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from ttscale.engine.sequence import Sequence
 from ttscale.sampling_params import SamplingParams
 from ttscale.search import fork as forking
 from ttscale.search.cost import split_seconds
@@ -126,6 +127,14 @@ class SearchRun(StepScoring):
             problem.stream_counters = self.stream_counters
             self.costs[p].prefilled_tokens += problem.kv_len
         return engine_problems
+
+    def prefill(self, seqs: Seq[Sequence]) -> None:
+        """Run sequences' pending tokens but the last into the KV cache, through the scheduler
+        (room is made or waited for, as for :meth:`add_prompts`)."""
+        if self.scheduler is not None:
+            self.scheduler.prefill_pending(seqs, self.admitted)
+        else:
+            self.engine.run_pending(seqs, keep_last=True)
 
     def advance(
         self,
