@@ -150,6 +150,34 @@ def test_a_wave_that_cannot_run_beside_the_others_waits_for_them():
     assert admitted.is_set() and scheduler.waves == []
 
 
+def test_waves_are_admitted_in_the_order_they_asked():
+    """A small wave that would fit beside the running one does not pass a large one that asked
+    before it and waits: it is admitted after it (first come, first served)."""
+    llm = policy(40)
+    scheduler = llm.scheduler
+    first = scheduler.begin_wave(2, 30)
+    admitted: dict[str, object] = {}
+
+    def ask(name, seq_blocks):
+        admitted[name] = scheduler.begin_wave(2, seq_blocks)
+
+    large = threading.Thread(target=ask, args=("large", 37))  # 37 + 2 + 2 > 40 beside the first
+    large.start()
+    time.sleep(0.2)
+    small = threading.Thread(target=ask, args=("small", 4))  # 30 + 2 + 2 would fit beside it
+    small.start()
+    time.sleep(0.3)
+    assert admitted == {}  # the small one waits behind the large one
+    scheduler.end_wave(first)
+    large.join(10)
+    assert list(admitted) == ["large"]  # and the small one (37 + 4 > 40) waits for it to end
+    scheduler.end_wave(admitted["large"])
+    small.join(10)
+    assert list(admitted) == ["large", "small"]
+    scheduler.end_wave(admitted["small"])
+    assert scheduler.waves == [] and scheduler._wave_line == []
+
+
 def test_a_wave_larger_than_the_pool_is_refused_at_once():
     llm = policy(40)
     with pytest.raises(ttscale.PoolExhausted, match="40"):

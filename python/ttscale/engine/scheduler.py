@@ -19,8 +19,8 @@ result: each sample's random stream is keyed by its request (seed and stream) an
 by its search's seed and the sequence's number, never by the batch it runs in.
 
 Searches enter in waves (:mod:`ttscale.engine.work`), admitted at once while the oldest wave
-could still grow to its longest beside every wave's prompts: searches started apart share steps,
-and the oldest always finishes. Work that finds the room held by another search waits for it.
+could still grow to its longest beside every wave's prompts, in the order they asked: searches
+started apart share steps, and the oldest always finishes. Work that finds the room held by another search waits for it.
 
 Prompts share their full blocks across requests (:mod:`ttscale.engine.prefix_cache`): a request
 whose prompt starts like an earlier one's prefills only the rest.
@@ -58,6 +58,7 @@ class Scheduler(SearchWork):
         self.requests: dict[str, Request] = {}  # live, in arrival order
         self.items: list[DecodeItem] = []  # searches' decode work, in arrival order
         self.waves: list[Wave] = []  # searches' admitted waves, in arrival order
+        self._wave_line: list[object] = []  # waves asking to be admitted, first come first
         self.lock = engine.lock  # held through a step: the engine's state
         # Arrivals and aborts wait here for the next step, behind a lock that is never held
         # through a step, so that adding or aborting from an event loop never waits for one.

@@ -128,23 +128,31 @@ class SearchWork:
         """Admit a search's wave, whose prompts take ``prompt_blocks`` and whose sequences at
         their longest ``seq_blocks``: at once when the oldest wave could still grow to its
         longest beside every wave's prompts (and so could this one, once it is the oldest);
-        else once waves before it end, driving their steps meanwhile."""
+        else once waves before it end, driving their steps meanwhile. Waves are admitted in the
+        order they asked: a small wave does not pass a large one that waits."""
         total = self.engine.pool.num_blocks
         if prompt_blocks + seq_blocks > total:
             raise PoolExhausted(f"a wave needs {prompt_blocks + seq_blocks} KV blocks at its "
                                 f"longest, the pool has {total}")
-        while True:
+        ticket = object()
+        with self.lock:
+            self._wave_line.append(ticket)
+        try:
+            while True:
+                with self.lock:
+                    self._take_inbox()
+                    longest = max([seq_blocks] + [w.seq_blocks for w in self.waves])
+                    prompts = prompt_blocks + sum(self._prompt_blocks(w) for w in self.waves)
+                    if self._wave_line[0] is ticket and longest + prompts <= total:
+                        with self._inbox_lock:
+                            wave = Wave(self._arrivals, prompt_blocks, seq_blocks)
+                            self._arrivals += 1
+                        self.waves.append(wave)
+                        return wave
+                self._wait()
+        finally:
             with self.lock:
-                self._take_inbox()
-                longest = max([seq_blocks] + [w.seq_blocks for w in self.waves])
-                prompts = prompt_blocks + sum(self._prompt_blocks(w) for w in self.waves)
-                if longest + prompts <= total:
-                    with self._inbox_lock:
-                        wave = Wave(self._arrivals, prompt_blocks, seq_blocks)
-                        self._arrivals += 1
-                    self.waves.append(wave)
-                    return wave
-            self._wait()
+                self._wave_line.remove(ticket)
 
     def end_wave(self, wave: Wave) -> None:
         """The wave's search is over (its blocks are freed): later waves may enter."""
