@@ -19,15 +19,20 @@ from ttscale.engine.sequence import Sequence, copy_sequence
 from ttscale.errors import InvalidArgument
 
 
-def select_and_fork(engine, candidates: Seq[Sequence], scores: Seq[float], group_sizes: Seq[int],
-                    keep, children) -> tuple[list[Sequence], list[int], list[int]]:
-    """:meth:`Engine.select_and_fork` on ``engine`` (which holds its lock and checked that the
-    candidates are live); the same arguments and results."""
+def check_selection(candidates: Seq[Sequence], scores, group_sizes: Seq[int]) -> None:
+    """One score per candidate, and groups that cover them."""
     if len(scores) != len(candidates) or sum(group_sizes) != len(candidates):
         raise InvalidArgument(
             f"scores/group_sizes: expected {len(candidates)} scores and group sizes summing to it, "
             f"got {len(scores)} scores and sizes summing to {sum(group_sizes)}", param="scores"
         )
+
+
+def select_and_fork(engine, candidates: Seq[Sequence], scores: Seq[float], group_sizes: Seq[int],
+                    keep, children) -> tuple[list[Sequence], list[int], list[int]]:
+    """:meth:`Engine.select_and_fork` on ``engine`` (which holds its lock and checked that the
+    candidates are live); the same arguments and results."""
+    check_selection(candidates, scores, group_sizes)
     pool = engine.pool
     int32 = dict(dtype=torch.int32, device=pool.device)
     for seq in candidates:

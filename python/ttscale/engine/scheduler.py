@@ -39,7 +39,15 @@ from ttscale.engine.prefix_cache import PrefixCache
 from ttscale.engine.search_work import WAIT_SECONDS, SearchWork
 from ttscale.engine.sequence import Sequence
 from ttscale.engine.window import decode_rows
-from ttscale.engine.work import DecodeItem, EngineStats, PrefillItem, Request, Wave, sample_stream
+from ttscale.engine.work import (
+    DecodeItem,
+    EngineStats,
+    ForkItem,
+    PrefillItem,
+    Request,
+    Wave,
+    sample_stream,
+)
 from ttscale.errors import PoolExhausted, UnknownRequest, invalid
 
 
@@ -66,6 +74,7 @@ class Scheduler(SearchWork):
         self._incoming: dict[str, Request] = {}
         self._incoming_items: list[DecodeItem] = []
         self._incoming_prefills: list[PrefillItem] = []
+        self._incoming_forks: list[ForkItem] = []
         self._aborting: set[str] = set()
         # requests of the step API that progressed in any thread's step, not yet reported
         self._progressed: dict[str, Request] = {}

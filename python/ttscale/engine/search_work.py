@@ -1,4 +1,4 @@
-"""The scheduler's side of searches and verifiers: decode items, waves, batched prefills.
+"""The scheduler's side of searches and verifiers: decode items, waves, batched prefills and forks.
 
 :class:`SearchWork` holds the :class:`~ttscale.engine.scheduler.Scheduler` methods a strategy
 and a PRM call (the scheduler module holds requests, steps, admission and preemption):
@@ -9,6 +9,7 @@ and a PRM call (the scheduler module holds requests, steps, admission and preemp
     scheduler.prefill_pending(seqs, wave)                    # more context, when it fits
     scheduler.end_wave(wave)
     item = scheduler.prefill(seqs, hidden_at)     # a PRM's new steps, batched across threads
+    kids, parents, offsets = scheduler.select_and_fork(...)  # a search step's selection, batched
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import TypeVar
 
+import torch
+
+from ttscale.engine import forking
 from ttscale.engine.confidence import ConfidenceStop
 from ttscale.engine.sequence import Problem, Sequence
 from ttscale.engine.settings import check_decode_arguments, decode_limits
-from ttscale.engine.work import DecodeItem, PrefillItem, Wave
+from ttscale.engine.work import DecodeItem, ForkItem, PrefillItem, Wave
 from ttscale.errors import InvalidArgument, PoolExhausted
 from ttscale.sampling_params import SamplingParams
 
@@ -120,6 +124,67 @@ class SearchWork:
             for item, n in zip(group, tokens, strict=True):
                 item.hidden = {s: hidden[s] for s in item.hidden_at if s in hidden}
                 item.tokens, item.done = n, True
+
+    def select_and_fork(self, candidates: Seq[Sequence], scores, group_sizes: Seq[int],
+                        keep: int | Seq[int], children: int | Seq[int]
+                        ) -> tuple[list[Sequence], list[int], list[int]]:
+        """A search step's selection and forks (:meth:`Engine.select_and_fork`: the same
+        arguments and results). Selections other threads queue meanwhile run in the same
+        ``ops.select_and_fork`` and host read: whichever thread takes the engine first runs
+        every queued one."""
+        groups = len(group_sizes)
+        item = ForkItem(list(candidates), scores, list(group_sizes),
+                        [keep] * groups if isinstance(keep, int) else list(keep),
+                        [children] * groups if isinstance(children, int) else list(children))
+        with self._inbox_lock:
+            self._incoming_forks.append(item)
+        while not item.done:
+            with self.lock:
+                with self._inbox_lock:
+                    items, self._incoming_forks = self._incoming_forks, []
+                if items:
+                    self._run_forks(items)
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _run_forks(self, items: list[ForkItem]) -> None:
+        """One ``select_and_fork`` over every item's groups (each item's checks first, so a bad
+        one fails alone); its children, parents and offsets split back per item."""
+        engine = self.engine
+        ready = []
+        for item in items:
+            try:
+                engine._check_live(item.candidates)
+                forking.check_selection(item.candidates, item.scores, item.group_sizes)
+                ready.append(item)
+            except Exception as error:  # noqa: BLE001 - the item's caller gets it
+                item.error, item.done = error, True
+        if not ready:
+            return
+        device = engine.pool.device
+        try:
+            kids, parents, offsets = forking.select_and_fork(
+                engine, [s for item in ready for s in item.candidates],
+                torch.cat([torch.as_tensor(item.scores, dtype=torch.float32, device=device)
+                           for item in ready]),
+                [n for item in ready for n in item.group_sizes],
+                [k for item in ready for k in item.keep],
+                [c for item in ready for c in item.children])
+        except BaseException as error:  # every caller gets it (the checks above passed)
+            for item in ready:
+                item.error, item.done = error, True
+            if not isinstance(error, Exception):
+                raise
+            return
+        group = candidate = 0
+        for item in ready:
+            first, last = offsets[group], offsets[group + len(item.group_sizes)]
+            item.result = (kids[first:last], [p - candidate for p in parents[first:last]],
+                           [o - first for o in offsets[group:group + len(item.group_sizes) + 1]])
+            item.done = True
+            group += len(item.group_sizes)
+            candidate += len(item.candidates)
 
     # ------------------------------------------------------------------------------------------
     # Search waves

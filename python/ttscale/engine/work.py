@@ -87,6 +87,22 @@ class PrefillItem:
 
 
 @dataclass(eq=False)
+class ForkItem:
+    """A search step's selection: keep the best candidates of each group and fork them
+    (:meth:`Engine.select_and_fork`). Items queued by several threads at once run as one
+    ``ops.select_and_fork`` over all their groups, with one host read."""
+
+    candidates: list[Sequence]
+    scores: object  # a float tensor or a list of floats, one per candidate
+    group_sizes: list[int]
+    keep: list[int]  # per group
+    children: list[int]  # per group
+    result: tuple | None = None  # (children, parents, group offsets), once done
+    done: bool = False
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
 class Wave:
     """One search's wave of problems, as the scheduler admits it (:meth:`Scheduler.begin_wave`).
 

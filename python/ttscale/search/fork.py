@@ -113,7 +113,10 @@ def select_and_fork(
         numbers = scores
     else:
         numbers = [math.nan if score is None else float(score) for score in scores]
-    out, parents, offsets = engine.select_and_fork(list(seqs), numbers, list(group_sizes), keep, children)
+    # through the scheduler where there is one: selections of searches on other threads run in
+    # the same op
+    out, parents, offsets = (engine.scheduler or engine).select_and_fork(
+        list(seqs), numbers, list(group_sizes), keep, children)
     sizes = [offsets[g + 1] - offsets[g] for g in range(len(group_sizes))]
     return Forked(out, parents, sizes)
 
