@@ -55,6 +55,23 @@ def on_threads(*calls, delay=0.05):
     return [out[i] for i in range(len(calls))]
 
 
+def start_together(scheduler, parties=2):
+    """Hold each thread's first decode until ``parties`` threads have reached theirs, so that
+    the searches decode side by side (the engine's lock is not fair: a thread driving steps could
+    otherwise run its whole decode before the other thread gets the lock to add its prompts)."""
+    barrier = threading.Barrier(parties, timeout=60)
+    started: set[int] = set()
+    run_decode = scheduler.run_decode
+
+    def first_together(*args, **kwargs):
+        if threading.get_ident() not in started:
+            started.add(threading.get_ident())
+            barrier.wait()
+        return run_decode(*args, **kwargs)
+
+    scheduler.run_decode = first_together
+
+
 def test_searches_that_outgrow_the_pool_together_both_finish_as_alone(prm):
     """Each wave (3 problems x 8 samples x 96 tokens, 198 blocks at its longest) fits a 220-block
     pool alone, not beside the other: the newer search's rows are preempted while the older
@@ -62,6 +79,7 @@ def test_searches_that_outgrow_the_pool_together_both_finish_as_alone(prm):
     big = policy(1024)
     alone = [best_of_8(big, prm, PROBLEMS[:3], 1), best_of_8(big, prm, PROBLEMS[3:], 2)]
     llm = policy(220)
+    start_together(llm.scheduler)
     together = on_threads(lambda: best_of_8(llm, prm, PROBLEMS[:3], 1),
                           lambda: best_of_8(llm, prm, PROBLEMS[3:], 2))
     assert together == alone
