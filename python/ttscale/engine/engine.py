@@ -17,7 +17,6 @@ their stop inside a window keep computing until it ends; their extra tokens are 
 from __future__ import annotations
 
 import functools
-import threading
 import weakref
 from collections.abc import Sequence as Seq
 
@@ -26,6 +25,7 @@ import torch
 from ttscale import backends, ops
 from ttscale.engine import forking, thinking
 from ttscale.engine.confidence import ConfidenceStop
+from ttscale.engine.fair_lock import engine_lock
 from ttscale.engine.pool import Pool
 from ttscale.engine.runner import ModelRunner, copy_kv_blocks
 from ttscale.engine.sequence import (
@@ -155,8 +155,9 @@ class Engine:
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self.stops = StopRules(tokenizer, model.config.eos_token_ids, model.config.vocab_size)
         # One lock over the pool and the sequences: every method that changes them takes it, and
-        # so does a scheduler step, so searches and requests on several threads interleave safely.
-        self.lock = threading.RLock()
+        # so does a scheduler step, so searches and requests on several threads interleave safely;
+        # blocking takes go in the order they asked (a thread driving steps cannot starve others).
+        self.lock = engine_lock()
         # the Scheduler that drives this engine, if any, held weakly: the scheduler holds the
         # engine, and without a cycle a dropped LLM gives its KV pool back at once, not at the
         # garbage collector's next full pass

@@ -1,0 +1,143 @@
+"""The engine's lock: an RLock whose blocking takes go in the order threads asked, so a thread
+that takes it again and again (one driving decode steps) cannot starve another, and which an
+interrupt (Ctrl-C) never leaves held."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from ttscale.engine.fair_lock import FairLock, engine_lock
+
+pytestmark = pytest.mark.skipif(not isinstance(engine_lock(), FairLock),
+                                reason="this Python's RLock cannot count re-entries")
+
+
+def wait_until(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.0005)
+
+
+def tickets_drawn(lock) -> int:
+    return int(repr(lock._tickets)[len("count("):-1])
+
+
+def test_re_entrant_and_released_only_by_its_holder():
+    lock = FairLock()
+    with lock, lock:
+        got = []
+        other = threading.Thread(target=lambda: got.append(lock.acquire(blocking=False)))
+        other.start()
+        other.join()
+        assert got == [False]
+    assert lock.acquire(blocking=False)
+    lock.release()
+    with pytest.raises(RuntimeError):
+        lock.release()
+
+
+def test_a_take_that_times_out_does_not_hold_up_the_next():
+    lock = FairLock()
+    lock.acquire()
+    got = []
+    first = threading.Thread(target=lambda: got.append(lock.acquire(timeout=0.05)))
+    first.start()
+    first.join(10)
+    assert got == [False]
+    lock.release()
+    start = time.monotonic()
+    with lock:
+        pass
+    assert time.monotonic() - start < 5  # past the timed-out ticket
+
+
+def test_waiting_threads_take_it_in_the_order_they_asked():
+    lock = FairLock()
+    order = []
+
+    def take(name):
+        with lock:
+            order.append(name)
+
+    lock.acquire()
+    threads = []
+    for k in range(5):
+        thread = threading.Thread(target=take, args=(k,))
+        thread.start()
+        threads.append(thread)
+        wait_until(lambda k=k: tickets_drawn(lock) == k + 2)  # in line before the next asks
+    lock.release()
+    for thread in threads:
+        thread.join(10)
+    assert order == [0, 1, 2, 3, 4]
+
+
+def test_a_thread_that_takes_it_again_at_once_cannot_starve_a_waiter():
+    """The pattern of a thread driving steps: release, take again at once. A waiter gets the
+    lock at the next release (threading.RLock lets the releasing thread win it back)."""
+    lock = FairLock()
+    turns = [0]
+    stop = threading.Event()
+
+    def drive():
+        while not stop.is_set():
+            with lock:
+                turns[0] += 1
+                time.sleep(0.002)  # a step's work, holding the lock
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    try:
+        wait_until(lambda: turns[0] > 3)
+        got_at = []
+        asked_at = turns[0]
+        waiter = threading.Thread(target=lambda: (lock.acquire(), got_at.append(turns[0]),
+                                                  lock.release()))
+        waiter.start()
+        waiter.join(10)
+        assert got_at and got_at[0] <= asked_at + 2
+    finally:
+        stop.set()
+        driver.join(10)
+
+
+def test_an_interrupt_never_leaves_it_held():
+    """Ctrl-C lands at a random moment while the main thread takes and lets go the lock beside
+    a thread that wants it too (as a step driver's does); afterwards another thread takes it."""
+    for trial in range(20):
+        lock = FairLock()
+        stop = threading.Event()
+
+        def other():
+            while not stop.is_set():
+                if lock.acquire(timeout=0.5):
+                    lock.release()
+
+        rival = threading.Thread(target=other, daemon=True)
+        rival.start()
+        timer = threading.Timer(random.Random(trial).uniform(0.001, 0.02), os.kill,
+                                (os.getpid(), signal.SIGINT))
+        try:
+            timer.start()
+            while True:
+                with lock:
+                    pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            timer.cancel()
+            stop.set()
+            rival.join(5)
+        assert lock._recursion_count() == 0, f"trial {trial}: the main thread still holds it"
+        got = []
+        taker = threading.Thread(target=lambda: got.append(lock.acquire(timeout=2)), daemon=True)
+        taker.start()
+        taker.join(5)
+        assert got == [True], f"trial {trial}: the lock is held by nobody's code"
