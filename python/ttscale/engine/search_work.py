@@ -238,18 +238,19 @@ class SearchWork:
                 wave.problems += problems
             return problems
 
-        return self._when_room(need, wave, add)
+        return self._when_room(lambda: need, wave, add)
 
     def prefill_pending(self, seqs: Seq[Sequence], wave: Wave | None = None) -> None:
         """Run a wave's sequences' pending tokens but the last into the KV cache
         (:meth:`Engine.run_pending`; RSA's shared context after a prompt) when they fit, as
         :meth:`add_prompts` does."""
         pool = self.engine.pool
-        need = sum(pool.blocks_needed(s.row, s.kv_len, s.pending - 1) for s in seqs)
+        # worked out afresh each time it looks (a preempted sequence needs its blocks again)
+        need = lambda: sum(pool.blocks_needed(s.row, s.kv_len, s.pending - 1) for s in seqs)
         self._when_room(need, wave, lambda: self.engine.run_pending(seqs, keep_last=True))
 
-    def _when_room(self, need: int, wave: Wave | None, run: Callable[[], T]) -> T:
-        """``run()`` under the lock once ``need`` blocks are free: newer work is preempted to
+    def _when_room(self, need: Callable[[], int], wave: Wave | None, run: Callable[[], T]) -> T:
+        """``run()`` under the lock once ``need()`` blocks are free: newer work is preempted to
         make room; while older work holds it, this waits, driving steps. When nobody else holds
         blocks it may free, ``run`` goes ahead (and raises if the pool is too small)."""
         pool = self.engine.pool
@@ -258,8 +259,9 @@ class SearchWork:
             while True:
                 with self.lock:
                     self._take_inbox()
-                    if (need <= pool.num_free or need <= pool.refresh()
-                            or self._make_room(need, (arrival, None))
+                    blocks = need()
+                    if (blocks <= pool.num_free or blocks <= pool.refresh()
+                            or self._make_room(blocks, (arrival, None))
                             or not self._others_hold(wave)):
                         return run()
                     if wave is not None:  # it frees nothing while it waits (see _held_elsewhere)
