@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ttscale.engine.fair_lock import FairLock, engine_lock
+from ttscale.engine.fair_lock import STALL, FairLock, engine_lock
 
 pytestmark = pytest.mark.skipif(not isinstance(engine_lock(), FairLock),
                                 reason="this Python's RLock cannot count re-entries")
@@ -58,25 +58,30 @@ def test_a_take_that_times_out_does_not_hold_up_the_next():
     assert time.monotonic() - start < 5  # past the timed-out ticket
 
 
-def test_waiting_threads_take_it_in_the_order_they_asked():
-    lock = FairLock()
-    order = []
+@pytest.mark.parametrize("held, rounds", [(0.0, 1), (2 * STALL, 8)])
+def test_waiting_threads_take_it_in_the_order_they_asked(held, rounds):
+    """Also when the lock is held longer than STALL: a long hold is no abandoned turn, and the
+    waiters behind the next in line do not jump it when it is let go."""
+    for _ in range(rounds):
+        lock = FairLock()
+        order = []
 
-    def take(name):
-        with lock:
-            order.append(name)
+        def take(name, lock=lock, order=order):
+            with lock:
+                order.append(name)
 
-    lock.acquire()
-    threads = []
-    for k in range(5):
-        thread = threading.Thread(target=take, args=(k,))
-        thread.start()
-        threads.append(thread)
-        wait_until(lambda k=k: tickets_drawn(lock) == k + 2)  # in line before the next asks
-    lock.release()
-    for thread in threads:
-        thread.join(10)
-    assert order == [0, 1, 2, 3, 4]
+        lock.acquire()
+        threads = []
+        for k in range(4):
+            thread = threading.Thread(target=take, args=(k,))
+            thread.start()
+            threads.append(thread)
+            wait_until(lambda k=k, lock=lock: tickets_drawn(lock) == k + 2)  # in line first
+        time.sleep(held)
+        lock.release()
+        for thread in threads:
+            thread.join(10)
+        assert order == [0, 1, 2, 3]
 
 
 def test_a_thread_that_takes_it_again_at_once_cannot_starve_a_waiter():

@@ -10,8 +10,9 @@ ran one after the other).
 its ``__exit__`` are C code that an interrupt cannot cut in half; only the take is Python. A
 blocking take draws a ticket and waits for its turn before it takes the RLock, and the owner
 passes the turn on when it has taken it. A take that an interrupt cuts short gives back what it
-took; a ticket it leaves behind holds the line for at most ``STALL`` seconds, after which the
-next in line goes on when it finds the lock free. Non-blocking takes (``stats()``, ``abort()``
+took; a ticket it leaves behind holds the line until the next in line has found the lock free
+after ``STALL`` seconds without a turn passing (so a lock held longer than that is not mistaken
+for an abandoned turn). Non-blocking takes (``stats()``, ``abort()``
 peeking) and takes with a timeout do not queue.
 
 Where the RLock's C type lacks what this needs (``_recursion_count``, Python 3.10),
@@ -41,7 +42,7 @@ class FairLock(_RLock):
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         held = self._recursion_count()
         try:
-            if held or not blocking or timeout >= 0:
+            if held or not blocking or timeout != -1:
                 return _RLock.acquire(self, blocking, timeout)
             return self._take_in_turn()
         except BaseException:
@@ -59,10 +60,13 @@ class FairLock(_RLock):
             now = time.monotonic()
             if self._serving != seen:
                 seen, since = self._serving, now
-            elif now - since > STALL and _RLock.acquire(self, False):
-                break  # the turn stalled on a taker that is gone, and the lock is free
+            elif now - since > STALL:
+                if _RLock.acquire(self, False):
+                    break  # the turn stalled on a taker that is gone, and the lock is free
+                since = now  # held (by the turn's taker or its owner): wait a whole STALL again
             time.sleep(nap)
-            nap = min(2 * nap, LONGEST_NAP)
+            # further back in the line, look less often
+            nap = min(2 * nap, LONGEST_NAP * min(ticket - self._serving, 10))
         else:
             _RLock.acquire(self)
         self._serving = max(self._serving, ticket + 1)
