@@ -11,6 +11,7 @@ import pytest
 
 import ttscale
 from ttscale.engine import forking
+from ttscale.engine.work import ForkItem
 from ttscale.search.fork import select_and_fork
 from ttscale.toy import policy_dir
 
@@ -76,15 +77,68 @@ def test_selections_queued_together_run_as_one_op(policy, monkeypatch):
         assert outcome(llm, forked[k]) == alone[k]
 
 
-def test_a_selection_of_freed_sequences_fails_alone(policy):
+def item(llm, seqs, keep, children):
+    """A queued selection of ``seqs`` (two groups of 3, equal scores), checked as the scheduler
+    checks it."""
+    return ForkItem(list(seqs), *forking.check_selection(seqs, [0.0] * 6, [3, 3], keep, children))
+
+
+def test_a_selection_freed_after_it_was_queued_fails_alone(policy):
     llm = policy()
     good, bad = candidates(llm, 0), candidates(llm, 1)
+    items = [item(llm, bad, 1, 1), item(llm, good, 1, 2)]
     llm.engine.free(bad[:1])
-    items = [ttscale.engine.work.ForkItem(bad, [0.0] * 6, [3, 3], [1, 1], [1, 1]),
-             ttscale.engine.work.ForkItem(good, [0.0] * 6, [3, 3], [1, 1], [2, 2])]
     with llm.engine.lock:
         llm.scheduler._run_forks(items)
     assert isinstance(items[0].error, ttscale.errors.InvalidArgument)
     children, parents, offsets = items[1].result
     assert items[1].error is None and parents == [0, 0, 3, 3] and offsets == [0, 2, 4]
     assert all(not s.freed for s in children)
+
+
+@pytest.mark.parametrize("keep, children, scores, name", [
+    ([1, 1, 1], 1, None, "keep"), (-1, 1, None, "keep"), (1, [2], None, "children"),
+    (1, 1, [0.0, None, 0.0, 0.0, 0.0, 0.0], "scores"), (1, 1, [[0.0]] * 6, "scores")])
+def test_a_bad_selection_is_refused_at_the_call(policy, keep, children, scores, name):
+    """Checked on the caller's thread, before it is queued: it never joins another's op."""
+    llm = policy()
+    seqs = candidates(llm, 0)
+    scores = [0.0] * 6 if scores is None else scores
+    with pytest.raises(ttscale.errors.InvalidArgument, match=name) as error:
+        llm.scheduler.select_and_fork(seqs, scores, [3, 3], keep, children)
+    assert error.value.param == name and llm.scheduler._incoming_forks == []
+
+
+def test_an_error_in_the_op_reaches_every_caller(policy, monkeypatch):
+    """Whatever the joint op raises, each queued item is done with it (no caller waits for
+    ever), and an interrupt goes on up."""
+    llm = policy()
+    items = [item(llm, candidates(llm, k), 1, 1) for k in range(2)]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(forking, "select_and_fork", interrupted)
+    with pytest.raises(KeyboardInterrupt), llm.engine.lock:
+        llm.scheduler._run_forks(items)
+    assert all(i.done and isinstance(i.error, KeyboardInterrupt) for i in items)
+
+
+def test_an_interrupted_caller_takes_its_selection_back(policy, monkeypatch):
+    """A caller interrupted while its selection waits in the queue: it is not run later (its
+    candidates stay as they were)."""
+    llm = policy()
+    seqs = candidates(llm, 0)
+    scheduler = llm.scheduler
+
+    class Lock:  # the engine's lock, raising the interrupt where the caller would wait for it
+        def __enter__(self):
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(scheduler, "lock", Lock())
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.select_and_fork(seqs, [0.0] * 6, [3, 3], 1, 1)
+    assert scheduler._incoming_forks == [] and not any(s.freed for s in seqs)

@@ -19,7 +19,7 @@ from ttscale.engine.sequence import Sequence, copy_sequence
 from ttscale.errors import InvalidArgument
 
 
-def check_selection(candidates: Seq[Sequence], scores, group_sizes: Seq[int]) -> None:
+def check_counts(candidates: Seq[Sequence], scores, group_sizes: Seq[int]) -> None:
     """One score per candidate, and groups that cover them."""
     if len(scores) != len(candidates) or sum(group_sizes) != len(candidates):
         raise InvalidArgument(
@@ -28,11 +28,34 @@ def check_selection(candidates: Seq[Sequence], scores, group_sizes: Seq[int]) ->
         )
 
 
+def check_selection(candidates: Seq[Sequence], scores, group_sizes: Seq[int], keep=None,
+                    children=None, device=None) -> tuple:
+    """:func:`check_counts`, and ``keep`` and ``children`` (an int, or one per group) >= 0.
+    Returns the scores as a float32 tensor on ``device``, the group sizes, and keep and children
+    as one int per group."""
+    check_counts(candidates, scores, group_sizes)
+    per_group = []
+    for name, value in (("keep", keep), ("children", children)):
+        values = [value] * len(group_sizes) if isinstance(value, int) else list(value or [])
+        if len(values) != len(group_sizes) or any(int(v) < 0 for v in values):
+            raise InvalidArgument(f"{name}: expected an int >= 0 or one per group "
+                                  f"({len(group_sizes)}), got {value!r}", param=name)
+        per_group.append([int(v) for v in values])
+    try:
+        numbers = torch.as_tensor(scores, dtype=torch.float32, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidArgument(f"scores: expected numbers, got {error}", param="scores") from None
+    if numbers.dim() != 1:
+        raise InvalidArgument(f"scores: expected one score per candidate, got shape "
+                              f"{list(numbers.shape)}", param="scores")
+    return numbers, list(group_sizes), *per_group
+
+
 def select_and_fork(engine, candidates: Seq[Sequence], scores: Seq[float], group_sizes: Seq[int],
                     keep, children) -> tuple[list[Sequence], list[int], list[int]]:
     """:meth:`Engine.select_and_fork` on ``engine`` (which holds its lock and checked that the
     candidates are live); the same arguments and results."""
-    check_selection(candidates, scores, group_sizes)
+    check_counts(candidates, scores, group_sizes)
     pool = engine.pool
     int32 = dict(dtype=torch.int32, device=pool.device)
     for seq in candidates:

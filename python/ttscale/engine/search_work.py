@@ -131,60 +131,65 @@ class SearchWork:
         """A search step's selection and forks (:meth:`Engine.select_and_fork`: the same
         arguments and results). Selections other threads queue meanwhile run in the same
         ``ops.select_and_fork`` and host read: whichever thread takes the engine first runs
-        every queued one."""
-        groups = len(group_sizes)
-        item = ForkItem(list(candidates), scores, list(group_sizes),
-                        [keep] * groups if isinstance(keep, int) else list(keep),
-                        [children] * groups if isinstance(children, int) else list(children))
+        every queued one. The arguments are checked here, on the caller's thread, so a bad
+        selection fails alone."""
+        engine = self.engine
+        engine._check_live(candidates)
+        item = ForkItem(list(candidates), *forking.check_selection(
+            candidates, scores, group_sizes, keep, children, engine.pool.device))
         with self._inbox_lock:
             self._incoming_forks.append(item)
-        while not item.done:
-            with self.lock:
-                with self._inbox_lock:
-                    items, self._incoming_forks = self._incoming_forks, []
-                if items:
-                    self._run_forks(items)
+        try:
+            while not item.done:
+                with self.lock:
+                    with self._inbox_lock:
+                        items, self._incoming_forks = self._incoming_forks, []
+                    if items:
+                        self._run_forks(items)
+        except BaseException:  # an interrupt: a selection not yet run is not run later
+            with self._inbox_lock:
+                if item in self._incoming_forks:
+                    self._incoming_forks.remove(item)
+            raise
         if item.error is not None:
             raise item.error
         return item.result
 
     def _run_forks(self, items: list[ForkItem]) -> None:
-        """One ``select_and_fork`` over every item's groups (each item's checks first, so a bad
-        one fails alone); its children, parents and offsets split back per item."""
-        engine = self.engine
-        ready = []
-        for item in items:
-            try:
-                engine._check_live(item.candidates)
-                forking.check_selection(item.candidates, item.scores, item.group_sizes)
-                ready.append(item)
-            except Exception as error:  # noqa: BLE001 - the item's caller gets it
-                item.error, item.done = error, True
-        if not ready:
-            return
-        device = engine.pool.device
+        """One ``select_and_fork`` over every item's groups (their arguments checked when they
+        were queued); its children, parents and offsets split back per item. If anything
+        raises, every item not yet done gets the error, so no caller waits for ever."""
         try:
+            ready = []
+            for item in items:
+                if any(s.freed for s in item.candidates):  # freed since it was queued
+                    item.error = InvalidArgument("seqs: a candidate was freed", param="seqs")
+                    item.done = True
+                else:
+                    ready.append(item)
+            if not ready:
+                return
             kids, parents, offsets = forking.select_and_fork(
-                engine, [s for item in ready for s in item.candidates],
-                torch.cat([torch.as_tensor(item.scores, dtype=torch.float32, device=device)
-                           for item in ready]),
+                self.engine, [s for item in ready for s in item.candidates],
+                torch.cat([item.scores for item in ready]),
                 [n for item in ready for n in item.group_sizes],
                 [k for item in ready for k in item.keep],
                 [c for item in ready for c in item.children])
-        except BaseException as error:  # every caller gets it (the checks above passed)
+            group = candidate = 0
             for item in ready:
-                item.error, item.done = error, True
+                first, last = offsets[group], offsets[group + len(item.group_sizes)]
+                ends = offsets[group:group + len(item.group_sizes) + 1]
+                item.result = (kids[first:last], [p - candidate for p in parents[first:last]],
+                               [o - first for o in ends])
+                item.done = True
+                group += len(item.group_sizes)
+                candidate += len(item.candidates)
+        except BaseException as error:  # every caller still waiting gets it
+            for item in items:
+                if not item.done:
+                    item.error, item.done = error, True
             if not isinstance(error, Exception):
                 raise
-            return
-        group = candidate = 0
-        for item in ready:
-            first, last = offsets[group], offsets[group + len(item.group_sizes)]
-            item.result = (kids[first:last], [p - candidate for p in parents[first:last]],
-                           [o - first for o in offsets[group:group + len(item.group_sizes) + 1]])
-            item.done = True
-            group += len(item.group_sizes)
-            candidate += len(item.candidates)
 
     # ------------------------------------------------------------------------------------------
     # Search waves
