@@ -87,17 +87,30 @@ class SearchWork:
         queue meanwhile runs in the same forward: whichever thread takes the engine first runs
         every queued item. Returns the item: its ``hidden`` states and its ``tokens``."""
         item = PrefillItem(list(seqs), dict(hidden_at or {}))
+        self._run_queued(item, "_incoming_prefills", self._run_prefills)
+        return item
+
+    def _run_queued(self, item, queue: str, run: Callable[[list], None]) -> None:
+        """Queue ``item`` on the inbox list named ``queue`` and wait until it is done: whichever
+        thread takes the engine first runs every item queued there (``run``). A caller
+        interrupted while it waits takes its item back; an item that failed raises its error."""
         with self._inbox_lock:
-            self._incoming_prefills.append(item)
-        while not item.done:
-            with self.lock:
-                with self._inbox_lock:
-                    items, self._incoming_prefills = self._incoming_prefills, []
-                if items:
-                    self._run_prefills(items)
+            getattr(self, queue).append(item)
+        try:
+            while not item.done:
+                with self.lock:
+                    with self._inbox_lock:
+                        items = getattr(self, queue)
+                        setattr(self, queue, [])
+                    if items:
+                        run(items)
+        except BaseException:
+            with self._inbox_lock:
+                if item in getattr(self, queue):
+                    getattr(self, queue).remove(item)
+            raise
         if item.error is not None:
             raise item.error
-        return item
 
     def _run_prefills(self, items: list[PrefillItem]) -> None:
         """One forward for every item; if it fails, each item alone, so that only the item
@@ -137,22 +150,7 @@ class SearchWork:
         engine._check_live(candidates)
         item = ForkItem(list(candidates), *forking.check_selection(
             candidates, scores, group_sizes, keep, children, engine.pool.device))
-        with self._inbox_lock:
-            self._incoming_forks.append(item)
-        try:
-            while not item.done:
-                with self.lock:
-                    with self._inbox_lock:
-                        items, self._incoming_forks = self._incoming_forks, []
-                    if items:
-                        self._run_forks(items)
-        except BaseException:  # an interrupt: a selection not yet run is not run later
-            with self._inbox_lock:
-                if item in self._incoming_forks:
-                    self._incoming_forks.remove(item)
-            raise
-        if item.error is not None:
-            raise item.error
+        self._run_queued(item, "_incoming_forks", self._run_forks)
         return item.result
 
     def _run_forks(self, items: list[ForkItem]) -> None:
