@@ -28,19 +28,14 @@ def check_counts(candidates: Seq[Sequence], scores, group_sizes: Seq[int]) -> No
         )
 
 
-def check_selection(candidates: Seq[Sequence], scores, group_sizes: Seq[int], keep=None,
-                    children=None, device=None) -> tuple:
+def check_selection(candidates: Seq[Sequence], scores, group_sizes: Seq[int], keep, children,
+                    device=None) -> tuple:
     """:func:`check_counts`, and ``keep`` and ``children`` (an int, or one per group) >= 0.
     Returns the scores as a float32 tensor on ``device``, the group sizes, and keep and children
     as one int per group."""
     check_counts(candidates, scores, group_sizes)
-    per_group = []
-    for name, value in (("keep", keep), ("children", children)):
-        values = [value] * len(group_sizes) if isinstance(value, int) else list(value or [])
-        if len(values) != len(group_sizes) or any(int(v) < 0 for v in values):
-            raise InvalidArgument(f"{name}: expected an int >= 0 or one per group "
-                                  f"({len(group_sizes)}), got {value!r}", param=name)
-        per_group.append([int(v) for v in values])
+    keep = per_group("keep", keep, len(group_sizes))
+    children = per_group("children", children, len(group_sizes))
     try:
         numbers = torch.as_tensor(scores, dtype=torch.float32, device=device)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -48,7 +43,17 @@ def check_selection(candidates: Seq[Sequence], scores, group_sizes: Seq[int], ke
     if numbers.dim() != 1:
         raise InvalidArgument(f"scores: expected one score per candidate, got shape "
                               f"{list(numbers.shape)}", param="scores")
-    return numbers, list(group_sizes), *per_group
+    return numbers, list(group_sizes), keep, children
+
+
+def per_group(name: str, value: int | Seq[int], groups: int) -> list[int]:
+    """``value`` (an int for every group, or one per group) as one int >= 0 per group."""
+    values = [value] * groups if isinstance(value, int) else list(value)
+    if len(values) != groups:
+        raise InvalidArgument(f"{name}: expected one value per group ({groups}), got {len(values)}")
+    if any(v < 0 for v in values):
+        raise InvalidArgument(f"{name}: expected values >= 0, got {values}")
+    return values
 
 
 def select_and_fork(engine, candidates: Seq[Sequence], scores: Seq[float], group_sizes: Seq[int],

@@ -20,7 +20,8 @@ by its search's seed and the sequence's number, never by the batch it runs in.
 
 Searches enter in waves (:mod:`ttscale.engine.work`), admitted at once while the oldest wave
 could still grow to its longest beside every wave's prompts, in the order they asked: searches
-started apart share steps, and the oldest always finishes. Work that finds the room held by another search waits for it.
+started apart share steps, and the oldest always finishes. Work that finds the room held by
+another search waits for it.
 
 Prompts share their full blocks across requests (:mod:`ttscale.engine.prefix_cache`): a request
 whose prompt starts like an earlier one's prefills only the rest.

@@ -160,11 +160,11 @@ class SearchWork:
         try:
             ready = []
             for item in items:
-                if any(s.freed for s in item.candidates):  # freed since it was queued
-                    item.error = InvalidArgument("seqs: a candidate was freed", param="seqs")
-                    item.done = True
-                else:
+                try:
+                    self.engine._check_live(item.candidates)  # freed since it was queued?
                     ready.append(item)
+                except InvalidArgument as error:
+                    item.error, item.done = error, True
             if not ready:
                 return
             kids, parents, offsets = forking.select_and_fork(

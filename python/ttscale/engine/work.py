@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import torch
+
 from ttscale.engine.confidence import ConfidenceStop
 from ttscale.engine.sequence import DRAWS_PER_SEQUENCE, Problem, Sequence
 from ttscale.sampling_params import SamplingParams
@@ -93,7 +95,7 @@ class ForkItem:
     ``ops.select_and_fork`` over all their groups, with one host read."""
 
     candidates: list[Sequence]
-    scores: object  # a float tensor or a list of floats, one per candidate
+    scores: torch.Tensor  # float32 on the pool's device, one per candidate
     group_sizes: list[int]
     keep: list[int]  # per group
     children: list[int]  # per group

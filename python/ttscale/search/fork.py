@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ttscale.engine.forking import per_group
 from ttscale.engine.sequence import Sequence
 from ttscale.errors import InvalidArgument
 
@@ -102,8 +103,8 @@ def select_and_fork(
     """
     if len(scores) != len(seqs):
         raise InvalidArgument(f"scores: expected {len(seqs)} (one per sequence), got {len(scores)}")
-    keep = _per_group("keep", keep, len(group_sizes))
-    children = _per_group("children", children, len(group_sizes))
+    keep = per_group("keep", keep, len(group_sizes))
+    children = per_group("children", children, len(group_sizes))
     if sum(group_sizes) != len(scores):
         raise InvalidArgument(
             f"group_sizes: expected them to sum to {len(scores)} candidates, got {sum(group_sizes)}"
@@ -155,12 +156,3 @@ def weight_score(line) -> float:
     no scored step yet counts as 0."""
     score = line.aggregate
     return 0.0 if score is None or math.isnan(score) else score
-
-
-def _per_group(name: str, value: int | Seq[int], groups: int) -> list[int]:
-    values = [value] * groups if isinstance(value, int) else list(value)
-    if len(values) != groups:
-        raise InvalidArgument(f"{name}: expected one value per group ({groups}), got {len(values)}")
-    if any(v < 0 for v in values):
-        raise InvalidArgument(f"{name}: expected values >= 0, got {values}")
-    return values
