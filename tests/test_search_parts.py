@@ -9,14 +9,15 @@ import sys
 
 import pytest
 import torch
-import ttscale
 from tiny_policy import save_tiny_policy
+
+import ttscale
 from ttscale.model import load_tokenizer
-from ttscale.search.common import plan_waves
 from ttscale.search.cost import split_seconds, split_tokens
 from ttscale.search.fork import consecutive_groups, select_and_fork
 from ttscale.search.line import completed_steps
 from ttscale.search.prompts import build_prompt
+from ttscale.search.run import plan_waves
 
 GREEDY = ttscale.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
@@ -280,7 +281,7 @@ def test_a_problems_samples_do_not_depend_on_its_wave(name, options, monkeypatch
     split it) gives every problem the same candidates: a problem's random streams are its own.
     On the embedded policy and PRM, whose steps end at newlines, so trees grow for several
     iterations and forks of different problems interleave."""
-    from ttscale.search import common
+    from ttscale.search import run as waves
     from ttscale.toy import policy_dir, prm_dir, task
 
     llm = ttscale.LLM(policy_dir(), device="cpu", kv_budget_bytes=16 << 20)
@@ -295,7 +296,7 @@ def test_a_problems_samples_do_not_depend_on_its_wave(name, options, monkeypatch
         return [sorted(c.text for c in r.candidates) for r in results]
 
     together = texts()
-    monkeypatch.setattr(common, "MAX_WAVE_SEQUENCES", 4)  # one problem per wave
-    assert common.plan_waves(llm.engine, [[1, 2]] * 3, 4, 96) == [[0], [1], [2]]
+    monkeypatch.setattr(waves, "MAX_WAVE_SEQUENCES", 4)  # one problem per wave
+    assert waves.plan_waves(llm.engine, [[1, 2]] * 3, 4, 96) == [[0], [1], [2]]
     assert texts() == together
     assert len({t for r in together for t in r}) >= 3  # real samples, one per problem at least

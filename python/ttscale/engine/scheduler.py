@@ -38,8 +38,7 @@ import time
 from ttscale.engine.engine import Engine
 from ttscale.engine.prefix_cache import PrefixCache
 from ttscale.engine.search_work import WAIT_SECONDS, SearchWork
-from ttscale.engine.sequence import Sequence
-from ttscale.engine.window import decode_rows
+from ttscale.engine.sequence import DRAWS_PER_SEQUENCE, Sequence
 from ttscale.engine.work import (
     DecodeItem,
     EngineStats,
@@ -346,3 +345,37 @@ class Scheduler(SearchWork):
         self._release(request)
         request.finished = True
         self.requests.pop(request.request_id, None)
+
+
+def decode_rows(engine, admitted: list[tuple[Sequence, Request | DecodeItem]]) -> None:
+    """One window for every admitted row, each with its own settings: rows of one step may
+    belong to requests and to searches, each with its sampling settings, stop strings, limit and
+    random stream. A request's rows draw from its own streams (seed, stream, sample index); a
+    search's from its seed and each sequence's number. The runner's window runs once for all of
+    them, and each row's tokens go back to the engine."""
+    rows, seeds, offsets, stops, limits, controls = [], [], [], [], [], []
+    for seq, owner in admitted:
+        if isinstance(owner, DecodeItem):
+            rows.append(owner.sampling)
+            seeds.append(owner.seed)
+            offsets.append(seq.seq_id * DRAWS_PER_SEQUENCE + seq.generated)
+            stops.append(owner.stops)
+            limits.append(owner.limits[seq])
+            controls.append(owner.confidence_stop)
+        else:
+            rows.append(owner.params)
+            seeds.append(0)
+            offsets.append(owner.stream_offsets[seq] + seq.generated)
+            stops.append(owner.params.stop_strings)
+            limits.append(owner.params.max_tokens)
+            controls.append(None)
+    window = min([engine.window] + [most - s.generated for (s, _), most in zip(admitted, limits)])
+    seqs = [s for s, _ in admitted]
+    groups = [engine.stops.group(stop) for stop in stops]
+    tokens, logprobs, top, stopped = engine.runner.decode_window(
+        seqs, window, rows, seeds, offsets, engine.stops.group_table(), groups, controls)
+    for i, seq in enumerate(seqs):
+        asked = rows[i].logprobs
+        row_top = None if top is None or not asked else [t[:asked] for t in top[i]]
+        engine._accept(seq, tokens[i], logprobs[i], row_top, stopped[i], stops[i], limits[i])
+    engine.peak_sequences = max(engine.peak_sequences, len(admitted))

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from ttscale.errors import InvalidArgument
-from ttscale.search.common import Inputs, run_waves
+from ttscale.search.common import Inputs
 from ttscale.search.fork import best_per_group, consecutive_groups
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import SearchResult
-from ttscale.search.run import Line, SearchRun
+from ttscale.search.run import Line, SearchRun, run_waves
 
 
 @dataclass(frozen=True)

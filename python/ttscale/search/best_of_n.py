@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ttscale.search.common import Inputs, run_waves
+from ttscale.search.common import Inputs
 from ttscale.search.registry import Options, strategy
 from ttscale.search.result import SearchResult
-from ttscale.search.run import SearchRun
+from ttscale.search.run import SearchRun, run_waves
 
 
 @strategy(Options, budget="Samples per problem.", menu=True)

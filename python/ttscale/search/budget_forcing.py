@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 from ttscale.engine.thinking import CUT, ENDED, Control
 from ttscale.errors import InvalidArgument
-from ttscale.search.common import Inputs, run_waves
+from ttscale.search.common import Inputs
 from ttscale.search.cost import split_tokens
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import Candidate, SearchResult
 from ttscale.search.revisions import REVISION_SEPARATOR
-from ttscale.search.run import Line, SearchRun
+from ttscale.search.run import Line, SearchRun, run_waves
 from ttscale.verifiers.base import split_steps
 
 

@@ -29,10 +29,10 @@ import numpy as np
 
 from ttscale.engine.confidence import ConfidenceStop, token_confidence, trace_scores
 from ttscale.errors import InvalidArgument
-from ttscale.search.common import Inputs, run_waves
+from ttscale.search.common import Inputs
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import Candidate, SearchResult
-from ttscale.search.run import Line, SearchRun
+from ttscale.search.run import Line, SearchRun, run_waves
 from ttscale.search.select import group_answers
 
 SCORES = ("lowest", "bottom10", "tail", "mean")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ttscale.search.beam_search import BeamOptions
-from ttscale.search.common import Inputs, run_waves
+from ttscale.search.common import Inputs
 from ttscale.search.fork import best_per_group, consecutive_groups
 from ttscale.search.registry import strategy
 from ttscale.search.result import Candidate, SearchResult
-from ttscale.search.run import SearchRun
+from ttscale.search.run import SearchRun, run_waves
 
 
 @strategy(BeamOptions, needs_verifier=True, menu=True,

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ttscale.search.beam_search import BeamOptions, search_beams
-from ttscale.search.common import Inputs, run_waves
+from ttscale.search.common import Inputs
 from ttscale.search.registry import option, strategy
 from ttscale.search.result import SearchResult
+from ttscale.search.run import run_waves
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ttscale.search.common import Inputs, run_waves
+from ttscale.search.common import Inputs
 from ttscale.search.fork import softmax, weight_score
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import Candidate, SearchResult
-from ttscale.search.run import Line, SearchRun
+from ttscale.search.run import Line, SearchRun, run_waves
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ttscale.search.common import Inputs, run_waves
+from ttscale.search.common import Inputs
 from ttscale.search.fork import by_problem, softmax, weight_score
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import SearchResult
-from ttscale.search.run import Line, SearchRun
+from ttscale.search.run import Line, SearchRun, run_waves
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ttscale.search.common import Inputs, run_waves
+from ttscale.search.common import Inputs
 from ttscale.search.fork import consecutive_groups
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import SearchResult
-from ttscale.search.run import Line, SearchRun
+from ttscale.search.run import Line, SearchRun, run_waves
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ttscale.errors import InvalidArgument
-from ttscale.search.common import Inputs, run_waves
+from ttscale.search.common import Inputs
 from ttscale.search.prompts import token_id_list
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import Candidate, SearchResult
-from ttscale.search.run import Line, SearchRun
+from ttscale.search.run import Line, SearchRun, run_waves
 from ttscale.search.select import REVISION_SELECTIONS
 
 #: What follows each earlier attempt in a revision context: it closes that attempt and

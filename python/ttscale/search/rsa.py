@@ -41,12 +41,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ttscale.errors import InvalidArgument
-from ttscale.search.common import Inputs, run_waves
+from ttscale.search.common import Inputs
 from ttscale.search.prompts import PromptFn, build_prompt, token_id_list
 from ttscale.search.registry import Options, option, strategy
 from ttscale.search.result import Candidate, SearchResult
 from ttscale.search.revisions import REVISION_SEPARATOR
-from ttscale.search.run import Line, SearchRun
+from ttscale.search.run import Line, SearchRun, run_waves
 
 AggregateFn = Callable[[str, list[str]], "str | list[int]"]
 

@@ -1,4 +1,8 @@
-"""One search over a wave of problems: growing solutions ("lines"), their scoring, forks, costs.
+"""Running a search: its waves of problems, and one search over a wave (growing solutions, or
+"lines", their scoring, forks, costs).
+
+:func:`run_waves` splits a strategy's problems into waves that fit the KV pool together and runs
+the strategy's body on each, as a :class:`SearchRun`, admitted through the scheduler.
 
 A :class:`Line` pairs a policy sequence with its verifier path and the steps scored so far.
 Strategies move lines with :meth:`SearchRun.advance` (decode to the next step delimiter, or to
@@ -18,11 +22,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from ttscale.engine.sequence import Sequence
+from ttscale.errors import InvalidArgument
 from ttscale.sampling_params import SamplingParams
 from ttscale.search import fork as forking
 from ttscale.search.cost import split_seconds
@@ -30,6 +38,13 @@ from ttscale.search.line import Line, Progress
 from ttscale.search.result import Candidate, Cost, SearchResult, TreeNode
 from ttscale.search.scoring import StepScoring
 from ttscale.search.select import choose
+
+if TYPE_CHECKING:
+    from ttscale.search.common import Inputs
+
+# Sequences decoded together at most: a step's logits are [sequences, vocabulary] floats, which
+# for a 150k-token vocabulary is 600 KB per sequence.
+MAX_WAVE_SEQUENCES = 1024
 
 
 class SearchRun(StepScoring):
@@ -333,3 +348,85 @@ class SearchRun(StepScoring):
         work = [self.costs[p].generated_tokens + self.costs[p].scored_tokens for p in self.wave]
         for p, share in zip(self.wave, split_seconds(seconds, work), strict=True):
             self.costs[p].seconds += share
+
+
+def plan_waves(
+    engine, prompts: Seq[Seq[int]], seqs_per_problem: int, max_tokens: int
+) -> list[list[int]]:
+    """Consecutive groups of problems whose prompts and sequences fit the KV pool together,
+    counting each sequence at ``max_tokens`` and one more block for a fork's partial block.
+    Each wave is admitted through the scheduler (:meth:`Scheduler.begin_wave`), which runs it
+    beside other work and makes room for it as it grows."""
+    pool = engine.pool
+    total = pool.num_blocks
+    waves: list[list[int]] = [[]]
+    used = 0
+    for p, prompt in enumerate(prompts):
+        need = sum(wave_blocks(pool, [prompt], seqs_per_problem, max_tokens))
+        if need > total:
+            raise InvalidArgument(
+                f"n: {seqs_per_problem} sequences of up to {max_tokens} tokens for problems[{p}] "
+                f"need {need} KV blocks, the pool holds {total}; lower n or sampling.max_tokens, "
+                "or give the LLM a larger kv_budget_bytes"
+            )
+        full = (len(waves[-1]) + 1) * seqs_per_problem > MAX_WAVE_SEQUENCES
+        if waves[-1] and (used + need > total or full):
+            waves.append([])
+            used = 0
+        waves[-1].append(p)
+        used += need
+    return waves
+
+
+def wave_blocks(pool, prompts: Seq[Seq[int]], seqs_per_problem: int,
+                max_tokens: int) -> tuple[int, int]:
+    """The blocks of a wave's prompts, and of its sequences at their longest."""
+    per_sequence = pool.blocks_for(max_tokens + 1) + 1
+    return (sum(pool.blocks_for(len(p)) for p in prompts),
+            len(prompts) * seqs_per_problem * per_sequence)
+
+
+def run_waves(
+    inputs: Inputs,
+    seqs_per_problem: int,
+    body: Callable[[SearchRun], list[SearchResult]],
+    *,
+    tree: bool = False,
+    progress: bool | None = None,
+) -> list[SearchResult]:
+    """Run ``body`` (one search over a wave, returning its problems' results in order) on each
+    wave, each admitted through the policy's scheduler (so searches started apart share the
+    pool and the steps); sequence numbering restarts once per call, so a seed replays the same
+    samples."""
+    engine = inputs.llm.engine
+    scheduler = engine.scheduler
+    # This call's own fork counters: its sequences' numbers (and so their random streams) depend
+    # on its problems' ids and forks only, even while other searches run on the engine.
+    counters: dict[int, int] = {}
+    results: list[SearchResult] = []
+    max_tokens = inputs.sampling.max_tokens
+    waves = plan_waves(engine, inputs.prompts, seqs_per_problem, max_tokens)
+    progress = inputs.progress if progress is None else progress
+    with tqdm(
+        total=len(inputs.problems), desc=inputs.strategy, unit="problem", disable=not progress
+    ) as bar:
+        for wave in waves:
+            needs = wave_blocks(engine.pool, [inputs.prompts[p] for p in wave], seqs_per_problem,
+                                max_tokens)
+            admitted = scheduler.begin_wave(*needs) if scheduler is not None else None
+            try:
+                run = SearchRun(inputs, wave, tree=tree, stream_counters=counters,
+                                admitted=admitted)
+                try:
+                    results += body(run)
+                except BaseException:
+                    # a verifier that raises, an interrupt: every block this wave took goes
+                    # back, and the engines serve on
+                    run.abandon()
+                    raise
+                run.close()
+            finally:
+                if admitted is not None:
+                    scheduler.end_wave(admitted)
+            bar.update(len(wave))
+    return results
