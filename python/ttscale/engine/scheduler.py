@@ -176,6 +176,14 @@ class Scheduler(SearchWork):
         When nothing fits because searches on other threads hold the room (between their
         steps), the step sleeps a moment and returns nothing; when nothing fits and nobody else
         could free a block, :class:`PoolExhausted`."""
+        progressed = self._step()
+        if progressed is None:
+            time.sleep(WAIT_SECONDS)  # outside the lock: the holders' threads free or decode
+            return []
+        return progressed
+
+    def _step(self) -> list[Request] | None:
+        """:meth:`step` without its wait: None when nothing fits."""
         with self.lock:
             self._take_inbox()
             if not self.requests and not self.items:
@@ -192,8 +200,7 @@ class Scheduler(SearchWork):
                     "kv_budget_bytes")
             if admitted:
                 return self._run(admitted)
-        time.sleep(WAIT_SECONDS)  # outside the lock: the holders' threads free or decode
-        return []
+        return None
 
     def _run(self, admitted: list[tuple[Sequence, Request | DecodeItem]]) -> list[Request]:
         """Decode the admitted rows one window; retire what finished (the lock is held)."""

@@ -294,10 +294,10 @@ class SearchWork:
             pending = bool(self._incoming or self._incoming_items)
         if pending or self.requests or self.items:
             steps = self.steps
-            self.step()  # when nothing fits, it sleeps itself
+            self._step()
             if self.steps != steps:
                 return
-        time.sleep(WAIT_SECONDS)
+        time.sleep(WAIT_SECONDS)  # once, whether or not a step was tried
 
     def _held_elsewhere(self) -> bool:
         """Whether searches with no decode work in this step hold blocks: their threads are
