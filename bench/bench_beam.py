@@ -54,8 +54,8 @@ def beam_search(engine, prompts: list[list[int]], new_tokens: int) -> list[list[
 
     greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens + 1, ignore_eos=True,
                             logprobs=2 * WIDTH)
-    problems = engine.add_many(prompts)
-    beams = [[(0.0, seq)] for seq in (engine.fork(p, 1)[0] for p in problems)]
+    kv_prompts = engine.add_many(prompts)
+    beams = [[(0.0, seq)] for seq in (engine.fork(p, 1)[0] for p in kv_prompts)]
     for _ in range(new_tokens):
         live = [seq for group in beams for _, seq in group]
         engine.decode(live, greedy, max_new_tokens=1)
@@ -76,8 +76,8 @@ def beam_search(engine, prompts: list[list[int]], new_tokens: int) -> list[list[
     best = [max(group, key=lambda x: x[0])[1] for group in beams]
     out = [list(seq.tokens[1:]) for seq in best]
     engine.free([seq for group in beams for _, seq in group])
-    for p in problems:
-        engine.free_problem(p)
+    for p in kv_prompts:
+        engine.free_prompt(p)
     return out
 
 

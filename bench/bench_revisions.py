@@ -130,7 +130,7 @@ def naive(llm, problems, chains, sequential, window, sampling):
             chain.append(ids[:-1] if ids and ids[-1] == eos else ids)
         engine.free(seqs)
         for request in requests:
-            engine.free_problem(request)
+            engine.free_prompt(request)
     return attempts
 
 

@@ -174,8 +174,8 @@ class Search:
             self.scored += self.prm.prefilled_tokens - before
             self.policy.free(seqs)
             self.prm.free(paths)
-            self.policy.free_problem(seqs[0].problem)
-            self.prm.free_problem(paths[0].problem)
+            self.policy.free_prompt(seqs[0].prompt)
+            self.prm.free_prompt(paths[0].prompt)
 
     def beam_search(self, shapes: list[dict], n: int, rng: random.Random) -> None:
         keep = n // BEAM_WIDTH
@@ -208,8 +208,8 @@ class Search:
             for _, bs, ps in ended:
                 self.policy.free(bs)
                 self.prm.free(ps)
-                self.policy.free_problem(bs[0].problem)
-                self.prm.free_problem(ps[0].problem)
+                self.policy.free_prompt(bs[0].prompt)
+                self.prm.free_prompt(ps[0].prompt)
             if not going:
                 return
             chosen = {id(b) for _, bs, _ in going for b in bs}

@@ -21,7 +21,7 @@ from ttscale.engine.confidence import (
     token_confidence,
     trace_scores,
 )
-from ttscale.engine.sequence import Problem, Sequence
+from ttscale.engine.sequence import Prompt, Sequence
 from ttscale.search import registry
 from ttscale.search.select import group_answers
 
@@ -113,8 +113,8 @@ def test_device_state_stops_where_the_reference_does_across_windows():
     top = -np.sort(rng.exponential(1.0, size=(rows, steps, 10)), axis=2).astype(np.float32)
     confidence = [[token_confidence(top[b, t].astype(np.float64).tolist(), k) for t in range(steps)]
                   for b in range(rows)]
-    problem = Problem(0, [1])
-    seqs = [Sequence(b, problem, [1]) for b in range(rows)]
+    prompt = Prompt(0, [1])
+    seqs = [Sequence(b, prompt, [1]) for b in range(rows)]
     control = ConfidenceStop(window, k)
     thresholds = []
     for b, seq in enumerate(seqs[:-1]):  # the last row is not watched
@@ -139,8 +139,8 @@ def test_device_state_stops_where_the_reference_does_across_windows():
 
 
 def test_a_row_flagged_in_a_window_takes_no_more_updates():
-    problem = Problem(0, [1])
-    seq = Sequence(0, problem, [1])
+    prompt = Prompt(0, [1])
+    seq = Sequence(0, prompt, [1])
     control = ConfidenceStop(4, 1)
     control.watch([seq], -1e9)
     state = WindowConfidence.begin([seq], [control], "cpu", 1)
@@ -166,12 +166,12 @@ def window_means(values: list[float], window: int) -> list[float]:
 def probe_threshold(llm, sampling, window, k) -> float:  # llm: anything with .engine
     """A threshold that most of the tiny model's traces cross somewhere in the middle."""
     engine = llm.engine
-    problem = engine.add(engine.tokenizer.encode("Q: 1+2\n"))
-    seqs = engine.fork(problem, 4)
+    prompt = engine.add(engine.tokenizer.encode("Q: 1+2\n"))
+    seqs = engine.fork(prompt, 4)
     engine.decode(seqs, sampling)
     means = [m for s in seqs for m in window_means(confidences_of(s, k), window)]
     engine.free(seqs)
-    engine.free_problem(problem)
+    engine.free_prompt(prompt)
     return float(np.quantile(means, 0.15))
 
 
@@ -199,8 +199,8 @@ def test_the_device_stop_fires_at_the_reference_token(owner, request):
                                       seed=3)
     threshold = probe_threshold(llm, sampling, window, k)
     free = engine.pool.refresh()
-    problem = engine.add(engine.tokenizer.encode("Q: (3*4)-5\n"))
-    seqs = engine.fork(problem, 8)
+    prompt = engine.add(engine.tokenizer.encode("Q: (3*4)-5\n"))
+    seqs = engine.fork(prompt, 8)
     control = ConfidenceStop(window, k)
     control.watch(seqs, threshold)
     reads = engine.pool.host_reads
@@ -210,7 +210,7 @@ def test_the_device_stop_fires_at_the_reference_token(owner, request):
     assert check_stops(seqs, window, k, threshold) >= 3
     assert any(window < s.generated < 40 for s in seqs if s.finish_reason == "confidence")
     engine.free(seqs)
-    engine.free_problem(problem)
+    engine.free_prompt(prompt)
     assert engine.pool.refresh() == free
 
 
@@ -224,8 +224,8 @@ def test_unwatched_rows_and_requests_beside_the_stop_are_unchanged(llm):
     threshold = probe_threshold(llm, sampling, window, k)
     request = ttscale.SamplingParams(temperature=1.0, max_tokens=30, seed=11, ignore_eos=True)
     alone = llm.generate(["Q: 7+8\n"], request, use_tqdm=False)[0].outputs[0].token_ids
-    problem = engine.add(engine.tokenizer.encode("Q: 1+2\n"))
-    seqs = engine.fork(problem, 6)
+    prompt = engine.add(engine.tokenizer.encode("Q: 1+2\n"))
+    seqs = engine.fork(prompt, 6)
     control = ConfidenceStop(window, k)
     control.watch(seqs[:3], threshold)
     llm.add_request("Q: 7+8\n", request, request_id="beside")
@@ -236,20 +236,20 @@ def test_unwatched_rows_and_requests_beside_the_stop_are_unchanged(llm):
     assert check_stops(seqs[:3], window, k, threshold) >= 1
     assert all(s.finish_reason == "length" and s.generated == 40 for s in seqs[3:])
     engine.free(seqs)
-    engine.free_problem(problem)
+    engine.free_prompt(prompt)
     beside = outputs["beside"]
     assert beside.finished and list(beside.outputs[0].token_ids) == list(alone)
 
 
 def test_the_stop_needs_the_logprobs_it_reads(llm):
     engine = llm.engine
-    problem = engine.add(engine.tokenizer.encode("Q: 1+2\n"))
-    seqs = engine.fork(problem, 1)
+    prompt = engine.add(engine.tokenizer.encode("Q: 1+2\n"))
+    seqs = engine.fork(prompt, 1)
     with pytest.raises(ttscale.InvalidArgument, match="logprobs"):
         engine.decode(seqs, ttscale.SamplingParams(logprobs=2),
                       confidence_stop=ConfidenceStop(4, 5))
     engine.free(seqs)
-    engine.free_problem(problem)
+    engine.free_prompt(prompt)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -113,12 +113,12 @@ def test_seeded_sample_is_the_same_alone_or_in_a_batch(model_dir):
 
 
 def test_prompt_kv_is_stored_once(engine):
-    problem = engine.add(PROMPT + PROMPT)
+    prompt = engine.add(PROMPT + PROMPT)
     used_by_prompt = engine.pool.num_blocks - engine.pool.refresh()
-    one = engine.fork(problem, 1)
+    one = engine.fork(prompt, 1)
     engine.decode(one, GREEDY, max_new_tokens=10)
     used_n1 = engine.pool.num_blocks - engine.pool.refresh()
-    many = engine.fork(problem, 64)
+    many = engine.fork(prompt, 64)
     engine.decode(many, GREEDY, max_new_tokens=10)
     used_n65 = engine.pool.num_blocks - engine.pool.refresh()
     suffix_blocks = engine.pool.blocks_for(10)  # the prompt's last token + 9 fed samples
@@ -192,15 +192,15 @@ def test_extend_then_decode_prefills_the_appended_tokens(engine, hf_model):
 
 
 def test_select_and_fork_keeps_the_best_and_frees_the_rest(engine, hf_model):
-    problems = [engine.add(PROMPT), engine.add(PROMPT[:9])]
-    cands = engine.fork(problems[0], 3) + engine.fork(problems[1], 2)
+    prompts = [engine.add(PROMPT), engine.add(PROMPT[:9])]
+    cands = engine.fork(prompts[0], 3) + engine.fork(prompts[1], 2)
     engine.decode(cands, SamplingParams(temperature=1.0, max_tokens=6, seed=2, ignore_eos=True))
     before = [list(c.tokens) for c in cands]
     kids, parents, offsets = engine.select_and_fork(cands, [0.1, 0.9, 0.5, 0.3, 0.2], [3, 2], keep=1, children=2)
     assert parents == [1, 1, 3, 3] and offsets == [0, 2, 4]
     assert kids[0] is cands[1] and kids[2] is cands[3]  # a kept candidate carries on as its first child
     assert [c.freed for c in cands] == [True, False, True, False, True]
-    engine.pool.check([p.row for p in problems] + [k.row for k in kids])
+    engine.pool.check([p.row for p in prompts] + [k.row for k in kids])
     for kid, p in zip(kids, parents):
         assert kid.tokens == before[p]
     # The children continue exactly as a fresh prefill of their context would.
@@ -210,8 +210,8 @@ def test_select_and_fork_keeps_the_best_and_frees_the_rest(engine, hf_model):
                                  eos_token_id=None, pad_token_id=0)[0, len(context):].tolist()
     assert kids[0].output_ids[6:] == expected
     engine.free(kids)
-    for p in problems:
-        engine.free_problem(p)
+    for p in prompts:
+        engine.free_prompt(p)
     assert engine.pool.refresh() == engine.pool.num_blocks
 
 
@@ -314,17 +314,17 @@ def test_tensor_and_array_prompts_are_token_ids(model_dir):
     assert ids(torch.tensor([PROMPT, PROMPT])) == want * 2
 
 
-def test_stream_keys_number_a_problems_sequences_on_their_own(engine):
+def test_stream_keys_number_a_prompts_sequences_on_their_own(engine):
     from ttscale.engine.engine import MAX_STREAM_KEY, STREAM_BITS
 
     a, b = engine.add(PROMPT), engine.add(PROMPT[:9])
     a.stream_key, b.stream_key = 3, 0
     first = engine.fork(a, 2) + engine.fork(b, 1)
-    more = engine.fork(first[0], 1)  # a fork of a sequence counts for its problem's key
+    more = engine.fork(first[0], 1)  # a fork of a sequence counts for its prompt's key
     assert [s.seq_id for s in first + more] == [3 << STREAM_BITS, (3 << STREAM_BITS) + 1, 0,
                                                 (3 << STREAM_BITS) + 2]
     b.stream_key = MAX_STREAM_KEY
-    with pytest.raises(ValueError, match="problem: stream key 262144 outside"):
+    with pytest.raises(ValueError, match="prompt: stream key 262144 outside"):
         engine.fork(b, 1)
 
 
@@ -347,11 +347,11 @@ def test_a_prefill_that_fails_frees_its_blocks(model_dir, monkeypatch):
     blocks, prefill = llm.engine.pool, llm.engine.runner.prefill_prompts
     calls = []
 
-    def failing_prefill(problems, start=None):
+    def failing_prefill(prompts, start=None):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return prefill(problems, start)
+        return prefill(prompts, start)
 
     monkeypatch.setattr(llm.engine.runner, "prefill_prompts", failing_prefill)
     with pytest.raises(KeyboardInterrupt):

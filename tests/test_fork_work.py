@@ -21,9 +21,9 @@ SAMPLING = ttscale.SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=Tru
 
 def candidates(llm, k):
     """Problem ``k``'s candidates: 6 sequences in two groups of 3, each 20 tokens in."""
-    (problem,) = llm.engine.add_many([PROMPTS[k]])
-    problem.stream_key = k  # its samples follow from k, as a search's problems' do
-    seqs = llm.engine.fork(problem, 6)
+    (prompt,) = llm.engine.add_many([PROMPTS[k]])
+    prompt.stream_key = k  # its samples follow from k, as a search's problems' do
+    seqs = llm.engine.fork(prompt, 6)
     llm.scheduler.decode(seqs, SAMPLING, max_new_tokens=20)
     return seqs
 

@@ -177,7 +177,7 @@ def test_prefill_is_the_problem_once_plus_each_revisions_new_tokens(llm):
         for k in range(sequential):
             context = revision_context_ids(prompt, attempts[:k], separators[:k])
             start = engine.prefilled_tokens
-            engine.free_problem(engine.add(context))  # the naive rebuild of this context
+            engine.free_prompt(engine.add(context))  # the naive rebuild of this context
             naive += engine.prefilled_tokens - start
             # What the chain's KV already holds of this context: the prompt (after the first
             # chain), then everything before the newest separator, bar a budget-cut attempt's
@@ -210,7 +210,7 @@ def test_window_rebuilds_the_context_from_the_last_attempts(llm, monkeypatch):
     decode = llm.scheduler.decode  # what a search's decode goes through
 
     def spy(seqs, sampling, **kwargs):
-        contexts.append([s.problem.prompt_ids[:-1] + s.tokens for s in seqs])
+        contexts.append([s.prompt.prompt_ids[:-1] + s.tokens for s in seqs])
         return decode(seqs, sampling, **kwargs)
 
     monkeypatch.setattr(llm.scheduler, "decode", spy)
@@ -366,8 +366,8 @@ def test_compute_optimal_names_a_bad_revision_ratio(llm):
 
 def test_drop_last_sample_takes_back_a_pending_sample(llm):
     engine = llm.engine
-    problem = engine.add(llm.tokenizer.encode("Q: 1+2\n"))
-    (seq,) = engine.fork(problem, 1)
+    prompt = engine.add(llm.tokenizer.encode("Q: 1+2\n"))
+    (seq,) = engine.fork(prompt, 1)
     engine.decode([seq], ttscale.SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True))
     tokens, generated = list(seq.tokens), seq.generated
     engine.drop_last_sample(seq)
@@ -376,4 +376,4 @@ def test_drop_last_sample_takes_back_a_pending_sample(llm):
     with pytest.raises(ValueError, match="^seq:"):  # its last token is in the KV cache
         engine.drop_last_sample(seq)
     engine.free([seq])
-    engine.free_problem(problem)
+    engine.free_prompt(prompt)

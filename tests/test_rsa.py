@@ -68,7 +68,7 @@ def contexts_seen(monkeypatch):
     advance = SearchRun.advance
 
     def spy(self, lines, *args, **kwargs):
-        seen.append([line.seq.problem.prompt_ids[:-1] + list(line.seq.tokens) for line in lines])
+        seen.append([line.seq.prompt.prompt_ids[:-1] + list(line.seq.tokens) for line in lines])
         return advance(self, lines, *args, **kwargs)
 
     monkeypatch.setattr(SearchRun, "advance", spy)

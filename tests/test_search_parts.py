@@ -64,7 +64,7 @@ def test_select_and_fork_with_no_children_frees_every_candidate(llm):
     seqs = started(engine, 4)
     forked = select_and_fork(engine, seqs, [1.0, 2.0, 3.0, 4.0], [2, 2], keep=[1, 5], children=0)
     assert forked.children == [] and forked.group_sizes == [0, 0]
-    engine.free_problem(seqs[0].problem)
+    engine.free_prompt(seqs[0].prompt)
     assert engine.pool.refresh() == engine.pool.num_blocks
 
 
@@ -75,7 +75,7 @@ def test_forked_children_decode_on_and_free_cleanly(llm):
     engine.decode(forked.children, GREEDY, max_new_tokens=3)
     assert forked.children[0].output_ids == forked.children[1].output_ids  # greedy, same past
     engine.free(forked.children)
-    engine.free_problem(seqs[0].problem)
+    engine.free_prompt(seqs[0].prompt)
     assert engine.pool.refresh() == engine.pool.num_blocks
 
 

@@ -242,8 +242,8 @@ def test_a_beam_search_step_reads_the_device_once(model_dir):
     children's parents and lengths once per step, with the decode's one read per step."""
     llm = make_llm(model_dir)
     engine = llm.engine
-    problem = engine.add(PROMPT)
-    seqs = engine.fork(problem, 6)
+    prompt = engine.add(PROMPT)
+    seqs = engine.fork(prompt, 6)
     sampling = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, seed=1)
     for _ in range(3):
         before = engine.pool.host_reads
@@ -254,7 +254,7 @@ def test_a_beam_search_step_reads_the_device_once(model_dir):
         assert decoded == 1 and engine.pool.host_reads - before == 2
         assert (offsets, parents) == ([0, 6], [3, 3, 2, 2, 1, 1])  # best first, ties to the lower
     engine.free(seqs)
-    engine.free_problem(problem)
+    engine.free_prompt(prompt)
     assert engine.pool.num_free == engine.pool.num_blocks  # no row is live: known unread
 
 

@@ -167,7 +167,7 @@ def test_min_thinking_writes_the_continue_text_at_most_max_extensions_times(one_
         extended += trace.state.extensions
     assert extended >= 10
     engine.free(seqs)
-    engine.free_problem(prompt)
+    engine.free_prompt(prompt)
     assert engine.pool.refresh() == engine.pool.num_blocks
 
 
@@ -180,8 +180,8 @@ def test_state_follows_stops_inside_a_window_and_forks(one_thread, policy, hf_mo
     params = SP(temperature=0, max_tokens=NEW, ignore_eos=True, **settings)
     prompt_ids = tokenizer.encode(PROMPTS[1])
     expected, _, _ = reference(hf_model, prompt_ids, settings)
-    problem = engine.add(prompt_ids)
-    (seq,) = engine.fork(problem, 1)
+    prompt = engine.add(prompt_ids)
+    (seq,) = engine.fork(prompt, 1)
     stops = 0
     while seq.generated < 17:
         # "d" is a token the model writes, "+" the end text's first token (forced at 12)
@@ -193,7 +193,7 @@ def test_state_follows_stops_inside_a_window_and_forks(one_thread, policy, hf_mo
         assert child.output_ids == expected
     assert stops >= 3  # it did stop inside windows, and between the end text's two tokens
     engine.free([seq, *children])
-    engine.free_problem(problem)
+    engine.free_prompt(prompt)
 
 
 def test_a_seeded_request_is_the_same_alone_or_beside_others(one_thread, policy):

@@ -384,7 +384,7 @@ def test_run_pending_returns_hidden_states_only_where_asked(prm_dir):
     # the final hidden states the model computes at those tokens, run over the whole sequence
     from tiny_models import PagedDriver
 
-    prompt = root.seq.problem.prompt_ids
+    prompt = root.seq.prompt.prompt_ids
     rows = torch.tensor([len(prompt) - 1 + 1, len(prompt) - 1 + 3])  # tokens[0] is the prompt's last
     expected = PagedDriver(prm.engine.model).prompt_hidden(prompt + [5, 6, 7], rows)
     assert_close(hidden[root.seq], expected, torch.float32, "hidden")

@@ -95,11 +95,11 @@ def test_an_older_wave_grows_into_the_blocks_a_newer_wave_holds_between_its_step
         scheduler = llm.scheduler
         old = scheduler.begin_wave(1, 28)  # its prompt's block and 4 x 7 blocks at 96 tokens
         new = scheduler.begin_wave(1, 12)
-        (held_problem,) = scheduler.add_prompts([[1, 5, 9, 14]], new)
-        held = llm.engine.fork(held_problem, 4)
+        (held_prompt,) = scheduler.add_prompts([[1, 5, 9, 14]], new)
+        held = llm.engine.fork(held_prompt, 4)
         scheduler.decode(held, LONG, max_new_tokens=40)  # 4 x 3 blocks, then held
-        (problem,) = scheduler.add_prompts([[1, 7, 3]], old)
-        growing = llm.engine.fork(problem, 4)
+        (prompt,) = scheduler.add_prompts([[1, 7, 3]], old)
+        growing = llm.engine.fork(prompt, 4)
         before = llm.stats().preemptions
         scheduler.decode(growing, LONG)  # 4 x 7 blocks: needs the held ones' room
         preempted = [s.kv_len for s in held]
@@ -125,11 +125,11 @@ def test_an_older_waves_context_prefill_takes_the_room_a_newer_wave_holds():
         scheduler, engine = llm.scheduler, llm.engine
         old = scheduler.begin_wave(1, 12)
         new = scheduler.begin_wave(1, 12)
-        (held_problem,) = scheduler.add_prompts([[1, 5, 9, 14]], new)
-        held = engine.fork(held_problem, 4)
+        (held_prompt,) = scheduler.add_prompts([[1, 5, 9, 14]], new)
+        held = engine.fork(held_prompt, 4)
         scheduler.decode(held, LONG, max_new_tokens=40)  # 4 x 3 blocks, then held
-        (problem,) = scheduler.add_prompts([[1, 7, 3]], old)
-        (trunk,) = engine.fork(problem, 1)
+        (prompt,) = scheduler.add_prompts([[1, 7, 3]], old)
+        (trunk,) = engine.fork(prompt, 1)
         engine.extend(trunk, [2 + i % 30 for i in range(120)])  # 8 blocks of context
         before = llm.stats().preemptions
         scheduler.prefill_pending([trunk], old)
@@ -249,8 +249,8 @@ def test_prompts_beyond_a_waves_budget_fail_that_wave_instead_of_hanging_both():
     out = {}
 
     def grow():
-        (problem,) = scheduler.add_prompts([[1, 7, 3]], older)
-        (seq,) = engine.fork(problem, 1)
+        (prompt,) = scheduler.add_prompts([[1, 7, 3]], older)
+        (seq,) = engine.fork(prompt, 1)
         scheduler.decode([seq], ttscale.SamplingParams(temperature=1.0, max_tokens=90,
                                                        ignore_eos=True))
         out["older"] = seq.generated
@@ -262,8 +262,8 @@ def test_prompts_beyond_a_waves_budget_fail_that_wave_instead_of_hanging_both():
                 time.sleep(0.3)  # scoring
         except ttscale.PoolExhausted as error:
             out["newer"] = error
-            for problem in newer.problems:  # what SearchRun.abandon and run_waves do
-                engine.free_problem(problem)
+            for prompt in newer.prompts:  # what SearchRun.abandon and run_waves do
+                engine.free_prompt(prompt)
             scheduler.end_wave(newer)
 
     returned = on_threads(add_contexts, grow, delay=0.1)

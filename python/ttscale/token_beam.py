@@ -169,10 +169,10 @@ def _search_wave(engine, ids: list[list[int]], params: BeamSearchParams) -> list
     width, eos = params.beam_width, engine.eos_token_ids
     # EOS must not end a beam inside the engine: the search decides what a candidate EOS does
     step_params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2 * width)
-    problems = engine.add_many(ids)
+    kv_prompts = engine.add_many(ids)  # the engine's prefilled prompts, one per prompt of ids
     try:
-        live = [[_Beam([], 0.0, engine.fork(p, 1)[0])] for p in problems]
-        finished: list[list[_Beam]] = [[] for _ in problems]
+        live = [[_Beam([], 0.0, engine.fork(p, 1)[0])] for p in kv_prompts]
+        finished: list[list[_Beam]] = [[] for _ in kv_prompts]
         for _ in range(params.max_tokens):
             seqs = [b.seq for group in live for b in group]
             if not seqs:
@@ -189,9 +189,9 @@ def _search_wave(engine, ids: list[list[int]], params: BeamSearchParams) -> list
             best.append(sorted(done + group, key=score, reverse=True)[:width])
         return best
     finally:  # done or failed: every block of the wave goes back
-        for problem in problems:
-            engine.free(list(problem.live))
-            engine.free_problem(problem)
+        for kv_prompt in kv_prompts:
+            engine.free(list(kv_prompt.live))
+            engine.free_prompt(kv_prompt)
 
 
 def _step(engine, group: list[_Beam], finished: list[_Beam], width: int, eos: frozenset,

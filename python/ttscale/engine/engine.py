@@ -2,8 +2,8 @@
 
 What strategies use::
 
-    problem = engine.add(prompt_ids)             # prefilled once, into its own blocks
-    seqs = engine.fork(problem, 16)              # 16 sequences sharing the prompt's KV
+    prompt = engine.add(prompt_ids)              # prefilled once, into its own blocks
+    seqs = engine.fork(prompt, 16)               # 16 sequences sharing the prompt's KV
     engine.decode(seqs, sampling, stop=["\\n\\n"]) # each runs to a step delimiter, EOS or budget
     kids = engine.fork(seqs[3], 4)               # beams: copy a block table, not a cache
     engine.free(seqs)
@@ -31,7 +31,7 @@ from ttscale.engine.runner import ModelRunner, copy_kv_blocks
 from ttscale.engine.sequence import (
     MAX_STREAM_KEY,
     STREAM_BITS,
-    Problem,
+    Prompt,
     Sequence,
     copy_sequence,
     keyed_seq_id,
@@ -162,7 +162,7 @@ class Engine:
         # engine, and without a cycle a dropped LLM gives its KV pool back at once, not at the
         # garbage collector's next full pass
         self._scheduler = None
-        self._next_problem_id = 0
+        self._next_prompt_id = 0
         self._next_seq_id = 0
         self._stream_forks: dict[int, int] = {}  # sequences numbered per stream key
         # Counters, for cost accounting and benchmarks.
@@ -179,21 +179,21 @@ class Engine:
         self._scheduler = weakref.ref(scheduler) if scheduler is not None else None
 
     # ------------------------------------------------------------------------------------------
-    # Problems and sequences
+    # Prompts and sequences
 
-    def add(self, prompt_ids: Seq[int]) -> Problem:
+    def add(self, prompt_ids: Seq[int]) -> Prompt:
         """Prefill one prompt (all but its last token, which each sequence feeds itself)."""
         return self.add_many([prompt_ids])[0]
 
     @_locked
     def add_many(self, prompts: Seq[Seq[int]], cached: Seq[torch.Tensor | None] | None = None,
-                 ) -> list[Problem]:
+                 ) -> list[Prompt]:
         """Prefill several prompts together; each is stored once.
 
         ``cached``: per prompt, None or the device ids of blocks already holding its first full
         blocks (a prefix cache's hit, referenced for this prompt's table); only the rest is
         prefilled."""
-        pool, problems = self.pool, []
+        pool, added = self.pool, []
         cached = list(cached) if cached is not None else [None] * len(prompts)
         for i, prompt in enumerate(prompts):
             ids = self.check_prompt(f"prompts[{i}]", prompt)
@@ -201,47 +201,47 @@ class Engine:
             if need > pool.num_blocks:
                 raise PoolExhausted(
                     f"prompts[{i}]: needs {need} KV blocks, the pool has {pool.num_blocks}")
-            problems.append(Problem(self._next_problem_id, ids))
-            self._next_problem_id += 1
-        rows = pool.new_rows(len(problems))
+            added.append(Prompt(self._next_prompt_id, ids))
+            self._next_prompt_id += 1
+        rows = pool.new_rows(len(added))
         start = {}
         try:
-            for problem, row, hit in zip(problems, rows, cached, strict=True):
-                problem.row = row
+            for prompt, row, hit in zip(added, rows, cached, strict=True):
+                prompt.row = row
                 pool.set_prefix(row, hit if hit is not None else torch.empty(0))
-                start[problem] = pool.used[row] * pool.block_size
-            pool.reserve_all(rows, [start[p] for p in problems],
-                             [len(p.prompt_ids) - 1 - start[p] for p in problems])
-            self.runner.prefill_prompts(problems, start)
+                start[prompt] = pool.used[row] * pool.block_size
+            pool.reserve_all(rows, [start[p] for p in added],
+                             [len(p.prompt_ids) - 1 - start[p] for p in added])
+            self.runner.prefill_prompts(added, start)
         except BaseException:  # a full pool, an interrupt, a device error: nothing stays held
             pool.release(rows)
-            for problem in problems:
-                problem.row, problem.freed = None, True
+            for prompt in added:
+                prompt.row, prompt.freed = None, True
             raise
-        for problem in problems:
-            problem.kv_len = len(problem.prompt_ids) - 1
-            self.prefilled_tokens += problem.kv_len - start[problem]
-        return problems
+        for prompt in added:
+            prompt.kv_len = len(prompt.prompt_ids) - 1
+            self.prefilled_tokens += prompt.kv_len - start[prompt]
+        return added
 
     @_locked
-    def fork(self, parent: Problem | Sequence, k: int) -> list[Sequence]:
-        """``k`` new sequences sharing ``parent``'s KV (a problem's prompt, or a sequence's path)."""
+    def fork(self, parent: Prompt | Sequence, k: int) -> list[Sequence]:
+        """``k`` new sequences sharing ``parent``'s KV (a prompt, or a sequence's path)."""
         if not isinstance(k, int) or k < 0:
             raise InvalidArgument(f"k: expected an integer >= 0, got {k!r}")
         if parent.freed:
             raise InvalidArgument("parent: already freed")
         children = []
         pool = self.pool
-        rows = pool.new_rows(k) if isinstance(parent, Problem) else pool.fork(parent.row, k)
+        rows = pool.new_rows(k) if isinstance(parent, Prompt) else pool.fork(parent.row, k)
         for row in rows:
-            if isinstance(parent, Problem):
+            if isinstance(parent, Prompt):
                 child = Sequence(self._new_seq_id(parent), parent, [parent.prompt_ids[-1]], row)
             else:
-                child = copy_sequence(parent, self._new_seq_id(parent.problem), row)
+                child = copy_sequence(parent, self._new_seq_id(parent.prompt), row)
             children.append(child)
-        problem = parent if isinstance(parent, Problem) else parent.problem
-        problem.num_sequences += k
-        problem.live.update(children)
+        prompt = parent if isinstance(parent, Prompt) else parent.prompt
+        prompt.num_sequences += k
+        prompt.live.update(children)
         return children
 
     @_locked
@@ -293,22 +293,22 @@ class Engine:
         self.pool.release([s.row for s in live])
         for seq in live:
             seq.row, seq.freed = None, True
-            seq.problem.num_sequences -= 1
-            seq.problem.live.discard(seq)
+            seq.prompt.num_sequences -= 1
+            seq.prompt.live.discard(seq)
 
     @_locked
-    def free_problem(self, problem: Problem) -> None:
+    def free_prompt(self, prompt: Prompt) -> None:
         """Release a prompt's blocks once none of its sequences is live."""
-        if problem.num_sequences:
-            raise InvalidArgument(f"problem: {problem.num_sequences} of its sequences are still live")
-        if not problem.freed:
-            self.pool.release([problem.row])
-            problem.row, problem.freed = None, True
+        if prompt.num_sequences:
+            raise InvalidArgument(f"prompt: {prompt.num_sequences} of its sequences are still live")
+        if not prompt.freed:
+            self.pool.release([prompt.row])
+            prompt.row, prompt.freed = None, True
 
-    def _new_seq_id(self, problem: Problem) -> int:
-        """The next sequence's number: by the problem's stream key when it has one."""
-        if problem.stream_key is not None:
-            return keyed_seq_id(problem, self._stream_forks)
+    def _new_seq_id(self, prompt: Prompt) -> int:
+        """The next sequence's number: by the prompt's stream key when it has one."""
+        if prompt.stream_key is not None:
+            return keyed_seq_id(prompt, self._stream_forks)
         self._next_seq_id += 1
         return self._next_seq_id - 1
 

@@ -110,14 +110,14 @@ def select_and_fork(engine, candidates: Seq[Sequence], scores: Seq[float], group
             parent.kv_len = lens[slot]
             kids.append(parent)
             continue
-        kid = copy_sequence(parent, engine._new_seq_id(parent.problem), child_rows[slot])
+        kid = copy_sequence(parent, engine._new_seq_id(parent.prompt), child_rows[slot])
         kid.kv_len = lens[slot]
-        kid.problem.num_sequences += 1
-        kid.problem.live.add(kid)
+        kid.prompt.num_sequences += 1
+        kid.prompt.live.add(kid)
         kids.append(kid)
     for p, seq in enumerate(candidates):
         if p not in continuing:
             seq.row, seq.freed = None, True
-            seq.problem.num_sequences -= 1
-            seq.problem.live.discard(seq)
+            seq.prompt.num_sequences -= 1
+            seq.prompt.live.discard(seq)
     return kids, parents, child_offsets

@@ -13,7 +13,7 @@ computed from the suffix table; the sampled token becomes the next input), so a 
 steps is ``w`` replays and a copy of each step's outputs.
 
 Padded rows are inert: slot -1 (no KV write), one suffix token read from block 0 (finite: the
-pool starts zeroed and holds only what the model wrote), problem 0, temperature 0.
+pool starts zeroed and holds only what the model wrote), prompt 0, temperature 0.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def width_bucket(n: int) -> int:
 @dataclass(frozen=True)
 class GraphKey:
     rows: int
-    problems: int
+    prompts: int
     prompt_width: int
     suffix_width: int
     seed: int
@@ -65,8 +65,8 @@ class DecodeGraph:
         self.tokens_in = zeros(rows, dtype=i64)
         self.positions = zeros(rows, dtype=i64)
         self.live = zeros(rows, dtype=torch.bool)
-        self.prompt_tables = zeros(key.problems, key.prompt_width, dtype=i32)
-        self.prompt_lens = zeros(key.problems, dtype=i32)
+        self.prompt_tables = zeros(key.prompts, key.prompt_width, dtype=i32)
+        self.prompt_lens = zeros(key.prompts, dtype=i32)
         self.problem_ids = zeros(rows, dtype=i32)
         self.suffix_tables = zeros(rows, key.suffix_width, dtype=i32)
         self.suffix_lens = zeros(rows, dtype=i32)
@@ -135,7 +135,7 @@ class DecodeGraph:
     def load(self, tokens_in, positions, prompt_tables, prompt_lens, problem_ids, suffix_tables,
              suffix_lens, offsets, sampling) -> None:
         """Write one window's real rows (host lists) into the static buffers."""
-        rows, problems = len(tokens_in), len(prompt_tables)
+        rows, prompts = len(tokens_in), len(prompt_tables)
         device = self.tokens_in.device
         self.reset_padding()
         self.prompt_tables.zero_()
@@ -156,7 +156,7 @@ class DecodeGraph:
         put(self.top_k, [p.top_k for p in per_row], torch.int32)
         put(self.top_p, [p.top_p for p in per_row], torch.float32)
         put(self.min_p, [p.min_p for p in per_row], torch.float32)
-        self.prompt_tables[:problems, : prompt_tables.shape[1]].copy_(prompt_tables)
+        self.prompt_tables[:prompts, : prompt_tables.shape[1]].copy_(prompt_tables)
         self.suffix_tables[:rows, : suffix_tables.shape[1]].copy_(suffix_tables)
 
     def replay(self):

@@ -1,7 +1,7 @@
 """The paged KV pool's one owner: reference counts, free stack and block tables on the device.
 
 A block table is a row of :attr:`Pool.tables` (``int32 [rows, width]``, -1 past its used
-entries); a problem or sequence holds its row's index. The reference counts and the free stack
+entries); a prompt or sequence holds its row's index. The reference counts and the free stack
 are a :class:`~ttscale.block_pool.BlockPool`. Every change (allocate, fork, free, copy-on-write,
 a search step's select-and-fork) is a batched tensor op on the pool's device; the host never
 holds a copy of a count or of a table's block ids.

@@ -1,8 +1,8 @@
-"""Turns the engine's problems and sequences into model steps: batch tensors, forward, sample.
+"""Turns the engine's prompts and sequences into model steps: batch tensors, forward, sample.
 
 Every step is described to the model as an :class:`~ttscale.model.AttentionBatch` over the two
-KV levels: the problems touched by the step (their prompt blocks, read once per problem) and
-the step's sequences (their own suffix blocks).
+KV levels: the prompts touched by the step (their blocks, read once per prompt) and the step's
+sequences (their own suffix blocks).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from ttscale import ops
 from ttscale.engine.confidence import ConfidenceStop, WindowConfidence
 from ttscale.engine.pool import Pool
-from ttscale.engine.sequence import Problem, Sequence
+from ttscale.engine.sequence import Prompt, Sequence
 from ttscale.engine.thinking import Controls
 from ttscale.engine.threads import ThreadGovernor, governed
 from ttscale.model import AttentionBatch
@@ -65,14 +65,15 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------
     # Prefill: chunks of known tokens, no sampling.
 
-    @governed("prefill", lambda problems, start=None: sum(len(p.prompt_ids) for p in problems))
-    def prefill_prompts(self, problems: list[Problem], start: dict[Problem, int] | None = None) -> None:
-        """Write each problem's prompt (all but the last token) into its blocks, in chunks, from
-        ``start[problem]`` on (tokens before it are already in its blocks: a prefix-cache hit)."""
-        done = {p: (start or {}).get(p, 0) for p in problems}
+    @governed("prefill", lambda prompts, start=None: sum(len(p.prompt_ids) for p in prompts))
+    def prefill_prompts(self, prompts: list[Prompt],
+                        start: dict[Prompt, int] | None = None) -> None:
+        """Write each prompt (all but the last token) into its blocks, in chunks, from
+        ``start[prompt]`` on (tokens before it are already in its blocks: a prefix-cache hit)."""
+        done = {p: (start or {}).get(p, 0) for p in prompts}
         while True:
             chunk, budget = [], self.max_batch_tokens
-            for p in problems:
+            for p in prompts:
                 left = len(p.prompt_ids) - 1 - done[p]
                 if left > 0 and budget > 0:
                     take = min(left, budget)
@@ -106,16 +107,16 @@ class ModelRunner:
 
     def _sequence_batch(self, mode: str, seqs: list[Sequence], q_lens: list[int],
                         positions: list[int], slots: torch.Tensor, suffix_lens: list[int]) -> AttentionBatch:
-        problems: dict[Problem, int] = {}
+        prompts: dict[Prompt, int] = {}  # the step's prompts, each with its index in the batch
         for s in seqs:
-            problems.setdefault(s.problem, len(problems))
+            prompts.setdefault(s.prompt, len(prompts))
         return AttentionBatch(
             mode,
             positions=self._tensor(positions),
             slots=slots,
-            prompt_block_tables=self.pool.gather([p.row for p in problems]),
-            prompt_lens=self._tensor([p.kv_len for p in problems], torch.int32),
-            problem_ids=self._tensor([problems[s.problem] for s in seqs], torch.int32),
+            prompt_block_tables=self.pool.gather([p.row for p in prompts]),
+            prompt_lens=self._tensor([p.kv_len for p in prompts], torch.int32),
+            problem_ids=self._tensor([prompts[s.prompt] for s in seqs], torch.int32),
             suffix_block_tables=self.pool.gather([s.row for s in seqs]),
             suffix_lens=self._tensor(suffix_lens, torch.int32),
             q_lens=self._tensor(q_lens, torch.int32) if mode == "prefill" else None,
@@ -146,7 +147,7 @@ class ModelRunner:
                         rows.append(len(ids))
                         owners.append(seq)
                     ids.append(seq.tokens[i])
-                    positions.append(seq.problem.kv_len + i)
+                    positions.append(seq.prompt.kv_len + i)
                 table_rows += [seq.row] * n
                 table_positions += range(first, first + n)
             slots = self.pool.slots(self._tensor(table_rows), self._tensor(table_positions))
@@ -288,19 +289,19 @@ class ModelRunner:
         from ttscale.engine.graphs import GraphKey, bucket, width_bucket
 
         B = len(seqs)
-        problems: dict[Problem, int] = {}
+        prompts: dict[Prompt, int] = {}
         for s in seqs:
-            problems.setdefault(s.problem, len(problems))
-        prompt_tables = self.pool.gather([p.row for p in problems])
+            prompts.setdefault(s.prompt, len(prompts))
+        prompt_tables = self.pool.gather([p.row for p in prompts])
         suffix_tables = self.pool.gather([s.row for s in seqs])
-        key = GraphKey(bucket(B), bucket(len(problems)), width_bucket(prompt_tables.shape[1]),
+        key = GraphKey(bucket(B), bucket(len(prompts)), width_bucket(prompt_tables.shape[1]),
                        width_bucket(suffix_tables.shape[1]), seed, max(p.logprobs for p in rows),
                        self.backend)
         graph = self.graphs.get(key)
         graph.load(
             tokens_in=[s.tokens[-1] for s in seqs], positions=[s.context_len - 1 for s in seqs],
-            prompt_tables=prompt_tables, prompt_lens=[p.kv_len for p in problems],
-            problem_ids=[problems[s.problem] for s in seqs], suffix_tables=suffix_tables,
+            prompt_tables=prompt_tables, prompt_lens=[p.kv_len for p in prompts],
+            problem_ids=[prompts[s.prompt] for s in seqs], suffix_tables=suffix_tables,
             suffix_lens=[s.kv_len + 1 for s in seqs], offsets=offsets, sampling=rows,
         )
         out_tokens, out_lp, out_top = [], [], []

@@ -157,8 +157,8 @@ class Scheduler(SearchWork):
             waiting_new = len(self._incoming)
         live = list(self.requests.values())
         return EngineStats(
-            running=sum(r.problem is not None for r in live),
-            waiting=waiting_new + sum(r.problem is None and not r.preempted for r in live),
+            running=sum(r.kv_prompt is not None for r in live),
+            waiting=waiting_new + sum(r.kv_prompt is None and not r.preempted for r in live),
             preempted=sum(r.preempted for r in live),
             free_blocks=self.engine.pool.num_free + (self.cache.evictable() if self.cache else 0),
             total_blocks=self.engine.pool.num_blocks,
@@ -232,7 +232,7 @@ class Scheduler(SearchWork):
             if isinstance(owner, DecodeItem):
                 rows = [(seq, owner.limits[seq]) for seq in owner.active]
             else:
-                if owner.problem is None and not self._admit_prompt(owner):
+                if owner.kv_prompt is None and not self._admit_prompt(owner):
                     break  # first come, first served: later work waits too
                 rows = [(seq, owner.params.max_tokens) for seq in owner.unfinished]
             for seq, most in rows:
@@ -263,24 +263,24 @@ class Scheduler(SearchWork):
             return False
         cached = self.cache.hit_blocks(hit) if hit else None
         try:
-            (problem,) = engine.add_many([request.prompt_ids], cached=[cached])
+            (prompt,) = engine.add_many([request.prompt_ids], cached=[cached])
         except BaseException:
             if self.cache:
                 self.cache.unmatch(hit, release=False)  # the failed prefill gave them back
             raise
         if self.cache:
-            self.cache.insert(request.prompt_ids, problem.row, hit)
-        request.problem = problem
+            self.cache.insert(request.prompt_ids, prompt.row, hit)
+        request.kv_prompt = prompt
         if not request.seqs:
-            request.seqs = engine.fork(problem, request.params.n)
+            request.seqs = engine.fork(prompt, request.params.n)
             request.stream_offsets = {seq: sample_stream(request.seed, request.stream, k)
                                       for k, seq in enumerate(request.seqs)}
         else:  # resuming after its prompt was preempted: its samples keep their tokens
             for seq in request.unfinished:
-                seq.problem, seq.freed, seq.kv_len = problem, False, 0
+                seq.prompt, seq.freed, seq.kv_len = prompt, False, 0
                 (seq.row,) = pool.new_rows(1)
-                problem.num_sequences += 1
-                problem.live.add(seq)
+                prompt.num_sequences += 1
+                prompt.live.add(seq)
         return True
 
     def _make_room(self, need: int, before: tuple[int, Sequence | None]) -> bool:
@@ -307,7 +307,8 @@ class Scheduler(SearchWork):
                 break
             if pool.num_free >= need:
                 return True
-            if request.problem is not None and all(not pool.used[s.row] for s in request.unfinished):
+            if (request.kv_prompt is not None
+                    and all(not pool.used[s.row] for s in request.unfinished)):
                 self._release(request)
                 request.preempted = True
                 self.preemptions += 1
@@ -328,8 +329,8 @@ class Scheduler(SearchWork):
         for wave in reversed(self.waves):
             if wave.arrival <= arrival or pool.num_free >= need:
                 break
-            for problem in reversed(wave.problems):
-                for seq in sorted(problem.live, key=lambda s: s.seq_id, reverse=True):
+            for prompt in reversed(wave.prompts):
+                for seq in sorted(prompt.live, key=lambda s: s.seq_id, reverse=True):
                     if pool.num_free >= need:
                         return True
                     if seq.row is not None and pool.used[seq.row]:
@@ -342,11 +343,11 @@ class Scheduler(SearchWork):
         """Free every block the request holds (its samples' tokens stay readable)."""
         live = [s for s in request.seqs if not s.freed]
         self.engine.free(live)
-        if request.problem is not None:
+        if request.kv_prompt is not None:
             if self.cache:
-                self.cache.forget_row(request.problem.row)
-            self.engine.free_problem(request.problem)
-            request.problem = None
+                self.cache.forget_row(request.kv_prompt.row)
+            self.engine.free_prompt(request.kv_prompt)
+            request.kv_prompt = None
 
     def _finish(self, request: Request) -> None:
         self._release(request)

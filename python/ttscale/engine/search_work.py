@@ -5,7 +5,7 @@ and a PRM call (the scheduler module holds requests, steps, admission and preemp
 
     scheduler.decode(seqs, sampling, stop=[...])  # to the next stop, in the shared steps
     wave = scheduler.begin_wave(prompt_blocks, seq_blocks)   # a search's problems, admitted
-    problems = scheduler.add_prompts(prompts, wave)          # prefilled when they fit
+    added = scheduler.add_prompts(prompts, wave)             # prefilled when they fit
     scheduler.prefill_pending(seqs, wave)                    # more context, when it fits
     scheduler.end_wave(wave)
     item = scheduler.prefill(seqs, hidden_at)     # a PRM's new steps, batched across threads
@@ -23,7 +23,7 @@ import torch
 
 from ttscale.engine import forking
 from ttscale.engine.confidence import ConfidenceStop
-from ttscale.engine.sequence import Problem, Sequence
+from ttscale.engine.sequence import Prompt, Sequence
 from ttscale.engine.settings import check_decode_arguments, decode_limits
 from ttscale.engine.work import DecodeItem, ForkItem, PrefillItem, Wave
 from ttscale.errors import InvalidArgument, PoolExhausted
@@ -62,7 +62,7 @@ class SearchWork:
         """Decode a search's sequences until each stops, as rows of the shared steps: queue the
         work, then drive steps (any thread's step advances it) until it is done. The work of a
         wave's sequences ranks by the wave's arrival."""
-        wave = active[0].problem.wave
+        wave = active[0].prompt.wave
         item = DecodeItem(list(active), sampling, tuple(stops), limits, seed,
                           confidence_stop=confidence_stop, wave=wave)
         with self._inbox_lock:
@@ -228,18 +228,18 @@ class SearchWork:
             if wave in self.waves:
                 self.waves.remove(wave)
 
-    def add_prompts(self, prompts: Seq[Seq[int]], wave: Wave | None = None) -> list[Problem]:
+    def add_prompts(self, prompts: Seq[Seq[int]], wave: Wave | None = None) -> list[Prompt]:
         """Prefill a wave's prompts (:meth:`Engine.add_many`) when they fit: newer work gives
         way; while older work holds the room, this waits for it, driving steps."""
         need = sum(self.engine.pool.blocks_for(len(p) - 1) for p in prompts)
 
-        def add() -> list[Problem]:
-            problems = self.engine.add_many(prompts)  # a pool too small raises
-            for problem in problems:
-                problem.wave = wave
+        def add() -> list[Prompt]:
+            added = self.engine.add_many(prompts)  # a pool too small raises
+            for prompt in added:
+                prompt.wave = wave
             if wave is not None:
-                wave.problems += problems
-            return problems
+                wave.prompts += added
+            return added
 
         return self._when_room(lambda: need, wave, add)
 
@@ -278,7 +278,7 @@ class SearchWork:
         """The blocks a wave's prompts take: as it declared, or more where it added more (RSA's
         aggregation contexts)."""
         pool = self.engine.pool
-        held = sum(pool.blocks_for(len(p.prompt_ids) - 1) for p in wave.problems if not p.freed)
+        held = sum(pool.blocks_for(len(p.prompt_ids) - 1) for p in wave.prompts if not p.freed)
         return max(wave.prompt_blocks, held)
 
     def _others_hold(self, wave: Wave | None) -> bool:

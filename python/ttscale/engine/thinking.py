@@ -171,12 +171,12 @@ def initial_state(seq, control: Control) -> State:
     if control.start is None:
         after = own
     else:
-        context = seq.problem.prompt_ids + own
+        context = seq.prompt.prompt_ids + own
         if control.start not in context:
             return State(WAITING, 0, 0)
         last = len(context) - 1 - context[::-1].index(control.start)
-        after = own[max(0, last + 1 - len(seq.problem.prompt_ids)):]
-        if any(t in control.triggers for t in context[last + 1:len(seq.problem.prompt_ids)]):
+        after = own[max(0, last + 1 - len(seq.prompt.prompt_ids)):]
+        if any(t in control.triggers for t in context[last + 1:len(seq.prompt.prompt_ids)]):
             return State(ENDED, 0, 0)
     if any(t in control.triggers for t in after):
         return State(ENDED, len(after), 0)

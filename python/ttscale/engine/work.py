@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ttscale.engine.confidence import ConfidenceStop
-from ttscale.engine.sequence import DRAWS_PER_SEQUENCE, Problem, Sequence
+from ttscale.engine.sequence import DRAWS_PER_SEQUENCE, Prompt, Sequence
 from ttscale.sampling_params import SamplingParams
 
 STREAM_BITS = 39  # a sample's stream number; times DRAWS_PER_SEQUENCE (2**24) stays below 2**63
@@ -44,7 +44,7 @@ class Request:
     seed: int
     stream: int
     arrival: int = 0
-    problem: Problem | None = None  # the prefilled prompt, while admitted
+    kv_prompt: Prompt | None = None  # the prefilled prompt, while admitted
     seqs: list[Sequence] = field(default_factory=list)  # one per sample, from the first admission
     stream_offsets: dict[Sequence, int] = field(default_factory=dict)  # each sample's first offset
     finished: bool = False
@@ -116,7 +116,7 @@ class Wave:
     arrival: int
     prompt_blocks: int
     seq_blocks: int
-    problems: list[Problem] = field(default_factory=list)  # the engine's prompts it prefilled
+    prompts: list[Prompt] = field(default_factory=list)  # the engine's prompts it prefilled
     waiting: bool = False  # its thread waits for room to prefill (it frees nothing meanwhile)
 
 

@@ -212,8 +212,8 @@ def _next_context(
         return 0
     shown = range(done - window, done)
     context = revision_context_ids([], [attempts[i] for i in shown], [separators[i] for i in shown])
-    problem = line.seq.problem
+    prompt = line.seq.prompt
     engine.free([line.seq])
-    line.seq = engine.fork(problem, 1)[0]
+    line.seq = engine.fork(prompt, 1)[0]
     engine.extend(line.seq, context)
     return len(context)

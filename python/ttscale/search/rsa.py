@@ -182,7 +182,7 @@ def _evolve(run: SearchRun, n: int, options: RSAOptions, aggregate: AggregateFn,
     inputs, engine = run.inputs, run.engine
     rounds, members = options.aggregation_rounds, options.aggregation_size
     lines = run.start(n, keep_roots=True)
-    prompts = {line.problem: line.seq.problem for line in lines}  # each problem's engine prompt
+    prompts = {line.problem: line.seq.prompt for line in lines}  # each problem's engine prompt
     run.advance(lines, sampling, whole=True, score=rounds == 0)
     generated = {p: [run.costs[p].generated_tokens] for p in run.wave}  # per population
     draws: dict[int, list[list[list[int]]]] = {p: [] for p in run.wave}
@@ -220,7 +220,7 @@ def _evolve(run: SearchRun, n: int, options: RSAOptions, aggregate: AggregateFn,
             generated[p].append(run.costs[p].generated_tokens - sum(generated[p]))
         for base in added:  # the round's shared prefixes, once their sequences are done
             if not base.num_sequences:
-                engine.free_problem(base)
+                engine.free_prompt(base)
     candidates: dict[int, list[Candidate]] = {p: [] for p in run.wave}
     for line in lines:
         candidate = run.candidate(line)

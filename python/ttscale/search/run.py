@@ -80,8 +80,8 @@ class SearchRun(StepScoring):
         self.wave = wave
         self.costs = {p: Cost() for p in wave}
         self.trees = {p: [TreeNode(0, None, "", None, 0)] for p in wave} if tree else None
-        self._engine_problems = []
-        self._verifier_problems = []  # the verifier engine's problems this run started
+        self._prompts = []  # the engine's prompts this run prefilled (see add_prompts)
+        self._verifier_prompts = []  # the verifier engine's prompts this run started
         self.stream_counters = {} if stream_counters is None else stream_counters
         self._roots: dict[int, object] = {}  # kept verifier roots, by problem (see start)
         self._started = time.perf_counter()
@@ -96,7 +96,7 @@ class SearchRun(StepScoring):
 
         ``keep_roots`` keeps each problem's root path (the problem, no steps) until the run
         closes, for :meth:`restart`."""
-        engine_problems = self.add_prompts(self.wave, [self.inputs.prompts[p] for p in self.wave])
+        prompts = self.add_prompts(self.wave, [self.inputs.prompts[p] for p in self.wave])
         roots = [None] * len(self.wave)
         if self.verifier is not None:
             texts = [self.inputs.problems[p] for p in self.wave]
@@ -108,11 +108,11 @@ class SearchRun(StepScoring):
             roots = self._verify(
                 self.wave, [len(t) + 1 for t in texts], self.verifier.start, texts, refs
             )
-            self._verifier_problems += [root.seq.problem for root in roots
-                                        if getattr(root, "seq", None) is not None]
+            self._verifier_prompts += [root.seq.prompt for root in roots
+                                       if getattr(root, "seq", None) is not None]
         lines = []
-        for p, problem, root in zip(self.wave, engine_problems, roots, strict=True):
-            seqs = self.engine.fork(problem, n)
+        for p, prompt, root in zip(self.wave, prompts, roots, strict=True):
+            seqs = self.engine.fork(prompt, n)
             paths = self._fork_paths([root] * n, [p] * n) if root is not None else [None] * n
             lines += [
                 Line(p, seq, path, index=i)
@@ -131,17 +131,17 @@ class SearchRun(StepScoring):
         :meth:`start` adds the problems' own prompts; a strategy may add more (the shared
         prefix of RSA's aggregation contexts)."""
         if self.scheduler is not None:
-            engine_problems = self.scheduler.add_prompts(list(prompts), self.admitted)
+            added = self.scheduler.add_prompts(list(prompts), self.admitted)
         else:
-            engine_problems = self.engine.add_many(list(prompts))
-        self._engine_problems += engine_problems
-        for p, problem in zip(owners, engine_problems, strict=True):
+            added = self.engine.add_many(list(prompts))
+        self._prompts += added
+        for p, prompt in zip(owners, added, strict=True):
             # its samples follow from its id (default: its place in the call), not from its wave
             # or the problems searched with it
-            problem.stream_key = self.inputs.problem_ids[p]
-            problem.stream_counters = self.stream_counters
-            self.costs[p].prefilled_tokens += problem.kv_len
-        return engine_problems
+            prompt.stream_key = self.inputs.problem_ids[p]
+            prompt.stream_counters = self.stream_counters
+            self.costs[p].prefilled_tokens += prompt.kv_len
+        return added
 
     def prefill(self, seqs: Seq[Sequence]) -> None:
         """Run sequences' pending tokens but the last into the KV cache, through the scheduler
@@ -329,21 +329,21 @@ class SearchRun(StepScoring):
         """After a failure: free every sequence and prompt this run holds, on the policy's
         engine and on the verifier's, whatever state the lines were left in."""
         verifier_engine = getattr(self.verifier, "engine", None)
-        for engine, problems in ((self.engine, self._engine_problems),
-                                 (verifier_engine, self._verifier_problems)):
-            for problem in problems:
-                engine.free(list(problem.live))
-                if not problem.freed:
-                    engine.free_problem(problem)
-        self._engine_problems, self._verifier_problems, self._roots = [], [], {}
+        for engine, prompts in ((self.engine, self._prompts),
+                                (verifier_engine, self._verifier_prompts)):
+            for prompt in prompts:
+                engine.free(list(prompt.live))
+                if not prompt.freed:
+                    engine.free_prompt(prompt)
+        self._prompts, self._verifier_prompts, self._roots = [], [], {}
 
     def close(self) -> None:
         """Free the wave's prompts and kept verifier roots (every line must be freed by now) and
         charge the wall time."""
         self._free_paths(list(self._roots.values()), list(self._roots))
         self._roots = {}
-        for problem in self._engine_problems:
-            self.engine.free_problem(problem)
+        for prompt in self._prompts:
+            self.engine.free_prompt(prompt)
         seconds = time.perf_counter() - self._started
         work = [self.costs[p].generated_tokens + self.costs[p].scored_tokens for p in self.wave]
         for p, share in zip(self.wave, split_seconds(seconds, work), strict=True):

@@ -26,7 +26,7 @@ from ttscale import ops
 from ttscale._checks import check_text
 from ttscale.engine.engine import Engine, check_engine_arguments
 from ttscale.engine.scheduler import Scheduler
-from ttscale.engine.sequence import Problem, Sequence
+from ttscale.engine.sequence import Prompt, Sequence
 from ttscale.errors import InvalidArgument, ModelLoadError, TokenizerError
 from ttscale.model import load_model, load_tokenizer, read_config
 from ttscale.model.loader import check_load_arguments
@@ -65,13 +65,14 @@ class PRMPath:
     tag_positions: list[int] = field(default_factory=list)
 
     @property
-    def problem(self) -> Problem:
-        return self.seq.problem
+    def prompt(self) -> Prompt:
+        """The engine's prefilled prompt its sequence forks from: the problem's prefix."""
+        return self.seq.prompt
 
     @property
     def token_ids(self) -> list[int]:
         """The whole sequence so far: the problem's prefix, then every step's segment."""
-        return self.problem.prompt_ids + self.seq.tokens[1:]
+        return self.prompt.prompt_ids + self.seq.tokens[1:]
 
     @property
     def freed(self) -> bool:
@@ -198,10 +199,10 @@ class PRM(Verifier):
         prefixes = [self.format.prefix(problem) for problem in problems]
         with self.engine.lock:  # the count is this call's, whatever other threads score
             before = self.engine.prefilled_tokens
-            engine_problems = self.engine.add_many([p.ids for p in prefixes])
+            prompts = self.engine.add_many([p.ids for p in prefixes])
             self._count(self.engine.prefilled_tokens - before)
-        return [PRMPath(self.engine.fork(problem, 1)[0], prefix)
-                for problem, prefix in zip(engine_problems, prefixes, strict=True)]
+        return [PRMPath(self.engine.fork(prompt, 1)[0], prefix)
+                for prompt, prefix in zip(prompts, prefixes, strict=True)]
 
     def fork(self, paths, parents) -> list[PRMPath]:
         """Children sharing their parents' KV blocks (a block table copy each)."""
@@ -235,8 +236,8 @@ class PRM(Verifier):
             if path.freed:
                 continue
             self.engine.free([path.seq])
-            if path.problem.num_sequences == 0:
-                self.engine.free_problem(path.problem)
+            if path.prompt.num_sequences == 0:
+                self.engine.free_prompt(path.prompt)
 
     # ------------------------------------------------------------------------------------------
 
@@ -290,7 +291,7 @@ class PRM(Verifier):
             path.last = segment
             path.num_steps += 1
             # The segment's last token, in token_ids (the prefix, then seq.tokens after its first).
-            path.tag_positions.append(len(path.problem.prompt_ids) + len(path.seq.tokens) - 2)
+            path.tag_positions.append(len(path.prompt.prompt_ids) + len(path.seq.tokens) - 2)
 
     @staticmethod
     def _checked_paths(paths) -> Seq[PRMPath]:
