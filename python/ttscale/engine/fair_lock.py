@@ -11,8 +11,8 @@ its ``__exit__`` are C code that an interrupt cannot cut in half; only the take 
 blocking take draws a ticket and waits for its turn before it takes the RLock, and the owner
 passes the turn on when it has taken it. A take that an interrupt cuts short gives back what it
 took; a ticket it leaves behind holds the line until the next in line has found the lock free
-after ``STALL`` seconds without a turn passing (so a lock held longer than that is not mistaken
-for an abandoned turn). Non-blocking takes (``stats()``, ``abort()``
+at two looks ``STALL`` seconds apart without a turn passing (so neither a lock held longer than
+that nor one let go an instant before a look is mistaken for an abandoned turn). Non-blocking takes (``stats()``, ``abort()``
 peeking) and takes with a timeout do not queue.
 
 Where the RLock's C type lacks what this needs (``_recursion_count``, Python 3.10),
@@ -56,14 +56,23 @@ class FairLock(_RLock):
     def _take_in_turn(self) -> bool:
         ticket = next(self._tickets)
         seen, since, nap = self._serving, time.monotonic(), FIRST_NAP
+        free_before = False  # found free at the last STALL's end, no turn passed since
         while self._serving < ticket:
             now = time.monotonic()
             if self._serving != seen:
-                seen, since = self._serving, now
+                seen, since, free_before = self._serving, now, False
             elif now - since > STALL:
+                # Free at two looks a STALL apart with no turn passed: the turn's taker is gone.
+                # One look is not enough: it may fall just after a long hold was let go, before
+                # the next in line has woken to take its turn.
                 if _RLock.acquire(self, False):
-                    break  # the turn stalled on a taker that is gone, and the lock is free
-                since = now  # held (by the turn's taker or its owner): wait a whole STALL again
+                    if free_before:
+                        break
+                    _RLock.release(self)
+                    free_before = True
+                else:
+                    free_before = False  # held (by the turn's taker or its owner)
+                since = now
             time.sleep(nap)
             # further back in the line, look less often
             nap = min(2 * nap, LONGEST_NAP * min(ticket - self._serving, 10))
