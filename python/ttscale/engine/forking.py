@@ -21,11 +21,12 @@ from ttscale.errors import InvalidArgument
 
 def check_counts(candidates: Seq[Sequence], scores, group_sizes: Seq[int]) -> None:
     """One score per candidate, and groups that cover them."""
-    if len(scores) != len(candidates) or sum(group_sizes) != len(candidates):
+    if len(scores) != len(candidates):
         raise InvalidArgument(
-            f"scores/group_sizes: expected {len(candidates)} scores and group sizes summing to it, "
-            f"got {len(scores)} scores and sizes summing to {sum(group_sizes)}", param="scores"
-        )
+            f"scores: expected {len(candidates)} (one per sequence), got {len(scores)}")
+    if sum(group_sizes) != len(candidates):
+        raise InvalidArgument(f"group_sizes: expected them to sum to {len(candidates)} "
+                              f"candidates, got {sum(group_sizes)}")
 
 
 def check_selection(candidates: Seq[Sequence], scores, group_sizes: Seq[int], keep, children,

@@ -101,14 +101,9 @@ def select_and_fork(
     -------
     Forked
     """
-    if len(scores) != len(seqs):
-        raise InvalidArgument(f"scores: expected {len(seqs)} (one per sequence), got {len(scores)}")
+    # the counts of scores and groups are checked where the selection runs (forking.check_counts)
     keep = per_group("keep", keep, len(group_sizes))
     children = per_group("children", children, len(group_sizes))
-    if sum(group_sizes) != len(scores):
-        raise InvalidArgument(
-            f"group_sizes: expected them to sum to {len(scores)} candidates, got {sum(group_sizes)}"
-        )
     # The op ranks NaN below every number, as a missing score should be.
     if isinstance(scores, torch.Tensor):
         numbers = scores
